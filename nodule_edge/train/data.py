@@ -1,0 +1,238 @@
+"""Training data: manifests, the sure/unsure split, patient-disjoint folds and cached patches.
+
+Two manifests feed training, as in "Faithful learning with sure data":
+
+* the *unsure* manifest (the layout of ``../shared/data/lidc_voi``): ``manifest.csv`` with
+  ``voi_id, patient_id, center_{x,y,z}_mm`` (LPS), optional ``diameter_mm`` and ``<attr>_mean``
+  reader-mean ratings, volumes in ``image/<voi_id>.nii.gz`` and optional masks in
+  ``mask/<voi_id>.nii.gz``;
+* an optional *sure* manifest: a CSV with ``id, patient_id, volume, center_{x,y,z}_mm, label``
+  (0 benign, 1 malignant, e.g. from pathology), volume paths relative to the CSV.
+
+Without a sure manifest, LIDC's proxy is used: mean malignancy > 3 malignant, < 3 benign, = 3 left
+out of classification. All patches come from :func:`nodule_edge.patch.build_patch`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
+from nodule_edge.errors import DataError
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, resample_hu
+
+__all__ = [
+    "NoduleRecord",
+    "read_unsure_manifest",
+    "read_sure_manifest",
+    "lidc_proxy_label",
+    "patient_folds",
+    "PatchCache",
+    "build_patch_cache",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoduleRecord:
+    """One nodule: where its volume is, its centre, and whatever labels it carries."""
+
+    id: str
+    patient_id: str
+    image_path: Path
+    center_lps_mm: tuple[float, float, float]
+    mask_path: Path | None = None
+    ratings: tuple[float, ...] | None = None  # six reader-mean ratings on the 1–5 scale
+    label: int | None = None  # 0 benign / 1 malignant (sure data or proxy)
+    diameter_mm: float | None = None
+
+
+def lidc_proxy_label(malignancy_mean: float) -> int | None:
+    """LIDC's binary proxy: > 3 malignant, < 3 benign, exactly 3 unknown."""
+    if malignancy_mean > 3.0:
+        return 1
+    if malignancy_mean < 3.0:
+        return 0
+    return None
+
+
+def _float(row: dict[str, str], key: str, where: str) -> float:
+    try:
+        return float(row[key])
+    except KeyError as exc:
+        raise DataError(f"{where}: missing column '{key}'") from exc
+    except ValueError as exc:
+        raise DataError(f"{where}: column '{key}' is not a number: {row[key]!r}") from exc
+
+
+def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
+    """Read a VOI folder in the layout of ``../shared/data/lidc_voi``.
+
+    Args:
+        root: Folder with ``manifest.csv``, ``image/`` and optionally ``mask/``.
+
+    Returns:
+        One record per row, with the LIDC proxy label where ratings are present.
+    """
+    root = Path(root)
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(f"no manifest.csv in {root}")
+    records = []
+    with manifest.open(newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            where = f"{manifest}:{line_no}"
+            voi_id = (row.get("voi_id") or "").strip()
+            if not voi_id:
+                raise DataError(f"{where}: empty voi_id")
+            image = root / "image" / f"{voi_id}.nii.gz"
+            if not image.is_file():
+                raise DataError(f"{where}: volume {image} does not exist")
+            mask = root / "mask" / f"{voi_id}.nii.gz"
+            center = tuple(_float(row, f"center_{a}_mm", where) for a in "xyz")
+            ratings = None
+            if all(f"{name}_mean" in row and row[f"{name}_mean"] != "" for name in ATTRIBUTE_NAMES):
+                ratings = tuple(_float(row, f"{name}_mean", where) for name in ATTRIBUTE_NAMES)
+            diameter = _float(row, "diameter_mm", where) if row.get("diameter_mm") else None
+            records.append(
+                NoduleRecord(
+                    id=voi_id,
+                    patient_id=row.get("patient_id") or voi_id,
+                    image_path=image,
+                    center_lps_mm=center,  # type: ignore[arg-type]
+                    mask_path=mask if mask.is_file() else None,
+                    ratings=ratings,
+                    label=lidc_proxy_label(ratings[-1]) if ratings else None,
+                    diameter_mm=diameter,
+                )
+            )
+    if not records:
+        raise DataError(f"{manifest} has no rows")
+    return records
+
+
+def read_sure_manifest(path: str | Path) -> list[NoduleRecord]:
+    """Read a sure-data CSV (``id, patient_id, volume, center_{x,y,z}_mm, label``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sure manifest {path} does not exist")
+    records = []
+    with path.open(newline="") as fh:
+        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+            where = f"{path}:{line_no}"
+            label = row.get("label", "").strip()
+            if label not in ("0", "1"):
+                raise DataError(f"{where}: label must be 0 or 1, got {label!r}")
+            volume = path.parent / row.get("volume", "")
+            if not volume.is_file():
+                raise DataError(f"{where}: volume {volume} does not exist")
+            records.append(
+                NoduleRecord(
+                    id=row.get("id") or volume.stem,
+                    patient_id=row.get("patient_id") or row.get("id") or volume.stem,
+                    image_path=volume,
+                    center_lps_mm=tuple(_float(row, f"center_{a}_mm", where) for a in "xyz"),  # type: ignore[arg-type]
+                    label=int(label),
+                )
+            )
+    return records
+
+
+def patient_folds(patient_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[int]:
+    """Assign every item a fold by its patient, so no patient spans two folds.
+
+    Returns:
+        Fold index per item (same order as ``patient_ids``).
+    """
+    unique = sorted(set(patient_ids))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    fold_of = {unique[i]: rank % n_folds for rank, i in enumerate(order)}
+    return [fold_of[p] for p in patient_ids]
+
+
+@dataclass
+class PatchCache:
+    """Patches of every record, built once (float16 to halve memory)."""
+
+    ids: list[str]
+    images: np.ndarray  # [N, C, S, S, S] float16 in [0, 1]
+    masks: np.ndarray  # [N, S, S, S] float16 soft masks (NaN-free; zeros when absent)
+    has_mask: np.ndarray  # [N] bool
+    z_extent_mm: np.ndarray  # [N] physical z extent of the source volume around the centre (min of both sides ×2)
+
+
+def _z_context_mm(image: sitk.Image, center: tuple[float, float, float]) -> float:
+    """Twice the smaller distance from the centre to the volume's z ends (symmetric context)."""
+    size = image.GetSize()
+    corners = [image.TransformIndexToPhysicalPoint((0, 0, 0)), image.TransformIndexToPhysicalPoint((0, 0, size[2] - 1))]
+    zs = sorted(c[2] for c in corners)
+    half_spacing = image.GetSpacing()[2] / 2
+    return 2 * min(center[2] - zs[0] + half_spacing, zs[1] - center[2] + half_spacing)
+
+
+def build_patch_cache(
+    records: list[NoduleRecord],
+    spec: PatchSpec = DEFAULT_PATCH_SPEC,
+    cache_dir: str | Path | None = None,
+) -> PatchCache:
+    """Build (or load from ``cache_dir``) the patches of all records with the shared patch builder."""
+    key = hashlib.sha256(
+        (spec.to_json() + "|".join(f"{r.id}:{r.image_path}:{r.center_lps_mm}" for r in records)).encode()
+    ).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"patches-{key}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as data:
+            log.info("loaded %d cached patches from %s", len(records), cache_file)
+            return PatchCache([r.id for r in records], data["images"], data["masks"], data["has_mask"], data["z_extent_mm"])
+    n, s = len(records), spec.size
+    images = np.zeros((n, spec.channels, s, s, s), np.float16)
+    masks = np.zeros((n, s, s, s), np.float16)
+    has_mask = np.zeros(n, bool)
+    z_extent = np.zeros(n, np.float32)
+    for i, rec in enumerate(records):
+        try:
+            image = sitk.ReadImage(str(rec.image_path))
+        except RuntimeError as exc:
+            raise DataError(f"cannot read volume {rec.image_path}: {exc}") from exc
+        images[i] = build_patch(image, rec.center_lps_mm, spec)
+        z_extent[i] = _z_context_mm(image, rec.center_lps_mm)
+        if rec.mask_path is not None:
+            mask = sitk.ReadImage(str(rec.mask_path))
+            # Linear resampling of the binary mask gives partial-volume fractions: a soft target.
+            soft = resample_hu(mask, rec.center_lps_mm, PatchSpec(**{**spec.__dict__, "interpolation": "linear", "outside_hu": 0.0}))
+            masks[i] = np.clip(soft, 0, 1)
+            has_mask[i] = True
+        if (i + 1) % 100 == 0:
+            log.info("built %d/%d patches", i + 1, n)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, masks=masks, has_mask=has_mask, z_extent_mm=z_extent)
+        tmp.replace(cache_file)
+    return PatchCache([r.id for r in records], images, masks, has_mask, z_extent)
+
+
+def targets(records: list[NoduleRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Attribute targets in [0, 1], their presence, labels (-1 unknown) and diameters (NaN unknown)."""
+    attrs = np.zeros((len(records), len(ATTRIBUTE_NAMES)), np.float32)
+    has_attrs = np.zeros(len(records), bool)
+    labels = np.full(len(records), -1, np.int64)
+    diameters = np.full(len(records), np.nan, np.float32)
+    for i, rec in enumerate(records):
+        if rec.ratings is not None:
+            attrs[i] = ratings_to_unit(np.asarray(rec.ratings))
+            has_attrs[i] = True
+        if rec.label is not None:
+            labels[i] = rec.label
+        if rec.diameter_mm is not None:
+            diameters[i] = rec.diameter_mm
+    return attrs, has_attrs, labels, diameters

@@ -1,0 +1,403 @@
+"""Training loop: sure/unsure batches, augmentation, bf16 autocast, checkpoints, DDP, CV."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nodule_edge.attributes import ATTRIBUTE_NAMES
+from nodule_edge.errors import ConfigError, DataError
+from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.train.config import TrainConfig
+from nodule_edge.train.data import (
+    NoduleRecord,
+    PatchCache,
+    build_patch_cache,
+    patient_folds,
+    read_sure_manifest,
+    read_unsure_manifest,
+    targets,
+)
+from nodule_edge.train.losses import LossWeights, total_loss
+from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters
+
+__all__ = ["Dataset", "load_dataset", "model_config_from", "train_model", "predict", "bf16_enabled", "save_checkpoint", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+MALIGNANCY_COLUMN = ATTRIBUTE_NAMES.index("malignancy")
+
+
+@dataclass
+class Dataset:
+    """Records, cached patches and targets, aligned by index."""
+
+    records: list[NoduleRecord]
+    cache: PatchCache
+    attributes: np.ndarray  # [N, 6] in [0, 1]
+    has_attributes: np.ndarray
+    labels: np.ndarray  # [N] 0/1, -1 unknown
+    diameters: np.ndarray
+    patients: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_dataset(cfg: TrainConfig) -> Dataset:
+    """Unsure records (+ optional sure manifest) with their patches built by the shared builder."""
+    records = read_unsure_manifest(cfg.resolve(cfg.data.voi_dir))
+    if cfg.data.sure_manifest:
+        sure = read_sure_manifest(cfg.resolve(cfg.data.sure_manifest))
+        # External sure data replaces LIDC's proxy labels.
+        records = [dataclasses.replace(r, label=None) for r in records] + sure
+    cache = build_patch_cache(records, DEFAULT_PATCH_SPEC, cfg.resolve(cfg.data.cache_dir))
+    attrs, has_attrs, labels, diameters = targets(records)
+    return Dataset(records, cache, attrs, has_attrs, labels, diameters, [r.patient_id for r in records])
+
+
+def model_config_from(cfg: TrainConfig) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(
+        use_attributes=m.use_attributes,
+        concat_embedding=m.concat_embedding,
+        num_attributes=1 if m.malignancy_only else len(ATTRIBUTE_NAMES),
+        embedding_dim=m.embedding_dim,
+    )
+
+
+def bf16_enabled(setting: str, device: torch.device) -> bool:
+    """bf16 autocast when asked, or on 'auto' where the hardware runs it natively."""
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # CPU: bf16 pays off with AVX512-BF16 / AMX, which oneDNN reports through this check.
+    return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, context_min_mm: float, context_p: float, spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random z-context truncation, then flips, 90° rotations and axis transposes per sample.
+
+    Context truncation blanks slices beyond a random half-extent to the outside value (0 after
+    windowing of -1000 HU), so the model sees the short VOI contexts and longer ones alike and
+    stays stable when the runtime gives it a full study.
+    """
+    out_i, out_m = [], []
+    size = images.shape[-1]
+    z = (torch.arange(size, dtype=torch.float32) - (size / 2 - 0.5)) * spacing_mm
+    for img, msk in zip(images, masks):
+        if torch.rand(1, generator=gen).item() < context_p:
+            half = context_min_mm / 2 + torch.rand(1, generator=gen).item() * (size * spacing_mm - context_min_mm) / 2
+            keep = (z.abs() <= half).view(1, -1, 1, 1)
+            img = img * keep
+        perm = torch.randperm(3, generator=gen).tolist()
+        img = img.permute(0, *(p + 1 for p in perm))
+        msk = msk.permute(*perm)
+        for axis in range(3):
+            if torch.rand(1, generator=gen).item() < 0.5:
+                img = img.flip(axis + 1)
+                msk = msk.flip(axis)
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        img = torch.rot90(img, k, (2, 3))
+        msk = torch.rot90(msk, k, (1, 2))
+        out_i.append(img)
+        out_m.append(msk)
+    return torch.stack(out_i).contiguous(), torch.stack(out_m).contiguous()
+
+
+def _batch(ds: Dataset, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "images": torch.from_numpy(ds.cache.images[idx].astype(np.float32)),
+        "masks": torch.from_numpy(ds.cache.masks[idx].astype(np.float32)),
+        "mask_present": torch.from_numpy(ds.cache.has_mask[idx]),
+        "attributes": torch.from_numpy(ds.attributes[idx]),
+        "attr_present": torch.from_numpy(ds.has_attributes[idx]),
+        "labels": torch.from_numpy(np.maximum(ds.labels[idx], 0)),
+        "label_mask": torch.from_numpy(ds.labels[idx] >= 0),
+    }
+
+
+@torch.no_grad()
+def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool, batch_size: int = 8, images: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Run the model on cached patches; returns numpy arrays of every head (16³ maps upsampled to 64³ where noted)."""
+    model.eval()
+    keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding"]
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"]}
+    source = ds.cache.images if images is None else images
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start : start + batch_size]
+        x = torch.from_numpy(source[chunk].astype(np.float32)).to(device)
+        with _autocast(device, bf16):
+            o = model(x)
+        for k in keys:
+            out[k].append(getattr(o, k).float().cpu().numpy())
+        seg64 = F.interpolate(o.segmentation.float(), scale_factor=4, mode="trilinear", align_corners=False)
+        out["segmentation64"].append(seg64[:, 0].cpu().numpy().astype(np.float16))
+        out["cam16"].append(o.cam.float()[:, 0].cpu().numpy())
+        out["seg16"].append(o.segmentation.float()[:, 0].cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def save_checkpoint(path: Path, model: CollaborativeNet, meta: dict[str, Any]) -> None:
+    """Weights as safetensors plus a JSON sidecar (model config, training config, metrics)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "nodule-edge-checkpoint-v1"})
+    os.replace(tmp, path)
+    meta = {**meta, "model_config": dataclasses.asdict(model.config)}
+    json_tmp = path.with_suffix(".json.tmp")
+    json_tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
+    os.replace(json_tmp, path.with_suffix(".json"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_checkpoint(path: str | Path) -> tuple[CollaborativeNet, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise DataError(f"checkpoint {path} or its sidecar {meta_path} is missing")
+    meta = json.loads(meta_path.read_text())
+    mc = meta["model_config"]
+    mc = {k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()}
+    model = CollaborativeNet(ModelConfig(**mc))
+    model.load_state_dict(load_file(str(path)))
+    model.eval()
+    return model, meta
+
+
+def _distributed() -> tuple[int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_model(
+    cfg: TrainConfig,
+    ds: Dataset,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    out_dir: Path,
+    max_epochs: int,
+    progress: Callable[[str], None] | None = None,
+    early_stopping: bool = True,
+) -> dict[str, Any]:
+    """Train one model; resumes from ``out_dir/last.safetensors`` when present.
+
+    Returns:
+        History and the best epoch (by validation AUC when validation has both classes, else loss).
+    """
+    rank, world = _distributed()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    bf16 = bf16_enabled(cfg.train.bf16, device)
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    rng = np.random.default_rng(cfg.train.seed * 1000 + rank)
+
+    model = CollaborativeNet(model_config_from(cfg)).to(device)
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    weights = LossWeights(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.delta, cfg.loss.adaptive)
+    attr_cols: slice | list[int] = [MALIGNANCY_COLUMN] if cfg.model.malignancy_only else slice(None)
+
+    sure = train_idx[ds.labels[train_idx] >= 0]
+    unsure = train_idx[ds.has_attributes[train_idx] | ds.cache.has_mask[train_idx]]
+    if len(sure) == 0:
+        raise DataError("no labelled (sure) nodules in the training split")
+    steps = math.ceil(len(sure) / (cfg.train.batch_sure * world))
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+
+    history: list[dict[str, Any]] = []
+    best = {"epoch": 0, "score": -math.inf}
+    start_epoch = 1
+    last = out_dir / "last.safetensors"
+    if last.is_file():
+        start_epoch, history, best = _resume(last, model, opt)
+        log.info("resumed %s at epoch %d", out_dir, start_epoch)
+    bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
+    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "patch_spec": DEFAULT_PATCH_SPEC.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
+
+    for epoch in range(start_epoch, max_epochs + 1):
+        net.train()
+        # Cosine decay over the epoch budget: short CPU budgets converge better than with a flat rate.
+        for group in opt.param_groups:
+            group["lr"] = cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
+        t0 = time.perf_counter()
+        sure_order = rng.permutation(sure)
+        sums: dict[str, float] = {}
+        for step in range(steps):
+            s_idx = sure_order[(step * world * cfg.train.batch_sure) % len(sure_order):][: cfg.train.batch_sure]
+            if len(s_idx) < cfg.train.batch_sure:
+                s_idx = np.concatenate([s_idx, rng.choice(sure, cfg.train.batch_sure - len(s_idx))])
+            u_idx = rng.choice(unsure, cfg.train.batch_unsure, replace=len(unsure) < cfg.train.batch_unsure) if cfg.train.batch_unsure else np.zeros(0, int)
+            idx = np.concatenate([s_idx, u_idx]).astype(np.int64)
+            b = _batch(ds, idx, device)
+            # Unsure samples serve segmentation and attributes only.
+            b["label_mask"][len(s_idx):] = False
+            images, masks = b["images"], b["masks"]
+            if cfg.train.augment:
+                images, masks = augment(images, masks, gen, cfg.train.context_min_mm, cfg.train.context_probability, DEFAULT_PATCH_SPEC.spacing_mm)
+            masks16 = F.avg_pool3d(masks.unsqueeze(1), 4)
+            with _autocast(device, bf16):
+                out = net(images.to(device))
+            loss, parts = total_loss(
+                out,
+                labels=b["labels"].to(device),
+                label_mask=b["label_mask"].to(device),
+                masks16=masks16.to(device),
+                mask_present=b["mask_present"].to(device),
+                attributes=b["attributes"].to(device),
+                attr_present=b["attr_present"].to(device),
+                weights=weights,
+                use_debug=cfg.loss.debug,
+                use_attributes=cfg.model.use_attributes,
+                attribute_columns=attr_cols,
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        train_parts = {k: v / steps for k, v in sums.items()}
+        val = _validate(model, ds, val_idx, device, bf16) if len(val_idx) else {}
+        score = val.get("auc", float("nan"))
+        if not score == score:  # NaN: fall back to negative classification loss
+            score = -val.get("bce", 0.0)
+        improved = score > best["score"]
+        if improved:
+            best = {"epoch": epoch, "score": score}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        record = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "train": train_parts, "val": val, "bad_epochs": bad_epochs}
+        history.append(record)
+        if rank == 0:
+            if improved:
+                save_checkpoint(out_dir / "best.safetensors", model, {**meta_base, "epoch": epoch, "val": val})
+            _save_resume(last, model, opt, epoch, history, best, meta_base)
+            msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(f"{k}={v:.3f}" for k, v in train_parts.items())
+            msg += " | val " + " ".join(f"{k}={v:.3f}" for k, v in val.items() if isinstance(v, float))
+            (progress or log.info)(msg)
+        if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
+            break
+    return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"], "steps_per_epoch": steps, "bf16": bf16, "parameters": count_parameters(model)}
+
+
+def _validate(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool) -> dict[str, float]:
+    from nodule_edge.metrics import roc_auc
+
+    pred = predict(model, ds, idx, device, bf16)
+    labels = ds.labels[idx]
+    sel = labels >= 0
+    p = np.clip(pred["malignancy_probability"][sel], 1e-6, 1 - 1e-6)
+    y = labels[sel]
+    has_a = ds.has_attributes[idx]
+    out = {
+        "auc": roc_auc(y, p) if sel.any() else float("nan"),
+        "bce": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if sel.any() else float("nan"),
+    }
+    if has_a.any() and pred["attributes"].shape[1] == ds.attributes.shape[1]:
+        out["attr_mae"] = float(np.abs(pred["attributes"][has_a] - ds.attributes[idx][has_a]).mean() * 4)
+    return out
+
+
+def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, epoch: int, history: list, best: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_checkpoint(path, model, {**meta, "epoch": epoch, "history": history, "best": best})
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = float(v)
+    tmp = path.with_name("last_optim.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path.with_name("last_optim.safetensors"))
+    (path.with_name("last_optim.json")).write_text(json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
+
+
+def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer) -> tuple[int, list, dict]:
+    from safetensors.torch import load_file
+
+    loaded, meta = load_checkpoint(path)
+    model.load_state_dict(loaded.state_dict())
+    tensors = load_file(str(path.with_name("last_optim.safetensors")))
+    extra = json.loads(path.with_name("last_optim.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in extra["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = torch.tensor(v)
+    opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+    return int(meta["epoch"]) + 1, meta["history"], meta["best"]
+
+
+def split_fold(ds: Dataset, cfg: TrainConfig, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient-disjoint (train, val, test) indices for one CV fold."""
+    folds = np.asarray(patient_folds(ds.patients, cfg.cv.folds, cfg.train.seed))
+    test = np.flatnonzero(folds == fold)
+    rest = np.flatnonzero(folds != fold)
+    rest_patients = [ds.patients[i] for i in rest]
+    # Validation: a patient-disjoint share of the training fold, for early stopping.
+    n_val_folds = max(2, round(1 / cfg.cv.val_fraction))
+    inner = np.asarray(patient_folds(rest_patients, n_val_folds, cfg.train.seed + 1 + fold))
+    val = rest[inner == 0]
+    train = rest[inner != 0]
+    if set(ds.patients[i] for i in train) & set(ds.patients[i] for i in test):
+        raise ConfigError("internal error: a patient spans train and test")
+    return train, val, test
