@@ -149,8 +149,8 @@ class CollaborativeNet(nn.Module):
             logit = self.cls(pooled).squeeze(1)
         return logit, attributes, pre_embedding
 
-    def probability_gradient(self, pooled: torch.Tensor, logit: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
-        """Closed-form ∂p/∂g for the pooled features g (shape [N, C])."""
+    def logit_gradient(self, pooled: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
+        """Closed-form ∂z/∂g of the malignancy logit z for the pooled features g (shape [N, C])."""
         c = self.feature_channels
         weight = self.cls.weight[0]  # [C (+E)]
         dz_dg = weight[:c].unsqueeze(0).expand_as(pooled)
@@ -158,8 +158,12 @@ class CollaborativeNet(nn.Module):
             w_e = weight[c:]  # [E]
             relu_mask = (pre_embedding > 0).to(pooled.dtype)  # [N, E]
             dz_dg = dz_dg + (relu_mask * w_e) @ self.attr_embed.weight  # [N, C]
+        return dz_dg
+
+    def probability_gradient(self, pooled: torch.Tensor, logit: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
+        """Closed-form ∂p/∂g = p(1 − p)·∂z/∂g for the pooled features g (shape [N, C])."""
         p = torch.sigmoid(logit)
-        return (p * (1 - p)).unsqueeze(1) * dz_dg
+        return (p * (1 - p)).unsqueeze(1) * self.logit_gradient(pooled, pre_embedding)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         feats = self.block3(self.block2(self.block1(F.relu(self.stem(x)))))
@@ -167,9 +171,11 @@ class CollaborativeNet(nn.Module):
         fused = F.relu(feats + self.fusion(seg))
         pooled = fused.mean(dim=(2, 3, 4))
         logit, attributes, pre_embedding = self._heads(pooled)
-        n_voxels = fused.shape[2] * fused.shape[3] * fused.shape[4]
-        weights = self.probability_gradient(pooled, logit, pre_embedding) / n_voxels  # ω_k
         p = torch.sigmoid(logit)
+        # ω_k = p(1 − p)/N · ∂z/∂g_k. The positive per-sample factor p(1 − p)/N cancels in the
+        # min-max normalisation, so it is left out: in float32 it underflows for confident
+        # predictions (p → 1) and would turn the map into rounding noise.
+        weights = self.logit_gradient(pooled, pre_embedding)
         raw_cam = (p - 0.5).view(-1, 1, 1, 1, 1) * (weights.view(*weights.shape, 1, 1, 1) * fused).sum(1, keepdim=True)
         cam = minmax_normalise(raw_cam)
         inside, outside = soft_region_means(cam, seg)
