@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 from nodule_edge.export.onnx_export import OUTPUT_NAMES, build_export_module, export_onnx  # noqa: E402
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec  # noqa: E402
-from nodule_edge.train.model import CollaborativeNet, ModelConfig, minmax_normalise  # noqa: E402
+from nodule_edge.train.model import CollaborativeNet, ModelConfig  # noqa: E402
 from nodule_edge.train.trainer import save_checkpoint  # noqa: E402
 
 
@@ -45,7 +45,11 @@ def _autograd_cam(model: CollaborativeNet, x: torch.Tensor) -> torch.Tensor:
     grads = torch.autograd.grad(out.malignancy_probability.sum(), feats)[0]
     weights = grads.mean(dim=(2, 3, 4), keepdim=True)
     p = out.malignancy_probability.detach().view(-1, 1, 1, 1, 1)
-    cam = minmax_normalise((p - 0.5) * (weights * feats).sum(1, keepdim=True))
+    raw = (p - 0.5) * (weights * feats).sum(1, keepdim=True)
+    # Plain min-max (no clamp): the raw autograd map is tiny (p(1-p)/N) but exact in float64.
+    low = raw.amin(dim=(1, 2, 3, 4), keepdim=True)
+    high = raw.amax(dim=(1, 2, 3, 4), keepdim=True)
+    cam = (raw - low) / (high - low)
     return torch.nn.functional.interpolate(cam, size=(64, 64, 64), mode="trilinear", align_corners=False)[:, 0].clamp(0, 1).float()
 
 
