@@ -52,22 +52,208 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
-def infer() -> None:
-    """Diagnose nodules at given locations of a DICOM study or volume file."""
-    _not_implemented("infer")
+def _parse_point(value: str, option: str) -> tuple[float, float, float]:
+    parts = value.split(",")
+    if len(parts) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers X,Y,Z, got {value!r}", param_hint=option)
+    try:
+        point = tuple(float(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected numbers in X,Y,Z, got {value!r}", param_hint=option) from None
+    if not all(p == p and abs(p) != float("inf") for p in point):
+        raise click.BadParameter(f"coordinates must be finite, got {value!r}", param_hint=option)
+    return point  # type: ignore[return-value]
+
+
+_BACKEND_CHOICE = click.Choice(["auto", "tensorrt", "cuda", "cpu-fast", "cpu"])
+
+
+def _make_inferer(bundle: str | None, backend: str, top_k: int, threads: int | None = None) -> Any:
+    from nodule_edge.runtime import NoduleInferer
+
+    return NoduleInferer(bundle, backend=backend, top_k=top_k, threads=threads)
+
+
+def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
+    study = report["study"]
+    lines = [
+        f"study: {study['slice_count']} slices, spacing {' x '.join(f'{v:.3g}' for v in study['spacing_mm'])} mm"
+        + (f", {study['transfer_syntax']['name']}" if study.get("transfer_syntax") else ""),
+        f"model {report['model']['version']} on {report['model']['backend']}",
+    ]
+    for n in report["nodules"]:
+        attrs = ", ".join(f"{k} {v:.1f}" for k, v in n["attributes"].items())
+        trust = "attention on nodule" if n["saliency"]["trustworthy"] else "WARNING: model attention not on the nodule - review"
+        score = n["retrieval_score"]
+        lines += [
+            f"nodule {n['index']} at voxel {tuple(round(v, 1) for v in n['xyz_voxel'])} / LPS {tuple(round(v, 1) for v in n['world_lps_mm'])} mm",
+            f"  malignancy probability {n['malignancy_probability']:.2f}   ({trust})",
+            f"  attributes (1-5): {attrs}",
+            f"  segmentation: {n['segmentation']['volume_mm3']:.0f} mm3, longest axial diameter {n['segmentation']['longest_axial_diameter_mm']:.1f} mm",
+            f"  similar nodules: {len(n['similar'])}" + (f", {score:.0%} of them malignant" if score is not None else ""),
+        ]
+    lines.append(f"total {sum(report['timing_ms'].values()):.0f} ms; outputs in {out_dir}/ (report.json, *_overlay.png, *.nii.gz)")
+    return lines
 
 
 @main.command()
-def evaluate() -> None:
-    """Run the runtime on a folder of nodule VOIs and write per-nodule predictions."""
-    _not_implemented("evaluate")
+@click.argument("study", type=click.Path(exists=True, path_type=str))
+@click.option("--xyz", "voxels", multiple=True, metavar="X,Y,Z", help="Nodule centre as zero-based voxel column,row,slice (slices ordered by position along the slice normal). Repeatable.")
+@click.option("--world", "worlds", multiple=True, metavar="X,Y,Z", help="Nodule centre in patient LPS millimetres. Repeatable.")
+@click.option("--series", "series_uid", default=None, help="SeriesInstanceUID to use when the folder holds several CT series.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Output folder (created; must be empty unless --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
+@click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
+@click.option("--top-k", default=20, show_default=True, type=click.IntRange(0, 1000), help="Similar nodules to retrieve.")
+@click.option("--full-grid", is_flag=True, help="Write NIfTI maps on the whole study grid instead of the 32 mm region.")
+@click.option("--dicom-out", is_flag=True, help="Also write a DICOM SEG and a TID 1500 SR (needs nodule-edge[dicom-out]).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@_handle_errors
+def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_uid: str | None, out_dir: str, overwrite: bool, backend: str, bundle: str | None, top_k: int, full_grid: bool, dicom_out: bool, as_json: bool) -> None:
+    """Diagnose nodules at given locations of a STUDY.
+
+    STUDY is a folder of DICOM files (any nesting; other files are ignored) or a volume file
+    (.nii/.nii.gz, .mha/.mhd, .nrrd). Writes report.json, segmentation and saliency NIfTI
+    volumes in the study's geometry, and PNG overlays into --out, atomically.
+    """
+    import json
+    from pathlib import Path
+
+    from nodule_edge.runtime.outputs import check_output_dir, write_outputs
+
+    points = [_parse_point(v, "--xyz") for v in voxels]
+    world_points = [_parse_point(v, "--world") for v in worlds]
+    if not points and not world_points:
+        raise click.UsageError("give at least one nodule location with --xyz or --world")
+    check_output_dir(Path(out_dir), overwrite)
+    inferer = _make_inferer(bundle, backend, top_k)
+    n_points = len(points) + len(world_points)
+    if n_points > 1 and not as_json:
+        click.echo(f"diagnosing {n_points} nodules in one batch...", err=True)
+    result = inferer.infer(study, voxels=points, worlds=world_points, series_uid=series_uid)
+    writers = []
+    if dicom_out:
+        from nodule_edge.runtime.dicom_out import dicom_writer
+
+        writers.append(dicom_writer(inferer))
+    report = write_outputs(result, out_dir, inferer.spec, thumbnails=inferer.thumbnails, index_kind=inferer.index_kind, overwrite=overwrite, full_grid=full_grid, extra_writers=writers)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in _summary_lines(report, out_dir):
+            click.echo(line)
 
 
 @main.command()
-def demo() -> None:
-    """Run infer end to end on the bundled study."""
-    _not_implemented("demo")
+@click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=str), help="Predictions CSV to write.")
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True)
+@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@click.option("--limit", default=0, type=click.IntRange(0), help="Evaluate only the first N nodules (0 = all).")
+@_handle_errors
+def evaluate(voi_dir: str, out_csv: str, backend: str, bundle: str | None, limit: int) -> None:
+    """Run the runtime on every nodule of VOI_DIR and write one CSV row per nodule.
+
+    VOI_DIR has the layout of ../shared/data/lidc_voi (manifest.csv with voi_id and
+    center_{x,y,z}_mm; image/ and optional mask/). The evaluated nodule is excluded from its own
+    similar-nodule retrieval.
+    """
+    from nodule_edge.runtime.evaluate import evaluate_voi_dir
+
+    inferer = _make_inferer(bundle, backend, 20)
+    with click.progressbar(length=1, label="evaluating", file=sys.stderr) as bar:
+        summary = evaluate_voi_dir(inferer, voi_dir, out_csv, limit=limit, progress=lambda done, total: (setattr(bar, "length", total), bar.update(done - bar.pos)))
+    for key, value in summary.items():
+        click.echo(f"{key}: {value}")
+    click.echo(f"predictions written to {out_csv}")
+
+
+@main.command()
+@click.option("--out", "out_dir", default="nodule-edge-demo", show_default=True, type=click.Path(path_type=str), help="Where to write the demo study and the outputs.")
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True)
+@_handle_errors
+def demo(out_dir: str, backend: str) -> None:
+    """Run infer end to end on the bundled (synthetic, plainly labelled) demo study."""
+    from pathlib import Path
+
+    from nodule_edge.runtime.demo import write_demo_study
+    from nodule_edge.runtime.outputs import write_outputs
+
+    root = Path(out_dir)
+    study_dir, voxel = write_demo_study(root / "study")
+    click.echo(f"demo study (SYNTHETIC phantom, not patient data): {study_dir}")
+    inferer = _make_inferer(None, backend, 20)
+    result = inferer.infer(study_dir, voxels=[voxel])
+    report = write_outputs(result, root / "outputs", inferer.spec, thumbnails=inferer.thumbnails, index_kind=inferer.index_kind, overwrite=True)
+    for line in _summary_lines(report, str(root / "outputs")):
+        click.echo(line)
+    click.echo(f"look at {root / 'outputs' / 'nodule0_overlay.png'} and {root / 'outputs' / 'report.json'}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=str), help="Bundle folder to write (default: the shipped bundle location inside the package).")
+@click.option("--index-from", "index_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=str), help="VOI folder (lidc_voi layout) whose nodules fill the similar-nodule index.")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=str), help="Patch cache folder.")
+@click.option("--model-card", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="MODEL_CARD.md to ship inside the bundle.")
+@click.option("--metrics", "metrics_json", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Training summary.json whose metrics go into the ONNX metadata.")
+@click.option("--no-cpu-engine", is_flag=True, help="Skip building the fast CPU engine.")
+@click.option("--onnx-only", "onnx_path", default=None, type=click.Path(dir_okay=False, path_type=str), help="Only export the fp32 ONNX graph to this file.")
+@click.option("--tensorrt", "tensorrt", is_flag=True, help="Also build a TensorRT engine (needs nodule-edge[trt] and an NVIDIA GPU; untested here).")
+@click.option("--triton", "triton_dir", default=None, type=click.Path(path_type=str), help="Also write a Triton Inference Server model repository here.")
+@_handle_errors
+def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, model_card: str | None, metrics_json: str | None, no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
+    """Export a training CHECKPOINT (.safetensors) to the runtime's artifacts.
+
+    Writes a verified bundle: fp32 ONNX with in-graph Grad-CAM and metadata, the fast CPU engine,
+    the similar-nodule index (--index-from), a model card and a checksum manifest.
+    """
+    import json
+    from pathlib import Path
+
+    from nodule_edge.errors import require
+
+    require("torch", "export")
+    if onnx_path:
+        from nodule_edge.export.onnx_export import export_onnx
+
+        result = export_onnx(checkpoint, onnx_path)
+        click.echo(f"ONNX written to {result.path} (sha256 {result.sha256})")
+        return
+    from nodule_edge.export.bundle_builder import build_bundle
+    from nodule_edge.runtime.bundle import default_bundle_path
+
+    metrics = json.loads(Path(metrics_json).read_text()) if metrics_json else None
+    target = Path(out_dir) if out_dir else default_bundle_path()
+    bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=model_card, metrics=_headline_metrics(metrics), progress=lambda m: click.echo(m, err=True))
+    engine_path = None
+    if tensorrt:
+        from nodule_edge.export.tensorrt import build_engine_for_bundle
+
+        engine_path = build_engine_for_bundle(bundle)
+        click.echo(f"TensorRT engine: {engine_path}")
+    if triton_dir:
+        from nodule_edge.export.triton import write_triton_repository
+
+        repo = write_triton_repository(bundle / "model.onnx", triton_dir, engine_path=engine_path)
+        click.echo(f"Triton repository: {repo.root}")
+    click.echo(f"bundle written to {bundle}")
+
+
+def _headline_metrics(summary: dict[str, Any] | None) -> dict[str, Any]:
+    if not summary:
+        return {}
+    out: dict[str, Any] = {}
+    for fold, result in summary.get("folds", {}).items():
+        out[f"fold{fold}"] = {
+            "auc": result["malignancy"]["auc"],
+            "accuracy": result["malignancy"]["accuracy"],
+            "dice": result.get("dice_mean"),
+            "attributes_mean_mae": result.get("attributes_mean_mae"),
+            "cam_on_nodule_fraction": result.get("cam_on_nodule_fraction_gt_mask"),
+        }
+    return out
 
 
 @main.command()
@@ -117,6 +303,96 @@ def export() -> None:
 @main.group()
 def index() -> None:
     """Build, extend and query the similar-nodule index."""
+
+
+def _index_entries_from_voi_dir(inferer: Any, voi_dir: str) -> tuple[list[Any], Any]:
+    """Run the runtime on every nodule of a VOI folder: entries (reader metadata) and model outputs."""
+    import numpy as np
+
+    from nodule_edge.index import IndexEntry
+    from nodule_edge.manifest import read_unsure_manifest
+
+    records = read_unsure_manifest(voi_dir)
+    entries, probabilities, attributes = [], [], []
+    with click.progressbar(records, label="running the model", file=sys.stderr) as bar:
+        for rec in bar:
+            pred = inferer.infer(rec.image_path, worlds=[rec.center_lps_mm]).nodules[0].prediction
+            probabilities.append(pred.malignancy_probability)
+            attributes.append(list(pred.attributes.values()))
+            entries.append(IndexEntry(id=rec.id, label=rec.label, attributes=list(rec.ratings) if rec.ratings else None, diameter_mm=rec.diameter_mm, malignancy_probability=pred.malignancy_probability))
+    return entries, (np.asarray(probabilities), np.asarray(attributes))
+
+
+@index.command("build")
+@click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Index folder to write.")
+@click.option("--kind", type=click.Choice(["attributes", "machine_expert"]), default="attributes", show_default=True, help="Vector: six attribute scores, or probability + malignancy rating.")
+@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@_handle_errors
+def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None) -> None:
+    """Build an index from the nodules of VOI_DIR (runs the model on each)."""
+    import numpy as np
+
+    from nodule_edge.index import AttributeIndex, vector_for
+
+    inferer = _make_inferer(bundle, "auto", 0)
+    entries, (probs, attrs) = _index_entries_from_voi_dir(inferer, voi_dir)
+    index = AttributeIndex.create(kind, capacity=max(len(entries), 16))
+    index.add(entries, np.stack([vector_for(kind, a, p) for a, p in zip(attrs, probs)]))
+    index.save(out_dir)
+    click.echo(f"index of {len(index)} nodules ({kind}) written to {out_dir}")
+
+
+@index.command("add")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@_handle_errors
+def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
+    """Add the nodules of VOI_DIR to an existing index (ids must be new)."""
+    import numpy as np
+
+    from nodule_edge.index import AttributeIndex, vector_for
+
+    index = AttributeIndex.load(index_dir)
+    inferer = _make_inferer(bundle, "auto", 0)
+    entries, (probs, attrs) = _index_entries_from_voi_dir(inferer, voi_dir)
+    index.add(entries, np.stack([vector_for(index.kind, a, p) for a, p in zip(attrs, probs)]))
+    index.save(index_dir)
+    click.echo(f"index now holds {len(index)} nodules")
+
+
+@index.command("query")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--attributes", "attributes", required=True, metavar="S,SPH,M,L,SPI,MAL", help="Six ratings on the 1-5 scale (subtlety, sphericity, margin, lobulation, spiculation, malignancy).")
+@click.option("--probability", type=click.FloatRange(0, 1), default=None, help="Classifier probability (needed for a machine_expert index).")
+@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_handle_errors
+def index_query(index_dir: str, attributes: str, probability: float | None, k: int, as_json: bool) -> None:
+    """Query an index with attribute ratings; prints the nearest nodules and the retrieval score."""
+    import json
+
+    import numpy as np
+
+    from nodule_edge.index import AttributeIndex, vector_for
+
+    try:
+        ratings = [float(v) for v in attributes.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected six numbers, got {attributes!r}", param_hint="--attributes") from None
+    if len(ratings) != 6:
+        raise click.BadParameter(f"expected six numbers, got {len(ratings)}", param_hint="--attributes")
+    index = AttributeIndex.load(index_dir)
+    neighbours = index.query(np.asarray([vector_for(index.kind, ratings, probability)]), k=min(k, len(index)))[0]
+    score = index.retrieval_score(neighbours)
+    if as_json:
+        click.echo(json.dumps({"retrieval_score": score, "neighbours": [{"id": n.id, "distance": n.distance, "label": n.label, "diameter_mm": n.diameter_mm} for n in neighbours]}, indent=2))
+        return
+    for n in neighbours:
+        label = {1: "malignant", 0: "benign"}.get(n.label, "unknown")
+        click.echo(f"{n.id}  distance {n.distance:.3f}  {label}" + (f"  {n.diameter_mm:.1f} mm" if n.diameter_mm else ""))
+    click.echo("retrieval score: " + ("n/a" if score is None else f"{score:.3f}"))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,71 @@ def lidc_voi_dir() -> Path:
 def dicom_dir() -> Path:
     """The real DICOM series for the runtime."""
     return _need(SHARED_DATA / "dicom")
+
+
+def make_voi_dir(root: Path, n: int = 6, seed: int = 0) -> Path:
+    """A small synthetic VOI folder in the lidc_voi layout: bright spheres in lung-like air.
+
+    Half the nodules are large and lobulated (rated malignant), half small and round (benign).
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nodule_edge.attributes import ATTRIBUTE_NAMES
+
+    rng = np.random.default_rng(seed)
+    (root / "image").mkdir(parents=True, exist_ok=True)
+    (root / "mask").mkdir(exist_ok=True)
+    header = ["voi_id", "patient_id", "center_x_mm", "center_y_mm", "center_z_mm", "diameter_mm"] + [f"{a}_mean" for a in ATTRIBUTE_NAMES]
+    rows = []
+    for i in range(n):
+        malignant = i % 2 == 0
+        radius = 6.0 if malignant else 3.0
+        size = (40, 40, 16)  # x, y, z voxels
+        spacing = (0.8, 0.8, 2.0)
+        z, y, x = np.mgrid[: size[2], : size[1], : size[0]]
+        centre_idx = np.array([20, 20, 8])
+        d = np.sqrt(((x - centre_idx[0]) * spacing[0]) ** 2 + ((y - centre_idx[1]) * spacing[1]) ** 2 + ((z - centre_idx[2]) * spacing[2]) ** 2)
+        mask = d <= radius
+        hu = rng.normal(-850, 30, mask.shape)
+        hu[mask] = rng.normal(30, 10, mask.sum())
+        image = sitk.GetImageFromArray(hu.astype(np.int16))
+        image.SetSpacing(spacing)
+        origin = np.array([-50.0 + 3 * i, 20.0, -100.0 - i])
+        image.SetOrigin(tuple(origin))
+        m = sitk.GetImageFromArray(mask.astype(np.uint8))
+        m.CopyInformation(image)
+        voi = f"SYN-{i:04d}_R_1"
+        sitk.WriteImage(image, str(root / "image" / f"{voi}.nii.gz"))
+        sitk.WriteImage(m, str(root / "mask" / f"{voi}.nii.gz"))
+        centre = origin + centre_idx * np.array(spacing)
+        ratings = [4.5, 2.5, 2.0, 3.5, 3.0, 4.5] if malignant else [3.0, 4.5, 4.5, 1.5, 1.0, 1.5]
+        rows.append([voi, f"SYN-{i // 2:04d}", *centre.round(4), 2 * radius, *ratings])
+    import csv
+
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_voi_dir(tmp_path_factory) -> Path:
+    """Six synthetic nodules (three patients) in the lidc_voi layout."""
+    return make_voi_dir(tmp_path_factory.mktemp("voi"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
+    """A complete bundle from a seeded untrained model (needs the export extra)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from nodule_edge.export.bundle_builder import build_bundle
+    from nodule_edge.train.model import CollaborativeNet
+    from nodule_edge.train.trainer import save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle")
+    save_checkpoint(root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0})
+    return build_bundle(root / "ckpt.safetensors", root / "bundle", index_manifest_dir=synthetic_voi_dir, cpu_engine=False)

@@ -51,13 +51,13 @@ from nodule_edge.index._rwlock import ReadWriteLock
 from nodule_edge.index.vectors import attribute_array, exact_search, vector_dim, vector_for
 
 __all__ = [
+    "DEFAULT_K",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
     "AttributeIndex",
     "IndexEntry",
     "Neighbour",
     "vectors_for",
-    "DEFAULT_K",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class AttributeIndex:
         kind: str,
         hnsw: Any,
         *,
-        M: int,
+        M: int,  # noqa: N803 - hnswlib's name for the graph degree
         ef_construction: int,
         seed: int,
         ef_search: int | None,
@@ -485,31 +485,44 @@ class AttributeIndex:
             # duplicate vectors); the exact search always answers, so fall back to it.
             logger.warning("HNSW search returned too few results (%s); using exact search", exc)
             rows, distances = exact_search(self._vectors[: self._count], queries, plan.k_eff)
-        results: list[list[Neighbour]] = []
-        for row_ids, row_distances in zip(rows, distances, strict=True):
-            found: list[Neighbour] = []
-            for row, distance in zip(row_ids.tolist(), row_distances.tolist(), strict=True):
-                if row in plan.excluded:
-                    continue
-                found.append(self._neighbour(row, distance))
-                if len(found) == plan.k:
-                    break
-            results.append(found)
-        return results
+        rows = np.asarray(rows, dtype=np.int64)
+        if plan.excluded:
+            keep = ~np.isin(rows, np.fromiter(plan.excluded, dtype=np.int64))
+            # Every row keeps at least k entries (or all that are left); cut each to k.
+            rows_list = [r[m][: plan.k] for r, m in zip(rows, keep, strict=True)]
+            distance_list = [d[m][: plan.k] for d, m in zip(distances, keep, strict=True)]
+        else:
+            rows_list = list(rows[:, : plan.k])
+            distance_list = list(distances[:, : plan.k])
+        return [
+            self._neighbours(r, d) for r, d in zip(rows_list, distance_list, strict=True)
+        ]
 
-    def _neighbour(self, row: int, distance: float) -> Neighbour:
-        label = int(self._labels[row])
-        attributes = self._attributes[row]
-        diameter = float(self._diameters[row])
-        return Neighbour(
-            id=self._ids[row],
-            distance=float(distance),
-            label=None if label < 0 else label,
-            attributes=None
-            if np.isnan(attributes[0])
-            else dict(zip(ATTRIBUTE_NAMES, attributes.tolist(), strict=True)),
-            diameter_mm=None if math.isnan(diameter) else diameter,
-        )
+    def _neighbours(self, rows: np.ndarray, distances: np.ndarray) -> list[Neighbour]:
+        # Gathering the metadata columns once per query keeps per-neighbour work to pure Python.
+        labels = self._labels[rows].tolist()
+        attributes = self._attributes[rows]
+        known = (~np.isnan(attributes[:, 0])).tolist()
+        attribute_rows = attributes.tolist()
+        diameters = self._diameters[rows].tolist()
+        return [
+            Neighbour(
+                id=self._ids[row],
+                distance=distance,
+                label=None if label < 0 else label,
+                attributes=dict(zip(ATTRIBUTE_NAMES, ratings, strict=True)) if has else None,
+                diameter_mm=None if math.isnan(diameter) else diameter,
+            )
+            for row, distance, label, ratings, has, diameter in zip(
+                rows.tolist(),
+                distances.tolist(),
+                labels,
+                attribute_rows,
+                known,
+                diameters,
+                strict=True,
+            )
+        ]
 
     # ------------------------------------------------------------------ persistence
 
@@ -537,12 +550,16 @@ class AttributeIndex:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         except OSError as exc:
-            raise OutputError(f"cannot create a temporary directory beside {target}: {exc}") from exc
+            raise OutputError(
+                f"cannot create a temporary directory beside {target}: {exc}"
+            ) from exc
         try:
             with self._lock.read():
                 self._write_files(tmp)
             checksums = {name: _sha256(tmp / name) for name in _DATA_FILES}
-            _write_json(tmp / CHECKSUMS_FILE, {"format_version": FORMAT_VERSION, "files": checksums})
+            _write_json(
+                tmp / CHECKSUMS_FILE, {"format_version": FORMAT_VERSION, "files": checksums}
+            )
             _fsync_dir(tmp)
             _swap_into_place(tmp, target)
         except OSError as exc:
@@ -670,9 +687,9 @@ class AttributeIndex:
         self._ids = list(meta["ids"])
         self._row_of = {entry_id: row for row, entry_id in enumerate(self._ids)}
         self._labels[:count] = [-1 if v is None else v for v in meta["labels"]]
-        for row, ratings in enumerate(meta["attributes"]):
-            if ratings is not None:
-                self._attributes[row] = ratings
+        known = [row for row, ratings in enumerate(meta["attributes"]) if ratings is not None]
+        if known:
+            self._attributes[known] = [meta["attributes"][row] for row in known]
         self._diameters[:count] = [np.nan if v is None else v for v in meta["diameter_mm"]]
         self._probabilities[:count] = [
             np.nan if v is None else v for v in meta["malignancy_probability"]
@@ -708,7 +725,9 @@ class AttributeIndex:
 
 
 def _is_positive_int(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
+    return bool(
+        not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
+    )
 
 
 def _as_float(value: object) -> float | None:

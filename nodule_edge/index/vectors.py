@@ -28,12 +28,12 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import IndexError_
 
 __all__ = [
-    "VectorKind",
     "VECTOR_KINDS",
-    "vector_dim",
+    "VectorKind",
     "attribute_array",
-    "vector_for",
     "exact_search",
+    "vector_dim",
+    "vector_for",
 ]
 
 logger = logging.getLogger(__name__)

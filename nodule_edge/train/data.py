@@ -15,9 +15,9 @@ out of classification. All patches come from :func:`nodule_edge.patch.build_patc
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import DataError
+from nodule_edge.manifest import NoduleRecord, lidc_proxy_label, read_sure_manifest, read_unsure_manifest
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, resample_hu
 
 __all__ = [
@@ -39,111 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NoduleRecord:
-    """One nodule: where its volume is, its centre, and whatever labels it carries."""
-
-    id: str
-    patient_id: str
-    image_path: Path
-    center_lps_mm: tuple[float, float, float]
-    mask_path: Path | None = None
-    ratings: tuple[float, ...] | None = None  # six reader-mean ratings on the 1–5 scale
-    label: int | None = None  # 0 benign / 1 malignant (sure data or proxy)
-    diameter_mm: float | None = None
-
-
-def lidc_proxy_label(malignancy_mean: float) -> int | None:
-    """LIDC's binary proxy: > 3 malignant, < 3 benign, exactly 3 unknown."""
-    if malignancy_mean > 3.0:
-        return 1
-    if malignancy_mean < 3.0:
-        return 0
-    return None
-
-
-def _float(row: dict[str, str], key: str, where: str) -> float:
-    try:
-        return float(row[key])
-    except KeyError as exc:
-        raise DataError(f"{where}: missing column '{key}'") from exc
-    except ValueError as exc:
-        raise DataError(f"{where}: column '{key}' is not a number: {row[key]!r}") from exc
-
-
-def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
-    """Read a VOI folder in the layout of ``../shared/data/lidc_voi``.
-
-    Args:
-        root: Folder with ``manifest.csv``, ``image/`` and optionally ``mask/``.
-
-    Returns:
-        One record per row, with the LIDC proxy label where ratings are present.
-    """
-    root = Path(root)
-    manifest = root / "manifest.csv"
-    if not manifest.is_file():
-        raise DataError(f"no manifest.csv in {root}")
-    records = []
-    with manifest.open(newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            where = f"{manifest}:{line_no}"
-            voi_id = (row.get("voi_id") or "").strip()
-            if not voi_id:
-                raise DataError(f"{where}: empty voi_id")
-            image = root / "image" / f"{voi_id}.nii.gz"
-            if not image.is_file():
-                raise DataError(f"{where}: volume {image} does not exist")
-            mask = root / "mask" / f"{voi_id}.nii.gz"
-            center = tuple(_float(row, f"center_{a}_mm", where) for a in "xyz")
-            ratings = None
-            if all(f"{name}_mean" in row and row[f"{name}_mean"] != "" for name in ATTRIBUTE_NAMES):
-                ratings = tuple(_float(row, f"{name}_mean", where) for name in ATTRIBUTE_NAMES)
-            diameter = _float(row, "diameter_mm", where) if row.get("diameter_mm") else None
-            records.append(
-                NoduleRecord(
-                    id=voi_id,
-                    patient_id=row.get("patient_id") or voi_id,
-                    image_path=image,
-                    center_lps_mm=center,  # type: ignore[arg-type]
-                    mask_path=mask if mask.is_file() else None,
-                    ratings=ratings,
-                    label=lidc_proxy_label(ratings[-1]) if ratings else None,
-                    diameter_mm=diameter,
-                )
-            )
-    if not records:
-        raise DataError(f"{manifest} has no rows")
-    return records
-
-
-def read_sure_manifest(path: str | Path) -> list[NoduleRecord]:
-    """Read a sure-data CSV (``id, patient_id, volume, center_{x,y,z}_mm, label``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"sure manifest {path} does not exist")
-    records = []
-    with path.open(newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            where = f"{path}:{line_no}"
-            label = row.get("label", "").strip()
-            if label not in ("0", "1"):
-                raise DataError(f"{where}: label must be 0 or 1, got {label!r}")
-            volume = path.parent / row.get("volume", "")
-            if not volume.is_file():
-                raise DataError(f"{where}: volume {volume} does not exist")
-            records.append(
-                NoduleRecord(
-                    id=row.get("id") or volume.stem,
-                    patient_id=row.get("patient_id") or row.get("id") or volume.stem,
-                    image_path=volume,
-                    center_lps_mm=tuple(_float(row, f"center_{a}_mm", where) for a in "xyz"),  # type: ignore[arg-type]
-                    label=int(label),
-                )
-            )
-    return records
 
 
 def patient_folds(patient_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[int]:
@@ -215,7 +111,8 @@ def build_patch_cache(
             log.info("built %d/%d patches", i + 1, n)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
+        # One temp file per process: under torchrun every rank builds and writes the same cache.
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images, masks=masks, has_mask=has_mask, z_extent_mm=z_extent)
         tmp.replace(cache_file)
     return PatchCache([r.id for r in records], images, masks, has_mask, z_extent)

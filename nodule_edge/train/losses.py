@@ -63,7 +63,9 @@ def total_loss(
     Returns:
         The scalar loss and its parts (floats, for logging).
     """
-    zero = out.malignancy_logit.sum() * 0
+    # A missing part is a zero that still reaches every head: under DDP each parameter must get a
+    # gradient every step (the attribute head is otherwise unused without attributes or targets).
+    zero = (out.malignancy_logit.sum() + out.attributes.sum() + out.segmentation.sum()) * 0
     parts: dict[str, torch.Tensor] = {}
     sel = label_mask.bool()
     parts["cls"] = (

@@ -81,6 +81,9 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
+    # Under torchrun every rank runs the folds; rank 0 alone writes (one temp file, no race).
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     os.replace(tmp, path)

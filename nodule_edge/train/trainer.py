@@ -330,6 +330,11 @@ def train_model(
             (progress or log.info)(msg)
         if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
             break
+    if world > 1:
+        import torch.distributed as dist
+
+        # Only rank 0 writes checkpoints; the others must not read them before they exist.
+        dist.barrier()
     return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"], "steps_per_epoch": steps, "bf16": bf16, "parameters": count_parameters(model)}
 
 
@@ -366,7 +371,9 @@ def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer
     tmp = path.with_name("last_optim.tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path.with_name("last_optim.safetensors"))
-    (path.with_name("last_optim.json")).write_text(json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
+    json_tmp = path.with_name("last_optim.json.tmp")
+    json_tmp.write_text(json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
+    os.replace(json_tmp, path.with_name("last_optim.json"))
 
 
 def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer) -> tuple[int, list, dict]:

@@ -1,0 +1,35 @@
+# Two entry points for a newcomer on a fresh machine (Python >= 3.11 and a C compiler):
+#   make demo   - create .venv, install the runtime, run the demo end to end
+#   make test   - create .venv, install everything (train, export, dev), run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export HNSWLIB_NO_NATIVE := 1
+
+.PHONY: demo test bench bench-full venv install-runtime install-all
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install-runtime: $(BIN)/python
+	$(PIP) install -q -e .
+
+# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+install-all: $(BIN)/python
+	$(PIP) install -q -e ".[train,export,dicom-out,dev]"
+
+demo: install-runtime
+	$(BIN)/nodule-edge demo
+
+test: install-all
+	$(BIN)/python -m pytest tests -q
+
+bench: install-all
+	$(BIN)/python -m pytest benches -q --benchmark-json=.benchmarks/latest.json
+	$(BIN)/python benches/ratios.py .benchmarks/latest.json --baseline benches/baseline_ratios.json
+
+bench-full: install-all
+	NODULE_EDGE_BENCH_FULL=1 $(BIN)/python -m pytest benches -q --benchmark-json=.benchmarks/full.json
+	$(BIN)/python benches/ratios.py .benchmarks/full.json --table

@@ -1,0 +1,155 @@
+"""Build a runtime bundle from a checkpoint: ONNX, fast CPU engine, index, model card, manifest.
+
+The index holds the nodules of a manifest (the shipped bundle: the shipped model's training
+nodules): their vectors come from running the exported fp32 model on their patches, their
+metadata (label, reader ratings, diameter) from the manifest. Both vector kinds of the papers are
+evaluated leave-one-out and the better one (by AUC of the retrieval score) is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nodule_edge.errors import BundleError
+from nodule_edge.export.onnx_export import export_onnx
+from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.runtime.bundle import load_bundle, write_manifest
+
+__all__ = ["build_bundle", "index_from_predictions"]
+
+log = logging.getLogger(__name__)
+
+
+def index_from_predictions(records: list[Any], outputs: dict[str, np.ndarray], kind: str) -> Any:
+    """An :class:`AttributeIndex` of ``kind`` over model outputs for the given records."""
+    from nodule_edge.index import AttributeIndex, IndexEntry, vector_for
+
+    entries = [
+        IndexEntry(
+            id=r.id,
+            label=r.label,
+            attributes=list(r.ratings) if r.ratings is not None else None,
+            diameter_mm=r.diameter_mm,
+            malignancy_probability=float(outputs["malignancy_probability"][i]),
+        )
+        for i, r in enumerate(records)
+    ]
+    vectors = np.stack(
+        [vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i])) for i in range(len(records))]
+    )
+    index = AttributeIndex.create(kind, capacity=max(len(records), 16))
+    index.add(entries, vectors)
+    return index
+
+
+def _run_engine(onnx_path: Path, patches: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, len(patches), batch):
+        out = session.run(None, {"patch": patches[start : start + batch].astype(np.float32)})
+        for n, o in zip(names, out):
+            if n not in ("segmentation", "saliency"):
+                chunks[n].append(o)
+    return {n: np.concatenate(v) for n, v in chunks.items() if v}
+
+
+def build_bundle(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    index_manifest_dir: str | Path | None,
+    cache_dir: str | Path | None = None,
+    cpu_engine: bool = True,
+    model_card: str | Path | None = None,
+    metrics: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export everything the runtime loads into a verified bundle folder (written atomically)."""
+    say = progress or log.info
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    try:
+        artifacts: dict[str, str] = {}
+        say("exporting ONNX (fp32 reference)")
+        result = export_onnx(checkpoint, tmp / "model.onnx", extra_metadata={"metrics": metrics or {}})
+        artifacts["onnx_fp32"] = "model.onnx"
+        extra: dict[str, Any] = {"model_version": result.metadata["model_version"], "patch_spec": json.loads(DEFAULT_PATCH_SPEC.to_json())}
+        patches = None
+        records = None
+        if index_manifest_dir is not None:
+            from nodule_edge.train.data import build_patch_cache, read_unsure_manifest
+
+            records = read_unsure_manifest(index_manifest_dir)
+            cache = build_patch_cache(records, DEFAULT_PATCH_SPEC, cache_dir)
+            patches = cache.images
+        if cpu_engine:
+            from nodule_edge.export.cpu_engine import build_cpu_engine
+
+            say("building the fast CPU engine")
+            calib = None if patches is None else patches[np.random.default_rng(0).choice(len(patches), min(64, len(patches)), replace=False)].astype(np.float32)
+            engine_path = build_cpu_engine(tmp / "model.onnx", tmp, calib)
+            artifacts["cpu_engine"] = Path(engine_path).name
+        if records is not None and patches is not None:
+            say(f"running the model on {len(records)} index nodules")
+            outputs = _run_engine(tmp / "model.onnx", patches)
+            extra["index"] = _choose_and_save_index(records, outputs, tmp, say)
+            artifacts["index"] = "index"
+            thumbs = (np.clip(patches[:, 0, patches.shape[2] // 2], 0, 1) * 255).astype(np.uint8)
+            np.save(tmp / "index_thumbnails.npy", thumbs, allow_pickle=False)
+            (tmp / "index_thumbnail_ids.txt").write_text("\n".join(r.id for r in records))
+            artifacts["index_thumbnails"] = "index_thumbnails.npy"
+            artifacts["index_thumbnail_ids"] = "index_thumbnail_ids.txt"
+        if model_card is not None:
+            shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
+            artifacts["model_card"] = "MODEL_CARD.md"
+        write_manifest(tmp, artifacts, extra)
+        load_bundle(tmp)  # verify before it replaces anything
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"bundle written to {out_dir}")
+    return out_dir
+
+
+def _choose_and_save_index(records: list[Any], outputs: dict[str, np.ndarray], tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    from nodule_edge.index import evaluate_retrieval
+
+    labelled = [i for i, r in enumerate(records) if r.label is not None]
+    if not labelled:
+        raise BundleError("the index manifest has no labelled nodules: cannot evaluate retrieval")
+    evaluations = {}
+    from nodule_edge.index import vector_for
+
+    for kind in ("attributes", "machine_expert"):
+        vectors = np.stack([vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i])) for i in range(len(records))])
+        # Leave-one-patient-out: a query never retrieves its own patient's other nodules.
+        ev = evaluate_retrieval(kind, vectors, [r.label for r in records], [r.id for r in records], k=20, groups=[r.patient_id for r in records])
+        evaluations[kind] = ev
+        say(f"retrieval ({kind}): leave-one-patient-out AUC {ev.auc:.3f}, accuracy {ev.accuracy:.3f} (index nodules, model outputs)")
+    best = max(evaluations, key=lambda k: evaluations[k].auc or 0.0)
+    index_from_predictions(records, outputs, best).save(tmp / "index")
+    return {
+        "kind": best,
+        "entries": len(records),
+        "evaluation": {k: {"auc": v.auc, "accuracy": v.accuracy, "n_evaluated": v.n_evaluated} for k, v in evaluations.items()},
+        "evaluation_note": "leave-one-patient-out over the index nodules with the shipped model's outputs (the model was trained on them: optimistic)",
+    }

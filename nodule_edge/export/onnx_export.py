@@ -1,0 +1,154 @@
+"""Export the collaborative model to one forward-only ONNX graph with an in-graph Grad-CAM.
+
+The model's Grad-CAM is closed form (see :mod:`nodule_edge.train.model`), so the exported graph
+is an ordinary forward computation: no autograd operators, and one graph gives the diagnosis, the
+segmentation, the saliency map, the trust check and the retrieval embedding. Everything the
+runtime needs (patch spec, attribute names and scale, output names, versions, hashes, metrics) is
+stored in the file's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodule_edge import __version__
+from nodule_edge.attributes import ATTRIBUTE_NAMES, RATING_MAX, RATING_MIN
+from nodule_edge.errors import require
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+from nodule_edge.runtime.bundle import sha256_file as file_sha256
+
+__all__ = ["OUTPUT_NAMES", "INPUT_NAME", "ExportResult", "export_onnx", "file_sha256", "build_export_module"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "patch"
+OUTPUT_NAMES: tuple[str, ...] = (
+    "malignancy_probability",
+    "attributes",
+    "segmentation",
+    "saliency",
+    "nodule_attention",
+    "background_attention",
+    "embedding",
+)
+OPSET = 18
+
+
+def build_export_module(model: Any) -> Any:
+    """Wrap a :class:`CollaborativeNet` so its forward returns the exported outputs as a tuple.
+
+    Segmentation and saliency are upsampled from 16³ to the patch's 64³ with trilinear
+    interpolation; attributes are mapped to the 1–5 rating scale.
+    """
+    torch = require("torch", "export")
+    import torch.nn.functional as F
+
+    class _Exported(torch.nn.Module):
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, patch: Any) -> tuple[Any, ...]:
+            out = self.net(patch)
+            size = patch.shape[-1]
+            seg = F.interpolate(out.segmentation, size=(size, size, size), mode="trilinear", align_corners=False)[:, 0]
+            cam = F.interpolate(out.cam, size=(size, size, size), mode="trilinear", align_corners=False)[:, 0]
+            ratings = out.attributes * (RATING_MAX - RATING_MIN) + RATING_MIN
+            return (
+                out.malignancy_probability,
+                ratings,
+                seg,
+                cam.clamp(0.0, 1.0),
+                out.nodule_attention,
+                out.background_attention,
+                out.embedding,
+            )
+
+    return _Exported(model).eval()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the ONNX file went and what it says about itself."""
+
+    path: Path
+    sha256: str
+    metadata: dict[str, str]
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out_path: str | Path,
+    *,
+    spec: PatchSpec = DEFAULT_PATCH_SPEC,
+    model_version: str | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Export a checkpoint to ONNX (fp32, dynamic batch) with metadata, written atomically.
+
+    Args:
+        checkpoint: A ``.safetensors`` checkpoint written by the trainer (JSON sidecar beside it).
+        out_path: Destination ``.onnx`` file.
+        spec: The patch spec the model was trained with (stored in the file).
+        model_version: Version string stored in the metadata (default: package version + epoch).
+        extra_metadata: More key/value pairs (e.g. model-card metrics), JSON-encoded when not str.
+
+    Returns:
+        The path, its sha256 and the metadata written.
+    """
+    torch = require("torch", "export")
+    onnx = require("onnx", "export")
+    from nodule_edge.train.trainer import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    module = build_export_module(model.float())
+    example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
+        )
+    proto = onnx.load(str(tmp))
+    metadata: dict[str, str] = {
+        "format": "nodule-edge-onnx-v1",
+        "nodule_edge_version": __version__,
+        "model_version": model_version or f"{__version__}+epoch{meta.get('epoch', 0)}",
+        "patch_spec": spec.to_json(),
+        "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
+        "attribute_scale": json.dumps([RATING_MIN, RATING_MAX]),
+        "input_name": INPUT_NAME,
+        "output_names": json.dumps(list(OUTPUT_NAMES)),
+        "config_sha256": str(meta.get("config_sha256", "")),
+        "model_config": json.dumps(meta.get("model_config", {})),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
+    }
+    for key, value in (extra_metadata or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "nodule-edge"
+    proto.producer_version = __version__
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, out_path)
+    digest = file_sha256(out_path)
+    log.info("exported %s (sha256 %s…)", out_path, digest[:12])
+    return ExportResult(out_path, digest, metadata)

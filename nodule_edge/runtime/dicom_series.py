@@ -1,0 +1,690 @@
+"""Find, validate and decode the CT series in a folder of DICOM files.
+
+The folder is scanned header-only (``stop_before_pixels``); files are grouped by
+SeriesInstanceUID and classified, and exactly one single-frame CT image series is chosen. Its
+slices are ordered along the slice normal and checked for what would make a 3-D cube wrong
+(mixed orientation, mixed in-plane geometry, gantry tilt, too short a stack). Gaps and uneven
+spacing are recorded here but judged per cube by :mod:`nodule_edge.runtime.study`, so a gap far
+from the nodule does not refuse the study.
+
+Duplicates (two files at the same position along the normal): copies of the same
+SOPInstanceUID are dropped with a warning. Different instances at the same position are kept as
+one slice marked *conflicting*; a cube that needs that slice is refused, because which of the
+two images is right cannot be known from the headers.
+
+Pixel data is decoded one slice at a time with pydicom (uncompressed, RLE, and the JPEG family
+through the pylibjpeg / pyjpegls plugins); the slice's own RescaleSlope/RescaleIntercept turn
+stored values into HU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nodule_edge.errors import GeometryError, MissingDependencyError, SeriesSelectionError, StudyError
+
+__all__ = [
+    "SliceHeader",
+    "SeriesSummary",
+    "DicomSeries",
+    "list_series",
+    "load_series",
+    "decode_slice",
+]
+
+logger = logging.getLogger(__name__)
+
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_MULTIFRAME_CT = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "SEG", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "KO", "REG", "DOC", "AU", "ECG", "OT_SR", "PLAN", "FID"}
+)
+_DUPLICATE_TOL_MM = 0.01
+_ORIENTATION_TOL = 1e-3
+_ORTHONORMAL_TOL = 1e-2
+# Lateral drift of slice positions (as a fraction of the in-plane pixel size) beyond which the
+# stack is sheared, i.e. acquired with gantry tilt.
+_TILT_TOL_FRACTION = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SliceHeader:
+    """What the reader keeps of one slice's header (no pixels, no patient data).
+
+    Attributes:
+        path: File path.
+        sop_instance_uid: SOPInstanceUID (falls back to MediaStorageSOPInstanceUID, may be "").
+        instance_number: InstanceNumber, or None when absent.
+        slope: RescaleSlope (1 when absent).
+        intercept: RescaleIntercept (0 when absent).
+        transfer_syntax_uid: Transfer syntax the file is encoded in.
+        forced: The file has no preamble and was read with ``force=True``.
+        rows: Rows of the pixel matrix.
+        cols: Columns of the pixel matrix.
+    """
+
+    path: str
+    sop_instance_uid: str
+    instance_number: int | None
+    slope: float
+    intercept: float
+    transfer_syntax_uid: str
+    forced: bool
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One image series found in a folder, as listed to the user.
+
+    Attributes:
+        series_uid: SeriesInstanceUID (or a synthetic ``unknown:…`` key when the files have none).
+        description: SeriesDescription, or None.
+        modality: Modality tag value, or None when absent.
+        n_files: Files (slices) in the series.
+        slice_thickness_mm: Median SliceThickness tag, or None.
+        slice_spacing_mm: Median distance between slice positions along the normal, or None.
+        usable: True for a single-frame CT image series that can be opened.
+        reason: Why it is not usable (empty when usable).
+    """
+
+    series_uid: str
+    description: str | None
+    modality: str | None
+    n_files: int
+    slice_thickness_mm: float | None
+    slice_spacing_mm: float | None
+    usable: bool
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One line for error messages and listings."""
+        thick = f"{self.slice_thickness_mm:g} mm thick" if self.slice_thickness_mm else "thickness unknown"
+        step = f", {self.slice_spacing_mm:.3g} mm apart" if self.slice_spacing_mm else ""
+        desc = repr(self.description) if self.description else "(no description)"
+        extra = f" [{self.reason}]" if self.reason else ""
+        return f"{self.series_uid}  {desc}  {self.n_files} slices, {thick}{step}{extra}"
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A validated CT series: slices in order along the normal, one entry per position.
+
+    Attributes:
+        folder: Folder the series was found in.
+        series_uid: SeriesInstanceUID (or synthetic key).
+        description: SeriesDescription, or None.
+        modality: Modality tag value, or None when the tag is absent.
+        slices: Headers in ascending order along the slice normal.
+        positions: ImagePositionPatient per slice, ``[n, 3]`` LPS mm.
+        row_dir: Unit LPS direction of increasing column index.
+        col_dir: Unit LPS direction of increasing row index.
+        normal: ``row_dir × col_dir``; slices ascend along it.
+        pixel_spacing_xy: (column spacing, row spacing) in mm.
+        conflicts: Slice indices where different instances share the position.
+        transfer_syntax_uid: Most common transfer syntax of the slices.
+    """
+
+    folder: Path
+    series_uid: str
+    description: str | None
+    modality: str | None
+    slices: tuple[SliceHeader, ...]
+    positions: np.ndarray
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    pixel_spacing_xy: tuple[float, float]
+    conflicts: frozenset[int] = field(default_factory=frozenset)
+    transfer_syntax_uid: str = ""
+
+
+@dataclass(slots=True)
+class _FileInfo:
+    path: str
+    kind: str  # "ct", "derived", "localizer", "no_geometry", "multiframe", "other", "non_image"
+    label: str  # modality or SOP class name, for messages
+    series_key: str
+    description: str | None
+    modality: str | None
+    slice_thickness: float | None
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, float, float] | None
+    pixel_spacing: tuple[float, float] | None  # DICOM order: (row spacing, column spacing)
+    gantry_tilt: float | None
+    header: SliceHeader | None
+    problem: str | None = None
+
+
+@dataclass
+class _Scan:
+    folder: Path
+    n_files: int = 0
+    not_dicom: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    volume_files: list[str] = field(default_factory=list)
+    files: list[_FileInfo] = field(default_factory=list)
+
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _floats(value, n: int, tag: str, path: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{tag} of {path} is malformed ({value!r}): {exc}") from exc
+    if len(out) != n or not all(np.isfinite(out)):
+        raise ValueError(f"{tag} of {path} must hold {n} finite numbers, got {value!r}")
+    return out
+
+
+def _opt_float(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _transfer_syntax(ds) -> str:
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    uid = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    if uid:
+        return uid
+    implicit, little = getattr(ds, "original_encoding", (False, True))
+    if implicit:
+        return str(ImplicitVRLittleEndian)
+    return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _series_key(ds) -> str:
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    # Some exports blank the UIDs (the real Siemens test series does); group what belongs together.
+    parts = [
+        str(ds.get("FrameOfReferenceUID", "") or ""),
+        str(ds.get("SeriesNumber", "") or ""),
+        str(ds.get("SeriesDescription", "") or ""),
+        str(ds.get("Rows", "")),
+        str(ds.get("Columns", "")),
+    ]
+    return "unknown:" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _classify(path: str, ds, forced: bool) -> _FileInfo:
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    if not sop_class and meta is not None:
+        sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    modality = str(ds.get("Modality", "") or "").strip().upper() or None
+    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    description = str(ds.get("SeriesDescription", "") or "").strip() or None
+    sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
+    has_matrix = "Rows" in ds and "Columns" in ds
+    info = _FileInfo(
+        path=path,
+        kind="ct",
+        label=modality or sop_name,
+        series_key=_series_key(ds),
+        description=description,
+        modality=modality,
+        slice_thickness=_opt_float(ds.get("SliceThickness")),
+        iop=None,
+        ipp=None,
+        pixel_spacing=None,
+        gantry_tilt=_opt_float(ds.get("GantryDetectorTilt")),
+        header=None,
+    )
+    if modality in _NON_IMAGE_MODALITIES or not has_matrix:
+        info.kind = "non_image"
+        return info
+    if "LOCALIZER" in image_type:
+        info.kind = "localizer"
+    elif modality not in (None, "CT"):
+        info.kind = "other"
+        return info
+    elif modality is None and not (
+        sop_class == _CT_IMAGE_STORAGE or ("RescaleIntercept" in ds and "ImagePositionPatient" in ds)
+    ):
+        info.kind = "non_image"
+        info.label = f"image without Modality ({sop_name})"
+        return info
+    elif sop_class.startswith(_SECONDARY_CAPTURE_PREFIX) or (image_type and image_type[0] == "DERIVED"):
+        info.kind = "derived"
+    elif sop_class in _MULTIFRAME_CT or int(_opt_float(ds.get("NumberOfFrames")) or 1) > 1:
+        info.kind = "multiframe"
+        return info
+    if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
+        if info.kind == "ct":
+            info.kind = "no_geometry"
+        return info
+
+    try:
+        info.iop = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path)
+        info.ipp = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", path)  # type: ignore[assignment]
+        info.pixel_spacing = _floats(ds.get("PixelSpacing") or (), 2, "PixelSpacing", path)  # type: ignore[assignment]
+    except ValueError as exc:
+        info.problem = str(exc)
+    slope = _opt_float(ds.get("RescaleSlope"))
+    intercept = _opt_float(ds.get("RescaleIntercept"))
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if not sop_uid and meta is not None:
+        sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    number = _opt_float(ds.get("InstanceNumber"))
+    info.header = SliceHeader(
+        path=path,
+        sop_instance_uid=sop_uid,
+        instance_number=int(number) if number is not None else None,
+        slope=1.0 if slope is None or slope == 0 else slope,
+        intercept=0.0 if intercept is None else intercept,
+        transfer_syntax_uid=_transfer_syntax(ds),
+        forced=forced,
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+    )
+    return info
+
+
+def _starts_like_dicom(head: bytes, file_size: int) -> bool:
+    """Whether preamble-less bytes open with a plausible group 0002/0008 data element."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        return True
+    return int.from_bytes(head[4:8], "little") <= file_size  # implicit VR: a length that fits
+
+
+def _read_one(path: str, scan: _Scan) -> None:
+    import pydicom
+
+    forced = False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+            if head[128:132] != b"DICM":
+                if not _starts_like_dicom(head, os.fstat(fh.fileno()).st_size):
+                    if path.lower().endswith(_VOLUME_SUFFIXES):
+                        scan.volume_files.append(path)
+                    scan.not_dicom += 1
+                    return
+                # No preamble: only what starts like a group 0002/0008 element is tried.
+                forced = True
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=forced)
+            if forced and not any(t in ds for t in ("SOPClassUID", "Modality", "Rows", "SeriesInstanceUID")):
+                scan.not_dicom += 1
+                return
+            info = _classify(path, ds, forced)
+    # pydicom raises many exception types on damaged or foreign files; none may stop the scan.
+    except Exception as exc:  # noqa: BLE001
+        if forced:
+            scan.not_dicom += 1
+            logger.debug("%s starts like DICOM without preamble but does not parse: %s", path, exc)
+        else:
+            scan.unreadable.append(path)
+            logger.warning("skipping unreadable DICOM file %s: %s", path, exc)
+        return
+    scan.files.append(info)
+
+
+def _scan(folder: Path) -> _Scan:
+    scan = _Scan(folder=folder)
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):
+                continue
+            scan.n_files += 1
+            _read_one(path, scan)
+    return scan
+
+
+def _median_spacing(infos: list[_FileInfo]) -> float | None:
+    geo = [i for i in infos if i.iop is not None and i.ipp is not None]
+    if len(geo) < 2:
+        return None
+    iop = np.asarray(geo[0].iop)
+    normal = np.cross(iop[:3], iop[3:])
+    d = np.unique(np.round(np.asarray([i.ipp for i in geo]) @ normal, 3))
+    return float(np.median(np.diff(d))) if d.size > 1 else None
+
+
+def _summaries(scan: _Scan) -> list[SeriesSummary]:
+    groups: dict[tuple[str, str], list[_FileInfo]] = defaultdict(list)
+    for info in scan.files:
+        if info.kind in ("ct", "derived", "other", "multiframe", "no_geometry"):
+            groups[(info.series_key, info.kind)].append(info)
+    reasons = {
+        "derived": "derived / secondary capture",
+        "other": "not CT",
+        "multiframe": "multi-frame (enhanced) CT is not supported",
+        "no_geometry": "no ImageOrientationPatient/ImagePositionPatient",
+    }
+    out = []
+    for (key, kind), infos in groups.items():
+        thick = [i.slice_thickness for i in infos if i.slice_thickness]
+        out.append(
+            SeriesSummary(
+                series_uid=key,
+                description=infos[0].description,
+                modality=infos[0].modality,
+                n_files=len(infos),
+                slice_thickness_mm=float(np.median(thick)) if thick else None,
+                slice_spacing_mm=_median_spacing(infos),
+                usable=kind == "ct",
+                reason=reasons.get(kind, ""),
+            )
+        )
+    out.sort(key=lambda s: (not s.usable, s.series_uid))
+    return out
+
+
+def list_series(folder: str | os.PathLike[str]) -> list[SeriesSummary]:
+    """List the image series in a folder (header scan only), usable CT series first.
+
+    Args:
+        folder: Folder of DICOM files, any nesting.
+
+    Returns:
+        One summary per (series, kind); localizers and non-image objects are not listed.
+    """
+    return _summaries(_scan(Path(folder)))
+
+
+def _nothing_found(scan: _Scan) -> StudyError:
+    folder = scan.folder
+    if scan.n_files == 0:
+        return StudyError(f"no files in {folder}")
+    if not scan.files:
+        msg = f"no DICOM files among the {scan.n_files} files in {folder}"
+        if scan.unreadable:
+            msg += f" ({len(scan.unreadable)} unreadable DICOM files, e.g. {scan.unreadable[0]})"
+        if scan.volume_files:
+            msg += f"; to read a volume file pass it directly, e.g. {scan.volume_files[0]}"
+        return StudyError(msg)
+    kinds = Counter(i.kind for i in scan.files)
+    other = Counter(i.label for i in scan.files if i.kind == "other")
+    found = []
+    if other:
+        found.append("image series of modality " + ", ".join(f"{m} ({n} files)" for m, n in sorted(other.items())))
+    for kind, what in (
+        ("localizer", "localizer/scout images"),
+        ("no_geometry", "images without position/orientation (scout-like)"),
+        ("derived", "derived/secondary-capture images"),
+        ("multiframe", "multi-frame (enhanced) CT images, not supported"),
+    ):
+        if kinds[kind]:
+            found.append(f"{kinds[kind]} {what}")
+    non_image = Counter(i.label for i in scan.files if i.kind == "non_image")
+    if non_image:
+        found.append("non-image objects " + ", ".join(f"{m} ({n})" for m, n in sorted(non_image.items())))
+    if other and not any(k in kinds for k in ("localizer", "derived", "multiframe", "no_geometry")):
+        modalities = ", ".join(sorted(other))
+        return StudyError(f"{folder} holds no CT series, only modality {modalities}; nodule-edge reads CT only")
+    return StudyError(f"no CT image series in {folder}; found: " + "; ".join(found))
+
+
+def _select(scan: _Scan, series_uid: str | None) -> tuple[str, list[_FileInfo]]:
+    ct: dict[str, list[_FileInfo]] = defaultdict(list)
+    derived: dict[str, list[_FileInfo]] = defaultdict(list)
+    for info in scan.files:
+        if info.kind == "ct":
+            ct[info.series_key].append(info)
+        elif info.kind == "derived" and info.header is not None:
+            derived[info.series_key].append(info)
+
+    if series_uid is not None:
+        if series_uid in ct:
+            return series_uid, ct[series_uid]
+        if series_uid in derived:
+            logger.warning("series %s is derived/secondary capture; reading it because it was asked for", series_uid)
+            return series_uid, derived[series_uid]
+        listing = "\n  ".join(s.describe() for s in _summaries(scan)) or "(no image series)"
+        raise SeriesSelectionError(
+            f"series {series_uid!r} is not among the CT series in {scan.folder}; available:\n  {listing}"
+        )
+    if not ct:
+        raise _nothing_found(scan)
+    if len(ct) > 1:
+        multi = {k: v for k, v in ct.items() if len(v) > 1}
+        if multi and len(multi) < len(ct):
+            for key in set(ct) - set(multi):
+                logger.info("ignoring single-image series %s (scout-like) next to volumetric series", key)
+            ct = defaultdict(list, multi)
+    if len(ct) > 1:
+        listing = "\n  ".join(s.describe() for s in _summaries(scan) if s.usable and s.series_uid in ct)
+        raise SeriesSelectionError(
+            f"{len(ct)} CT series in {scan.folder}; choose one with series_uid (--series-uid):\n  {listing}"
+        )
+    key = next(iter(ct))
+    return key, ct[key]
+
+
+def _check_decodable(uid: str, series_uid: str) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as exc:
+        raise StudyError(f"series {series_uid}: transfer syntax {name} ({uid}) cannot be decoded") from exc
+    if not decoder.is_available:
+        raise MissingDependencyError(
+            f"series {series_uid} is encoded as {name} ({uid}); decoding it needs one of: "
+            + "; ".join(decoder.missing_dependencies)
+        )
+
+
+def _orientation(infos: list[_FileInfo], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iops = np.asarray([i.iop for i in infos], dtype=np.float64)
+    ref = iops[0]
+    off = np.abs(iops - ref).max(axis=1) > _ORIENTATION_TOL
+    if off.any():
+        counts = Counter(tuple(np.round(v, 4)) for v in iops)
+        listing = "; ".join(f"{n} slices with {list(o)}" for o, n in counts.most_common())
+        raise GeometryError(
+            f"series {key} mixes slice orientations (ImageOrientationPatient): {listing}; "
+            "a single stack is needed for the 32 mm cube"
+        )
+    row, col = ref[:3], ref[3:]
+    if (
+        abs(np.linalg.norm(row) - 1) > _ORTHONORMAL_TOL
+        or abs(np.linalg.norm(col) - 1) > _ORTHONORMAL_TOL
+        or abs(float(row @ col)) > _ORTHONORMAL_TOL
+    ):
+        raise GeometryError(
+            f"series {key}: ImageOrientationPatient {list(ref)} is not two orthogonal unit vectors ({infos[0].path})"
+        )
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row
+    col = col / np.linalg.norm(col)
+    return row, col, np.cross(row, col)
+
+
+def _stack(folder: Path, key: str, infos: list[_FileInfo], min_extent_mm: float) -> DicomSeries:
+    for info in infos:
+        if info.problem:
+            raise GeometryError(f"series {key}: {info.problem}")
+    first = infos[0]
+    if len(infos) == 1:
+        raise GeometryError(
+            f"series {key} has a single slice ({first.path}); a 3-D series of at least "
+            f"{min_extent_mm:g} mm along the slice normal is needed for the nodule cube"
+        )
+    matrices = Counter((i.header.rows, i.header.cols) for i in infos)  # type: ignore[union-attr]
+    spacings = Counter(tuple(round(v, 5) for v in i.pixel_spacing) for i in infos)  # type: ignore[union-attr]
+    if len(matrices) > 1 or len(spacings) > 1:
+        raise GeometryError(
+            f"series {key} mixes in-plane geometry: matrices {dict(matrices)}, PixelSpacing {dict(spacings)}"
+        )
+    row, col, normal = _orientation(infos, key)
+    ps = first.pixel_spacing
+    if ps is None or min(ps) <= 0:
+        raise GeometryError(f"series {key}: PixelSpacing {ps} of {first.path} must be positive")
+
+    positions = np.asarray([i.ipp for i in infos], dtype=np.float64)
+    d = positions @ normal
+    order = sorted(range(len(infos)), key=lambda j: (d[j], infos[j].header.instance_number or 0))  # type: ignore[union-attr]
+
+    kept: list[int] = []
+    conflicts: set[int] = set()
+    copies = 0
+    for j in order:
+        if kept and abs(d[j] - d[kept[-1]]) < _DUPLICATE_TOL_MM:
+            a, b = infos[kept[-1]].header, infos[j].header
+            if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid:  # type: ignore[union-attr]
+                copies += 1
+                continue
+            conflicts.add(len(kept) - 1)
+            logger.warning(
+                "series %s: %s and %s are different instances at the same position %.3f mm along the "
+                "slice normal; a cube that needs this slice will be refused",
+                key, a.path, b.path, d[j],  # type: ignore[union-attr]
+            )
+            continue
+        kept.append(j)
+    if copies:
+        logger.warning("series %s: ignored %d duplicate copies of the same SOP instances", key, copies)
+
+    headers = tuple(infos[j].header for j in kept)  # type: ignore[misc]
+    positions = positions[kept]
+    d = d[kept]
+    if len(kept) == 1:
+        raise GeometryError(
+            f"series {key} has a single distinct slice position ({len(infos)} files at {d[0]:.2f} mm); "
+            "a 3-D series is needed for the nodule cube"
+        )
+
+    # Gantry tilt shears the stack: positions step sideways as well as along the normal.
+    rel = positions - positions[0]
+    lateral = rel - np.outer(rel @ normal, normal)
+    drift = float(np.linalg.norm(lateral, axis=1).max())
+    if drift > _TILT_TOL_FRACTION * min(ps):
+        along = float(d[-1] - d[0])
+        angle = float(np.degrees(np.arctan2(float(np.linalg.norm(lateral[-1])), along)))
+        tag = f", GantryDetectorTilt {first.gantry_tilt:g}°" if first.gantry_tilt else ""
+        raise GeometryError(
+            f"series {key}: slice positions step {angle:.2f}° off the slice normal (gantry tilt{tag}); "
+            f"positions drift {drift:.2f} mm sideways, so the volume is sheared and the 32 mm cube "
+            "would be wrong. Resample the series to an orthogonal grid first"
+        )
+
+    steps = np.diff(d)
+    nominal = float(np.median(steps))
+    coverage = float(d[-1] - d[0]) + nominal
+    if coverage < min_extent_mm:
+        raise GeometryError(
+            f"series {key} has {len(kept)} slices covering {coverage:.1f} mm along the slice normal; "
+            f"at least {min_extent_mm:g} mm are needed for the nodule cube"
+        )
+
+    syntaxes = Counter(h.transfer_syntax_uid for h in headers)
+    for uid in syntaxes:
+        _check_decodable(uid, key)
+    if len(syntaxes) > 1:
+        logger.info("series %s mixes transfer syntaxes %s", key, dict(syntaxes))
+    if first.modality is None:
+        logger.warning(
+            "series %s has no Modality tag; reading it as CT because it carries a CT SOP class or "
+            "rescale and position tags",
+            key,
+        )
+    return DicomSeries(
+        folder=folder,
+        series_uid=key,
+        description=first.description,
+        modality=first.modality,
+        slices=headers,
+        positions=positions,
+        row_dir=row,
+        col_dir=col,
+        normal=normal,
+        pixel_spacing_xy=(float(ps[1]), float(ps[0])),
+        conflicts=frozenset(conflicts),
+        transfer_syntax_uid=syntaxes.most_common(1)[0][0],
+    )
+
+
+def load_series(folder: str | os.PathLike[str], series_uid: str | None = None, *, min_extent_mm: float) -> DicomSeries:
+    """Scan a folder's headers, choose the CT series and validate its slice stack.
+
+    Args:
+        folder: Folder of DICOM files (any nesting and names; other files are ignored).
+        series_uid: SeriesInstanceUID to read when the folder holds several CT series.
+        min_extent_mm: Minimum coverage along the slice normal.
+
+    Returns:
+        The validated series (headers only).
+
+    Raises:
+        StudyError: No DICOM, no CT series (the message names what was found), undecodable
+            transfer syntax.
+        SeriesSelectionError: Several CT series and none chosen, or ``series_uid`` absent.
+        GeometryError: Single slice, too short, mixed orientation or in-plane geometry, tilt.
+    """
+    folder = Path(folder)
+    scan = _scan(folder)
+    if scan.unreadable:
+        logger.warning("%d unreadable DICOM files in %s were skipped", len(scan.unreadable), folder)
+    key, infos = _select(scan, series_uid)
+    if key.startswith("unknown:"):
+        logger.warning("files without SeriesInstanceUID in %s are grouped as series %s", folder, key)
+    return _stack(folder, key, infos, min_extent_mm)
+
+
+def decode_slice(header: SliceHeader) -> np.ndarray:
+    """Decode one slice's pixels to HU.
+
+    Args:
+        header: The slice, as kept by :func:`load_series`.
+
+    Returns:
+        float32 ``[rows, cols]`` in HU (RescaleSlope/RescaleIntercept applied).
+
+    Raises:
+        StudyError: The file is gone, truncated, or its pixel data cannot be decoded.
+    """
+    import pydicom
+    from pydicom.uid import UID
+
+    try:
+        ds = pydicom.dcmread(header.path, force=header.forced)
+        if "PixelData" not in ds:
+            raise StudyError(f"{header.path} has no pixel data (truncated file?)")
+        arr = ds.pixel_array
+    except StudyError:
+        raise
+    # Decoder plugins raise whatever their C library reports; name the file either way.
+    except Exception as exc:  # noqa: BLE001
+        name = UID(header.transfer_syntax_uid).name
+        raise StudyError(f"cannot decode pixel data of {header.path} ({name}): {exc}") from exc
+    if arr.shape != (header.rows, header.cols):
+        raise StudyError(
+            f"pixel data of {header.path} has shape {arr.shape}, header says {header.rows}x{header.cols}"
+        )
+    hu = arr.astype(np.float32)
+    if header.slope != 1.0:
+        hu *= np.float32(header.slope)
+    if header.intercept != 0.0:
+        hu += np.float32(header.intercept)
+    return hu

@@ -1,0 +1,274 @@
+"""The embeddable inference API: load once, then diagnose nodules in studies, files or arrays.
+
+Example:
+    >>> from nodule_edge.runtime import NoduleInferer
+    >>> inferer = NoduleInferer()                      # verifies and loads the shipped bundle
+    >>> result = inferer.infer("study/", voxels=[(120, 88, 54)])
+    >>> nodule = result.nodules[0]
+    >>> nodule.malignancy_probability, nodule.attributes["spiculation"], nodule.trustworthy
+
+:class:`NoduleInferer` is thread-safe: engines, the index and studies hold no per-call state, so
+one instance can serve many threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from nodule_edge.errors import CoordinateError, IndexError_
+from nodule_edge.runtime.bundle import Bundle, load_bundle
+from nodule_edge.runtime.engine import Engine, create_engine
+from nodule_edge.runtime.measure import segmentation_measurements
+from nodule_edge.runtime.study import Study, open_study
+
+__all__ = ["NoduleInferer", "NodulePrediction", "NoduleResult", "StudyResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodulePrediction:
+    """Model outputs for one patch (maps on the 64³ patch grid, LPS-aligned)."""
+
+    malignancy_probability: float
+    attributes: dict[str, float]
+    nodule_attention: float
+    background_attention: float
+    trustworthy: bool
+    embedding: np.ndarray
+    segmentation: np.ndarray
+    saliency: np.ndarray
+    similar: list[Any] = field(default_factory=list)
+    retrieval_score: float | None = None
+
+
+@dataclass
+class NoduleResult:
+    """One requested location and its diagnosis."""
+
+    xyz_voxel: tuple[float, float, float]
+    world_lps_mm: tuple[float, float, float]
+    center_slice: dict[str, Any] | None
+    prediction: NodulePrediction
+    patch: np.ndarray
+    volume_mm3: float
+    longest_axial_diameter_mm: float
+
+    @property
+    def malignancy_probability(self) -> float:
+        return self.prediction.malignancy_probability
+
+    @property
+    def attributes(self) -> dict[str, float]:
+        return self.prediction.attributes
+
+    @property
+    def trustworthy(self) -> bool:
+        return self.prediction.trustworthy
+
+
+@dataclass
+class StudyResult:
+    """All nodules of one call, with the study they came from and per-stage timings."""
+
+    study: Study
+    nodules: list[NoduleResult]
+    backend: str
+    model_version: str
+    timing_ms: dict[str, float]
+
+
+class NoduleInferer:
+    """Load a bundle once; diagnose nodules from studies, volume files or in-memory arrays.
+
+    Args:
+        bundle: Bundle folder (default: ``$NODULE_EDGE_BUNDLE`` or the shipped bundle), or a
+            loaded :class:`Bundle`.
+        backend: ``auto`` or one of ``tensorrt``, ``cuda``, ``cpu-fast``, ``cpu``.
+        top_k: Similar nodules to retrieve.
+        trust_margin: A prediction is ``trustworthy`` when the mean saliency inside the predicted
+            nodule exceeds the mean outside by more than this.
+        threads: ONNX Runtime intra-op threads (None: its default).
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle | None = None,
+        backend: str = "auto",
+        top_k: int = 20,
+        trust_margin: float = 0.0,
+        threads: int | None = None,
+    ) -> None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.engine: Engine = create_engine(self.bundle, backend, threads)
+        self.spec = self.engine.metadata.patch_spec
+        self.attribute_names = self.engine.metadata.attribute_names
+        self.top_k = top_k
+        self.trust_margin = trust_margin
+        self.index = None
+        self.index_kind = None
+        index_dir = self.bundle.path("index")
+        if index_dir is not None and top_k > 0:
+            from nodule_edge.index import AttributeIndex
+
+            self.index = AttributeIndex.load(index_dir)
+            self.index_kind = self.index.kind
+        self.thumbnails = self._load_thumbnails()
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.metadata.model_version
+
+    def _load_thumbnails(self) -> dict[str, np.ndarray]:
+        path = self.bundle.path("index_thumbnails")
+        ids_path = self.bundle.path("index_thumbnail_ids")
+        if path is None or ids_path is None:
+            return {}
+        images = np.load(path, allow_pickle=False)
+        ids = ids_path.read_text().split("\n")
+        return dict(zip(ids, images))
+
+    # -- public API -----------------------------------------------------------------------
+    def open(self, source: str | Path, series_uid: str | None = None) -> Study:
+        """Open a study (DICOM folder or volume file) without reading pixels yet."""
+        return open_study(source, series_uid=series_uid)
+
+    def infer(
+        self,
+        source: str | Path | Study,
+        voxels: Sequence[Sequence[float]] = (),
+        worlds: Sequence[Sequence[float]] = (),
+        series_uid: str | None = None,
+        exclude_ids: set[str] | None = None,
+    ) -> StudyResult:
+        """Diagnose nodules at voxel (column, row, slice) and/or world (LPS mm) locations.
+
+        All points of one call share one header scan, one pixel read and one engine batch.
+        """
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        study = source if isinstance(source, Study) else open_study(source, series_uid=series_uid)
+        timing["open_study"] = _ms(t0)
+        return self._infer_study(study, voxels, worlds, timing, exclude_ids)
+
+    def infer_array(
+        self,
+        hu: np.ndarray,
+        spacing_mm: Sequence[float],
+        origin_lps_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        direction: Sequence[float] = (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        voxels: Sequence[Sequence[float]] = (),
+        worlds: Sequence[Sequence[float]] = (),
+    ) -> StudyResult:
+        """Diagnose nodules in an in-memory HU volume ``[slice, row, column]`` with LPS geometry."""
+        hu = np.asarray(hu)
+        if hu.ndim != 3:
+            raise CoordinateError(f"expected a 3-D HU array [slice, row, column], got shape {hu.shape}")
+        image = sitk.GetImageFromArray(hu.astype(np.float32, copy=False))
+        image.SetSpacing(tuple(float(s) for s in spacing_mm))
+        image.SetOrigin(tuple(float(o) for o in origin_lps_mm))
+        image.SetDirection(tuple(float(d) for d in direction))
+        from nodule_edge.runtime.study import study_from_image
+
+        return self._infer_study(study_from_image(image), voxels, worlds, {})
+
+    def predict_patches(self, patches: np.ndarray, exclude_ids: set[str] | None = None) -> list[NodulePrediction]:
+        """Run the engine (and retrieval) on ready-made patches ``[N, C, S, S, S]``."""
+        outputs = self.engine.run(patches)
+        return self._predictions(outputs, exclude_ids)
+
+    # -- internals ------------------------------------------------------------------------
+    def _infer_study(self, study: Study, voxels: Sequence[Sequence[float]], worlds: Sequence[Sequence[float]], timing: dict[str, float], exclude_ids: set[str] | None = None) -> StudyResult:
+        if not voxels and not worlds:
+            raise CoordinateError("no nodule location given: pass at least one voxel (--xyz) or world (--world) point")
+        t0 = time.perf_counter()
+        locations: list[tuple[np.ndarray, np.ndarray]] = []
+        for v in voxels:
+            xyz = np.asarray(v, dtype=np.float64)
+            locations.append((xyz, study.voxel_to_world(xyz)))
+        for w in worlds:
+            lps = np.asarray(w, dtype=np.float64)
+            locations.append((study.world_to_voxel(lps), lps))
+        timing["coordinates"] = _ms(t0)
+        t0 = time.perf_counter()
+        patches = study.build_patches([w for _, w in locations], self.spec)
+        timing["read_and_patch"] = _ms(t0)
+        t0 = time.perf_counter()
+        outputs = self.engine.run(patches)
+        timing["engine"] = _ms(t0)
+        t0 = time.perf_counter()
+        predictions = self._predictions(outputs, exclude_ids)
+        timing["retrieval_and_measure"] = _ms(t0)
+        nodules = []
+        for (xyz, lps), pred, patch in zip(locations, predictions, patches):
+            measures = segmentation_measurements(pred.segmentation, self.spec.spacing_mm)
+            nodules.append(
+                NoduleResult(
+                    xyz_voxel=tuple(float(v) for v in xyz),  # type: ignore[arg-type]
+                    world_lps_mm=tuple(float(v) for v in lps),  # type: ignore[arg-type]
+                    center_slice=_slice_reference(study, float(xyz[2])),
+                    prediction=pred,
+                    patch=patch,
+                    volume_mm3=measures["volume_mm3"],
+                    longest_axial_diameter_mm=measures["longest_axial_diameter_mm"],
+                )
+            )
+        return StudyResult(study, nodules, self.backend, self.model_version, timing)
+
+    def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None) -> list[NodulePrediction]:
+        n = len(outputs["malignancy_probability"])
+        preds = []
+        for i in range(n):
+            ratings = outputs["attributes"][i]
+            inside = float(outputs["nodule_attention"][i])
+            outside = float(outputs["background_attention"][i])
+            preds.append(
+                NodulePrediction(
+                    malignancy_probability=float(outputs["malignancy_probability"][i]),
+                    attributes={name: float(r) for name, r in zip(self.attribute_names, ratings)},
+                    nodule_attention=inside,
+                    background_attention=outside,
+                    trustworthy=bool(inside - outside > self.trust_margin),
+                    embedding=outputs["embedding"][i],
+                    segmentation=outputs["segmentation"][i],
+                    saliency=outputs["saliency"][i],
+                )
+            )
+        if self.index is not None and len(self.index) and n:
+            from nodule_edge.index import vector_for
+
+            queries = np.stack([vector_for(self.index.kind, list(p.attributes.values()), p.malignancy_probability) for p in preds])
+            try:
+                neighbours = self.index.query(queries, k=min(self.top_k, len(self.index)), exclude_ids=exclude_ids)
+            except IndexError_:
+                raise
+            for pred, found in zip(preds, neighbours):
+                pred.similar = list(found)
+                pred.retrieval_score = self.index.retrieval_score(found)
+        return preds
+
+
+def _slice_reference(study: Study, k: float) -> dict[str, Any] | None:
+    ref = study.slice_reference(int(round(k)))
+    if ref is None:
+        return None
+    sop_uid, instance_number = ref
+    return {"sop_instance_uid": sop_uid, "instance_number": instance_number}
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)

@@ -1,0 +1,215 @@
+"""Writing results: report.json, NIfTI volumes in the study's own geometry, PNG overlays.
+
+Everything is written into a temporary folder beside the destination and moved into place in one
+rename, so a failure (unwritable folder, full disk) leaves nothing partial behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from nodule_edge import __version__
+from nodule_edge.errors import OutputError
+from nodule_edge.patch import PatchSpec, patch_bounds_lps, patch_grid
+from nodule_edge.runtime.inferer import NoduleResult, StudyResult
+from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
+
+__all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_outputs", "patch_to_study_grid", "check_output_dir"]
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = "1.0"
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when the destination cannot be used."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputError(f"output folder {out_dir} is not empty (use --overwrite to replace it)")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out_dir}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied")
+
+
+def patch_to_study_grid(volume: np.ndarray, center_lps_mm: Any, spec: PatchSpec, study: Any, full_grid: bool = False, interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    """Resample a patch-grid volume onto the study's own voxel lattice.
+
+    By default only the part of the lattice the 32 mm cube covers is written (same spacing,
+    orientation and voxel positions as the study, origin moved): viewers overlay by physical
+    coordinates, and a full 512²×N grid would cost far more to write than the whole inference.
+    """
+    src = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
+    grid = patch_grid(center_lps_mm, spec)
+    src.CopyInformation(grid)
+    size = [int(s) for s in study.size]
+    spacing = [float(s) for s in study.spacing_mm]
+    direction = np.asarray(study.direction, dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(study.origin, dtype=np.float64)
+    start = np.zeros(3, int)
+    stop = np.asarray(size)
+    if not full_grid:
+        low, high = patch_bounds_lps(center_lps_mm, spec, margin_mm=spec.spacing_mm)
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+        idx = np.linalg.solve(direction * np.asarray(spacing), (corners - origin).T).T
+        start = np.clip(np.floor(idx.min(0)).astype(int), 0, np.asarray(size) - 1)
+        stop = np.clip(np.ceil(idx.max(0)).astype(int) + 1, start + 1, np.asarray(size))
+    ref = sitk.Image([int(v) for v in stop - start], sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(tuple(direction.ravel()))
+    ref.SetOrigin(tuple(origin + direction @ (start * np.asarray(spacing))))
+    return sitk.Resample(src, ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+
+
+def _study_summary(result: StudyResult) -> dict[str, Any]:
+    s = result.study
+    return {
+        "source": s.kind,
+        "series_instance_uid": s.series_uid,
+        "series_description": s.series_description,
+        "slice_count": int(s.n_slices),
+        "size_voxels": [int(v) for v in s.size],
+        "spacing_mm": [round(float(v), 6) for v in s.spacing_mm],
+        "transfer_syntax": {"uid": s.transfer_syntax_uid, "name": s.transfer_syntax_name} if s.transfer_syntax_uid else None,
+    }
+
+
+def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
+    p = n.prediction
+    return {
+        "index": i,
+        "xyz_voxel": [round(v, 3) for v in n.xyz_voxel],
+        "world_lps_mm": [round(v, 3) for v in n.world_lps_mm],
+        "center_slice": n.center_slice,
+        "malignancy_probability": round(p.malignancy_probability, 6),
+        "attributes": {k: round(v, 4) for k, v in p.attributes.items()},
+        "attribute_scale": [1, 5],
+        "segmentation": {
+            "volume_mm3": round(n.volume_mm3, 2),
+            "longest_axial_diameter_mm": round(n.longest_axial_diameter_mm, 2),
+            "file": f"nodule{i}_segmentation.nii.gz",
+        },
+        "saliency": {
+            "file": f"nodule{i}_saliency.nii.gz",
+            "nodule_attention": round(p.nodule_attention, 6),
+            "background_attention": round(p.background_attention, 6),
+            "trustworthy": p.trustworthy,
+        },
+        "similar": [
+            {
+                "id": nb.id,
+                "distance": round(float(nb.distance), 6),
+                "label": nb.label,
+                "attributes": {k: round(float(v), 3) for k, v in (nb.attributes or {}).items()} or None,
+                "diameter_mm": nb.diameter_mm,
+            }
+            for nb in p.similar
+        ],
+        "retrieval_score": None if p.retrieval_score is None else round(p.retrieval_score, 6),
+        "overlay_png": f"nodule{i}_overlay.png",
+        "similar_png": f"nodule{i}_similar.png" if p.similar else None,
+    }
+
+
+def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str, Any]:
+    """The JSON report (schema documented in the README)."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "nodule_edge_version": __version__,
+        "study": _study_summary(result),
+        "model": {"version": result.model_version, "backend": result.backend, "index_kind": index_kind},
+        "nodules": [_nodule_report(i, n) for i, n in enumerate(result.nodules)],
+        "timing_ms": dict(result.timing_ms),
+    }
+
+
+def write_outputs(
+    result: StudyResult,
+    out_dir: str | Path,
+    spec: PatchSpec,
+    *,
+    thumbnails: dict[str, np.ndarray] | None = None,
+    index_kind: str | None = None,
+    overwrite: bool = False,
+    full_grid: bool = False,
+    extra_writers: list[Callable[[Path, StudyResult], list[str]]] | None = None,
+) -> dict[str, Any]:
+    """Write report.json, NIfTI volumes and PNGs atomically into ``out_dir``.
+
+    Returns:
+        The report as written.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    try:
+        report = build_report(result, index_kind)
+        for i, nodule in enumerate(result.nodules):
+            _write_nodule(tmp, i, nodule, result, spec, thumbnails or {}, full_grid)
+        for writer in extra_writers or []:
+            report.setdefault("dicom_outputs", []).extend(writer(tmp, result))
+        report["timing_ms"] = dict(result.timing_ms)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        _move_into_place(tmp, out_dir, overwrite)
+    except OutputError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing outputs to {out_dir} failed, nothing was written: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_nodule(tmp: Path, i: int, n: NoduleResult, result: StudyResult, spec: PatchSpec, thumbnails: dict[str, np.ndarray], full_grid: bool) -> None:
+    p = n.prediction
+    seg = patch_to_study_grid(p.segmentation, n.world_lps_mm, spec, result.study, full_grid)
+    seg_mask = sitk.Cast(sitk.BinaryThreshold(seg, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
+    _write_image(seg_mask, tmp / f"nodule{i}_segmentation.nii.gz")
+    sal = patch_to_study_grid(p.saliency, n.world_lps_mm, spec, result.study, full_grid)
+    _write_image(sal, tmp / f"nodule{i}_saliency.nii.gz")
+    title = f"nodule {i}: p(malignant)={p.malignancy_probability:.2f}  attention in/out {p.nodule_attention:.2f}/{p.background_attention:.2f}" + ("" if p.trustworthy else "  [CHECK: attention off-nodule]")
+    render_overlay(n.patch[0], p.segmentation, p.saliency, title).save(tmp / f"nodule{i}_overlay.png")
+    if p.similar:
+        shown = p.similar[:8]
+        captions = [
+            f"{'malignant' if nb.label == 1 else 'benign' if nb.label == 0 else 'unknown'}\nd={nb.distance:.2f}" + (f" {nb.diameter_mm:.0f}mm" if nb.diameter_mm else "")
+            for nb in shown
+        ]
+        score = "n/a" if p.retrieval_score is None else f"{p.retrieval_score:.2f}"
+        render_similar_strip([thumbnails.get(nb.id) for nb in shown], captions, f"nodule {i}: most similar nodules (retrieval score {score})").save(tmp / f"nodule{i}_similar.png")
+
+
+def _write_image(image: sitk.Image, path: Path) -> None:
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as exc:
+        raise OSError(f"cannot write {path.name}: {exc}") from exc
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    old = None
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output folder {out_dir} is not empty (use --overwrite to replace it)")
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""Training config: strict validation, overrides, and the shipped and ablation configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nodule_edge.errors import ConfigError
+from nodule_edge.train.config import TrainConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = REPO_ROOT / "configs" / "shipped.toml"
+ABLATIONS = sorted((REPO_ROOT / "configs" / "ablations").glob("*.toml"))
+
+
+def _write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_from_an_empty_file(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, ""))
+    assert cfg.to_dict() == TrainConfig().to_dict()
+    assert Path(cfg.base_dir) == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("epochz = 3\n", "epochz"),
+        ("[bogus]\nx = 1\n", "bogus"),
+        ("[train]\nepoch = 3\n", "epoch"),
+        ("[model]\nuse_attribute = true\n", "use_attribute"),
+        ("[cv]\nfold = 2\n", "fold"),
+        ("base_dir = '/etc'\n[loss]\ndebugg = false\n", "debugg"),
+    ],
+)
+def test_unknown_keys_are_rejected_by_name(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) \['{key}'\]"):
+        load_config(_write(tmp_path, text))
+
+
+def test_nested_unknown_key_names_its_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "[train]\nepoch = 3\n"))
+    assert "c.toml.train" in str(info.value)
+    assert "epochs" in str(info.value)  # the allowed keys are listed
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[train]\nepochs = "3"\n', "train.epochs"),
+        ("[train]\nepochs = 3.5\n", "train.epochs"),
+        ("[train]\nepochs = true\n", "train.epochs"),
+        ("[loss]\ndebug = 1\n", "loss.debug"),
+        ("[train]\nlr = true\n", "train.lr"),
+        ('[train]\nlr = "fast"\n', "train.lr"),
+        ("name = 3\n", "name"),
+        ("[cv]\nrun_folds = [0.5]\n", "cv.run_folds"),
+        ("[cv]\nrun_folds = 0\n", "cv.run_folds"),
+        ("data = 3\n", "data"),
+    ],
+)
+def test_wrong_types_are_rejected(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[train]\nepochs = 0\n",
+        "[train]\nlr = -1.0\n",
+        "[train]\nbf16 = 'maybe'\n",
+        "[train]\ncontext_probability = 1.5\n",
+        "[cv]\nfolds = 1\n",
+        "[cv]\nfolds = 3\nrun_folds = [3]\n",
+        "[cv]\nval_fraction = 1.0\n",
+        "[loss]\ndelta = -0.1\n",
+    ],
+)
+def test_out_of_range_values_are_rejected(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, text))
+
+
+def test_integer_is_accepted_for_a_float(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "[train]\nlr = 1\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_fold_epochs_must_match_run_folds(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fold_epochs"):
+        load_config(_write(tmp_path, "[cv]\nrun_folds = [0, 1]\nfold_epochs = [5]\n"))
+    cfg = load_config(_write(tmp_path, "[cv]\nrun_folds = [0, 1]\nfold_epochs = [5, 3]\n"))
+    assert cfg.cv.fold_epochs == (5, 3)
+
+
+def test_overrides_are_applied_and_validated(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[train]\nepochs = 10\n")
+    base = load_config(path)
+    cfg = load_config(path, {"train.epochs": 2, "model.use_attributes": False, "loss.alpha": 0.5, "name": "x"})
+    assert (cfg.train.epochs, cfg.model.use_attributes, cfg.loss.alpha, cfg.name) == (2, False, 0.5, "x")
+    # A section absent from the file is created by an override.
+    assert load_config(path, {"cv.val_fraction": 0.25}).cv.val_fraction == 0.25
+    assert cfg.sha256() != base.sha256()
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(path, {"train.epochz": 2})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(path, {"train.epochs": "two"})
+
+
+def test_json_configs_are_accepted(tmp_path: Path) -> None:
+    path = _write(tmp_path, json.dumps({"train": {"epochs": 4}, "cv": {"run_folds": [1]}}), "c.json")
+    cfg = load_config(path)
+    assert cfg.train.epochs == 4 and cfg.cv.run_folds == (1,)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(_write(tmp_path, "[train\nepochs = 3\n"))
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    cfg = load_config(_write(tmp_path / "sub", '[data]\nvoi_dir = "../voi"\n'))
+    assert cfg.resolve(cfg.data.voi_dir).resolve() == (tmp_path / "voi").resolve()
+    assert cfg.resolve("/abs/path") == Path("/abs/path")
+
+
+def test_config_hash_ignores_the_config_location(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = load_config(_write(tmp_path / "a", "[train]\nepochs = 3\n"))
+    b = load_config(_write(tmp_path / "b", "[train]\nepochs = 3\n"))
+    assert a.sha256() == b.sha256()
+    assert "base_dir" not in a.to_dict()
+
+
+def test_shipped_config_loads() -> None:
+    cfg = load_config(SHIPPED)
+    assert cfg.name == "shipped"
+    assert cfg.model.use_attributes and cfg.model.concat_embedding and not cfg.model.malignancy_only
+    assert cfg.loss.debug and cfg.loss.adaptive
+    assert cfg.resolve(cfg.data.voi_dir).resolve() == (REPO_ROOT.parent / "shared" / "data" / "lidc_voi").resolve()
+    assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / "shipped").resolve()
+
+
+def test_there_are_seven_ablation_configs() -> None:
+    assert {p.stem for p in ABLATIONS} == {
+        "no_extras",
+        "attributes_only",
+        "debug_only",
+        "attributes_debug_no_concat",
+        "malignancy_regression_debug",
+        "attributes_concat",
+        "attributes_concat_debug",
+    }
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
+def test_ablation_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / "ablations" / path.stem).resolve()
+    shipped = load_config(SHIPPED)
+    # Only the model and loss switches differ from the shipped run: same data, cache, schedule and folds.
+    for attr in ("voi_dir", "cache_dir"):
+        assert cfg.resolve(getattr(cfg.data, attr)).resolve() == shipped.resolve(getattr(shipped.data, attr)).resolve()
+    assert cfg.train == shipped.train
+    assert cfg.cv == shipped.cv

@@ -1,0 +1,163 @@
+"""CollaborativeNet: size, output shapes, and the closed-form Grad-CAM against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nodule_edge.attributes import ATTRIBUTE_NAMES
+from nodule_edge.train.losses import csl_loss
+from nodule_edge.train.model import CollaborativeNet, ModelConfig, ModelOutput, count_parameters
+
+# The model is fully convolutional: 32³ inputs (8³ maps) keep the float64 checks fast.
+SMALL = 32
+
+CAM_CONFIGS = {
+    "concat": ModelConfig(),
+    "no_concat": ModelConfig(concat_embedding=False),
+    "no_attributes": ModelConfig(use_attributes=False),
+}
+
+
+def _model(config: ModelConfig, seed: int, cls_scale: float = 5.0) -> CollaborativeNet:
+    torch.manual_seed(seed)
+    model = CollaborativeNet(config).double().eval()
+    with torch.no_grad():
+        # A larger classifier weight moves p away from 0.5, as after training.
+        model.cls.weight.mul_(cls_scale)
+    return model
+
+
+def _autograd_gradcam(out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Textbook Grad-CAM: ω = spatial mean of ∂p/∂F, CAM = (p − 0.5)·Σ_k ω_k F_k, min-max normalised."""
+    p = out.malignancy_probability
+    # Samples are independent (GroupNorm, eval mode), so ∂Σp/∂F[n] = ∂p_n/∂F[n].
+    (grad,) = torch.autograd.grad(p.sum(), out.features, retain_graph=True)
+    omega = grad.mean(dim=(2, 3, 4))  # [N, C]
+    raw = (p - 0.5).view(-1, 1, 1, 1, 1) * (omega[:, :, None, None, None] * out.features).sum(1, keepdim=True)
+    flat = raw.flatten(1)
+    low = flat.min(1).values.view(-1, 1, 1, 1, 1)
+    high = flat.max(1).values.view(-1, 1, 1, 1, 1)
+    return omega, (raw - low) / (high - low)
+
+
+def test_default_model_has_about_3_9_million_parameters() -> None:
+    model = CollaborativeNet()
+    n = count_parameters(model)
+    assert 3_700_000 <= n <= 4_000_000, n
+    assert n == 3_810_808
+
+
+def test_output_shapes_at_the_patch_size() -> None:
+    torch.manual_seed(0)
+    model = CollaborativeNet().eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 2, 64, 64, 64))
+    assert out.malignancy_logit.shape == (2,)
+    assert out.malignancy_probability.shape == (2,)
+    assert out.attributes.shape == (2, len(ATTRIBUTE_NAMES))
+    assert out.embedding.shape == (2, 64)
+    assert out.segmentation.shape == (2, 1, 16, 16, 16)
+    assert out.features.shape == (2, 256, 16, 16, 16)
+    assert out.cam.shape == (2, 1, 16, 16, 16)
+    assert out.nodule_attention.shape == (2,) and out.background_attention.shape == (2,)
+    assert torch.allclose(out.malignancy_probability, torch.sigmoid(out.malignancy_logit))
+    for t in (out.malignancy_probability, out.attributes, out.segmentation, out.cam):
+        assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+
+
+def test_malignancy_only_model_regresses_one_attribute() -> None:
+    model = CollaborativeNet(ModelConfig(num_attributes=1)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, SMALL, SMALL, SMALL))
+    assert out.attributes.shape == (1, 1)
+
+
+@pytest.mark.parametrize("name", sorted(CAM_CONFIGS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_gradcam_equals_autograd_gradcam(name: str, seed: int) -> None:
+    model = _model(CAM_CONFIGS[name], seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = torch.rand(3, 2, SMALL, SMALL, SMALL, generator=gen, dtype=torch.float64)
+    out = model(x)
+    omega, cam = _autograd_gradcam(out)
+
+    pooled = out.features.mean(dim=(2, 3, 4))
+    pre_embedding = model.attr_embed(pooled)
+    n_voxels = out.features[0, 0].numel()
+    closed = model.probability_gradient(pooled, out.malignancy_logit, pre_embedding) / n_voxels
+    assert float(omega.abs().max()) > 0
+    torch.testing.assert_close(closed, omega, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(out.cam, cam, rtol=0, atol=1e-5)
+    # Guard against a trivially equal pair: the CAM spans [0, 1] and is not constant.
+    assert float(out.cam.detach().amin()) == pytest.approx(0.0, abs=1e-12)
+    assert float(out.cam.detach().amax()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("bias", [-40.0, 12.0, 40.0])
+def test_gradcam_survives_confident_predictions(bias: float) -> None:
+    """|z| ≥ 10: the textbook factor p(1 − p) underflows, the normalised CAM must not."""
+    model = _model(ModelConfig(), 0).float()
+    with torch.no_grad():
+        model.cls.bias.fill_(bias)
+        out = model(torch.rand(2, 2, SMALL, SMALL, SMALL, generator=torch.Generator().manual_seed(5)))
+    assert torch.all(out.malignancy_logit.abs() > 9)
+    cam = out.cam.flatten(1)
+    torch.testing.assert_close(cam.max(1).values, torch.ones(2))
+    torch.testing.assert_close(cam.min(1).values, torch.zeros(2))
+    # Same map as at a moderate logit of the same sign: only the sign of p − 0.5 enters the CAM.
+    with torch.no_grad():
+        model.cls.bias.fill_(0.0)
+        moderate = model(torch.rand(2, 2, SMALL, SMALL, SMALL, generator=torch.Generator().manual_seed(5)))
+    if torch.equal(torch.sign(moderate.malignancy_logit), torch.sign(out.malignancy_logit)):
+        torch.testing.assert_close(out.cam, moderate.cam, rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.cam, 1 - moderate.cam, rtol=0, atol=1e-5)
+
+
+def test_gradcam_under_bf16_autocast_is_normalised() -> None:
+    model = _model(ModelConfig(), 1).float()
+    with torch.no_grad():
+        model.cls.bias.fill_(7.0)  # p > 0.998: p(1 − p) is 0 in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.rand(2, 2, SMALL, SMALL, SMALL, generator=torch.Generator().manual_seed(6)))
+    cam = out.cam.float().flatten(1)
+    assert torch.all(cam.max(1).values > 0.99)
+    assert torch.all(cam.min(1).values < 0.01)
+
+
+def test_gradcam_differs_without_the_embedding_path() -> None:
+    """The concat term of ∂p/∂g matters: dropping it gives a different ω."""
+    model = _model(ModelConfig(), 0)
+    out = model(torch.rand(2, 2, SMALL, SMALL, SMALL, dtype=torch.float64))
+    omega, _ = _autograd_gradcam(out)
+    c = model.feature_channels
+    p = out.malignancy_probability
+    pooled_only = (p * (1 - p)).unsqueeze(1) * model.cls.weight[0, :c] / out.features[0, 0].numel()
+    assert not torch.allclose(pooled_only, omega, rtol=1e-3, atol=0)
+
+
+def test_debug_loss_alone_reaches_the_stem() -> None:
+    torch.manual_seed(0)
+    model = CollaborativeNet().train()
+    out = model(torch.rand(2, 2, SMALL, SMALL, SMALL))
+    # δ = 1 keeps the hinge active whatever the CAM (both means lie in [0, 1]).
+    loss = csl_loss(out, delta=1.0, adaptive=False).mean()
+    loss.backward()
+    for param in (model.stem[0].weight, model.block3.conv2[0].weight, model.seg_head[0][0].weight, model.fusion.weight):
+        assert param.grad is not None
+        assert torch.isfinite(param.grad).all()
+        assert float(param.grad.abs().sum()) > 0
+
+
+def test_minmax_normalised_cam_lies_in_unit_interval() -> None:
+    torch.manual_seed(3)
+    model = CollaborativeNet().eval()
+    with torch.no_grad():
+        out = model(torch.rand(4, 2, SMALL, SMALL, SMALL) * 3 - 1)
+    cam = out.cam.flatten(1)
+    assert torch.all(cam >= 0) and torch.all(cam <= 1)
+    torch.testing.assert_close(cam.min(1).values, torch.zeros(4))
+    torch.testing.assert_close(cam.max(1).values, torch.ones(4))
+    assert torch.all((out.nodule_attention >= 0) & (out.nodule_attention <= 1))
+    assert torch.all((out.background_attention >= 0) & (out.background_attention <= 1))

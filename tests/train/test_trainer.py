@@ -1,0 +1,158 @@
+"""Trainer: a tiny end-to-end run through the CLI, resume, checkpoints and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nodule_edge.cli import main
+from nodule_edge.errors import DataError
+from nodule_edge.train.config import load_config
+from nodule_edge.train.model import CollaborativeNet, ModelConfig
+from nodule_edge.train.run import run_training
+from nodule_edge.train.trainer import augment, bf16_enabled, load_checkpoint, load_dataset, predict, save_checkpoint, train_model
+
+TINY_OVERRIDES = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_sure=2", "train.batch_unsure=2"]
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Parse the safetensors header by hand: 8-byte length, then JSON (no pickle anywhere)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length])
+
+
+def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    config = tiny_config()
+    args = ["train", str(config), "--folds-only"]
+    for item in TINY_OVERRIDES:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "fold 0: AUC" in result.stdout
+
+    fold = tmp_path / "out" / "fold0"
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "last_optim.safetensors", "last_optim.json"):
+        assert (fold / name).is_file(), name
+    assert not list(fold.glob("*.tmp")), "no temporary files are left behind"
+    assert {p.suffix for p in (tmp_path / "out").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
+    best = json.loads((fold / "best.json").read_text())
+    assert best["epoch"] == 1
+    assert best["model_config"]["use_attributes"] is True
+    assert best["config"]["train"]["epochs"] == 1  # the overrides reached the run
+    assert _safetensors_header(fold / "best.safetensors")["__metadata__"]["format"] == "nodule-edge-checkpoint-v1"
+    first = json.loads((fold / "last.json").read_text())
+    assert [h["epoch"] for h in first["history"]] == [1]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "0" in summary["folds"] and "final" not in summary
+    assert summary["folds"]["0"]["malignancy"]["n"] >= 1
+
+    # Resume: the same run with a larger budget continues at epoch 2.
+    cfg = load_config(config, {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    messages: list[str] = []
+    run_training(cfg, progress=messages.append, folds_only=True)
+    assert any(m.startswith("epoch 2/2") for m in messages)
+    assert not any(m.startswith("epoch 1/") for m in messages)
+    last = json.loads((fold / "last.json").read_text())
+    assert last["epoch"] == 2
+    assert [h["epoch"] for h in last["history"]] == [1, 2]
+    assert last["history"][0] == first["history"][0]
+    # The optimiser state was restored: two steps in total, not one.
+    scalars = json.loads((fold / "last_optim.json").read_text())["scalars"]
+    assert scalars and all(v == 2.0 for k, v in scalars.items() if k.endswith(".step"))
+
+    model, meta = load_checkpoint(fold / "best.safetensors")
+    assert not model.training
+    ds = load_dataset(cfg)
+    pred = predict(model, ds, np.arange(3), torch.device("cpu"), bf16=False)
+    assert pred["malignancy_probability"].shape == (3,)
+    assert pred["attributes"].shape == (3, 6)
+    assert pred["segmentation64"].shape == (3, 64, 64, 64)
+    assert pred["cam16"].shape == (3, 16, 16, 16)
+    assert pred["embedding"].shape == (3, 64)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(concat_embedding=False, num_attributes=1, embedding_dim=32)
+    model = CollaborativeNet(config).eval()
+    path = tmp_path / "ckpt" / "model.safetensors"
+    save_checkpoint(path, model, {"epoch": 3, "note": "x", "values": np.arange(2)})
+    loaded, meta = load_checkpoint(path)
+    assert loaded.config == config
+    assert meta["epoch"] == 3 and meta["values"] == [0, 1]
+    x = torch.rand(2, 2, 32, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    for name in ("malignancy_logit", "attributes", "segmentation", "cam", "embedding"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    header = _safetensors_header(path)
+    assert set(header) - {"__metadata__"} == set(model.state_dict())
+    assert not path.read_bytes().startswith((b"\x80", b"PK")), "not a pickle or torch zip"
+
+
+def test_load_checkpoint_without_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, CollaborativeNet(), {})
+    path.with_suffix(".json").unlink()
+    with pytest.raises(DataError, match="sidecar"):
+        load_checkpoint(path)
+
+
+def test_training_without_labelled_nodules_is_an_error(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg = load_config(tiny_config())
+    ds = load_dataset(cfg)
+    unlabelled = np.flatnonzero(ds.labels < 0)
+    assert len(unlabelled) >= 1
+    with pytest.raises(DataError, match="no labelled"):
+        train_model(cfg, ds, unlabelled, np.zeros(0, np.int64), tmp_path / "x", 1)
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "needle"),
+    [
+        ("[train]\nepochz = 1\n", [], "epochz"),
+        ("[train\n", [], "cannot parse"),
+        (None, [], "does not exist"),
+        ("", ["--set", "train.epochs=two"], "train.epochs"),
+    ],
+)
+def test_cli_train_with_a_bad_config_is_one_line_without_traceback(tmp_path: Path, content: str | None, extra: list[str], needle: str) -> None:
+    config = tmp_path / "bad.toml"
+    if content is not None:
+        config.write_text(content)
+    result = CliRunner().invoke(main, ["train", str(config), *extra])
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert needle in err
+
+
+def test_augment_moves_image_and_mask_together() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.rand(3, 16, 16, 16, generator=gen) > 0.8).float()
+    images = torch.stack([mask, 1 - mask], dim=1)
+    out_i, out_m = augment(images, mask, gen, context_min_mm=8.0, context_p=0.0, spacing_mm=0.5)
+    assert out_i.shape == images.shape and out_m.shape == mask.shape
+    assert torch.equal(out_i[:, 0], out_m)
+    assert not torch.equal(out_m, mask), "some sample was flipped, rotated or transposed"
+    # Context truncation only blanks voxels (to the outside value 0), never moves them.
+    trunc_i, trunc_m = augment(images, mask, gen, context_min_mm=2.0, context_p=1.0, spacing_mm=0.5)
+    assert torch.all(trunc_i[:, 0] <= trunc_m)
+    assert float(trunc_i[:, 1].sum()) < float(images[:, 1].sum())
+
+
+def test_bf16_setting() -> None:
+    cpu = torch.device("cpu")
+    assert bf16_enabled("on", cpu) is True
+    assert bf16_enabled("off", cpu) is False
+    assert isinstance(bf16_enabled("auto", cpu), bool)
