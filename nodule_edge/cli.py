@@ -30,6 +30,12 @@ def _handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug, not bad input: say so briefly, details at -vv
+            log.debug("unexpected error", exc_info=True)
+            click.secho(f"internal error: {type(exc).__name__}: {exc} (run with -vv for details; please report)", fg="red", err=True)
+            sys.exit(70)
 
     return wrapper  # type: ignore[return-value]
 

@@ -132,10 +132,10 @@ def write_dicom_outputs(out_dir: str | Path, result: "StudyResult", spec: PatchS
     hd = require("highdicom", "dicom-out")
     study = result.study
     if getattr(study, "kind", None) != "dicom":
+        source = getattr(study, "path", None) or "an in-memory volume"
         raise OutputError(
-            f"--dicom-out needs a DICOM study: {getattr(study, 'path', 'the input')} is a "
-            f"{getattr(study, 'kind', 'non-DICOM')} file, and a DICOM SEG/SR must reference the source "
-            "images; run without --dicom-out or pass the DICOM folder"
+            f"--dicom-out needs a DICOM study, but {source} is not a DICOM series: a DICOM SEG/SR must "
+            "reference the source images; run without --dicom-out or pass the DICOM folder"
         )
     if not result.nodules:
         log.info("no nodules: no DICOM SEG/SR written")
@@ -207,12 +207,13 @@ def _slice_headers(study: Any) -> Sequence[Any]:
 
 def _read_source(header: Any) -> Any:
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     path = str(header.path)
     try:
         # highdicom needs geometry and identity only; skipping pixels avoids reading compressed data.
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=bool(getattr(header, "forced", False)))
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+    except (OSError, InvalidDicomError) as exc:
         raise OutputError(f"cannot re-read source slice {path} for the DICOM SEG: {exc}") from exc
     missing = [kw for kw in _REQUIRED_UIDS if not str(ds.get(kw, "") or "").strip()]
     if missing:

@@ -81,7 +81,7 @@ def _study_summary(result: StudyResult) -> dict[str, Any]:
         "slice_count": int(s.n_slices),
         "size_voxels": [int(v) for v in s.size],
         "spacing_mm": [round(float(v), 6) for v in s.spacing_mm],
-        "transfer_syntax": {"uid": s.transfer_syntax_uid, "name": s.transfer_syntax_name} if s.transfer_syntax_uid else None,
+        "transfer_syntax": {"uid": s.transfer_syntax, "name": s.transfer_syntax_name} if s.transfer_syntax else None,
     }
 
 

@@ -240,6 +240,9 @@ def train_model(
     torch.manual_seed(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     rng = np.random.default_rng(cfg.train.seed * 1000 + rank)
+    # Under DDP every rank draws the same epoch order and takes its own slice of each step, so the
+    # ranks together make one pass over the sure data (single-process sampling is unchanged).
+    order_rng = np.random.default_rng(cfg.train.seed * 1000) if world > 1 else rng
 
     model = CollaborativeNet(model_config_from(cfg)).to(device)
     net: torch.nn.Module = model
@@ -273,10 +276,10 @@ def train_model(
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
         t0 = time.perf_counter()
-        sure_order = rng.permutation(sure)
+        sure_order = order_rng.permutation(sure)
         sums: dict[str, float] = {}
         for step in range(steps):
-            s_idx = sure_order[(step * world * cfg.train.batch_sure) % len(sure_order):][: cfg.train.batch_sure]
+            s_idx = sure_order[((step * world + rank) * cfg.train.batch_sure) % len(sure_order):][: cfg.train.batch_sure]
             if len(s_idx) < cfg.train.batch_sure:
                 s_idx = np.concatenate([s_idx, rng.choice(sure, cfg.train.batch_sure - len(s_idx))])
             u_idx = rng.choice(unsure, cfg.train.batch_unsure, replace=len(unsure) < cfg.train.batch_unsure) if cfg.train.batch_unsure else np.zeros(0, int)

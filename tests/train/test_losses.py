@@ -132,6 +132,18 @@ def test_total_loss_with_no_targets_at_all_is_zero_and_differentiable() -> None:
     assert torch.isfinite(out.malignancy_logit.grad).all()
 
 
+def test_total_loss_reaches_every_head_even_when_a_part_is_missing() -> None:
+    """Without attribute targets the attribute head still gets a (zero) gradient, as DDP needs."""
+    attrs = torch.full((2, 6), 0.5, requires_grad=True)
+    seg = (_ball(2) * 0.5).requires_grad_(True)
+    out = _output(cam=_ball(2), seg=seg, logit=torch.tensor([0.3, -0.2]), attributes=attrs)
+    loss, parts = total_loss(out, **_targets(2, [True, True], masks=False), weights=LossWeights(), use_debug=False, use_attributes=False)
+    assert parts["reg"] == 0.0 and parts["seg"] == 0.0
+    loss.backward()
+    assert attrs.grad is not None and float(attrs.grad.abs().sum()) == 0.0
+    assert seg.grad is not None and float(seg.grad.abs().sum()) == 0.0
+
+
 def test_total_loss_uses_only_labelled_samples_for_classification() -> None:
     logits = torch.tensor([2.0, -1.0, 5.0])
     out = _output(cam=_ball(3), seg=_ball(3), logit=logits)

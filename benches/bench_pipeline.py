@@ -1,0 +1,139 @@
+"""End-to-end latency: in-process inference, CLI cold start, engines, Grad-CAM cost, writing.
+
+References measured in the same run: the naive pipeline (whole-series read, whole-volume
+resample, PyTorch eager with autograd Grad-CAM), ONNX Runtime fp32 for the engines, and the
+graph without its Grad-CAM outputs for the saliency's extra cost.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benches.conftest import FULL
+
+POINT = (256, 300, 128)  # a voxel inside the lungs of the chest study
+ROUNDS = 10 if FULL else 3
+
+
+@pytest.fixture(scope="module")
+def inferer(bundle_dir):
+    from nodule_edge.runtime import NoduleInferer
+
+    return NoduleInferer(bundle_dir)
+
+
+def test_e2e_inprocess(benchmark, inferer, chest_study, tmp_path):
+    """Study folder → full answer (report, NIfTI, PNG), runtime already loaded."""
+    from nodule_edge.runtime.outputs import write_outputs
+
+    counter = iter(range(10_000))
+
+    def run():
+        result = inferer.infer(chest_study, voxels=[POINT])
+        write_outputs(result, tmp_path / f"out{next(counter)}", inferer.spec, thumbnails=inferer.thumbnails, index_kind=inferer.index_kind)
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+
+
+def test_e2e_naive(benchmark, chest_study, bundle_dir):
+    """Reference: read the whole series, resample the whole volume, PyTorch eager + autograd CAM."""
+    torch = pytest.importorskip("torch")
+    import SimpleITK as sitk
+
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC, window_channels
+
+    model = _torch_model(bundle_dir)
+
+    def run():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(chest_study)))
+        volume = reader.Execute()
+        spacing = DEFAULT_PATCH_SPEC.spacing_mm
+        size = [int(round(sz * sp / spacing)) for sz, sp in zip(volume.GetSize(), volume.GetSpacing())]
+        iso = sitk.Resample(volume, size, sitk.Transform(), sitk.sitkLinear, volume.GetOrigin(), [spacing] * 3, volume.GetDirection(), -1000.0, sitk.sitkFloat32)
+        centre = iso.TransformPhysicalPointToIndex(volume.TransformIndexToPhysicalPoint(POINT))
+        half = DEFAULT_PATCH_SPEC.size // 2
+        arr = sitk.GetArrayViewFromImage(iso)
+        crop = arr[centre[2] - half : centre[2] + half, centre[1] - half : centre[1] + half, centre[0] - half : centre[0] + half]
+        x = torch.from_numpy(window_channels(crop, DEFAULT_PATCH_SPEC)[None].copy())
+        out = model(x)
+        torch.autograd.grad(out.malignancy_probability.sum(), out.features)
+
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+
+
+def _torch_model(bundle_dir: Path):
+    """The shipped model in PyTorch, loaded from the checkpoint the bundle was exported from."""
+    from nodule_edge.train.trainer import load_checkpoint
+
+    ckpt = Path(__file__).resolve().parents[1] / "runs" / "shipped" / "final" / "last.safetensors"
+    if not ckpt.is_file():
+        # Without the training run, an untrained model of the same architecture costs the same.
+        from nodule_edge.train.model import CollaborativeNet
+
+        return CollaborativeNet().eval()
+    return load_checkpoint(ckpt)[0]
+
+
+def test_cli_cold_start(benchmark, chest_study, bundle_dir, tmp_path):
+    """`nodule-edge infer` as a user runs it, Python start-up included."""
+    counter = iter(range(10_000))
+    exe = Path(sys.executable).with_name("nodule-edge")
+
+    def run():
+        subprocess.run([str(exe), "infer", str(chest_study), "--xyz", ",".join(map(str, POINT)), "--out", str(tmp_path / f"cli{next(counter)}")], check=True, capture_output=True)
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def patches(bundle_dir):
+    rng = np.random.default_rng(0)
+    return rng.random((8, 2, 64, 64, 64), dtype=np.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("backend", ["cpu-fast", "cpu"])
+def test_engine(benchmark, bundle_dir, patches, backend, batch):
+    """Engine latency per backend and batch (cpu = ONNX Runtime fp32, the reference)."""
+    from nodule_edge.errors import EngineError
+    from nodule_edge.runtime import load_bundle
+    from nodule_edge.runtime.engine import create_engine
+
+    try:
+        engine = create_engine(load_bundle(bundle_dir), backend)
+    except EngineError as exc:
+        pytest.skip(str(exc))
+    x = patches[:batch]
+    benchmark.pedantic(engine.run, args=(x,), rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("outputs", ["all", "without_gradcam"])
+def test_gradcam_extra_cost(benchmark, bundle_dir, patches, tmp_path_factory, outputs):
+    """The fp32 graph with and without its saliency outputs (the in-graph Grad-CAM's cost)."""
+    import onnx
+    import onnxruntime as ort
+
+    source = bundle_dir / "model.onnx"
+    path = source
+    names = ["malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "embedding"]
+    if outputs == "without_gradcam":
+        names = ["malignancy_probability", "attributes", "segmentation", "embedding"]
+        path = tmp_path_factory.mktemp("nocam") / "model_nocam.onnx"
+        onnx.utils.extract_model(str(source), str(path), ["patch"], names)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    benchmark.pedantic(session.run, args=(names, {"patch": patches[:1]}), rounds=ROUNDS, warmup_rounds=2)
+
+
+def test_write_outputs(benchmark, inferer, chest_study, tmp_path):
+    """Report, NIfTI and PNG writing alone."""
+    from nodule_edge.runtime.outputs import write_outputs
+
+    result = inferer.infer(chest_study, voxels=[POINT])
+    counter = iter(range(10_000))
+    benchmark.pedantic(lambda: write_outputs(result, tmp_path / f"w{next(counter)}", inferer.spec, thumbnails=inferer.thumbnails), rounds=ROUNDS, warmup_rounds=1)
