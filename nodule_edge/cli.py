@@ -202,14 +202,13 @@ def demo(out_dir: str, backend: str) -> None:
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=str), help="Bundle folder to write (default: the shipped bundle location inside the package).")
 @click.option("--index-from", "index_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=str), help="VOI folder (lidc_voi layout) whose nodules fill the similar-nodule index.")
 @click.option("--cache-dir", default=None, type=click.Path(path_type=str), help="Patch cache folder.")
-@click.option("--model-card", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="MODEL_CARD.md to ship inside the bundle.")
-@click.option("--metrics", "metrics_json", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Training summary.json whose metrics go into the ONNX metadata.")
+@click.option("--summary", "summary_json", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Training summary.json: its metrics go into the ONNX metadata and a MODEL_CARD.md is rendered from it into the bundle.")
 @click.option("--no-cpu-engine", is_flag=True, help="Skip building the fast CPU engine.")
 @click.option("--onnx-only", "onnx_path", default=None, type=click.Path(dir_okay=False, path_type=str), help="Only export the fp32 ONNX graph to this file.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, help="Also build a TensorRT engine (needs nodule-edge[trt] and an NVIDIA GPU; untested here).")
 @click.option("--triton", "triton_dir", default=None, type=click.Path(path_type=str), help="Also write a Triton Inference Server model repository here.")
 @_handle_errors
-def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, model_card: str | None, metrics_json: str | None, no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
+def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, summary_json: str | None, no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
     """Export a training CHECKPOINT (.safetensors) to the runtime's artifacts.
 
     Writes a verified bundle: fp32 ONNX with in-graph Grad-CAM and metadata, the fast CPU engine,
@@ -230,9 +229,17 @@ def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_di
     from nodule_edge.export.bundle_builder import build_bundle
     from nodule_edge.runtime.bundle import default_bundle_path
 
-    metrics = json.loads(Path(metrics_json).read_text()) if metrics_json else None
+    import tempfile
+
+    metrics = json.loads(Path(summary_json).read_text()) if summary_json else None
     target = Path(out_dir) if out_dir else default_bundle_path()
-    bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=model_card, metrics=_headline_metrics(metrics), progress=lambda m: click.echo(m, err=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        card = None
+        if summary_json:
+            from nodule_edge.train.model_card import write_model_card
+
+            card = write_model_card(summary_json, Path(tmp) / "MODEL_CARD.md")
+        bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=card, metrics=_headline_metrics(metrics), progress=lambda m: click.echo(m, err=True))
     engine_path = None
     if tensorrt:
         from nodule_edge.export.tensorrt import build_engine_for_bundle
@@ -298,12 +305,6 @@ def train(config: str, overrides: tuple[str, ...], folds_only: bool) -> None:
         click.echo(f"fold {fold}: AUC {m['auc']:.3f} accuracy {m['accuracy']:.3f} dice {result.get('dice_mean', float('nan')):.3f}")
     if "final" in summary:
         click.echo(f"final checkpoint: {summary['final']['checkpoint']}")
-
-
-@main.command()
-def export() -> None:
-    """Export a checkpoint to ONNX / CPU engine / TensorRT / Triton artifacts."""
-    _not_implemented("export")
 
 
 @main.group()

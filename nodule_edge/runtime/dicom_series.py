@@ -31,6 +31,7 @@ import numpy as np
 from nodule_edge.errors import GeometryError, MissingDependencyError, SeriesSelectionError, StudyError
 
 __all__ = [
+    "VOLUME_SUFFIXES",
     "SliceHeader",
     "SeriesSummary",
     "DicomSeries",
@@ -48,7 +49,7 @@ _MULTIFRAME_CT = {
 }
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _NON_IMAGE_MODALITIES = frozenset(
-    {"SR", "SEG", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "KO", "REG", "DOC", "AU", "ECG", "OT_SR", "PLAN", "FID"}
+    {"SR", "SEG", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "KO", "REG", "DOC", "AU", "ECG", "PLAN", "FID"}
 )
 _DUPLICATE_TOL_MM = 0.01
 _ORIENTATION_TOL = 1e-3
@@ -178,7 +179,8 @@ class _Scan:
     files: list[_FileInfo] = field(default_factory=list)
 
 
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+#: File endings read as volume files (by SimpleITK) rather than DICOM.
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 def _floats(value, n: int, tag: str, path: str) -> tuple[float, ...]:
@@ -270,6 +272,7 @@ def _classify(path: str, ds, forced: bool) -> _FileInfo:
         info.kind = "derived"
     elif sop_class in _MULTIFRAME_CT or int(_opt_float(ds.get("NumberOfFrames")) or 1) > 1:
         info.kind = "multiframe"
+        info.label = _MULTIFRAME_CT.get(sop_class, "multi-frame CT")
         return info
     if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
         if info.kind == "ct":
@@ -292,7 +295,7 @@ def _classify(path: str, ds, forced: bool) -> _FileInfo:
         path=path,
         sop_instance_uid=sop_uid,
         instance_number=int(number) if number is not None else None,
-        slope=1.0 if slope is None or slope == 0 else slope,
+        slope=1.0 if slope is None or slope == 0 else slope,  # a zero slope is invalid; read as 1
         intercept=0.0 if intercept is None else intercept,
         transfer_syntax_uid=_transfer_syntax(ds),
         forced=forced,
@@ -321,7 +324,7 @@ def _read_one(path: str, scan: _Scan) -> None:
             head = fh.read(132)
             if head[128:132] != b"DICM":
                 if not _starts_like_dicom(head, os.fstat(fh.fileno()).st_size):
-                    if path.lower().endswith(_VOLUME_SUFFIXES):
+                    if path.lower().endswith(VOLUME_SUFFIXES):
                         scan.volume_files.append(path)
                     scan.not_dicom += 1
                     return
@@ -544,7 +547,8 @@ def _stack(folder: Path, key: str, infos: list[_FileInfo], min_extent_mm: float)
 
     positions = np.asarray([i.ipp for i in infos], dtype=np.float64)
     d = positions @ normal
-    order = sorted(range(len(infos)), key=lambda j: (d[j], infos[j].header.instance_number or 0))  # type: ignore[union-attr]
+    numbers = [i.header.instance_number or 0 for i in infos]  # type: ignore[union-attr]
+    order = sorted(range(len(infos)), key=lambda j: (d[j], numbers[j]))
 
     kept: list[int] = []
     conflicts: set[int] = set()

@@ -198,10 +198,10 @@ class NoduleInferer:
         t0 = time.perf_counter()
         locations: list[tuple[np.ndarray, np.ndarray]] = []
         for v in voxels:
-            xyz = np.asarray(v, dtype=np.float64)
+            xyz = _point(v, "voxel coordinate")
             locations.append((xyz, study.voxel_to_world(xyz)))
         for w in worlds:
-            lps = np.asarray(w, dtype=np.float64)
+            lps = _point(w, "LPS point")
             locations.append((study.world_to_voxel(lps), lps))
         timing["coordinates"] = _ms(t0)
         t0 = time.perf_counter()
@@ -260,6 +260,17 @@ class NoduleInferer:
                 pred.similar = list(found)
                 pred.retrieval_score = self.index.retrieval_score(found)
         return preds
+
+
+def _point(value: Any, what: str) -> np.ndarray:
+    """One (x, y, z) point as float64, or a CoordinateError naming the value as the caller gave it."""
+    try:
+        point = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CoordinateError(f"{what} {value!r} is not three numbers (x, y, z): {exc}") from exc
+    if point.shape != (3,):
+        raise CoordinateError(f"{what} {value!r} must be three numbers (x, y, z), got shape {point.shape}")
+    return point
 
 
 def _slice_reference(study: Study, k: float) -> dict[str, Any] | None:

@@ -36,7 +36,13 @@ import SimpleITK as sitk
 
 from nodule_edge.errors import CoordinateError, GeometryError, StudyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_bounds_lps
-from nodule_edge.runtime.dicom_series import DicomSeries, SliceHeader, decode_slice, load_series
+from nodule_edge.runtime.dicom_series import (
+    VOLUME_SUFFIXES,
+    DicomSeries,
+    SliceHeader,
+    decode_slice,
+    load_series,
+)
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -47,8 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 # A step this much larger than the series' median step means missing slices.
 _GAP_FACTOR = 1.5
@@ -249,7 +253,9 @@ class Study:
         if reader.GetDimension() != 3:
             raise GeometryError(f"{path} is a {reader.GetDimension()}-D image; a 3-D CT volume is needed")
         if reader.GetNumberOfComponents() != 1:
-            raise StudyError(f"{path} has {reader.GetNumberOfComponents()} components per voxel; a scalar CT volume is needed")
+            raise StudyError(
+                f"{path} has {reader.GetNumberOfComponents()} components per voxel; a scalar CT volume is needed"
+            )
         size = tuple(int(v) for v in reader.GetSize())
         spacing = tuple(float(v) for v in reader.GetSpacing())
         origin = np.asarray(reader.GetOrigin(), dtype=np.float64)

@@ -133,3 +133,27 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
     if np.isfinite(ds.diameters[idx][sel]).all():
         out["diameter_auc"] = roc_auc(labels[sel], ds.diameters[idx][sel])
     return out
+
+
+def retrieval_comparison(ds: Dataset, result: dict[str, Any], k: int = 20) -> dict[str, Any]:
+    """Compare the papers' two retrieval vectors on held-out predictions (leave-one-patient-out).
+
+    The index holds the test fold's own nodules with the model's predicted attributes and
+    probabilities; each labelled nodule queries it with its own patient excluded.
+    """
+    from nodule_edge.index import evaluate_retrieval, vector_for
+
+    pred = result["_predictions"]
+    idx = pred["index"]
+    if pred["attributes"].shape[1] != len(ATTRIBUTE_NAMES):
+        return {}
+    labels = [int(v) if v >= 0 else None for v in ds.labels[idx]]
+    ids = [ds.records[i].id for i in idx]
+    groups = [ds.patients[i] for i in idx]
+    out: dict[str, Any] = {"k": k, "note": "held-out fold, model outputs, leave-one-patient-out"}
+    for kind in ("attributes", "machine_expert"):
+        ratings = pred["attributes"] * 4 + 1
+        vectors = np.stack([vector_for(kind, ratings[j], float(pred["probability"][j])) for j in range(len(idx))])
+        ev = evaluate_retrieval(kind, vectors, labels, ids, k=k, groups=groups)
+        out[kind] = {"auc": ev.auc, "accuracy": ev.accuracy, "n_evaluated": ev.n_evaluated}
+    return out

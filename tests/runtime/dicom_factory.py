@@ -284,7 +284,9 @@ def write_series(
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian if transfer_syntax == ImplicitVRLittleEndian else ExplicitVRLittleEndian
+        # Compressed syntaxes start uncompressed; Dataset.compress sets their UID.
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
         meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
         ds.file_meta = meta
         if transfer_syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):

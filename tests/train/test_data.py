@@ -24,7 +24,7 @@ from nodule_edge.train.data import (
 )
 from nodule_edge.train.trainer import Dataset, split_fold
 
-from .conftest import MALIGNANCY_MEANS
+from .synthetic import MALIGNANCY_MEANS
 
 
 def test_read_unsure_manifest_on_synthetic_vois(small_voi_dir: Path) -> None:

@@ -1,0 +1,138 @@
+"""Engines: backend selection, honest provider reporting, input validation."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from nodule_edge.attributes import ATTRIBUTE_NAMES
+from nodule_edge.errors import EngineError, MissingDependencyError
+from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.runtime import engine as engine_mod
+from nodule_edge.runtime.bundle import load_bundle
+from nodule_edge.runtime.engine import BACKENDS, OnnxEngine, create_engine
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return load_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(bundle) -> OnnxEngine:
+    return create_engine(bundle, "cpu", threads=1)
+
+
+def test_auto_picks_a_cpu_backend_and_logs_why(bundle, caplog):
+    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.engine"):
+        engine = create_engine(bundle, "auto", threads=1)
+    expected = "cpu-fast" if bundle.path("cpu_engine") is not None else "cpu"
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # pragma: no cover - GPU machines
+        pytest.skip("this machine has CUDA; auto would pick it")
+    assert engine.backend == expected
+    assert engine.providers[0] == "CPUExecutionProvider"
+    chosen = [r for r in caplog.records if "auto-selected" in r.getMessage()]
+    assert len(chosen) == 1 and chosen[0].levelno == logging.INFO
+    message = chosen[0].getMessage()
+    assert f"auto-selected: {expected}" in message
+    # The log says why each faster backend was skipped.
+    assert "tensorrt:" in message and "cuda:" in message
+
+
+def test_backends_are_tried_fastest_first():
+    assert BACKENDS == ("tensorrt", "cuda", "cpu-fast", "cpu")
+
+
+def test_forcing_cuda_without_a_gpu_is_a_clear_error(bundle):
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # pragma: no cover
+        pytest.skip("this machine has CUDA")
+    with pytest.raises((EngineError, MissingDependencyError)) as info:
+        create_engine(bundle, "cuda")
+    assert "CUDA" in str(info.value)
+    assert "nodule-edge[gpu]" in str(info.value)  # tells the user what to install
+
+
+def test_forcing_tensorrt_is_a_clear_error(bundle):
+    with pytest.raises((EngineError, MissingDependencyError)) as info:
+        create_engine(bundle, "tensorrt")
+    assert "TensorRT" in str(info.value) or "tensorrt" in str(info.value)
+
+
+def test_unknown_backend_lists_the_choices(bundle):
+    with pytest.raises(EngineError, match="'npu'.*auto.*cpu"):
+        create_engine(bundle, "npu")
+
+
+def test_providers_are_what_the_session_reports(cpu_engine):
+    assert cpu_engine.providers == tuple(cpu_engine._session.get_providers())
+    assert cpu_engine.backend == "cpu"
+
+
+def test_a_silent_provider_fallback_is_refused(bundle, monkeypatch):
+    """ONNX Runtime quietly falls back to CPU when CUDA cannot start: that must not pass as 'cuda'."""
+    monkeypatch.setattr(engine_mod, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    class CpuOnlySession:
+        def __init__(self, path, sess_options=None, providers=None):
+            self.asked = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", CpuOnlySession)
+    with pytest.raises(EngineError, match=r"asked for CUDAExecutionProvider.*runs on \['CPUExecutionProvider'\]"):
+        create_engine(bundle, "cuda")
+
+
+def test_metadata_comes_from_the_artifact(cpu_engine, bundle):
+    meta = cpu_engine.metadata
+    assert meta.patch_spec == DEFAULT_PATCH_SPEC
+    assert meta.attribute_names == ATTRIBUTE_NAMES
+    assert set(meta.output_names) >= {"malignancy_probability", "attributes", "segmentation", "saliency", "embedding"}
+    assert meta.model_version == bundle.model_version
+
+
+def test_run_returns_every_output_with_the_documented_shapes(cpu_engine):
+    patches = np.random.default_rng(0).random((2, 2, 64, 64, 64), dtype=np.float32)
+    out = cpu_engine.run(patches)
+    assert set(out) == set(cpu_engine.metadata.output_names)
+    assert out["malignancy_probability"].shape == (2,)
+    assert out["attributes"].shape == (2, 6)
+    assert out["segmentation"].shape == out["saliency"].shape == (2, 64, 64, 64)
+    assert out["nodule_attention"].shape == out["background_attention"].shape == (2,)
+    assert out["embedding"].ndim == 2 and out["embedding"].shape[0] == 2
+    assert np.all((out["saliency"] >= 0) & (out["saliency"] <= 1 + 1e-6))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 64, 64, 64), (1, 1, 64, 64, 64), (1, 2, 32, 32, 32), (1, 2, 64, 64, 63), (2, 64, 64, 64, 2)],
+)
+def test_wrong_patch_shape_is_an_engine_error(cpu_engine, shape):
+    with pytest.raises(EngineError) as info:
+        cpu_engine.run(np.zeros(shape, np.float32))
+    assert str(list(shape)) in str(info.value)
+    assert "2, 64, 64, 64" in str(info.value)
+
+
+def test_float64_input_is_accepted(cpu_engine):
+    out = cpu_engine.run(np.full((1, 2, 64, 64, 64), 0.5, dtype=np.float64))
+    assert out["malignancy_probability"].dtype == np.float32
+
+
+def test_threads_env_var_is_honoured(bundle, monkeypatch):
+    seen = {}
+    real = OnnxEngine.__init__
+
+    def spy(self, path, backend, providers, threads=None):
+        seen["threads"] = threads
+        real(self, path, backend, providers, threads)
+
+    monkeypatch.setattr(OnnxEngine, "__init__", spy)
+    monkeypatch.setenv("NODULE_EDGE_THREADS", "1")
+    create_engine(bundle, "cpu")
+    assert seen["threads"] == 1

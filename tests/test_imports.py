@@ -1,0 +1,69 @@
+"""Import hygiene: the runtime and the top-level package stay free of torch (and onnxruntime).
+
+Each check runs in a fresh interpreter, because the test session itself imports torch to build
+the tiny bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str, env_bundle: str | None = None) -> dict:
+    import os
+
+    env = dict(os.environ)
+    env.pop("NODULE_EDGE_BUNDLE", None)
+    if env_bundle is not None:
+        env["NODULE_EDGE_BUNDLE"] = env_bundle
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_top_level_package_imports_neither_torch_nor_onnxruntime():
+    loaded = _run(
+        """
+        import json, sys
+        import nodule_edge
+        nodule_edge.build_patch, nodule_edge.PatchSpec, nodule_edge.ATTRIBUTE_NAMES
+        print(json.dumps({m: m in sys.modules for m in ("torch", "onnxruntime", "onnx", "hnswlib")}))
+        """
+    )
+    assert loaded == {"torch": False, "onnxruntime": False, "onnx": False, "hnswlib": False}
+
+
+def test_runtime_index_and_cli_import_without_torch():
+    loaded = _run(
+        """
+        import json, sys
+        import nodule_edge.runtime, nodule_edge.index, nodule_edge.cli
+        import nodule_edge.runtime.outputs, nodule_edge.runtime.evaluate, nodule_edge.runtime.demo
+        print(json.dumps({m: m in sys.modules for m in ("torch", "nodule_edge.train", "nodule_edge.export")}))
+        """
+    )
+    assert loaded == {"torch": False, "nodule_edge.train": False, "nodule_edge.export": False}
+
+
+def test_inferer_construction_and_inference_do_not_import_torch(tiny_bundle, tmp_path):
+    loaded = _run(
+        f"""
+        import json, sys
+        from nodule_edge.runtime import NoduleInferer
+        from nodule_edge.runtime.demo import write_demo_study
+        inferer = NoduleInferer({str(tiny_bundle)!r}, top_k=3)
+        # Construction really loaded the engine and the index (not a lazy stub).
+        assert "onnxruntime" in sys.modules and inferer.index is not None
+        folder, voxel = write_demo_study({str(tmp_path / "study")!r})
+        result = inferer.infer(folder, voxels=[voxel])
+        print(json.dumps({{"torch": "torch" in sys.modules, "train": "nodule_edge.train" in sys.modules,
+                           "n": len(result.nodules)}}))
+        """
+    )
+    assert loaded == {"torch": False, "train": False, "n": 1}
+
