@@ -154,8 +154,8 @@ def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_u
 @main.command()
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=str), help="Predictions CSV to write.")
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True)
-@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
+@click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
 @click.option("--limit", default=0, type=click.IntRange(0), help="Evaluate only the first N nodules (0 = all).")
 @_handle_errors
 def evaluate(voi_dir: str, out_csv: str, backend: str, bundle: str | None, limit: int) -> None:
@@ -177,7 +177,7 @@ def evaluate(voi_dir: str, out_csv: str, backend: str, bundle: str | None, limit
 
 @main.command()
 @click.option("--out", "out_dir", default="nodule-edge-demo", show_default=True, type=click.Path(path_type=str), help="Where to write the demo study and the outputs.")
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True)
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
 @_handle_errors
 def demo(out_dir: str, backend: str) -> None:
     """Run infer end to end on the bundled (synthetic, plainly labelled) demo study."""
@@ -334,7 +334,7 @@ def _index_entries_from_voi_dir(inferer: Any, voi_dir: str) -> tuple[list[Any], 
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Index folder to write.")
 @click.option("--kind", type=click.Choice(["attributes", "machine_expert"]), default="attributes", show_default=True, help="Vector: six attribute scores, or probability + malignancy rating.")
-@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
 @_handle_errors
 def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None) -> None:
     """Build an index from the nodules of VOI_DIR (runs the model on each)."""
@@ -353,7 +353,7 @@ def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None) -> No
 @index.command("add")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--bundle", default=None, type=click.Path(path_type=str))
+@click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
 @_handle_errors
 def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
     """Add the nodules of VOI_DIR to an existing index (ids must be new)."""
@@ -373,7 +373,7 @@ def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--attributes", "attributes", required=True, metavar="S,SPH,M,L,SPI,MAL", help="Six ratings on the 1-5 scale (subtlety, sphericity, margin, lobulation, spiculation, malignancy).")
 @click.option("--probability", type=click.FloatRange(0, 1), default=None, help="Classifier probability (needed for a machine_expert index).")
-@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 1000), help="Neighbours to return.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_handle_errors
 def index_query(index_dir: str, attributes: str, probability: float | None, k: int, as_json: bool) -> None:

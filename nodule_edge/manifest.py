@@ -109,10 +109,10 @@ def read_sure_manifest(path: str | Path) -> list[NoduleRecord]:
     with path.open(newline="") as fh:
         for line_no, row in enumerate(csv.DictReader(fh), start=2):
             where = f"{path}:{line_no}"
-            label = row.get("label", "").strip()
+            label = (row.get("label") or "").strip()
             if label not in ("0", "1"):
                 raise DataError(f"{where}: label must be 0 or 1, got {label!r}")
-            volume = path.parent / row.get("volume", "")
+            volume = path.parent / (row.get("volume") or "")
             if not volume.is_file():
                 raise DataError(f"{where}: volume {volume} does not exist")
             records.append(

@@ -101,3 +101,36 @@ def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
     root = tmp_path_factory.mktemp("bundle")
     save_checkpoint(root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0})
     return build_bundle(root / "ckpt.safetensors", root / "bundle", index_manifest_dir=synthetic_voi_dir, cpu_engine=False)
+
+
+def _has_cuda() -> bool:
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return True
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where a CUDA device is visible; elsewhere they skip with the reason."""
+    if any("gpu" in item.keywords for item in items) and not _has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to onnxruntime or torch)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_study(tmp_path_factory) -> tuple[Path, tuple[int, int, int]]:
+    """The synthetic demo DICOM study (48 slices) and its nodule voxel; treat it as read-only."""
+    from nodule_edge.runtime.demo import write_demo_study
+
+    return write_demo_study(tmp_path_factory.mktemp("demo") / "study")

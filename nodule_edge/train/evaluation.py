@@ -53,16 +53,18 @@ def evaluate_model(
     test_idx: np.ndarray,
     train_idx: np.ndarray,
     device: torch.device,
-    bf16: bool,
     context_min_extent_mm: float = 24.0,
     context_truncated_mm: float = 10.0,
 ) -> dict[str, Any]:
     """All reported metrics for one held-out set, with the diameter-only and constant baselines.
 
+    Predictions are made in fp32: bf16 rounds probabilities to steps of about 0.003, which
+    creates ties that distort the AUC.
+
     Returns:
         A JSON-serialisable dict, plus ``_predictions`` (per-nodule arrays) for pooling.
     """
-    pred = predict(model, ds, test_idx, device, bf16)
+    pred = predict(model, ds, test_idx, device, bf16=False)
     labels = ds.labels[test_idx]
     sel = labels >= 0
     result: dict[str, Any] = {"n_nodules": int(len(test_idx)), "n_labelled": int(sel.sum()), "label_note": LABEL_NOTE}
@@ -103,9 +105,9 @@ def evaluate_model(
     # Context sensitivity: full available context vs context truncated to 10 mm.
     long_ctx = test_idx[ds.cache.z_extent_mm[test_idx] >= context_min_extent_mm]
     if len(long_ctx):
-        full = predict(model, ds, long_ctx, device, bf16)
+        full = predict(model, ds, long_ctx, device, bf16=False)
         truncated_images = truncate_context(ds.cache.images[long_ctx].astype(np.float32), context_truncated_mm)
-        short = predict(model, ds, np.arange(len(long_ctx)), device, bf16, images=truncated_images)
+        short = predict(model, ds, np.arange(len(long_ctx)), device, bf16=False, images=truncated_images)
         dp = np.abs(full["malignancy_probability"] - short["malignancy_probability"])
         da = np.abs(full["attributes"] - short["attributes"]) * 4
         result["context_sensitivity"] = {

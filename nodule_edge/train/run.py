@@ -55,7 +55,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         t0 = time.perf_counter()
         fit = train_model(cfg, ds, train_idx, val_idx, out_dir / f"fold{fold}", max_epochs, progress=say)
         model, meta = load_checkpoint(out_dir / f"fold{fold}" / "best.safetensors")
-        result = evaluate_model(model, ds, test_idx, train_idx, device, fit["bf16"])
+        result = evaluate_model(model, ds, test_idx, train_idx, device)
         result["retrieval"] = retrieval_comparison(ds, result)
         result.update(best_epoch=fit["best_epoch"], epochs_run=len(fit["history"]), max_epochs=max_epochs, train_seconds=round(time.perf_counter() - t0, 1), steps_per_epoch=fit["steps_per_epoch"])
         fold_results.append(result)

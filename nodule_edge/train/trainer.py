@@ -268,6 +268,8 @@ def train_model(
         start_epoch, history, best = _resume(last, model, opt)
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
+    if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
+        start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
     meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "patch_spec": DEFAULT_PATCH_SPEC.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
 
     for epoch in range(start_epoch, max_epochs + 1):

@@ -9,7 +9,7 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import CoordinateError, NoduleEdgeError
 from nodule_edge.index import Neighbour
 from nodule_edge.runtime import NoduleInferer, NodulePrediction, NoduleResult, Study, StudyResult
-from nodule_edge.runtime.demo import demo_volume, write_demo_study
+from nodule_edge.runtime.demo import demo_volume
 from nodule_edge.runtime.outputs import build_report
 
 # Geometry write_demo_study uses (identity orientation, first slice at the origin).
@@ -19,12 +19,6 @@ DEMO_SPACING = (0.7, 0.7, 1.25)
 @pytest.fixture(scope="module")
 def inferer(tiny_bundle) -> NoduleInferer:
     return NoduleInferer(tiny_bundle, backend="cpu", top_k=20)
-
-
-@pytest.fixture(scope="module")
-def demo_study(tmp_path_factory):
-    folder, voxel = write_demo_study(tmp_path_factory.mktemp("demo") / "study")
-    return folder, voxel
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""`nodule-edge evaluate` internals: leave-self-out retrieval, Dice only where a mask exists."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from nodule_edge.errors import DataError, OutputError
+from nodule_edge.runtime import NoduleInferer
+from nodule_edge.runtime.evaluate import CSV_COLUMNS, evaluate_voi_dir
+
+EXPECTED_COLUMNS = (
+    "voi_id, malignancy_probability, subtlety, sphericity, margin, lobulation, spiculation, "
+    "malignancy, dice, nodule_attention, background_attention, retrieval_score"
+).split(", ")
+
+
+class SpyInferer:
+    """Delegates to a real inferer and keeps every call's arguments and result."""
+
+    def __init__(self, inner: NoduleInferer) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.calls: list[tuple[str, set[str] | None, list[str]]] = []
+
+    def infer(self, source, voxels=(), worlds=(), series_uid=None, exclude_ids=None):
+        result = self.inner.infer(source, voxels=voxels, worlds=worlds, series_uid=series_uid, exclude_ids=exclude_ids)
+        self.calls.append((str(source), exclude_ids, [s.id for s in result.nodules[0].prediction.similar]))
+        return result
+
+
+@pytest.fixture(scope="module")
+def inferer(tiny_bundle) -> NoduleInferer:
+    return NoduleInferer(tiny_bundle, backend="cpu", top_k=20)
+
+
+@pytest.fixture(scope="module")
+def evaluated(inferer, synthetic_voi_dir, tmp_path_factory):
+    """Evaluate a copy of the synthetic VOI folder in which nodule SYN-0001 has no mask."""
+    root = tmp_path_factory.mktemp("eval")
+    voi = root / "voi"
+    shutil.copytree(synthetic_voi_dir, voi)
+    (voi / "mask" / "SYN-0001_R_1.nii.gz").unlink()
+    spy = SpyInferer(inferer)
+    progress: list[tuple[int, int]] = []
+    summary = evaluate_voi_dir(spy, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t)))
+    with (root / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    return spy, summary, rows, progress
+
+
+def test_csv_has_exactly_the_documented_columns(evaluated):
+    _, _, rows, _ = evaluated
+    assert list(CSV_COLUMNS) == EXPECTED_COLUMNS
+    assert rows[0] == EXPECTED_COLUMNS
+    assert [r[0] for r in rows[1:]] == [f"SYN-{i:04d}_R_1" for i in range(6)]
+    assert all(len(r) == len(EXPECTED_COLUMNS) for r in rows)
+
+
+def test_each_nodule_is_excluded_from_its_own_retrieval(evaluated, inferer):
+    spy, _, rows, _ = evaluated
+    assert len(spy.calls) == 6
+    for (source, excluded, similar), row in zip(spy.calls, rows[1:]):
+        voi_id = row[0]
+        assert source.endswith(f"{voi_id}.nii.gz")
+        assert excluded == {voi_id}
+        assert voi_id not in similar
+        # Every other nodule is still there (the index holds these six, k = 20).
+        assert len(similar) == 5
+    # Labels alternate malignant/benign; leaving self out makes the score 2/5 or 3/5, never 3/6.
+    scores = {r[0]: float(r[-1]) for r in rows[1:]}
+    for i in range(6):
+        assert scores[f"SYN-{i:04d}_R_1"] == pytest.approx(0.4 if i % 2 == 0 else 0.6, abs=1e-4)
+
+
+def test_the_index_would_return_the_nodule_itself_without_exclusion(inferer, synthetic_voi_dir, evaluated):
+    """Makes the exclusion check above meaningful: the nodule is in the bundle's index."""
+    spy, _, _, _ = evaluated
+    source = spy.calls[0][0]
+    from nodule_edge.manifest import read_unsure_manifest
+
+    rec = read_unsure_manifest(synthetic_voi_dir)[0]
+    similar = [s.id for s in inferer.infer(source, worlds=[rec.center_lps_mm]).nodules[0].prediction.similar]
+    assert rec.id in similar
+
+
+def test_dice_is_empty_without_a_mask(evaluated):
+    _, summary, rows, _ = evaluated
+    dice = {r[0]: r[EXPECTED_COLUMNS.index("dice")] for r in rows[1:]}
+    assert dice["SYN-0001_R_1"] == ""
+    for voi_id, value in dice.items():
+        if voi_id != "SYN-0001_R_1":
+            assert 0.0 <= float(value) <= 1.0
+    assert summary["nodules"] == 6
+    mean = sum(float(v) for v in dice.values() if v) / 5
+    assert summary["mean dice"] == pytest.approx(mean, abs=1e-3)
+    assert "auc (LIDC proxy labels)" in summary
+
+
+def test_progress_is_reported_per_nodule(evaluated):
+    *_, progress = evaluated
+    assert progress == [(i, 6) for i in range(1, 7)]
+
+
+def test_limit_and_missing_output_folder(inferer, synthetic_voi_dir, tmp_path):
+    with pytest.raises(OutputError, match="does not exist"):
+        evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "missing" / "p.csv")
+    assert not (tmp_path / "missing").exists()
+    summary = evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "p.csv", limit=1)
+    assert summary["nodules"] == 1
+    assert len((tmp_path / "p.csv").read_text().strip().splitlines()) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["p.csv"]  # no temp file left beside it
+
+
+def test_folder_without_manifest_is_a_data_error(inferer, tmp_path):
+    with pytest.raises(DataError, match="manifest.csv"):
+        evaluate_voi_dir(inferer, tmp_path, tmp_path / "p.csv")
