@@ -106,7 +106,7 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
 @click.argument("study", type=click.Path(exists=True, path_type=str))
 @click.option("--xyz", "voxels", multiple=True, metavar="X,Y,Z", help="Nodule centre as zero-based voxel column,row,slice (slices ordered by position along the slice normal). Repeatable.")
 @click.option("--world", "worlds", multiple=True, metavar="X,Y,Z", help="Nodule centre in patient LPS millimetres. Repeatable.")
-@click.option("--series", "series_uid", default=None, help="SeriesInstanceUID to use when the folder holds several CT series.")
+@click.option("--series", "--series-uid", "series_uid", default=None, help="SeriesInstanceUID to use when the folder holds several CT series.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Output folder (created; must be empty unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")

@@ -330,6 +330,35 @@ def test_single_non_volume_file(runner, use_bundle, tmp_path):
     assert_clean_error(result, 3)
 
 
+def test_several_series_need_a_choice_and_the_option_the_message_names_works(runner, use_bundle, demo_study, tmp_path):
+    import re
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder, (x, y, z) = demo_study
+    both = tmp_path / "both"
+    shutil.copytree(folder, both / "a")
+    second_uid = generate_uid()
+    (both / "b").mkdir()
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = second_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(both / "b" / path.name, enforce_file_format=True)
+    args = ["infer", str(both), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--top-k", "0"]
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 3 and "Traceback" not in refused.output
+    assert second_uid in refused.stderr and "2 CT series" in refused.stderr
+    assert not (tmp_path / "o").exists()
+    options = re.findall(r"--[a-z-]+", refused.stderr)
+    assert options, "the message does not say which option chooses a series"
+    chosen = runner.invoke(main, [*args, options[0], second_uid])
+    assert chosen.exit_code == 0, chosen.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["study"]["series_instance_uid"] == second_uid
+
+
 def test_missing_bundle(runner, demo_study, tmp_path):
     folder, (x, y, z) = demo_study
     result = runner.invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--bundle", str(tmp_path / "no-bundle")])
@@ -413,7 +442,8 @@ def test_index_add_new_and_duplicate_ids(runner, built_index, use_bundle, synthe
     assert added.exit_code == 0, added.output
     assert "index now holds 7 nodules" in added.stdout
     again = runner.invoke(main, ["index", "add", str(index_dir), str(voi)])
-    message = assert_clean_error(again, 6)
+    message = assert_clean_error(again, 6, one_line=False)  # after the progress bar's label
+    assert message.strip().splitlines()[-1].startswith("error:")
     assert "NEW-0000_R_1" in message and "already" in message
 
 
@@ -445,8 +475,8 @@ def test_evaluate_writes_the_csv(runner, use_bundle, synthetic_voi_dir, tmp_path
 
 def test_evaluate_on_a_folder_without_manifest(runner, use_bundle, tmp_path):
     result = runner.invoke(main, ["evaluate", str(tmp_path), "--out", str(tmp_path / "p.csv")])
-    message = assert_clean_error(result, 3)
-    assert "manifest.csv" in message
+    message = assert_clean_error(result, 3, one_line=False)  # after the progress bar's label
+    assert message.strip().splitlines()[-1].startswith("error:") and "manifest.csv" in message
 
 
 # ------------------------------------------------------------------------------------- demo

@@ -1,26 +1,28 @@
-"""The fast CPU engine: a static INT8 (QDQ) ONNX model, run by OpenVINO when present, else ONNX Runtime.
+"""The fast CPU engine: a static INT8 (QDQ) ONNX model that ONNX Runtime and OpenVINO both run.
 
-Measured on the 2-core AMD EPYC (Zen 5: avx512_bf16 and avx512_vnni, no AMX) this project
-targets, with the fp32 ONNX Runtime session as the reference (README, "CPU engine"):
+Measured on this project's 2-core AMD EPYC (Zen 5: avx512_bf16 and avx512_vnni, no AMX) against
+the fp32 ONNX Runtime session, the reference and fallback (README, "CPU engine"; ``benches/
+bench_engines.py``; ``python -m nodule_edge.export.cpu_engine compare|time``):
 
-* 3D convolutions are ~92 % of the fp32 time and fp32 ORT already runs them near the machine's
-  fp32 peak, so thread and graph-optimisation settings move little; only lower precision helps.
-* ORT's static INT8 QLinearConv is ~3.7x faster than fp32 on the 64–256-channel convolutions but
-  ~6x *slower* on the 2-channel 7³ stem, so the stem and the other convolutions with fewer than
-  16 input or output channels stay fp32 (:func:`conv_nodes_to_exclude`).
-* OpenVINO reads the same QDQ file and runs it with oneDNN's VNNI kernels, about twice as fast
-  again as ORT; it is an optional extra (``pip install 'nodule-edge[openvino]'``).
+* 3D convolutions are ~92 % of the fp32 time. ONNX Runtime's graph levels, thread counts and
+  spinning barely move it (its NCHWc layout transformer is 2D-only); only lower precision helps.
+* ORT's static INT8 QLinearConv (QDQ, fused at ``ORT_ENABLE_EXTENDED`` and above; at ``BASIC``
+  the QDQ graph runs in fp32 and is no faster) makes the whole model ~3x cheaper (0.34x the fp32
+  CPU time), but only once the 2-channel 7³ stem stays fp32: MLAS's INT8 im2col path is ~6x
+  *slower* than fp32 there. Convolutions with fewer than 16 input or output channels therefore
+  stay fp32 (:func:`conv_nodes_to_exclude`), and so does everything that is not a Conv (CAM
+  arithmetic, normalisations, heads).
+* OpenVINO (optional extra ``nodule-edge[openvino]``) runs the same QDQ file with oneDNN's VNNI
+  kernels and, on CPUs with native bf16, the fp32 remainder in bf16: 0.24x the fp32 CPU time.
 
-One artifact, ``model.int8.onnx``, therefore serves both backends: :func:`load_cpu_engine` picks
-OpenVINO when it is installed and ONNX Runtime otherwise, and the fp32 ``model.onnx`` stays the
-reference and fallback. The quantised file keeps the fp32 file's ``metadata_props`` (the runtime
-reads its patch spec and output names from the artifact) and adds ``cpu_engine`` and
-``quantization`` entries describing how it was made.
+So one artifact, ``model.int8.onnx``, serves both backends: :func:`load_cpu_engine` uses
+OpenVINO when it is installed and ONNX Runtime otherwise. The quantised file keeps the fp32
+file's ``metadata_props`` (the runtime reads its patch spec and output names from the artifact)
+and adds ``cpu_engine`` and ``quantization`` entries saying how it was made.
 
-This module imports only numpy and onnxruntime at module level (``onnx`` for building, and
-``openvino``, are imported where needed), so the runtime may use :class:`CpuEngine` and
-:func:`load_cpu_engine`. ``python -m nodule_edge.export.cpu_engine compare MODEL.onnx`` re-runs the
-side-by-side accuracy and speed comparison on real LIDC patches.
+This module imports only numpy and onnxruntime at module level (``onnx`` for building and
+``openvino`` are imported where needed), so the runtime may use :class:`CpuEngine` and
+:func:`load_cpu_engine`.
 """
 
 from __future__ import annotations
@@ -59,13 +61,14 @@ __all__ = [
     "load_lidc_patches",
     "openvino_available",
     "session_options_for",
+    "time_candidates",
 ]
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "onnxruntime", "openvino"]
 BuildMethod = Literal["int8"]
-Precision = Literal["f32", "bf16"]
+Precision = Literal["auto", "f32", "bf16"]
 
 INT8_FILENAME = "model.int8.onnx"
 INPUT_NAME = "patch"
@@ -147,7 +150,7 @@ class CpuEngine:
     Attributes:
         path: The model file.
         backend: ``"onnxruntime"`` or ``"openvino"``.
-        precision: Inference precision of the non-quantised layers (``"f32"`` or ``"bf16"``).
+        precision: Precision the non-quantised layers run in (``"f32"`` or ``"bf16"``).
         metadata: The model's ``metadata_props``.
         output_names: Output names in model order.
     """
@@ -195,34 +198,36 @@ def _load_ort(path: Path, options: ort.SessionOptions, providers: Sequence[Any] 
 def _load_openvino(path: Path, threads: int | None, precision: Precision) -> CpuEngine:
     ov = require("openvino", "openvino")
     core = ov.Core()
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    if precision != "auto":
+        config["INFERENCE_PRECISION_HINT"] = precision
     try:
         model = core.read_model(str(path))
-        compiled = core.compile_model(
-            model,
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": precision,
-                "INFERENCE_NUM_THREADS": threads or default_threads(),
-                "PERFORMANCE_HINT": "LATENCY",
-            },
-        )
+        compiled = core.compile_model(model, "CPU", config)
+        actual = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     except RuntimeError as exc:
         raise EngineError(f"OpenVINO cannot load {path}: {exc}") from exc
+    actual = "bf16" if "bf16" in actual or "bfloat16" in actual else "f32"
     # The ONNX frontend keeps metadata_props under rt_info["framework"].
     metadata: dict[str, str] = {}
     rt_info = model.get_rt_info()
     if "framework" in rt_info:
         for key in rt_info["framework"].keys():
             metadata[str(key)] = model.get_rt_info(["framework", str(key)]).astype(str)
-    names = tuple(o.get_any_name() for o in compiled.outputs)
+    # A port may carry several tensor names once OpenVINO folds a Reshape into its producer
+    # (get_any_name() then returns the inner one), so names come from the model's declared
+    # outputs, matched to compiled ports by position.
+    declared = set(json.loads(metadata["output_names"])) if "output_names" in metadata else set()
+    names = tuple(next((n for n in sorted(o.get_names()) if n in declared), o.get_any_name()) for o in model.outputs)
+    ports = list(compiled.outputs)
     input_name = compiled.inputs[0].get_any_name()
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         result = request.infer({input_name: x}, share_outputs=False)
-        return {name: np.asarray(result[compiled.output(name)]) for name in names}
+        return {name: np.asarray(result[port]) for name, port in zip(names, ports, strict=True)}
 
-    return CpuEngine(path, "openvino", precision, metadata, names, run)
+    return CpuEngine(path, "openvino", actual, metadata, names, run)
 
 
 def load_cpu_engine(
@@ -230,7 +235,7 @@ def load_cpu_engine(
     *,
     backend: Backend = "auto",
     threads: int | None = None,
-    precision: Precision = "f32",
+    precision: Precision = "auto",
     optimization: Literal["basic", "extended", "all"] = "all",
 ) -> CpuEngine:
     """Load an ONNX model (fp32 or the INT8 artifact) as a CPU engine.
@@ -239,8 +244,9 @@ def load_cpu_engine(
         path: ``model.onnx`` or ``model.int8.onnx``.
         backend: ``"auto"`` uses OpenVINO when installed, else ONNX Runtime.
         threads: Inference threads; default one per available core.
-        precision: OpenVINO only: precision of the layers left in floating point. ``"bf16"``
-            halves the fp32 time of the fp32 model; for the INT8 model it changes little.
+        precision: OpenVINO only: precision of the layers left in floating point. ``"auto"`` is
+            OpenVINO's own choice: bf16 on CPUs with native bf16 (avx512_bf16 or AMX), else f32
+            (measured fastest here, with the accuracy in the README); ``"f32"`` forces fp32.
         optimization: ONNX Runtime only: graph optimisation level.
 
     Returns:
@@ -249,8 +255,8 @@ def load_cpu_engine(
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"model file {path} does not exist")
-    if precision not in ("f32", "bf16"):
-        raise EngineError(f"unknown precision {precision!r}; expected 'f32' or 'bf16'")
+    if precision not in ("auto", "f32", "bf16"):
+        raise EngineError(f"unknown precision {precision!r}; expected 'auto', 'f32' or 'bf16'")
     if backend == "auto":
         backend = "openvino" if openvino_available() else "onnxruntime"
     if backend == "openvino":
@@ -344,6 +350,9 @@ def build_cpu_engine(
 
     Returns:
         Path of the written artifact.
+
+    Raises:
+        EngineError: Missing model, unusable calibration patches, or the quantiser failed.
     """
     onnx = require("onnx", "export")
     quantization = require("onnxruntime.quantization", "export")
@@ -424,7 +433,11 @@ def build_cpu_engine(
         shutil.rmtree(work, ignore_errors=True)
     log.info(
         "built %s from %s in %.1f s (%d calibration patches, %d convs kept fp32)",
-        target, onnx_path.name, time.perf_counter() - start, len(patches), len(excluded),
+        target,
+        onnx_path.name,
+        time.perf_counter() - start,
+        len(patches),
+        len(excluded),
     )
     return target
 
@@ -505,7 +518,16 @@ CANDIDATES: tuple[Candidate, ...] = (
 """Every candidate the benchmark and :func:`compare_engines` know; the first is the reference."""
 
 _REFERENCE = "ort-fp32"
-_DEFAULT_COMPARE = ("ort-fp32", "ort-int8", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "ortov-ep-bf16", "ortov-ep-int8")
+_DEFAULT_COMPARE = (
+    "ort-fp32",
+    "ort-int8",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+    "openvino-int8-bf16",
+    "ortov-ep-bf16",
+    "ortov-ep-int8",
+)
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -587,6 +609,51 @@ def _time_round_robin(engines: dict[str, CpuEngine], patches: np.ndarray, batch:
     return {name: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for name, v in times.items()}
 
 
+def _timing_table(engines: dict[str, CpuEngine], patches: np.ndarray, batches: Iterable[int], rounds: int) -> dict[str, dict[str, float]]:
+    """``b{N}_median_ms``, ``b{N}_min_ms`` (per patch) and ``b{N}_ratio`` (to the reference) per engine."""
+    table: dict[str, dict[str, float]] = {name: {} for name in engines}
+    for size in batches:
+        timings = _time_round_robin(engines, patches, size, rounds)
+        ref_ms = timings[_REFERENCE]["median_ms"]
+        for name, t in timings.items():
+            table[name][f"b{size}_median_ms"] = t["median_ms"]
+            table[name][f"b{size}_min_ms"] = t["min_ms"]
+            table[name][f"b{size}_ratio"] = t["median_ms"] / ref_ms
+    return table
+
+
+def time_candidates(
+    onnx_path: str | Path,
+    int8_path: str | Path,
+    candidates: Iterable[str] | None = None,
+    batches: Sequence[int] = (1, 8),
+    rounds: int = 10,
+) -> dict[str, Any]:
+    """Latency of candidates, interleaved round by round, with ratios to ``ort-fp32``.
+
+    Args:
+        onnx_path: The fp32 model.
+        int8_path: The INT8 model from :func:`build_cpu_engine`.
+        candidates: Names from :data:`CANDIDATES` (default: all); unavailable ones are skipped.
+        batches: Batch sizes to time.
+        rounds: Rounds per batch size.
+
+    Returns:
+        ``{"reference": ..., "candidates": {name: {"b1_median_ms": ..., "b1_min_ms": ...,
+        "b1_ratio": ...}}, "skipped": {name: reason}}``, times in ms per patch.
+    """
+    by_name = {c.name: c for c in CANDIDATES}
+    names = [_REFERENCE] + [n for n in (candidates or by_name) if n != _REFERENCE]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise EngineError(f"unknown CPU engine candidates {unknown}; known: {sorted(by_name)}")
+    skipped = {n: reason for n in names if (reason := by_name[n].unavailable_reason())}
+    artifacts = {"fp32": Path(onnx_path), "int8": Path(int8_path)}
+    engines = {n: by_name[n].load(artifacts[by_name[n].artifact]) for n in names if n not in skipped}
+    patches = np.random.default_rng(_CAL_SEED).random((max(batches), 2, 64, 64, 64), dtype=np.float32)
+    return {"reference": _REFERENCE, "candidates": _timing_table(engines, patches, batches, rounds), "skipped": skipped}
+
+
 def compare_engines(
     onnx_path: str | Path,
     patches: np.ndarray,
@@ -646,7 +713,8 @@ def compare_engines(
             else:
                 if work_dir is None:
                     tmp_dir = tempfile.mkdtemp(prefix="nodule-edge-cpu-engine-")
-                artifacts["int8"] = build_cpu_engine(onnx_path, work_dir or tmp_dir, calibration_patches)
+                    work_dir = tmp_dir
+                artifacts["int8"] = build_cpu_engine(onnx_path, work_dir, calibration_patches)
         engines = {c.name: c.load(artifacts[c.artifact]) for c in chosen}
         reference = _run_all(engines[_REFERENCE], patches, batch)
         results: dict[str, dict[str, float]] = {}
@@ -655,13 +723,8 @@ def compare_engines(
             results[name] = _accuracy(outputs, reference, labels, ratings)
             log.info("%s: %s", name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
         if timing_rounds > 0:
-            for size in sorted({1, batch}):
-                timings = _time_round_robin(engines, patches, size, timing_rounds)
-                ref_ms = timings[_REFERENCE]["median_ms"]
-                for name, t in timings.items():
-                    results[name][f"b{size}_median_ms"] = t["median_ms"]
-                    results[name][f"b{size}_min_ms"] = t["min_ms"]
-                    results[name][f"b{size}_ratio"] = t["median_ms"] / ref_ms
+            for name, timing in _timing_table(engines, patches, sorted({1, batch}), timing_rounds).items():
+                results[name].update(timing)
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -687,7 +750,8 @@ def load_lidc_patches(
     (SimpleITK) but not torch.
 
     Returns:
-        ``(eval_patches float32, labels int, ratings float [n, 6], calibration_patches float32)``.
+        ``(eval_patches, labels int, ratings float [n, 6], calibration_patches)``; patches stay
+        float16 as cached (engines and the calibration reader convert batch by batch).
     """
     from nodule_edge.train.data import build_patch_cache, read_unsure_manifest
 
@@ -713,15 +777,8 @@ def load_lidc_patches(
     if len(eval_idx) < n_eval:
         raise EngineError(f"only {len(eval_idx)} labelled nodules available for evaluation in {voi_dir}, asked for {n_eval}")
     labels = np.array([records[i].label for i in eval_idx], dtype=np.int64)
-    ratings = np.array(
-        [records[i].ratings if records[i].ratings is not None else (np.nan,) * 6 for i in eval_idx], dtype=np.float64
-    )
-    return (
-        cache.images[eval_idx].astype(np.float32),
-        labels,
-        ratings,
-        cache.images[cal_idx].astype(np.float32),
-    )
+    ratings = np.array([records[i].ratings if records[i].ratings is not None else (np.nan,) * 6 for i in eval_idx], dtype=np.float64)
+    return cache.images[eval_idx], labels, ratings, cache.images[cal_idx]
 
 
 def _format_table(report: dict[str, Any]) -> str:
@@ -750,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nodule_edge.export.cpu_engine {build,compare} ...``."""
     parser = argparse.ArgumentParser(prog="python -m nodule_edge.export.cpu_engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("build", "compare"):
+    for name in ("build", "compare", "time"):
         p = sub.add_parser(name)
         p.add_argument("onnx", type=Path, help="the fp32 model.onnx")
         p.add_argument("--voi-dir", type=Path, default=Path("../shared/data/lidc_voi"), help="LIDC VOI folder")
@@ -765,7 +822,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--candidates", default=",".join(_DEFAULT_COMPARE), help="comma-separated candidate names")
     cmp.add_argument("--timing-rounds", type=int, default=10, help="interleaved timing rounds (0: accuracy only)")
     cmp.add_argument("--json", type=Path, default=None, help="also write the report here")
+    timing = sub.choices["time"]
+    timing.add_argument("--int8", type=Path, required=True, help="the INT8 model (from 'build')")
+    timing.add_argument("--candidates", default=",".join(c.name for c in CANDIDATES), help="comma-separated candidate names")
+    timing.add_argument("--rounds", type=int, default=10, help="interleaved rounds per batch size")
+    timing.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     args = parser.parse_args(argv)
+    if args.command == "time":
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        report = time_candidates(
+            args.onnx, args.int8, [c for c in args.candidates.split(",") if c], [int(b) for b in args.batches.split(",")], args.rounds
+        )
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     patches, labels, ratings, calibration = load_lidc_patches(
         args.voi_dir, args.cache_dir, n_eval=getattr(args, "n", 0) or 0, n_calibration=args.calibration

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from nodule_edge.errors import CoordinateError, IndexError_
+from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engine import Engine, create_engine
 from nodule_edge.runtime.measure import segmentation_measurements
@@ -138,8 +138,13 @@ class NoduleInferer:
         ids_path = self.bundle.path("index_thumbnail_ids")
         if path is None or ids_path is None:
             return {}
-        images = np.load(path, allow_pickle=False)
-        ids = ids_path.read_text().split("\n")
+        try:
+            images = np.load(path, allow_pickle=False)
+            ids = ids_path.read_text().splitlines()
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise BundleError(f"bundle thumbnails {path} cannot be read: {exc}") from exc
+        if images.ndim != 3 or len(images) != len(ids):
+            raise BundleError(f"bundle thumbnails {path} hold {images.shape} images for {len(ids)} ids in {ids_path.name}")
         return dict(zip(ids, images))
 
     # -- public API -----------------------------------------------------------------------
@@ -207,6 +212,13 @@ class NoduleInferer:
         t0 = time.perf_counter()
         patches = study.build_patches([w for _, w in locations], self.spec)
         timing["read_and_patch"] = _ms(t0)
+        for (_, lps), patch in zip(locations, patches):
+            # NaN/inf voxels would come back as NaN predictions that look like results.
+            if not np.isfinite(patch).all():
+                raise StudyError(
+                    f"the voxels around LPS {tuple(round(float(v), 2) for v in lps)} mm are not finite numbers "
+                    "(NaN or infinite HU: check RescaleSlope/RescaleIntercept, or the array passed in)"
+                )
         t0 = time.perf_counter()
         outputs = self.engine.run(patches)
         timing["engine"] = _ms(t0)

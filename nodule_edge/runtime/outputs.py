@@ -152,7 +152,10 @@ def write_outputs(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out_dir.resolve().parent}: {exc}") from exc
     try:
         report = build_report(result, index_kind)
         for i, nodule in enumerate(result.nodules):
@@ -202,6 +205,7 @@ def _write_image(image: sitk.Image, path: Path) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     old = None
+    was_empty = False
     if out_dir.exists():
         if any(out_dir.iterdir()):
             if not overwrite:
@@ -210,6 +214,15 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             os.replace(out_dir, old)
         else:
             out_dir.rmdir()
-    os.replace(tmp, out_dir)
+            was_empty = True
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        # Put back what was there, so a failed write changes nothing.
+        if old is not None:
+            os.replace(old, out_dir)
+        elif was_empty:
+            out_dir.mkdir()
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

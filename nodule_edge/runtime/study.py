@@ -40,7 +40,7 @@ from nodule_edge.runtime.dicom_series import (
     VOLUME_SUFFIXES,
     DicomSeries,
     SliceHeader,
-    decode_slice,
+    decode_slices,
     load_series,
 )
 
@@ -99,14 +99,31 @@ class _PixelSource(Protocol):
         ...
 
 
+# Slices decoded per call: whole slices are decoded (compressed data cannot be cropped first), so
+# this bounds the transient memory (32 × 512² float32 = 32 MiB) when many are needed.
+_DECODE_CHUNK = 32
+# Threads a GDCM decode is split across (the edge target has 2 cores; GDCM releases the GIL).
+_DECODE_THREADS = 2
+
+
+def _decode_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(_DECODE_THREADS, cores))
+
+
 @dataclass(frozen=True)
 class _DicomSource:
     slices: tuple[SliceHeader, ...]
 
     def read(self, slices: Sequence[int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         out = np.empty((len(slices), rows[1] - rows[0], cols[1] - cols[0]), dtype=np.float32)
-        for i, k in enumerate(slices):
-            out[i] = decode_slice(self.slices[k])[rows[0] : rows[1], cols[0] : cols[1]]
+        threads = _decode_threads()
+        for i in range(0, len(slices), _DECODE_CHUNK):
+            chunk = [self.slices[k] for k in slices[i : i + _DECODE_CHUNK]]
+            out[i : i + len(chunk)] = decode_slices(chunk, rows, cols, threads=threads)
         return out
 
 
@@ -302,6 +319,16 @@ class Study:
     def n_slices(self) -> int:
         """Number of slices (distinct positions along the normal)."""
         return self.size[2]
+
+    @property
+    def slices(self) -> tuple[SliceHeader, ...]:
+        """The DICOM slice headers in slice order (index ``k`` is voxel z = k); empty for volume files.
+
+        One header per slice position: of duplicate copies, and of conflicting instances at one
+        position, the first in (position, InstanceNumber) order.
+        """
+        source = self._source
+        return source.slices if isinstance(source, _DicomSource) else ()
 
     def __repr__(self) -> str:
         return (

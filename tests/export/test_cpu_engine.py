@@ -181,22 +181,36 @@ def test_conv_exclusion_rule():
     assert conv_nodes_to_exclude(_conv_model(), min_channels=1) == []
 
 
+def _assert_close(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """INT8 vs fp32 within what quantisation explains and breakage does not.
+
+    One quantised convolution with uint8 activations (1/255 of the calibrated range per step),
+    followed by an InstanceNormalization that rescales that error, moves a few voxels on the
+    steep part of a sigmoid by up to ~0.04 and everything else by a few thousandths (measured).
+    Mean error ≤ 0.01 (half the issue's attribute-MAE budget of 0.02), single values ≤ 0.08,
+    per-patch CAM Pearson ≥ 0.99 (the issue's bar) and embedding cosine ≥ 0.999 leave headroom,
+    yet a wrong scale or zero point, a lost bias or swapped channels moves means by tenths and
+    drops the correlations far below.
+    """
+    for name in OUTPUTS:
+        assert out[name].shape == ref[name].shape and out[name].dtype == np.float32, name
+        err = np.abs(out[name] - ref[name])
+        assert err.mean() <= 0.01, name
+        assert err.max() <= 0.08, name
+    n = len(ref["saliency"])
+    for a, b in zip(out["saliency"].reshape(n, -1), ref["saliency"].reshape(n, -1), strict=True):
+        assert np.corrcoef(a, b)[0, 1] >= 0.99
+    norms = np.linalg.norm(out["embedding"], axis=1) * np.linalg.norm(ref["embedding"], axis=1)
+    cos = (out["embedding"] * ref["embedding"]).sum(1) / norms
+    assert cos.min() >= 0.999
+
+
 def test_int8_outputs_close_to_fp32(fp32_path, int8_path, eval_patches):
     ref = load_cpu_engine(fp32_path, backend="onnxruntime").run(eval_patches)
     engine = load_cpu_engine(int8_path, backend="onnxruntime")
-    out = engine.run(eval_patches)
     assert engine.output_names == OUTPUTS
     assert engine.metadata["model_version"] == "tiny-conv-test"
-    for name in OUTPUTS:
-        assert out[name].shape == ref[name].shape and out[name].dtype == np.float32
-        # One quantised conv with uint8 activations: each value is off by a few quantisation
-        # steps (1/255 of the calibrated range) after the norm; 3 % of each output's spread (and
-        # 0.02 absolute on values in [0, 1]) leaves headroom yet fails for a wrong scale, a
-        # dropped bias or swapped channels, which move outputs by tens of per cent.
-        spread = float(np.ptp(ref[name])) or 1.0
-        assert np.abs(out[name] - ref[name]).max() <= max(0.03 * spread, 0.02), name
-    cam = np.corrcoef(out["saliency"].reshape(len(eval_patches), -1)[0], ref["saliency"].reshape(len(eval_patches), -1)[0])[0, 1]
-    assert cam >= 0.99
+    _assert_close(engine.run(eval_patches), ref)
 
 
 def test_batch_and_single_agree(int8_path, eval_patches):
@@ -208,18 +222,13 @@ def test_batch_and_single_agree(int8_path, eval_patches):
 
 @pytest.mark.skipif(not openvino_available(), reason="openvino not installed (pip install 'nodule-edge[openvino]')")
 def test_openvino_runs_the_same_artifact(fp32_path, int8_path, eval_patches):
-    ort_out = load_cpu_engine(int8_path, backend="onnxruntime").run(eval_patches)
     engine = load_cpu_engine(int8_path, backend="openvino")
     assert engine.backend == "openvino"
     assert engine.metadata["cpu_engine"] == "int8-qdq"  # ONNX metadata reaches OpenVINO too
     assert engine.metadata["patch_spec"] == DEFAULT_PATCH_SPEC.to_json()
     out = engine.run(eval_patches)
     assert tuple(out) == OUTPUTS
-    for name in OUTPUTS:
-        assert out[name].shape == ort_out[name].shape
-        # Same QDQ arithmetic, different kernels: rounding may land one step apart.
-        spread = float(np.ptp(ort_out[name])) or 1.0
-        assert np.abs(out[name] - ort_out[name]).max() <= max(0.03 * spread, 0.02), name
+    _assert_close(out, load_cpu_engine(fp32_path, backend="onnxruntime").run(eval_patches))
     # bf16 for the fp32 remainder of the graph.
     out_bf16 = load_cpu_engine(int8_path, backend="openvino", precision="bf16").run(eval_patches[:1])
     assert np.isfinite(out_bf16["saliency"]).all()
@@ -231,7 +240,14 @@ def test_compare_engines_report(fp32_path, int8_path, eval_patches):
     ratings = rng.uniform(1, 5, size=(6, len(ATTRIBUTE_NAMES)))
     ratings[2] = np.nan
     report = compare_engines(
-        fp32_path, eval_patches, labels=labels, ratings=ratings, candidates=["ort-int8", "ortov-ep-int8"], int8_path=int8_path, batch=3, timing_rounds=1
+        fp32_path,
+        eval_patches,
+        labels=labels,
+        ratings=ratings,
+        candidates=["ort-int8", "ortov-ep-int8"],
+        int8_path=int8_path,
+        batch=3,
+        timing_rounds=1,
     )
     ref, q = report["candidates"]["ort-fp32"], report["candidates"]["ort-int8"]
     assert report["n"] == 6 and report["reference"] == "ort-fp32"
@@ -244,7 +260,9 @@ def test_compare_engines_report(fp32_path, int8_path, eval_patches):
 
 
 def test_compare_builds_int8_when_not_given(fp32_path, eval_patches, tmp_path):
-    report = compare_engines(fp32_path, eval_patches[:2], calibration_patches=_patches(2, seed=5), candidates=["ort-int8"], work_dir=tmp_path, batch=2)
+    report = compare_engines(
+        fp32_path, eval_patches[:2], calibration_patches=_patches(2, seed=5), candidates=["ort-int8"], work_dir=tmp_path, batch=2
+    )
     assert (tmp_path / INT8_FILENAME).is_file()
     assert "auc" not in report["candidates"]["ort-int8"]  # no labels given
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
-from nodule_edge.errors import CoordinateError, NoduleEdgeError
+from nodule_edge.errors import CoordinateError, NoduleEdgeError, StudyError
 from nodule_edge.index import Neighbour
 from nodule_edge.runtime import NoduleInferer, NodulePrediction, NoduleResult, Study, StudyResult
 from nodule_edge.runtime.demo import demo_volume
@@ -143,6 +143,14 @@ def test_infer_array_equals_the_dicom_result(inferer, voxel_result, demo_study):
 def test_infer_array_rejects_a_2d_array(inferer):
     with pytest.raises(CoordinateError, match=r"\(192, 192\)"):
         inferer.infer_array(np.zeros((192, 192), np.int16), spacing_mm=(1, 1, 1), voxels=[(1, 1, 1)])
+
+
+def test_non_finite_voxels_near_the_nodule_are_refused(inferer, monkeypatch):
+    hu = np.full((40, 40, 40), -800.0, np.float32)
+    hu[20, 18:22, 18:22] = np.nan
+    monkeypatch.setattr(inferer.engine, "run", lambda patches: pytest.fail("NaN patch reached the engine"))
+    with pytest.raises(StudyError, match="not finite"):
+        inferer.infer_array(hu, spacing_mm=(1, 1, 1), voxels=[(20, 20, 20)])
 
 
 def test_exclude_ids_removes_the_id_from_similar(inferer, demo_study, voxel_result):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from nodule_edge.errors import CoordinateError, GeometryError, SeriesSelectionError, StudyError
+from nodule_edge.errors import ConfigError, CoordinateError, GeometryError, SeriesSelectionError, StudyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch
 from nodule_edge.runtime import dicom_series
-from nodule_edge.runtime.dicom_series import list_series
+from nodule_edge.runtime.dicom_series import SliceHeader, decode_slice, decode_slices, list_series
 from nodule_edge.runtime.study import open_study, study_from_image
 from .dicom_factory import (
     PATIENT_ID,
@@ -226,6 +227,147 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     assert got.min() < -500 and got.max() > 0
 
 
+# --------------------------------------------------------------------------- decoders
+
+
+def _slices(folder: Path) -> tuple[SliceHeader, ...]:
+    return open_study(folder, min_extent_mm=1).slices
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"transfer_syntax": RLELossless},
+        {"transfer_syntax": JPEGLSLossless},
+        {"transfer_syntax": JPEG2000Lossless},
+        # 0.3 and 1024.1 are not exact in binary: both paths must round the same way.
+        {"transfer_syntax": JPEG2000Lossless, "slope": 0.3, "intercept": -1024.1},
+        {"transfer_syntax": JPEGLSLossless, "include_rescale": False},
+        {"transfer_syntax": ExplicitVRLittleEndian},
+        {"transfer_syntax": ImplicitVRLittleEndian, "preamble": False},
+    ],
+    ids=["rle", "jpeg-ls", "j2k", "j2k-fractional-rescale", "jpeg-ls-no-rescale", "explicit", "implicit-no-preamble"],
+)
+def test_gdcm_decodes_exactly_as_pydicom(tmp_path: Path, kwargs: dict) -> None:
+    series = write_series(tmp_path / "s", n_slices=6, rows=48, cols=40, **kwargs)
+    headers = _slices(tmp_path)
+    gdcm = decode_slices(headers, backend="gdcm")
+    pydicom_hu = decode_slices(headers, backend="pydicom")
+    assert gdcm.dtype == pydicom_hu.dtype == np.float32 and gdcm.shape == (6, 48, 40)
+    np.testing.assert_array_equal(gdcm, pydicom_hu)
+    np.testing.assert_array_equal(decode_slices(headers), pydicom_hu)
+    np.testing.assert_array_equal(decode_slices(headers, threads=4), pydicom_hu)
+    np.testing.assert_array_equal(decode_slice(headers[2], backend="gdcm"), pydicom_hu[2])
+    for backend in ("gdcm", "pydicom"):
+        np.testing.assert_array_equal(
+            decode_slices(headers, (3, 20), (5, 39), backend=backend), pydicom_hu[:, 3:20, 5:39]
+        )
+    # Ground truth: the factory's HU assume RescaleIntercept -1024 (stored = HU + 1024 without it).
+    offset = 0.0 if kwargs.get("include_rescale", True) else 1024.0
+    np.testing.assert_array_equal(pydicom_hu, series.hu + offset)
+
+
+def test_each_slice_keeps_its_own_rescale_in_one_gdcm_batch(tmp_path: Path) -> None:
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLSLossless, shuffle_seed=None)
+    # The first slice's integer rescale alone would make GDCM pick an integer pixel type.
+    for path in series.paths[1::2]:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = "0.7", "-1000.3"
+        ds.save_as(path)
+    headers = _slices(tmp_path)
+    assert [h.slope for h in headers] == [1.0, 0.7] * 3
+    expected = series.hu.copy()
+    stored = series.hu[1::2].astype(np.float64) + 1024.0
+    expected[1::2] = (stored * 0.7 - 1000.3).astype(np.float32)
+    np.testing.assert_array_equal(decode_slices(headers, backend="gdcm"), expected)
+    np.testing.assert_array_equal(decode_slices(headers, backend="pydicom"), expected)
+
+
+def test_monochrome1_goes_to_pydicom(tmp_path: Path) -> None:
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEGLSLossless)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(path)
+    headers = _slices(tmp_path)
+    assert {h.photometric for h in headers} == {"MONOCHROME1"}
+    np.testing.assert_array_equal(decode_slices(headers), series.hu)
+    # Why: GDCM inverts MONOCHROME1, which is no HU at all (lift the restriction if this fails).
+    assert not np.array_equal(decode_slices(headers, backend="gdcm"), series.hu)
+
+
+def test_gdcm_failure_falls_back_to_pydicom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=RLELossless)
+    headers = _slices(tmp_path)
+
+    def refuse(batch, crop):
+        raise StudyError(f"GDCM cannot decode {batch[0].path}: simulated")
+
+    monkeypatch.setattr(dicom_series, "_gdcm_read", refuse)
+    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom_series"):
+        got = decode_slices(headers)
+    np.testing.assert_array_equal(got, series.hu)
+    assert "simulated; retrying those files one at a time" in caplog.text
+    assert caplog.text.count("pydicom decoded it instead") == 6
+    with pytest.raises(StudyError, match="simulated"):
+        decode_slices(headers, backend="gdcm")
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+def test_damaged_compressed_slice_in_a_batch_names_the_file(tmp_path: Path) -> None:
+    series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEG2000Lossless)
+    headers = _slices(tmp_path)
+    victim = Path(headers[3].path)
+    victim.write_bytes(victim.read_bytes()[:-300])
+    for threads in (1, 2):
+        with pytest.raises(StudyError, match=re.escape(str(victim))):
+            decode_slices(headers, threads=threads)
+    with pytest.raises(StudyError, match=f"GDCM cannot decode {re.escape(str(victim))}"):
+        decode_slices(headers, backend="gdcm")
+    # The other slices still decode, alone or together.
+    others = headers[:3] + headers[4:]
+    np.testing.assert_array_equal(decode_slices(others), np.delete(series.hu, 3, axis=0))
+
+
+def test_decoding_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    import pydicom
+
+    series = write_series(tmp_path / "s", transfer_syntax=RLELossless)
+    # Jitter below the uneven-spacing tolerance: ITK would print a non-uniform sampling warning.
+    for path in series.paths[::3]:
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 0.02
+        ds.save_as(path)
+    study = open_study(tmp_path)
+    capfd.readouterr()
+    study.read_roi(series.center_world)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_unknown_backend_and_bad_crop_are_refused(axial: SyntheticSeries) -> None:
+    headers = open_study(axial.folder).slices[:2]
+    with pytest.raises(ConfigError, match="'gpu'"):
+        decode_slices(headers, backend="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="not inside the 64x64 matrix"):
+        decode_slices(headers, (10, 70), (0, 64))
+
+
+def test_study_slices_are_the_headers_in_slice_order(axial: SyntheticSeries) -> None:
+    study = open_study(axial.folder)
+    assert len(study.slices) == study.n_slices
+    assert all(isinstance(h, SliceHeader) for h in study.slices)
+    assert [h.sop_instance_uid for h in study.slices] == axial.sop_uids
+    assert [h.instance_number for h in study.slices] == axial.instance_numbers
+    assert (study.slices[7].sop_instance_uid, study.slices[7].instance_number) == study.slice_reference(7)
+    assert study_from_image(axial.image()).slices == ()
+
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -258,13 +400,13 @@ def test_build_patches_decodes_each_slice_once(
 ) -> None:
     study = open_study(axial.folder)
     calls: list[str] = []
-    original = dicom_series.decode_slice
+    original = dicom_series.decode_slices
 
-    def counting(header):
-        calls.append(header.path)
-        return original(header)
+    def counting(headers, *args, **kwargs):
+        calls.extend(h.path for h in headers)
+        return original(headers, *args, **kwargs)
 
-    monkeypatch.setattr("nodule_edge.runtime.study.decode_slice", counting)
+    monkeypatch.setattr("nodule_edge.runtime.study.decode_slices", counting)
     centers = np.stack([off_center, off_center + [0, 0, 4.0], axial.center_world])
     patches = study.build_patches(centers)
     assert patches.shape == (3, 2, 64, 64, 64) and patches.dtype == np.float32
@@ -610,6 +752,15 @@ def test_real_siemens_j2k_matches_gdcm_whole_series(dicom_dir: Path) -> None:
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
     whole = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
     np.testing.assert_allclose(patch, build_patch(whole, center), atol=1e-4, rtol=0)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, every", [("chest_ricord_jpeg_lossless", 8), ("siemens_j2k_20_slices", 1)])
+def test_real_series_gdcm_decodes_exactly_as_pydicom(dicom_dir: Path, name: str, every: int) -> None:
+    headers = open_study(dicom_dir / name).slices[::every]
+    gdcm = decode_slices(headers, backend="gdcm")
+    assert gdcm.shape == (len(headers), 512, 512)
+    np.testing.assert_array_equal(gdcm, decode_slices(headers, backend="pydicom"))
 
 
 @pytest.mark.realdata
