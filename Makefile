@@ -1,6 +1,6 @@
 # Two entry points for a newcomer on a fresh machine (Python >= 3.11 and a C compiler):
 #   make demo   - create .venv, install the runtime, run the demo end to end
-#   make test   - create .venv, install everything (train, export, dev), run the test suite
+#   make test   - create .venv, install everything (train, export, openvino, dev), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,7 @@ install-runtime: $(BIN)/python
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,dev]"
+	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dev]"
 
 demo: install-runtime
 	$(BIN)/nodule-edge demo

@@ -11,6 +11,10 @@ chest series when ../shared/data is present) one run measures:
 * ``whole_read_patch`` - read the whole series, then resample only the cube (separates the cost
   of reading everything from the cost of resampling everything).
 
+``decode_roi_slices[gdcm|pydicom]`` decodes the chest cube's slices (whole 512² slices, one
+thread) with each decoder: GDCM through SimpleITK, which ``"auto"`` uses for lossless compressed
+data, against pydicom + pylibjpeg, the fallback.
+
 ``interpolation[linear|bspline]`` times ``build_patch`` on the ROI of a real LIDC VOI; its
 ``extra_info`` carries the linear-vs-B-spline patch differences over a sample of VOIs.
 
@@ -38,6 +42,7 @@ import pytest
 import SimpleITK as sitk
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_grid, resample_hu, window_channels
+from nodule_edge.runtime.dicom_series import decode_slices
 from nodule_edge.runtime.study import open_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +165,16 @@ def test_whole_read_patch(benchmark, case: Case) -> None:
     patch = benchmark.pedantic(run, warmup_rounds=1, rounds=3)
     ours = open_study(case.folder).build_patches(case.center, SPEC)[0]
     benchmark.extra_info.update(study=case.name, max_abs_diff_vs_roi_patch=float(np.abs(patch - ours).max()))
+
+
+@pytest.mark.parametrize("backend", ["gdcm", "pydicom"])
+def test_decode_roi_slices(benchmark, chest_case: Case, backend: str) -> None:
+    study = open_study(chest_case.folder)
+    roi = study.reference_geometry(chest_case.center, SPEC)
+    k0 = roi.index_offset[2]
+    headers = study.slices[k0 : k0 + roi.size[2]]
+    benchmark.pedantic(decode_slices, args=(headers,), kwargs={"backend": backend}, warmup_rounds=1, rounds=5)
+    benchmark.extra_info.update(study=chest_case.name, slices=len(headers))
 
 
 # ------------------------------------------------------------------------- interpolation

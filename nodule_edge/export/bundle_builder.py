@@ -96,6 +96,9 @@ def build_bundle(
         if cpu_engine:
             from nodule_edge.export.cpu_engine import build_cpu_engine
 
+            if patches is None:
+                raise BundleError("the INT8 CPU engine is calibrated on real patches: pass --index-from VOI_DIR (or --no-cpu-engine)")
+
             say("building the fast CPU engine")
             calib = None if patches is None else patches[np.random.default_rng(0).choice(len(patches), min(64, len(patches)), replace=False)].astype(np.float32)
             engine_path = build_cpu_engine(tmp / "model.onnx", tmp, calib)

@@ -856,7 +856,18 @@ def _pydicom_decode(header: SliceHeader, crop: _Crop) -> np.ndarray:
         hu *= header.slope
     if header.intercept != 0.0:
         hu += header.intercept
+    if not np.all(np.abs(hu) <= _FLOAT32_MAX):
+        raise _overflow_error(header)
     return hu.astype(np.float32)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _overflow_error(header: SliceHeader) -> StudyError:
+    return StudyError(
+        f"{header.path}: RescaleSlope {header.slope:g} / RescaleIntercept {header.intercept:g} give HU beyond float32"
+    )
 
 
 def decode_slices(
@@ -890,8 +901,9 @@ def decode_slices(
         applied).
 
     Raises:
-        StudyError: A file is gone, truncated, or its pixel data cannot be decoded (the message
-            names the file), or the slices' matrices differ.
+        StudyError: A file is gone, truncated, or its pixel data cannot be decoded, or its
+            RescaleSlope/RescaleIntercept is not finite or overflows float32 (the message names
+            the file); or the slices' matrices differ.
         ConfigError: Unknown ``backend``, or a crop outside the matrix.
     """
     if backend not in ("auto", "gdcm", "pydicom"):
@@ -905,6 +917,12 @@ def decode_slices(
     if not (0 <= r0 < r1 <= n_rows and 0 <= c0 < c1 <= n_cols) and headers:
         raise ConfigError(f"crop rows {r0}:{r1}, columns {c0}:{c1} is not inside the {n_rows}x{n_cols} matrix")
     crop = (slice(r0, r1), slice(c0, c1))
+    for header in headers:
+        if not (math.isfinite(header.slope) and math.isfinite(header.intercept)):
+            raise StudyError(
+                f"{header.path}: RescaleSlope {header.slope:g} / RescaleIntercept {header.intercept:g} is not "
+                "finite; its pixels cannot be turned into HU"
+            )
     gdcm = [i for i, h in enumerate(headers) if backend == "gdcm" or (backend == "auto" and _gdcm_decodes(h))]
     others = sorted(set(range(len(headers))) - set(gdcm))
     out = np.empty((len(headers), r1 - r0, c1 - c0), dtype=np.float32)
@@ -915,14 +933,18 @@ def decode_slices(
         except StudyError as exc:
             refused = _gdcm_one_by_one(headers, gdcm, crop, out, exc, strict=backend == "gdcm")
         else:
-            if not others:
-                return block
-            out[gdcm] = block
+            if others:
+                out[gdcm] = block
+            else:
+                out = block
     for i in others:
         out[i] = _pydicom_decode(headers[i], crop)
     for i, exc in refused.items():
         out[i] = _pydicom_decode(headers[i], crop)
         logger.warning("%s; pydicom decoded it instead, but the slice may be damaged", exc)
+    overflow = np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))  # GDCM casts to float32 silently
+    if overflow.size:
+        raise _overflow_error(headers[int(overflow[0])])
     return out
 
 

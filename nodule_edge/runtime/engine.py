@@ -7,9 +7,11 @@ thread-safe (ONNX Runtime's ``InferenceSession.run`` may be called concurrently)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from nodule_edge.errors import BundleError, EngineError, MissingDependencyError
 from nodule_edge.patch import PatchSpec
 from nodule_edge.runtime.bundle import Bundle
 
-__all__ = ["BACKENDS", "Engine", "OnnxEngine", "ModelMetadata", "read_onnx_metadata", "create_engine"]
+__all__ = ["BACKENDS", "Engine", "OnnxEngine", "CpuFastEngine", "ModelMetadata", "read_onnx_metadata", "metadata_from_props", "create_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,13 @@ class ModelMetadata:
     raw: dict[str, str]
 
 
-def read_onnx_metadata(session_or_path: "object") -> ModelMetadata:
+def read_onnx_metadata(session: "object") -> ModelMetadata:
     """Parse nodule-edge metadata from an ONNX Runtime session's model metadata."""
-    meta = session_or_path.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
+    return metadata_from_props(dict(session.get_modelmeta().custom_metadata_map))  # type: ignore[attr-defined]
+
+
+def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
+    """Parse nodule-edge metadata from an ONNX file's ``metadata_props``."""
     missing = [k for k in ("patch_spec", "attribute_names", "output_names", "input_name") if k not in meta]
     if missing:
         raise BundleError(f"model has no nodule-edge metadata {missing}: not exported by 'nodule-edge export'")
@@ -65,6 +71,11 @@ class Engine:
     backend: str
     metadata: ModelMetadata
     providers: tuple[str, ...] = ()
+
+    @property
+    def description(self) -> str:
+        """Backend and what actually executes it, e.g. ``cpu-fast (openvino)``."""
+        return f"{self.backend} ({self.providers[0]})" if self.providers else self.backend
 
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""
@@ -105,6 +116,30 @@ class OnnxEngine(Engine):
         return dict(zip(self.metadata.output_names, outputs))
 
 
+class CpuFastEngine(Engine):
+    """The INT8 CPU artifact: OpenVINO when installed (extra ``openvino``), else ONNX Runtime."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        from nodule_edge.export.cpu_engine import load_cpu_engine
+
+        self._engine = load_cpu_engine(path, threads=threads)
+        self.backend = "cpu-fast"
+        self.path = path
+        self.providers = (self._engine.backend,)
+        self.metadata = metadata_from_props(self._engine.metadata)
+        # One OpenVINO infer request is not re-entrant; ONNX Runtime sessions are.
+        self._lock = threading.Lock() if self._engine.backend == "openvino" else contextlib.nullcontext()
+
+    def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        size = self.metadata.patch_spec.size
+        expected = (self.metadata.patch_spec.channels, size, size, size)
+        if patches.ndim != 5 or tuple(patches.shape[1:]) != expected:
+            raise EngineError(f"engine expects patches of shape [N, {', '.join(map(str, expected))}], got {list(patches.shape)}")
+        with self._lock:
+            return self._engine.run(patches)
+
+
 def _available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -124,7 +159,7 @@ def _try_create(bundle: Bundle, backend: str, threads: int | None) -> Engine:
             raise EngineError("ONNX Runtime has no CUDA provider here (install nodule-edge[gpu] on a CUDA machine)")
         return OnnxEngine(_need(bundle, "onnx_fp32"), "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], threads)
     if backend == "cpu-fast":
-        return OnnxEngine(_need(bundle, "cpu_engine"), "cpu-fast", ["CPUExecutionProvider"], threads)
+        return CpuFastEngine(_need(bundle, "cpu_engine"), threads)
     if backend == "cpu":
         return OnnxEngine(_need(bundle, "onnx_fp32"), "cpu", ["CPUExecutionProvider"], threads)
     raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(('auto',) + BACKENDS)}")

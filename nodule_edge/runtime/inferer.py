@@ -84,6 +84,7 @@ class StudyResult:
     backend: str
     model_version: str
     timing_ms: dict[str, float]
+    executor: str = ""
 
 
 class NoduleInferer:
@@ -128,6 +129,11 @@ class NoduleInferer:
     @property
     def backend(self) -> str:
         return self.engine.backend
+
+    @property
+    def executor(self) -> str:
+        """What actually runs the backend (e.g. ``openvino``, ``CPUExecutionProvider``)."""
+        return self.engine.providers[0] if self.engine.providers else self.engine.backend
 
     @property
     def model_version(self) -> str:
@@ -239,7 +245,7 @@ class NoduleInferer:
                     longest_axial_diameter_mm=measures["longest_axial_diameter_mm"],
                 )
             )
-        return StudyResult(study, nodules, self.backend, self.model_version, timing)
+        return StudyResult(study, nodules, self.backend, self.model_version, timing, self.executor)
 
     def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None) -> list[NodulePrediction]:
         n = len(outputs["malignancy_probability"])

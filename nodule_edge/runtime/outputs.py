@@ -128,7 +128,7 @@ def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str
         "schema_version": REPORT_SCHEMA_VERSION,
         "nodule_edge_version": __version__,
         "study": _study_summary(result),
-        "model": {"version": result.model_version, "backend": result.backend, "index_kind": index_kind},
+        "model": {"version": result.model_version, "backend": result.backend, "executor": result.executor, "index_kind": index_kind},
         "nodules": [_nodule_report(i, n) for i, n in enumerate(result.nodules)],
         "timing_ms": dict(result.timing_ms),
     }

@@ -350,6 +350,27 @@ def test_decoding_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[st
     assert capfd.readouterr() == ("", "")
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless], ids=["pydicom", "gdcm"])
+@pytest.mark.parametrize(
+    "field, value", [("RescaleSlope", math.nan), ("RescaleIntercept", math.inf), ("RescaleIntercept", 1e39)]
+)
+def test_non_finite_hu_are_refused_naming_the_file(tmp_path: Path, syntax: str, field: str, value: float) -> None:
+    import warnings
+
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=syntax, shuffle_seed=None)
+    with warnings.catch_warnings():  # pydicom warns about writing such values; writing them is the point
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(series.paths[2])
+        setattr(ds, field, value)
+        ds.save_as(series.paths[2])
+    headers = _slices(tmp_path)
+    with pytest.raises(StudyError, match=re.escape(str(series.paths[2])) + ".*(not finite|beyond float32)"):
+        decode_slices(headers)
+    np.testing.assert_array_equal(decode_slices(headers[:2]), series.hu[:2])
+
+
 def test_unknown_backend_and_bad_crop_are_refused(axial: SyntheticSeries) -> None:
     headers = open_study(axial.folder).slices[:2]
     with pytest.raises(ConfigError, match="'gpu'"):
