@@ -189,14 +189,7 @@ def _no_name_warnings():
 # ---------------------------------------------------------------------------------- source
 def _slice_headers(study: Any) -> Sequence[Any]:
     """Slice headers (``.path``, ``.sop_instance_uid``) in the study's slice order."""
-    headers = getattr(study, "slices", None)
-    if headers is None:
-        # Study keeps its headers in its DICOM pixel source; no public accessor yet.
-        headers = getattr(getattr(study, "_source", None), "slices", None)
-    if headers is None:
-        from nodule_edge.runtime.dicom_series import load_series
-
-        headers = load_series(study.path, study.series_uid).slices
+    headers = study.slices
     if len(headers) != int(study.n_slices):
         raise OutputError(
             f"series {study.series_uid} lists {len(headers)} slice files for {study.n_slices} slices; "

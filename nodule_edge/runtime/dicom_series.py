@@ -77,6 +77,7 @@ _ORTHONORMAL_TOL = 1e-2
 # Lateral drift of slice positions (as a fraction of the in-plane pixel size) beyond which the
 # stack is sheared, i.e. acquired with gantry tilt.
 _TILT_TOL_FRACTION = 0.1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -859,9 +860,6 @@ def _pydicom_decode(header: SliceHeader, crop: _Crop) -> np.ndarray:
     if not np.all(np.abs(hu) <= _FLOAT32_MAX):
         raise _overflow_error(header)
     return hu.astype(np.float32)
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _overflow_error(header: SliceHeader) -> StudyError:

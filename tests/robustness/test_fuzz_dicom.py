@@ -281,11 +281,6 @@ def test_front_end_gives_a_patch_or_its_own_error(base, fake_inferer, muts):
 BAD_RESCALE = [("RescaleSlope", math.nan), ("RescaleIntercept", math.inf), ("RescaleIntercept", 1e39)]
 
 
-@pytest.mark.xfail(
-    reason="front-end bug (dicom_series): a non-finite or float32-overflowing RescaleSlope/RescaleIntercept "
-    "can give NaN HU from build_patches instead of a StudyError (the inferer refuses such patches)",
-    strict=False,
-)
 @pytest.mark.parametrize("field,value", BAD_RESCALE)
 def test_front_end_never_returns_nan_for_a_bad_rescale(base, tmp_path, field, value):
     files, centre = base
