@@ -7,7 +7,7 @@ reason; ``ortov-ep-*`` need the ``onnxruntime-openvino`` wheel, which replaces `
 so run this file again from a separate virtual environment that has it to fill those rows.
 
 The fp32 model: ``$NODULE_EDGE_ONNX``, else the bundled ``nodule_edge/assets/bundle/model.onnx``.
-The INT8 model: ``$NODULE_EDGE_INT8`` (e.g. the bundle's ``model.int8.onnx``), else built here
+The INT8 model: ``$NODULE_EDGE_INT8``, else the bundle's ``model.int8.onnx`` beside the bundled fp32 model, else built here
 from real LIDC patches when ``../shared/data/lidc_voi`` is present, else from seeded synthetic
 patches (speed does not depend on the calibration ranges; accuracy is
 ``python -m nodule_edge.export.cpu_engine compare``'s job).
@@ -59,6 +59,9 @@ def int8_onnx(fp32_onnx, tmp_path_factory) -> Path:
     env = os.environ.get("NODULE_EDGE_INT8")
     if env:
         return Path(env)
+    bundled = BUNDLED_ONNX.with_name("model.int8.onnx")
+    if fp32_onnx == BUNDLED_ONNX and bundled.is_file():
+        return bundled
     return build_cpu_engine(fp32_onnx, tmp_path_factory.mktemp("cpu_engine"), _calibration_patches())
 
 

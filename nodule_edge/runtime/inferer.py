@@ -33,6 +33,9 @@ __all__ = ["NoduleInferer", "NodulePrediction", "NoduleResult", "StudyResult"]
 
 log = logging.getLogger(__name__)
 
+#: Below this |p − 0.5| the (p − 0.5)-signed saliency map is flagged as sign-uncertain.
+SALIENCY_SIGN_MARGIN = 0.05
+
 
 @dataclass
 class NodulePrediction:
@@ -48,6 +51,11 @@ class NodulePrediction:
     saliency: np.ndarray
     similar: list[Any] = field(default_factory=list)
     retrieval_score: float | None = None
+
+    @property
+    def saliency_sign_uncertain(self) -> bool:
+        """The saliency is signed by (p − 0.5): within 0.05 of 0.5 a small change inverts it."""
+        return abs(self.malignancy_probability - 0.5) < SALIENCY_SIGN_MARGIN
 
 
 @dataclass

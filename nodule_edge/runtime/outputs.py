@@ -105,6 +105,7 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
             "nodule_attention": round(p.nodule_attention, 6),
             "background_attention": round(p.background_attention, 6),
             "trustworthy": p.trustworthy,
+            "sign_uncertain": p.saliency_sign_uncertain,
         },
         "similar": [
             {

@@ -99,6 +99,7 @@ def test_study_result_and_report_fields(inferer, voxel_result, demo_study):
     assert node["malignancy_probability"] == pytest.approx(n.malignancy_probability, abs=1e-6)
     assert list(node["attributes"]) == list(ATTRIBUTE_NAMES)
     assert node["saliency"]["trustworthy"] == n.trustworthy
+    assert node["saliency"]["sign_uncertain"] == (abs(n.malignancy_probability - 0.5) < 0.05)
     assert [s["id"] for s in node["similar"]] == [s.id for s in n.prediction.similar]
 
 
