@@ -78,6 +78,7 @@ def build_bundle(
     """Export everything the runtime loads into a verified bundle folder (written atomically)."""
     say = progress or log.info
     out_dir = Path(out_dir)
+    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
     try:
         artifacts: dict[str, str] = {}
@@ -116,6 +117,9 @@ def build_bundle(
         if model_card is not None:
             shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
             artifacts["model_card"] = "MODEL_CARD.md"
+        # mkdtemp makes the folders private; a shipped bundle must be readable by every user.
+        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
         write_manifest(tmp, artifacts, extra)
         load_bundle(tmp)  # verify before it replaces anything
         if out_dir.exists():
@@ -129,7 +133,6 @@ def build_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"bundle written to {out_dir}")
     return out_dir
 
 

@@ -61,11 +61,22 @@ def render_model_card(summary: dict[str, Any], command: str, extra: dict[str, An
         if mean is not None and const:
             lines.append(f"| **mean** | {_f(mean)} | | {_f(const)} ({(1 - mean / const) * 100:.0f} % lower) |")
         cs = r.get("context_sensitivity", {})
+        retrieval = r.get("retrieval") or {}
+        if retrieval.get("attributes"):
+            lines += [
+                "",
+                f"Similar-nodule retrieval on the same held-out fold (index of the fold's own nodules with the model's outputs, K = {retrieval.get('k')}, leave-one-patient-out; score = mean label of the neighbours):",
+                "",
+                "| vector | AUC | accuracy |",
+                "|---|---:|---:|",
+                f"| six attribute scores (MICCAI) | {_f(retrieval['attributes']['auc'])} | {_f(retrieval['attributes']['accuracy'])} |",
+                f"| probability + malignancy rating (MedIA machine + expert) | {_f(retrieval['machine_expert']['auc'])} | {_f(retrieval['machine_expert']['accuracy'])} |",
+            ]
         lines += [
             "",
             f"- Dice at 64³ (segmentation upsampled from 16³, threshold 0.5): {_f(r.get('dice_mean'))}",
             f"- Grad-CAM higher on the nodule than on the background: {_f(r.get('cam_on_nodule_fraction_gt_mask'))} of nodules (reference mask), {_f(r.get('cam_on_nodule_fraction_predicted_mask'))} (predicted mask, the runtime's trust check)",
-            f"- Context sensitivity ({cs.get('n', 0)} test nodules with ≥ 24 mm z context, full vs truncated to 10 mm): mean |Δp| {_f(cs.get('mean_abs_delta_probability'))}, max |Δp| {_f(cs.get('max_abs_delta_probability'))}, mean |Δ attribute| {_f(cs.get('mean_abs_delta_attribute_rating'))} rating points",
+            f"- Context sensitivity ({cs.get('n', 0)} test nodules with ≥ 24 mm z context, full vs truncated to 10 mm): mean |Δp| {_f(cs.get('mean_abs_delta_probability'))}, max |Δp| {_f(cs.get('max_abs_delta_probability'))}, mean |Δ attribute| {_f(cs.get('mean_abs_delta_attribute_rating'))} rating points. Only large nodules have that much z context in the VOIs, and truncating to 10 mm cuts the nodule itself, so this mixes context with content; still, the model is far from stable across context lengths.",
             "",
         ]
     for key, value in (extra or {}).items():
