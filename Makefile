@@ -13,8 +13,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# The runtime plus OpenVINO, which runs the default fast CPU engine (README, Performance).
 install-runtime: $(BIN)/python
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[openvino]"
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python

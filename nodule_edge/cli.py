@@ -25,7 +25,8 @@ def _handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except NoduleEdgeError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            # One line: messages may quote multi-line errors from decoders or engines.
+            click.secho("error: " + " ".join(str(exc).split()), fg="red", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -71,7 +72,7 @@ def _parse_point(value: str, option: str) -> tuple[float, float, float]:
     return point  # type: ignore[return-value]
 
 
-_BACKEND_CHOICE = click.Choice(["auto", "tensorrt", "cuda", "cpu-fast", "cpu"])
+_BACKEND_CHOICE = click.Choice(["auto", "tensorrt", "cuda", "cpu-fast", "cpu-int8", "cpu"])
 
 
 def _make_inferer(bundle: str | None, backend: str, top_k: int, threads: int | None = None) -> Any:

@@ -30,17 +30,25 @@ def cpu_engine(bundle) -> OnnxEngine:
 def test_auto_picks_a_cpu_backend_and_logs_why(bundle, caplog):
     with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.engine"):
         engine = create_engine(bundle, "auto", threads=1)
-    expected = "cpu-fast" if bundle.path("cpu_engine") is not None else "cpu"
+    from nodule_edge.export.cpu_engine import openvino_available
+
+    expected = "cpu-fast" if openvino_available() else "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():  # pragma: no cover - GPU machines
         pytest.skip("this machine has CUDA; auto would pick it")
     assert engine.backend == expected
-    assert engine.providers[0] == "CPUExecutionProvider"
+    assert engine.providers[0] == ("openvino" if expected == "cpu-fast" else "CPUExecutionProvider")
     chosen = [r for r in caplog.records if "auto-selected" in r.getMessage()]
     assert len(chosen) == 1 and chosen[0].levelno == logging.INFO
     message = chosen[0].getMessage()
     assert f"auto-selected: {expected}" in message
     # The log says why each faster backend was skipped.
     assert "tensorrt:" in message and "cuda:" in message
+
+
+def test_int8_is_never_auto_selected(bundle):
+    from nodule_edge.runtime.engine import ALL_BACKENDS
+
+    assert "cpu-int8" in ALL_BACKENDS and "cpu-int8" not in BACKENDS
 
 
 def test_backends_are_tried_fastest_first():
