@@ -37,8 +37,12 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ("CLI cold start / in-process end to end", ("test_cli_cold_start", ""), ("test_e2e_inprocess", "")),
     ("output writing / in-process end to end", ("test_write_outputs", ""), ("test_e2e_inprocess", "")),
 ]
-#: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines).
-TOLERANCE = 1.5
+#: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines;
+#: single-round references such as the naive pipeline vary by tens of percent between runs).
+TOLERANCE = 2.0
+#: Ratios whose reference takes less than this are reported but not gated: at microseconds,
+#: Python overhead and scheduling noise dominate.
+MIN_GATED_REFERENCE_MS = 1.0
 
 
 def _find(benchmarks: list[dict], test: str, param: str) -> dict | None:
@@ -82,6 +86,9 @@ def gate(ratios: dict[str, dict[str, float]], baseline: dict[str, float], tolera
     for label, base in baseline.items():
         if label not in ratios:
             print(f"note: '{label}' was not measured in this run (skipped benchmark)", file=sys.stderr)
+            continue
+        if ratios[label]["reference_ms"] < MIN_GATED_REFERENCE_MS:
+            print(f"note: '{label}' not gated (reference under {MIN_GATED_REFERENCE_MS} ms)", file=sys.stderr)
             continue
         now = ratios[label]["ratio"]
         if not math.isfinite(now) or now > base * tolerance:
