@@ -41,11 +41,6 @@ def _handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _not_implemented(name: str) -> None:
-    click.secho(f"error: 'nodule-edge {name}' is not implemented yet in this version", fg="red", err=True)
-    sys.exit(2)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nodule-edge")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")

@@ -7,6 +7,7 @@ thread-safe (ONNX Runtime's ``InferenceSession.run`` may be called concurrently)
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -68,7 +69,7 @@ def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
         raise BundleError(f"model metadata is malformed: {exc}") from exc
 
 
-class Engine:
+class Engine(abc.ABC):
     """Interface of every backend."""
 
     backend: str
@@ -80,9 +81,9 @@ class Engine:
         """Backend and what actually executes it, e.g. ``cpu-fast (openvino)``."""
         return f"{self.backend} ({self.providers[0]})" if self.providers else self.backend
 
+    @abc.abstractmethod
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""
-        raise NotImplementedError
 
 
 class OnnxEngine(Engine):
