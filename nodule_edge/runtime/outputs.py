@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from nodule_edge import __version__
 from nodule_edge.errors import OutputError
-from nodule_edge.patch import PatchSpec, patch_bounds_lps, patch_grid
+from nodule_edge.patch import PatchSpec, patch_grid
 from nodule_edge.runtime.inferer import NoduleResult, StudyResult
 from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
 
@@ -46,30 +46,15 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 def patch_to_study_grid(volume: np.ndarray, center_lps_mm: Any, spec: PatchSpec, study: Any, full_grid: bool = False, interpolator: int = sitk.sitkLinear) -> sitk.Image:
     """Resample a patch-grid volume onto the study's own voxel lattice.
 
-    By default only the part of the lattice the 32 mm cube covers is written (same spacing,
-    orientation and voxel positions as the study, origin moved): viewers overlay by physical
-    coordinates, and a full 512²×N grid would cost far more to write than the whole inference.
+    By default only the part of the lattice the 32 mm cube covers is written (the study's own
+    voxel positions, spacing and orientation; the grid the pixels were read from): viewers overlay
+    by physical coordinates, and a full 512²×N grid would cost far more to write than the whole
+    inference. ``full_grid`` writes the whole study grid (refused for unevenly spaced series).
     """
     src = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
-    grid = patch_grid(center_lps_mm, spec)
-    src.CopyInformation(grid)
-    size = [int(s) for s in study.size]
-    spacing = [float(s) for s in study.spacing_mm]
-    direction = np.asarray(study.direction, dtype=np.float64).reshape(3, 3)
-    origin = np.asarray(study.origin, dtype=np.float64)
-    start = np.zeros(3, int)
-    stop = np.asarray(size)
-    if not full_grid:
-        low, high = patch_bounds_lps(center_lps_mm, spec, margin_mm=spec.spacing_mm)
-        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
-        idx = np.linalg.solve(direction * np.asarray(spacing), (corners - origin).T).T
-        start = np.clip(np.floor(idx.min(0)).astype(int), 0, np.asarray(size) - 1)
-        stop = np.clip(np.ceil(idx.max(0)).astype(int) + 1, start + 1, np.asarray(size))
-    ref = sitk.Image([int(v) for v in stop - start], sitk.sitkFloat32)
-    ref.SetSpacing(spacing)
-    ref.SetDirection(tuple(direction.ravel()))
-    ref.SetOrigin(tuple(origin + direction @ (start * np.asarray(spacing))))
-    return sitk.Resample(src, ref, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+    src.CopyInformation(patch_grid(center_lps_mm, spec))
+    reference = study.reference_geometry(None if full_grid else center_lps_mm, spec).to_image(sitk.sitkFloat32)
+    return sitk.Resample(src, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
 
 
 def _study_summary(result: StudyResult) -> dict[str, Any]:

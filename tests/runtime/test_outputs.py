@@ -15,10 +15,19 @@ from nodule_edge.errors import OutputError
 
 
 class _Grid:
-    """The geometry attributes the writer reads from a Study."""
+    """A study geometry; ``study()`` makes a real in-memory Study on it."""
 
     def __init__(self, size, spacing, origin, direction):
         self.size, self.spacing_mm, self.origin, self.direction = size, spacing, origin, np.asarray(direction, float).reshape(3, 3)
+
+    def study(self):
+        from nodule_edge.runtime.study import study_from_image
+
+        image = sitk.Image(list(self.size), sitk.sitkFloat32)
+        image.SetSpacing(self.spacing_mm)
+        image.SetOrigin(self.origin)
+        image.SetDirection(tuple(self.direction.ravel()))
+        return study_from_image(image)
 
 
 def _nifti_affine_and_data(path):
@@ -53,7 +62,7 @@ def test_segmentation_lands_at_its_lps_position(tmp_path, grid_name):
     coords = (np.stack([x, y, z], -1) - 31.5) * DEFAULT_PATCH_SPEC.spacing_mm  # LPS offsets from centre
     sphere = (np.linalg.norm(coords - offset, axis=-1) < 3.0).astype(np.float32)
 
-    image = patch_to_study_grid(sphere, centre_lps, DEFAULT_PATCH_SPEC, grid)
+    image = patch_to_study_grid(sphere, centre_lps, DEFAULT_PATCH_SPEC, grid.study())
     out = tmp_path / "seg.nii.gz"
     sitk.WriteImage(sitk.Cast(image > 0.5, sitk.sitkUInt8), str(out))
 
@@ -66,7 +75,7 @@ def test_segmentation_lands_at_its_lps_position(tmp_path, grid_name):
 
 def test_full_grid_has_the_study_size():
     grid = GRIDS["axial_identity"]
-    image = patch_to_study_grid(np.zeros((64, 64, 64), np.float32), (-2.0, 38.0, -35.0), DEFAULT_PATCH_SPEC, grid, full_grid=True)
+    image = patch_to_study_grid(np.zeros((64, 64, 64), np.float32), (-2.0, 38.0, -35.0), DEFAULT_PATCH_SPEC, grid.study(), full_grid=True)
     assert image.GetSize() == grid.size
     assert image.GetOrigin() == pytest.approx(grid.origin)
 
