@@ -29,6 +29,7 @@ from nodule_edge.export.cpu_engine import (  # noqa: E402
     session_options_for,
 )
 from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402
+from tests.export.tiny_onnx import finish_model  # noqa: E402
 
 OUTPUTS = ("malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "embedding")
 EMBEDDING = 8
@@ -98,28 +99,7 @@ def _conv_model(seed: int = 0) -> onnx.ModelProto:
         "background_attention": ["batch"],
         "embedding": ["batch", EMBEDDING],
     }
-    graph = helper.make_graph(
-        nodes,
-        "tiny_conv",
-        [helper.make_tensor_value_info("patch", TensorProto.FLOAT, ["batch", 2, 64, 64, 64])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    helper.set_model_props(
-        model,
-        {
-            "format": "nodule-edge-onnx-v1",
-            "input_name": "patch",
-            "patch_spec": DEFAULT_PATCH_SPEC.to_json(),
-            "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
-            "output_names": json.dumps(list(OUTPUTS)),
-            "model_version": "tiny-conv-test",
-        },
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_model(nodes, inits, shapes, "tiny_conv", "tiny-conv-test")
 
 
 def _patches(n: int, seed: int) -> np.ndarray:

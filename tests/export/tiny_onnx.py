@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.patch import DEFAULT_PATCH_SPEC
 
-__all__ = ["OUTPUT_SHAPES", "tiny_model", "write_tiny_onnx"]
+__all__ = ["OUTPUT_SHAPES", "finish_model", "tiny_model", "write_tiny_onnx"]
 
 EMBEDDING_DIM = 64
 OUTPUT_SHAPES: dict[str, list[int | str]] = {
@@ -66,11 +66,23 @@ def tiny_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["pooled", "w_emb"], ["emb_mm"], name="node_MatMul_11"),
         helper.make_node("Relu", ["emb_mm"], ["embedding"], name="node_Relu_12"),
     ]
+    return finish_model(nodes, inits, OUTPUT_SHAPES, "tiny_nodule_edge", "tiny-test")
+
+
+def write_tiny_onnx(path: str | Path, seed: int = 0) -> Path:
+    """Write the model to ``path`` and return it."""
+    path = Path(path)
+    onnx.save(tiny_model(seed), str(path))
+    return path
+
+
+def finish_model(nodes: list, inits: list, output_shapes: dict, name: str, version: str) -> onnx.ModelProto:
+    """Wrap nodes into an opset-18 model with the ``patch`` input and nodule-edge metadata, checked."""
     graph = helper.make_graph(
         nodes,
-        "tiny_nodule_edge",
+        name,
         inputs=[helper.make_tensor_value_info("patch", TensorProto.FLOAT, ["batch", 2, 64, 64, 64])],
-        outputs=[helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in OUTPUT_SHAPES.items()],
+        outputs=[helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in output_shapes.items()],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="nodule-edge-tests")
@@ -82,16 +94,9 @@ def tiny_model(seed: int = 0) -> onnx.ModelProto:
             "input_name": "patch",
             "patch_spec": DEFAULT_PATCH_SPEC.to_json(),
             "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
-            "output_names": json.dumps(list(OUTPUT_SHAPES)),
-            "model_version": "tiny-test",
+            "output_names": json.dumps(list(output_shapes)),
+            "model_version": version,
         },
     )
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def write_tiny_onnx(path: str | Path, seed: int = 0) -> Path:
-    """Write the model to ``path`` and return it."""
-    path = Path(path)
-    onnx.save(tiny_model(seed), str(path))
-    return path
