@@ -64,7 +64,8 @@ def test_e2e_naive(benchmark, chest_study, bundle_dir):
         out = model(x)
         torch.autograd.grad(out.malignancy_probability.sum(), out.features)
 
-    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    # Several rounds: one round of this 1.3 GB whole-volume path varied between 3.6 and 5.1 s.
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
 
 
 def _torch_model(bundle_dir: Path):
