@@ -10,7 +10,7 @@ Per Zhang et al. the model reads a 32 mm cube centred on the nodule, resampled t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_PATCH_SPEC",
     "build_patch",
     "resample_hu",
+    "resample_mask",
     "window_channels",
     "patch_grid",
     "patch_bounds_lps",
@@ -134,6 +135,20 @@ def resample_hu(
         sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(resampled)
+
+
+def resample_mask(
+    mask: sitk.Image,
+    center_lps_mm: np.ndarray | tuple[float, float, float],
+    spec: PatchSpec = DEFAULT_PATCH_SPEC,
+) -> np.ndarray:
+    """Fraction of each cube voxel inside a binary mask: float32 ``[z, y, x]`` in [0, 1].
+
+    Linear resampling of the 0/1 mask gives partial-volume fractions (a soft target for training,
+    thresholded at 0.5 for Dice); voxels outside the mask's volume are 0.
+    """
+    soft = resample_hu(mask, center_lps_mm, replace(spec, interpolation="linear", outside_hu=0.0))
+    return np.clip(soft, 0.0, 1.0)
 
 
 def window_channels(hu: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.ndarray:

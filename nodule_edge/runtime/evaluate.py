@@ -17,7 +17,7 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import OutputError
 from nodule_edge.manifest import read_unsure_manifest
 from nodule_edge.metrics import binary_metrics, dice
-from nodule_edge.patch import PatchSpec, resample_hu
+from nodule_edge.patch import resample_mask
 
 __all__ = ["CSV_COLUMNS", "evaluate_voi_dir"]
 
@@ -32,11 +32,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "background_attention",
     "retrieval_score",
 )
-
-
-def _mask_patch(mask_path: Path, center: tuple[float, float, float], spec: PatchSpec) -> np.ndarray:
-    mask_spec = PatchSpec(size=spec.size, spacing_mm=spec.spacing_mm, windows=spec.windows, interpolation="linear", outside_hu=0.0)
-    return resample_hu(sitk.ReadImage(str(mask_path)), center, mask_spec) >= 0.5
 
 
 def evaluate_voi_dir(
@@ -67,7 +62,7 @@ def evaluate_voi_dir(
         p = n.prediction
         d = None
         if rec.mask_path is not None:
-            d = dice(p.segmentation >= 0.5, _mask_patch(rec.mask_path, rec.center_lps_mm, inferer.spec))
+            d = dice(p.segmentation >= 0.5, resample_mask(sitk.ReadImage(str(rec.mask_path)), rec.center_lps_mm, inferer.spec) >= 0.5)
             dices.append(d)
         if rec.label is not None:
             probs.append(p.malignancy_probability)

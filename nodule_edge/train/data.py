@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import DataError
 from nodule_edge.manifest import NoduleRecord, lidc_proxy_label, read_sure_manifest, read_unsure_manifest
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, resample_hu
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, resample_mask
 
 __all__ = [
     "NoduleRecord",
@@ -102,10 +102,7 @@ def build_patch_cache(
         images[i] = build_patch(image, rec.center_lps_mm, spec)
         z_extent[i] = _z_context_mm(image, rec.center_lps_mm)
         if rec.mask_path is not None:
-            mask = sitk.ReadImage(str(rec.mask_path))
-            # Linear resampling of the binary mask gives partial-volume fractions: a soft target.
-            soft = resample_hu(mask, rec.center_lps_mm, PatchSpec(**{**spec.__dict__, "interpolation": "linear", "outside_hu": 0.0}))
-            masks[i] = np.clip(soft, 0, 1)
+            masks[i] = resample_mask(sitk.ReadImage(str(rec.mask_path)), rec.center_lps_mm, spec)
             has_mask[i] = True
         if (i + 1) % 100 == 0:
             log.info("built %d/%d patches", i + 1, n)

@@ -29,7 +29,7 @@ from nodule_edge.export.cpu_engine import (  # noqa: E402
     session_options_for,
 )
 from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402
-from tests.export.tiny_onnx import finish_model  # noqa: E402
+from tests.export.tiny_onnx import OUTPUT_SHAPES, finish_model  # noqa: E402
 
 OUTPUTS = ("malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "embedding")
 EMBEDDING = 8
@@ -90,15 +90,7 @@ def _conv_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["inside", "axes_map"], ["nodule_attention"], keepdims=0, name="att_n"),
         helper.make_node("ReduceMean", ["saliency", "axes_map"], ["background_attention"], keepdims=0, name="att_b"),
     ]
-    shapes = {
-        "malignancy_probability": ["batch"],
-        "attributes": ["batch", len(ATTRIBUTE_NAMES)],
-        "segmentation": ["batch", 64, 64, 64],
-        "saliency": ["batch", 64, 64, 64],
-        "nodule_attention": ["batch"],
-        "background_attention": ["batch"],
-        "embedding": ["batch", EMBEDDING],
-    }
+    shapes = {**OUTPUT_SHAPES, "embedding": ["batch", EMBEDDING]}
     return finish_model(nodes, inits, shapes, "tiny_conv", "tiny-conv-test")
 
 
