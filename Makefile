@@ -1,6 +1,6 @@
 # Two entry points for a newcomer on a fresh machine (Python >= 3.11 and a C compiler):
 #   make demo   - create .venv, install the runtime, run the demo end to end
-#   make test   - create .venv, install everything (train, export, openvino, dev), run the test suite
+#   make test   - create .venv, install everything (train, export, openvino, gdcm, dev), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,13 +13,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# The runtime plus OpenVINO, which runs the default fast CPU engine (README, Performance).
+# The runtime plus OpenVINO (the default fast CPU engine) and python-gdcm (the fast header scan), README, Performance.
 install-runtime: $(BIN)/python
-	$(PIP) install -q -e ".[openvino]"
+	$(PIP) install -q -e ".[openvino,gdcm]"
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dev]"
+	$(PIP) install -q -e ".[train,export,dicom-out,openvino,gdcm,dev]"
 
 demo: install-runtime
 	$(BIN)/nodule-edge demo

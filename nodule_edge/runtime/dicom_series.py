@@ -20,9 +20,12 @@ with pydicom (the pylibjpeg / pyjpegls plugins for the compressed ones). Each sl
 RescaleSlope/RescaleIntercept turn stored values into HU, in float64 rounded once to float32 on
 both paths.
 
-Most of the header scan's time is pydicom's parser. The values the scan needs are decoded from
-the raw elements (:class:`_Tags`) rather than through pydicom's per-element conversion, which
-took about a quarter of the scan.
+Headers are read with GDCM's C++ Scanner when python-gdcm is installed (the ``gdcm`` extra): one
+pass over all files, each read only up to the last tag needed, 2.4× faster than pydicom on the real
+chest study. Files it cannot read, and text that is not ASCII, go through pydicom, whose per-file
+parse is the rest of the scan's time; there the values are decoded from the raw elements
+(:class:`_Tags`) rather than through pydicom's per-element conversion, which took about a quarter
+of that parse. Both readers give the same :class:`_FileInfo` (tests/runtime/test_header_readers.py).
 """
 
 from __future__ import annotations
@@ -293,6 +296,19 @@ class _Tags:
         except ValueError:
             return None
 
+    def description(self) -> str | None:
+        """SeriesDescription; LO text depends on the character set, so pydicom decodes it."""
+        return str(self._ds.get("SeriesDescription", "") or "").strip() or None
+
+    def file_meta(self, keyword: str) -> str:
+        """A file meta (group 0002) value by keyword, "" when absent."""
+        meta = getattr(self._ds, "file_meta", None)
+        return str(meta.get(keyword, "") or "").strip() if meta is not None else ""
+
+    def transfer_syntax(self) -> str:
+        """The transfer syntax the file is encoded in."""
+        return _transfer_syntax(self._ds)
+
     def ushort(self, tag: int) -> int | None:
         """A US element's first value, or None when absent or empty."""
         from pydicom.dataelem import RawDataElement
@@ -341,18 +357,13 @@ def _series_key(tags: _Tags, description: str | None, rows: int | None, cols: in
     return "unknown:" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def _classify(path: str, ds, forced: bool) -> _FileInfo:
+def _classify(path: str, tags: "_Tags | _GdcmTags", forced: bool) -> _FileInfo:
     from pydicom.uid import UID
 
-    tags = _Tags(ds)
-    meta = getattr(ds, "file_meta", None)
-    sop_class = tags.string(_SOP_CLASS)
-    if not sop_class and meta is not None:
-        sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    sop_class = tags.string(_SOP_CLASS) or tags.file_meta("MediaStorageSOPClassUID")
     modality = tags.string(_MODALITY).upper() or None
     image_type = [v.upper() for v in tags.strings(_IMAGE_TYPE)]
-    # LO text depends on the character set: left to pydicom (one element per file).
-    description = str(ds.get("SeriesDescription", "") or "").strip() or None
+    description = tags.description()
     sop_name = UID(sop_class).name if sop_class else "unknown SOP class"
     rows, cols = tags.ushort(_ROWS), tags.ushort(_COLUMNS)
     info = _FileInfo(
@@ -400,9 +411,7 @@ def _classify(path: str, ds, forced: bool) -> _FileInfo:
         info.problem = str(exc)
     slope = tags.number(_RESCALE_SLOPE)
     intercept = tags.number(_RESCALE_INTERCEPT)
-    sop_uid = tags.string(_SOP_INSTANCE)
-    if not sop_uid and meta is not None:
-        sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    sop_uid = tags.string(_SOP_INSTANCE) or tags.file_meta("MediaStorageSOPInstanceUID")
     number = tags.number(_INSTANCE_NUMBER)
     info.header = SliceHeader(
         path=path,
@@ -410,13 +419,109 @@ def _classify(path: str, ds, forced: bool) -> _FileInfo:
         instance_number=int(number) if number is not None else None,
         slope=1.0 if slope is None or slope == 0 else slope,  # a zero slope is invalid; read as 1
         intercept=0.0 if intercept is None else intercept,
-        transfer_syntax_uid=_transfer_syntax(ds),
+        transfer_syntax_uid=tags.transfer_syntax(),
         forced=forced,
         rows=rows,
         cols=cols,
         photometric=tags.string(_PHOTOMETRIC).upper(),
     )
     return info
+
+
+# File meta values the GDCM path reads, by the keyword _classify asks for.
+_GDCM_META_TAGS = {
+    "MediaStorageSOPClassUID": 0x00020002,
+    "MediaStorageSOPInstanceUID": 0x00020003,
+    "TransferSyntaxUID": 0x00020010,
+}
+_DESCRIPTION = 0x0008103E
+_GDCM_SCAN_TAGS = (
+    *_GDCM_META_TAGS.values(),
+    _SOP_CLASS, _SOP_INSTANCE, _IMAGE_TYPE, _MODALITY, _DESCRIPTION, _SLICE_THICKNESS, _GANTRY_TILT,
+    _SERIES_UID, _SERIES_NUMBER, _INSTANCE_NUMBER, _IPP, _IOP, _FRAME_OF_REFERENCE, _PHOTOMETRIC,
+    _NUMBER_OF_FRAMES, _ROWS, _COLUMNS, _PIXEL_SPACING, _RESCALE_INTERCEPT, _RESCALE_SLOPE,
+)
+
+
+class _GdcmTags:
+    """The same accessors as :class:`_Tags`, over the values GDCM's Scanner read for one file.
+
+    The Scanner returns every value as text (binary US included) and None for an absent tag.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[int, str | None]) -> None:
+        self._values = values
+
+    def __contains__(self, tag: int) -> bool:
+        return self._values.get(tag) is not None
+
+    def strings(self, tag: int) -> list[str]:
+        value = self._values.get(tag)
+        if not value:
+            return []
+        parts = [v.strip(" \x00") for v in value.split("\\")]
+        return [] if parts == [""] else parts
+
+    string = _Tags.string
+    number = _Tags.number
+
+    def ushort(self, tag: int) -> int | None:
+        values = self.strings(tag)
+        try:
+            return int(values[0]) if values else None
+        except ValueError:
+            return None
+
+    def description(self) -> str | None:
+        return self.string(_DESCRIPTION) or None
+
+    def file_meta(self, keyword: str) -> str:
+        return self.string(_GDCM_META_TAGS[keyword])
+
+    def transfer_syntax(self) -> str:
+        return self.string(_GDCM_META_TAGS["TransferSyntaxUID"])
+
+
+def _gdcm_module():
+    """python-gdcm when installed (the ``gdcm`` extra), else None."""
+    try:
+        import gdcm
+    except ImportError:
+        return None
+    return gdcm
+
+
+def _gdcm_scan(paths: list[str]) -> dict[str, _GdcmTags]:
+    """Header values of many files in one pass of GDCM's C++ Scanner.
+
+    GDCM reads each file only up to the last tag asked for, about 0.19 ms per file against
+    pydicom's 0.45 ms on the real JPEG Lossless chest study (README, Performance). Files the
+    Scanner cannot read, without a transfer syntax in their file meta, or with non-ASCII text
+    (whose decoding depends on the character set) are left out, and the caller reads them with
+    pydicom, so errors and warnings stay those of the pydicom path.
+    """
+    gdcm = _gdcm_module()
+    if gdcm is None or not paths:
+        return {}
+    scanner = gdcm.Scanner()
+    gdcm_tags = [(tag, gdcm.Tag(tag >> 16, tag & 0xFFFF)) for tag in _GDCM_SCAN_TAGS]
+    for _, gtag in gdcm_tags:
+        scanner.AddTag(gtag)
+    scanner.Scan(paths)
+    found: dict[str, _GdcmTags] = {}
+    for path in paths:
+        if not scanner.IsKey(path):
+            continue
+        try:
+            values = {tag: scanner.GetValue(path, gtag) for tag, gtag in gdcm_tags}
+        except UnicodeDecodeError:
+            continue
+        if not values[_GDCM_META_TAGS["TransferSyntaxUID"]] or not all(v is None or v.isascii() for v in values.values()):
+            continue
+        found[path] = _GdcmTags(values)
+    return found
 
 
 def _starts_like_dicom(head: bytes, file_size: int) -> bool:
@@ -429,27 +534,32 @@ def _starts_like_dicom(head: bytes, file_size: int) -> bool:
     return int.from_bytes(head[4:8], "little") <= file_size  # implicit VR: a length that fits
 
 
-def _read_one(path: str, scan: _Scan) -> None:
+def _sniff(path: str) -> str:
+    """"preamble" (DICM at 128), "forced" (starts like a DICOM element) or "not_dicom"."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        if head[128:132] == b"DICM":
+            return "preamble"
+        return "forced" if _starts_like_dicom(head, os.fstat(fh.fileno()).st_size) else "not_dicom"
+
+
+def _read_one(path: str, scan: _Scan, kind: str) -> None:
     import pydicom
 
-    forced = False
+    if kind == "not_dicom":
+        if path.lower().endswith(VOLUME_SUFFIXES):
+            scan.volume_files.append(path)
+        scan.not_dicom += 1
+        return
+    # No preamble: only what starts like a group 0002/0008 element is tried.
+    forced = kind == "forced"
     try:
         with open(path, "rb") as fh:
-            head = fh.read(132)
-            if head[128:132] != b"DICM":
-                if not _starts_like_dicom(head, os.fstat(fh.fileno()).st_size):
-                    if path.lower().endswith(VOLUME_SUFFIXES):
-                        scan.volume_files.append(path)
-                    scan.not_dicom += 1
-                    return
-                # No preamble: only what starts like a group 0002/0008 element is tried.
-                forced = True
-            fh.seek(0)
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=forced)
             if forced and not any(ds.get_item(t) is not None for t in (_SOP_CLASS, _MODALITY, _ROWS, _SERIES_UID)):
                 scan.not_dicom += 1
                 return
-            info = _classify(path, ds, forced)
+            info = _classify(path, _Tags(ds), forced)
     # pydicom raises many exception types on damaged or foreign files; none may stop the scan.
     except Exception as exc:  # noqa: BLE001
         if forced:
@@ -464,6 +574,7 @@ def _read_one(path: str, scan: _Scan) -> None:
 
 def _scan(folder: Path) -> _Scan:
     scan = _Scan(folder=folder)
+    sniffed: list[tuple[str, str]] = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         for name in sorted(names):
@@ -471,7 +582,22 @@ def _scan(folder: Path) -> _Scan:
             if not os.path.isfile(path):
                 continue
             scan.n_files += 1
-            _read_one(path, scan)
+            try:
+                sniffed.append((path, _sniff(path)))
+            except OSError as exc:
+                scan.unreadable.append(path)
+                logger.warning("skipping unreadable file %s: %s", path, exc)
+    fast = _gdcm_scan([path for path, kind in sniffed if kind == "preamble"])
+    for path, kind in sniffed:
+        tags = fast.get(path)
+        if tags is None:
+            _read_one(path, scan, kind)
+        else:
+            try:
+                scan.files.append(_classify(path, tags, forced=False))
+            except Exception as exc:  # noqa: BLE001 - the pydicom path reports damaged files its own way
+                logger.debug("GDCM header values of %s not usable (%s); reading it with pydicom", path, exc)
+                _read_one(path, scan, kind)
     return scan
 
 

@@ -42,6 +42,17 @@ from .dicom_factory import (
 PATCH_TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, params=["gdcm", "pydicom"])
+def header_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with both header readers: GDCM's Scanner (``gdcm`` extra) and pydicom."""
+    if request.param == "gdcm":
+        if dicom_series._gdcm_module() is None:
+            pytest.skip("python-gdcm is not installed (the gdcm extra)")
+    else:
+        monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+    return request.param
+
+
 def reference_patch(series: SyntheticSeries, center, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.ndarray:
     """The patch from the whole ground-truth volume, built without the reader."""
     return build_patch(series.image(), center, spec)
@@ -788,3 +799,4 @@ def test_real_series_gdcm_decodes_exactly_as_pydicom(dicom_dir: Path, name: str,
 def test_real_two_slices_is_refused_cleanly(dicom_dir: Path) -> None:
     with pytest.raises(GeometryError, match=r"2 slices covering"):
         open_study(dicom_dir / "two_slices")
+

@@ -1,0 +1,74 @@
+"""The two header readers of the scan, GDCM's Scanner (``gdcm`` extra) and pydicom, agree.
+
+The scan reads headers with GDCM's C++ Scanner when python-gdcm is installed and with pydicom
+otherwise (and for every file the Scanner cannot read); every test in test_study.py runs with both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
+
+from nodule_edge.runtime import dicom_series
+from .dicom_factory import write_series
+
+pytestmark = pytest.mark.skipif(dicom_series._gdcm_module() is None, reason="python-gdcm is not installed (the gdcm extra)")
+
+
+def _scan_both(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    fast = dicom_series._scan(folder)
+    monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+    slow = dicom_series._scan(folder)
+    return fast.files, slow.files
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"transfer_syntax": ExplicitVRLittleEndian},
+        {"transfer_syntax": ImplicitVRLittleEndian},
+        {"transfer_syntax": RLELossless, "slope": 0.5, "intercept": -1000.5},
+        {"transfer_syntax": JPEGLSLossless, "include_rescale": False},
+        {"transfer_syntax": JPEG2000Lossless, "modality": None},
+        {"sop_class": SecondaryCaptureImageStorage, "image_type": ("DERIVED", "SECONDARY")},
+    ],
+    ids=["explicit", "implicit", "rle", "jpegls-no-rescale", "j2k-no-modality", "derived"],
+)
+def test_gdcm_and_pydicom_headers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict) -> None:
+    write_series(tmp_path / "s", n_slices=5, **kwargs)
+    fast, slow = _scan_both(tmp_path / "s", monkeypatch)
+    assert len(fast) == 5
+    assert fast == slow
+
+
+@pytest.mark.parametrize("reader", ["gdcm", "pydicom"])
+def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    if reader == "pydicom":
+        monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=3, description="plain")
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SeriesDescription = "Thorax nativ Lungenfenster \u00e9"
+        ds.save_as(path)
+    found = dicom_series._scan(tmp_path / "s").files
+    assert [f.description for f in found] == ["Thorax nativ Lungenfenster \u00e9"] * 3
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["chest_ricord_jpeg_lossless", "siemens_j2k_20_slices", "two_slices"])
+def test_gdcm_and_pydicom_headers_agree_on_real_series(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    folder = dicom_dir / name
+    fast, slow = _scan_both(folder, monkeypatch)
+    assert fast and fast == slow
