@@ -13,7 +13,7 @@ from nodule_edge.patch import DEFAULT_PATCH_SPEC
 from nodule_edge.train.model import CollaborativeNet
 from nodule_edge.train.trainer import Dataset, predict
 
-__all__ = ["evaluate_model", "fit_diameter_baseline", "truncate_context"]
+__all__ = ["evaluate_model", "fit_diameter_baseline", "truncate_context", "context_statistics"]
 
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
 
@@ -38,6 +38,23 @@ def truncate_context(images: np.ndarray, extent_mm: float, spacing_mm: float = D
     z = (np.arange(size) - (size / 2 - 0.5)) * spacing_mm
     keep = (np.abs(z) <= extent_mm / 2).astype(images.dtype).reshape(-1, 1, 1)
     return images * keep
+
+
+def context_statistics(ds: Dataset) -> dict[str, float]:
+    """How much the training VOIs' z context says about nodule size.
+
+    ``z_extent_mm`` is twice the smaller distance from the centre to a VOI end (the symmetric
+    context the patch gets); where it tracks the diameter, the air boundary is a size cue.
+    """
+    ok = np.isfinite(ds.diameters)
+    z, d = ds.cache.z_extent_mm[ok], ds.diameters[ok]
+    return {
+        "n": int(ok.sum()),
+        "median_z_context_mm": float(np.median(z)),
+        "median_z_context_minus_diameter_mm": float(np.median(z - d)),
+        "z_context_vs_diameter_r": float(np.corrcoef(z, d)[0, 1]),
+        "n_z_context_ge_24mm": int((ds.cache.z_extent_mm >= 24).sum()),
+    }
 
 
 def _soft_inside_outside(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +130,8 @@ def evaluate_model(
         result["context_sensitivity"] = {
             "n": int(len(long_ctx)),
             "mean_abs_delta_probability": float(dp.mean()),
+            # Signed (truncated − full): negative means shorter context makes nodules look more benign.
+            "mean_delta_probability": float((short["malignancy_probability"] - full["malignancy_probability"]).mean()),
             "max_abs_delta_probability": float(dp.max()),
             "mean_abs_delta_attribute_rating": float(da.mean()),
         }

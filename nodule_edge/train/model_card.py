@@ -39,7 +39,7 @@ def render_model_card(summary: dict[str, Any], command: str, extra: dict[str, An
         f"- Reproduce: `{command}` (config `configs/shipped.toml`, sha256 {summary['config_sha256'][:16]}…).",
         f"- Hardware: {hw['device']} ({hw['cpu']}), {hw['threads']} threads, torch {hw['torch']}; total wall time {_f(summary.get('total_seconds', 0) / 60, 1)} min.",
         f"- Folds run: {', '.join(summary['folds'])} (of {cfg['cv']['folds']}). Without a GPU a full 5-fold CV does not fit one session; the other folds were **not run**, so the figures below are one held-out fold, not a 5-fold mean.",
-        f"- Final model: all 679 nodules for {summary.get('chosen_epochs')} epochs (the validation-chosen epoch of fold 0), batch {cfg['train']['batch_sure']} sure + {cfg['train']['batch_unsure']} unsure, AdamW lr {cfg['train']['lr']} with cosine decay, bf16 autocast on CPU, augmentation: flips, 90° rotations, axis transposes, random z-context truncation.",
+        f"- Final model: all 679 nodules for {summary.get('chosen_epochs')} epochs (the validation-chosen epoch of fold 0), batch {cfg['train']['batch_sure']} sure + {cfg['train']['batch_unsure']} unsure, AdamW lr {cfg['train']['lr']} with cosine decay, bf16 autocast on CPU, augmentation: flips, 90° rotations, axis transposes, and z-context truncation (image and mask) to a random extent between {_f(cfg['train']['context_min_mm'], 0)} mm and the full 32 mm for {_f(cfg['train']['context_probability'] * 100, 0)} % of samples.",
         "",
         "## Held-out metrics (patient-disjoint test fold)",
     ]
@@ -76,16 +76,22 @@ def render_model_card(summary: dict[str, Any], command: str, extra: dict[str, An
             "",
             f"- Dice at 64³ (segmentation upsampled from 16³, threshold 0.5): {_f(r.get('dice_mean'))}",
             f"- Grad-CAM higher on the nodule than on the background: {_f(r.get('cam_on_nodule_fraction_gt_mask'))} of nodules (reference mask), {_f(r.get('cam_on_nodule_fraction_predicted_mask'))} (predicted mask, the runtime's trust check)",
-            f"- Context sensitivity ({cs.get('n', 0)} test nodules with ≥ 24 mm z context, full vs truncated to 10 mm): mean |Δp| {_f(cs.get('mean_abs_delta_probability'))}, max |Δp| {_f(cs.get('max_abs_delta_probability'))}, mean |Δ attribute| {_f(cs.get('mean_abs_delta_attribute_rating'))} rating points. Only large nodules have that much z context in the VOIs, and truncating to 10 mm cuts the nodule itself, so this mixes context with content; still, the model is far from stable across context lengths.",
+            f"- Context sensitivity ({cs.get('n', 0)} test nodules with ≥ 24 mm z context, full vs truncated to 10 mm): mean |Δp| {_f(cs.get('mean_abs_delta_probability'))} (signed mean {_f(cs.get('mean_delta_probability'))}), max |Δp| {_f(cs.get('max_abs_delta_probability'))}, mean |Δ attribute| {_f(cs.get('mean_abs_delta_attribute_rating'))} rating points. Only large nodules have that much z context in the VOIs, and truncating to 10 mm cuts the nodule itself, so this mixes context with content.",
             "",
         ]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
+    ctx = summary.get("data_context") or {}
+    shortcut = (
+        f" The VOIs' symmetric z context exceeds the nodule diameter by a median {_f(ctx.get('median_z_context_minus_diameter_mm'), 1)} mm (r = {_f(ctx.get('z_context_vs_diameter_r'), 2)} with the diameter over {ctx.get('n')} nodules; {ctx.get('n_z_context_ge_24mm')} have ≥ 24 mm), so where the air begins tells a model the nodule's size; the z-context truncation above is there to take that cue away, and only longer-context training data can remove it."
+        if ctx
+        else ""
+    )
     lines += [
         "",
         "## Known limits",
         "- Labels are radiologists' ratings (LIDC proxy), not pathology; = 3 nodules are excluded from the malignancy metrics.",
-        "- Short z context: the training VOIs have a median z extent of about 10 mm, padded with air to 32 mm; at run time full studies give real context (see context sensitivity above).",
+        "- Short z context: the training VOIs have a median z extent of about 10 mm, padded with air to 32 mm; at run time full studies give real context (see context sensitivity above)." + shortcut,
         "- LIDC scanners and protocols (2000s-era CT, 0.5–2.5 mm slices); performance on other populations, low-dose screening or contrast phases is unmeasured.",
         "- One CV fold at full budget; the 5-fold figures the papers report were not reproduced here.",
         "- Not a medical device; research use only.",

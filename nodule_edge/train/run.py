@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nodule_edge.train.config import TrainConfig
-from nodule_edge.train.evaluation import evaluate_model, pooled_metrics, retrieval_comparison
+from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, split_fold, train_model
 
 __all__ = ["run_training"]
@@ -45,6 +45,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         "config_sha256": cfg.sha256(),
         "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "folds": {},
+        "data_context": context_statistics(ds),
     }
     fold_results = []
     best_epochs = []

@@ -106,8 +106,11 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, con
     """Random z-context truncation, then flips, 90° rotations and axis transposes per sample.
 
     Context truncation blanks slices beyond a random half-extent to the outside value (0 after
-    windowing of -1000 HU), so the model sees the short VOI contexts and longer ones alike and
-    stays stable when the runtime gives it a full study.
+    windowing of -1000 HU) and blanks the mask there too (nothing is visible to segment). The
+    training VOIs end close to the nodule in z (``evaluation.context_statistics``), so the air
+    boundary is a size shortcut that a full-context study at run time does not have; truncating
+    down to ``context_min_mm``, into the nodule when it is larger, makes that boundary carry no label
+    information and keeps predictions stable across context lengths (model card, context sensitivity).
     """
     out_i, out_m = [], []
     size = images.shape[-1]
@@ -115,8 +118,9 @@ def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, con
     for img, msk in zip(images, masks):
         if torch.rand(1, generator=gen).item() < context_p:
             half = context_min_mm / 2 + torch.rand(1, generator=gen).item() * (size * spacing_mm - context_min_mm) / 2
-            keep = (z.abs() <= half).view(1, -1, 1, 1)
+            keep = (z.abs() <= half).view(-1, 1, 1)
             img = img * keep
+            msk = msk * keep
         perm = torch.randperm(3, generator=gen).tolist()
         img = img.permute(0, *(p + 1 for p in perm))
         msk = msk.permute(*perm)
