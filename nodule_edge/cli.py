@@ -199,12 +199,13 @@ def demo(out_dir: str, backend: str) -> None:
 @click.option("--index-from", "index_dir", default=None, type=click.Path(exists=True, file_okay=False, path_type=str), help="VOI folder (lidc_voi layout) whose nodules fill the similar-nodule index.")
 @click.option("--cache-dir", default=None, type=click.Path(path_type=str), help="Patch cache folder.")
 @click.option("--summary", "summary_json", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Training summary.json: its metrics go into the ONNX metadata and a MODEL_CARD.md is rendered from it into the bundle.")
+@click.option("--other-run", "other_runs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str), help="summary.json of a run that is not the shipped model (ablation, short folds): listed in the model card. Repeatable.")
 @click.option("--no-cpu-engine", is_flag=True, help="Skip building the fast CPU engine.")
 @click.option("--onnx-only", "onnx_path", default=None, type=click.Path(dir_okay=False, path_type=str), help="Only export the fp32 ONNX graph to this file.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, help="Also build a TensorRT engine (needs nodule-edge[trt] and an NVIDIA GPU; untested here).")
 @click.option("--triton", "triton_dir", default=None, type=click.Path(path_type=str), help="Also write a Triton Inference Server model repository here.")
 @_handle_errors
-def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, summary_json: str | None, no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
+def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, summary_json: str | None, other_runs: tuple[str, ...], no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
     """Export a training CHECKPOINT (.safetensors) to the runtime's artifacts.
 
     Writes a verified bundle: fp32 ONNX with in-graph Grad-CAM and metadata, the fast CPU engine,
@@ -234,7 +235,7 @@ def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_di
         if summary_json:
             from nodule_edge.train.model_card import write_model_card
 
-            card = write_model_card(summary_json, Path(tmp) / "MODEL_CARD.md")
+            card = write_model_card(summary_json, Path(tmp) / "MODEL_CARD.md", other_runs=list(other_runs))
         bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=card, metrics=_headline_metrics(metrics), progress=lambda m: click.echo(m, err=True))
     engine_path = None
     if tensorrt:

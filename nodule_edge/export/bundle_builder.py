@@ -115,7 +115,12 @@ def build_bundle(
             artifacts["index_thumbnails"] = "index_thumbnails.npy"
             artifacts["index_thumbnail_ids"] = "index_thumbnail_ids.txt"
         if model_card is not None:
-            shutil.copyfile(model_card, tmp / "MODEL_CARD.md")
+            card = Path(model_card).read_text()
+            if "index" in extra:
+                ix = extra["index"]
+                scores = ", ".join(f"{k} {_auc(v['auc'])}" for k, v in ix["evaluation"].items())
+                card += f"\n## Similar-nodule index\n\n{ix['entries']} nodules; vector: **{ix['kind']}**, the better by retrieval AUC ({scores}; {ix['evaluation_note']}).\n"
+            (tmp / "MODEL_CARD.md").write_text(card)
             artifacts["model_card"] = "MODEL_CARD.md"
         # mkdtemp makes the folders private; a shipped bundle must be readable by every user.
         for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
@@ -134,6 +139,10 @@ def build_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _choose_and_save_index(records: list[Any], outputs: dict[str, np.ndarray], tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:

@@ -135,6 +135,24 @@ def evaluate_model(
             "max_abs_delta_probability": float(dp.max()),
             "mean_abs_delta_attribute_rating": float(da.mean()),
         }
+    # The same question with the nodule left whole: context beyond diameter + 2 mm removed, on
+    # test nodules whose available context reaches at least diameter + 4 mm.
+    diam = ds.diameters[test_idx]
+    roomy = test_idx[np.isfinite(diam) & (ds.cache.z_extent_mm[test_idx] >= np.nan_to_num(diam, nan=np.inf) + 4.0)]
+    if len(roomy):
+        full = predict(model, ds, roomy, device, bf16=False)
+        images = ds.cache.images[roomy].astype(np.float32)
+        cut = np.stack([truncate_context(images[i : i + 1], float(ds.diameters[j]) + 2.0)[0] for i, j in enumerate(roomy)])
+        short = predict(model, ds, np.arange(len(roomy)), device, bf16=False, images=cut)
+        delta = short["malignancy_probability"] - full["malignancy_probability"]
+        result["context_sensitivity_nodule_intact"] = {
+            "n": int(len(roomy)),
+            "median_full_context_mm": float(np.median(ds.cache.z_extent_mm[roomy])),
+            "median_truncated_context_mm": float(np.median(ds.diameters[roomy] + 2.0)),
+            "mean_abs_delta_probability": float(np.abs(delta).mean()),
+            "mean_delta_probability": float(delta.mean()),
+            "max_abs_delta_probability": float(np.abs(delta).max()),
+        }
     result["_predictions"] = {
         "index": test_idx,
         "probability": pred["malignancy_probability"],

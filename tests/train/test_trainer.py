@@ -53,6 +53,12 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "0" in summary["folds"] and "final" not in summary
     assert summary["folds"]["0"]["malignancy"]["n"] >= 1
+    # The synthetic VOIs have 40 mm of z context: both context-sensitivity tests ran.
+    for key in ("context_sensitivity", "context_sensitivity_nodule_intact"):
+        cs = summary["folds"]["0"][key]
+        assert cs["n"] >= 1 and -1 <= cs["mean_delta_probability"] <= 1
+        assert abs(cs["mean_delta_probability"]) <= cs["mean_abs_delta_probability"] <= cs["max_abs_delta_probability"]
+    assert summary["data_context"]["median_z_context_mm"] > 24
 
     # Resume: the same run with a larger budget continues at epoch 2.
     cfg = load_config(config, {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
