@@ -38,13 +38,15 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import onnxruntime as ort
 
 from nodule_edge.errors import EngineError, MissingDependencyError, require
 from nodule_edge.metrics import roc_auc
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "Backend",
@@ -114,6 +116,8 @@ def session_options_for(
     Returns:
         Options ready for ``onnxruntime.InferenceSession``.
     """
+    import onnxruntime as ort  # here, not at import: an OpenVINO-only run never needs it (~20 MB resident)
+
     levels = {
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -180,7 +184,15 @@ class CpuEngine:
             raise EngineError(f"{self.backend} failed on {self.path.name} with input {patches.shape}: {exc}") from exc
 
 
+def _onnxruntime_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
 def _load_ort(path: Path, options: ort.SessionOptions, providers: Sequence[Any] = ("CPUExecutionProvider",)) -> CpuEngine:
+    import onnxruntime as ort
+
     try:
         session = ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # ORT raises several pybind types for unreadable / invalid models
@@ -356,6 +368,7 @@ def build_cpu_engine(
     """
     onnx = require("onnx", "export")
     quantization = require("onnxruntime.quantization", "export")
+    import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from nodule_edge.export.onnx_export import file_sha256
@@ -474,7 +487,7 @@ class Candidate:
         """Why this candidate cannot run here, or None when it can."""
         if self.backend == "openvino" and not openvino_available():
             return "openvino is not installed (pip install 'nodule-edge[openvino]')"
-        if self.backend == "ort-openvino-ep" and "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        if self.backend == "ort-openvino-ep" and "OpenVINOExecutionProvider" not in _onnxruntime_providers():
             return "this onnxruntime has no OpenVINOExecutionProvider (needs the onnxruntime-openvino wheel, which replaces onnxruntime)"
         return None
 

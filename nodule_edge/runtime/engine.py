@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -154,10 +155,26 @@ class CpuFastEngine(Engine):
             return self._engine.run(patches)
 
 
-def _available_providers() -> list[str]:
-    import onnxruntime as ort
+#: Distributions of ONNX Runtime that ship the CUDA execution provider.
+_CUDA_ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime-gpu",)
 
-    return list(ort.get_available_providers())
+
+def _available_providers() -> list[str]:
+    """ONNX Runtime's providers, or ``[]`` without importing it when no CUDA build is installed.
+
+    ``auto`` asks this only to learn whether CUDA is there; on a CPU-only install importing
+    onnxruntime for that would add about 20 MB to the resident set of a run that then executes
+    on OpenVINO (tests/robustness/test_resources.py bounds the peak).
+    """
+    for name in _CUDA_ONNXRUNTIME_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        import onnxruntime as ort
+
+        return list(ort.get_available_providers())
+    return []
 
 
 def _try_create(bundle: Bundle, backend: str, threads: int | None) -> Engine:

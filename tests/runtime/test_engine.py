@@ -144,3 +144,43 @@ def test_threads_env_var_is_honoured(bundle, monkeypatch):
     monkeypatch.setenv("NODULE_EDGE_THREADS", "1")
     create_engine(bundle, "cpu")
     assert seen["threads"] == 1
+
+
+def test_cpu_fast_runs_without_importing_onnxruntime(tiny_bundle):
+    """On a CPU-only install, auto must not import onnxruntime just to look for CUDA (~20 MB resident)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from nodule_edge.export.cpu_engine import openvino_available
+
+    if not openvino_available():
+        pytest.skip("needs the openvino extra (cpu-fast)")
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+        pytest.skip("onnxruntime-gpu is installed: auto must import it to look for CUDA")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    code = (
+        "import sys, numpy as np\n"
+        "from nodule_edge.runtime.bundle import load_bundle\n"
+        "from nodule_edge.runtime.engine import create_engine\n"
+        f"engine = create_engine(load_bundle({str(tiny_bundle)!r}), 'auto', threads=1)\n"
+        "engine.run(np.zeros((1, 2, 64, 64, 64), np.float32))\n"
+        "print(engine.backend, 'onnxruntime' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["cpu-fast", "False"]
+
+
+def test_cuda_is_looked_for_only_where_a_cuda_build_is_installed(monkeypatch):
+    import importlib.metadata
+
+    def no_gpu_build(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_gpu_build)
+    assert engine_mod._available_providers() == []
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
+    assert engine_mod._available_providers() == list(ort.get_available_providers())
