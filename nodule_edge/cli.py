@@ -161,8 +161,10 @@ def evaluate(voi_dir: str, out_csv: str, backend: str, bundle: str | None, limit
     center_{x,y,z}_mm; image/ and optional mask/). The evaluated nodule is excluded from its own
     similar-nodule retrieval.
     """
+    from nodule_edge.manifest import read_unsure_manifest
     from nodule_edge.runtime.evaluate import evaluate_voi_dir
 
+    read_unsure_manifest(voi_dir)  # a folder that is not a VOI folder fails here, before any progress output
     inferer = _make_inferer(bundle, backend, 20)
     with click.progressbar(length=1, label="evaluating", file=sys.stderr) as bar:
         summary = evaluate_voi_dir(inferer, voi_dir, out_csv, limit=limit, progress=lambda done, total: (setattr(bar, "length", total), bar.update(done - bar.pos)))
@@ -358,7 +360,15 @@ def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
 
     from nodule_edge.index import AttributeIndex, vector_for
 
+    from nodule_edge.errors import IndexError_
+    from nodule_edge.manifest import read_unsure_manifest
+
     index = AttributeIndex.load(index_dir)
+    # Refuse known ids before the model runs on every nodule, not after.
+    present = [rec.id for rec in read_unsure_manifest(voi_dir) if rec.id in index]
+    if present:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise IndexError_(f"{len(present)} nodules of {voi_dir} are already in the index {index_dir} ({shown}); ids must be new")
     inferer = _make_inferer(bundle, "auto", 0)
     entries, (probs, attrs) = _index_entries_from_voi_dir(inferer, voi_dir)
     index.add(entries, np.stack([vector_for(index.kind, a, p) for a, p in zip(attrs, probs)]))

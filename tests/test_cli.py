@@ -444,9 +444,10 @@ def test_index_add_new_and_duplicate_ids(runner, built_index, use_bundle, synthe
     assert added.exit_code == 0, added.output
     assert "index now holds 7 nodules" in added.stdout
     again = runner.invoke(main, ["index", "add", str(index_dir), str(voi)])
-    message = assert_clean_error(again, 6, one_line=False)  # after the progress bar's label
-    assert message.strip().splitlines()[-1].startswith("error:")
-    assert "NEW-0000_R_1" in message and "already" in message
+    # Refused before the model runs: one line, no progress bar.
+    message = assert_clean_error(again, 6)
+    assert "NEW-0000_R_1" in message and "already in the index" in message
+    assert "running the model" not in again.output
 
 
 def test_index_query_on_a_missing_index(runner, tmp_path):
@@ -477,8 +478,8 @@ def test_evaluate_writes_the_csv(runner, use_bundle, synthetic_voi_dir, tmp_path
 
 def test_evaluate_on_a_folder_without_manifest(runner, use_bundle, tmp_path):
     result = runner.invoke(main, ["evaluate", str(tmp_path), "--out", str(tmp_path / "p.csv")])
-    message = assert_clean_error(result, 3, one_line=False)  # after the progress bar's label
-    assert message.strip().splitlines()[-1].startswith("error:") and "manifest.csv" in message
+    message = assert_clean_error(result, 3)  # one line: refused before the progress bar starts
+    assert message.startswith("error:") and "manifest.csv" in message
 
 
 # ------------------------------------------------------------------------------------- demo

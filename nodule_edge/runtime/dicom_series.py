@@ -35,7 +35,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -738,13 +738,18 @@ def _check_decodable(uid: str, series_uid: str) -> None:
         )
 
 
+def _numbers(values: Iterable[float]) -> str:
+    """``[1, 0, 0, 0, 1, 0]``: numbers as a reader writes them, not as numpy reprs them."""
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
 def _orientation(infos: list[_FileInfo], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     iops = np.asarray([i.iop for i in infos], dtype=np.float64)
     ref = iops[0]
     off = np.abs(iops - ref).max(axis=1) > _ORIENTATION_TOL
     if off.any():
         counts = Counter(tuple(np.round(v, 4)) for v in iops)
-        listing = "; ".join(f"{n} slices with {list(o)}" for o, n in counts.most_common())
+        listing = "; ".join(f"{n} slices with {_numbers(o)}" for o, n in counts.most_common())
         raise GeometryError(
             f"series {key} mixes slice orientations (ImageOrientationPatient): {listing}; "
             "a single stack is needed for the 32 mm cube"
@@ -756,7 +761,7 @@ def _orientation(infos: list[_FileInfo], key: str) -> tuple[np.ndarray, np.ndarr
         or abs(float(row @ col)) > _ORTHONORMAL_TOL
     ):
         raise GeometryError(
-            f"series {key}: ImageOrientationPatient {list(ref)} is not two orthogonal unit vectors ({infos[0].path})"
+            f"series {key}: ImageOrientationPatient {_numbers(ref)} is not two orthogonal unit vectors ({infos[0].path})"
         )
     row = row / np.linalg.norm(row)
     col = col - (col @ row) * row

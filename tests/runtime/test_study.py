@@ -514,7 +514,15 @@ def test_too_short_a_stack_is_refused(tmp_path: Path) -> None:
 def test_mixed_orientation_is_refused(tmp_path: Path) -> None:
     tilted = (1, 0, 0, 0, math.cos(0.2), math.sin(0.2))
     write_series(tmp_path / "s", orientation_of=lambda k: tilted if k % 2 else (1, 0, 0, 0, 1, 0))
-    with pytest.raises(GeometryError, match="mixes slice orientations"):
+    with pytest.raises(GeometryError, match="mixes slice orientations") as info:
+        open_study(tmp_path)
+    # Plain numbers a reader can compare with the header, not numpy reprs.
+    assert "[1, 0, 0, 0, 1, 0]" in str(info.value) and "np.float64" not in str(info.value)
+
+
+def test_non_orthogonal_orientation_is_refused_with_its_numbers(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", orientation=(1, 0, 0, 0.5, 1, 0))
+    with pytest.raises(GeometryError, match=r"ImageOrientationPatient \[1, 0, 0, 0.5, 1, 0\] is not two orthogonal unit vectors"):
         open_study(tmp_path)
 
 
