@@ -785,6 +785,9 @@ def _stack(folder: Path, key: str, infos: list[_FileInfo], min_extent_mm: float)
         raise GeometryError(
             f"series {key} mixes in-plane geometry: matrices {dict(matrices)}, PixelSpacing {dict(spacings)}"
         )
+    n_rows, n_cols = next(iter(matrices))
+    if n_rows == 0 or n_cols == 0:
+        raise StudyError(f"series {key}: Rows {n_rows} x Columns {n_cols} of {first.path} is an empty image matrix")
     row, col, normal = _orientation(infos, key)
     ps = first.pixel_spacing
     if ps is None or min(ps) <= 0:

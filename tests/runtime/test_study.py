@@ -808,3 +808,15 @@ def test_real_two_slices_is_refused_cleanly(dicom_dir: Path) -> None:
     with pytest.raises(GeometryError, match=r"2 slices covering"):
         open_study(dicom_dir / "two_slices")
 
+
+
+def test_an_empty_image_matrix_is_a_study_error(tmp_path: Path) -> None:
+    import pydicom
+
+    series = write_series(tmp_path / "s")
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.Rows = 0
+        ds.save_as(path)
+    with pytest.raises(StudyError, match=r"Rows 0 x Columns 64 .* empty image matrix"):
+        open_study(tmp_path)
