@@ -72,6 +72,7 @@ def render_model_card(
     command: str,
     extra: dict[str, Any] | None = None,
     other_runs: dict[str, dict[str, Any]] | None = None,
+    export_command: str = EXPORT_COMMAND,
 ) -> str:
     """Markdown model card: data, split, config, time and hardware, metrics with baselines, limits.
 
@@ -80,6 +81,7 @@ def render_model_card(
         command: The command that reproduces the run.
         extra: More "key: value" lines for the end of the metrics.
         other_runs: Summaries of runs that are not the shipped model (ablations, short folds), by name.
+        export_command: The command that builds the bundle from the run.
     """
     cfg = summary["config"]
     hw = summary["hardware"]
@@ -98,7 +100,7 @@ def render_model_card(
         "## Training",
         f"- Reproduce: `{command}` (config `configs/shipped.toml`, sha256 {summary['config_sha256'][:16]}…).",
         f"- Hardware: {hw['device']} ({hw['cpu']}), {hw['threads']} threads, torch {hw['torch']}.",
-        f"- Bundle: `{EXPORT_COMMAND}`.",
+        f"- Bundle: `{export_command}`.",
         "- Training time (sum of epoch times): " + "; ".join([f"fold {k} {_f(v.get('train_seconds', 0) / 60, 1)} min ({v.get('epochs_run')} epochs of {v.get('steps_per_epoch')} steps)" for k, v in summary["folds"].items()] + ([f"final model {_f(summary['final']['train_seconds'] / 60, 1)} min"] if summary.get("final") else [])) + ".",
         f"- Folds run: {', '.join(summary['folds'])} (of {cfg['cv']['folds']}). Without a GPU a full 5-fold CV does not fit one session; the other folds were **not run**, so the figures below are one held-out fold, not a 5-fold mean.",
         f"- Final model: all 679 nodules for {summary.get('chosen_epochs')} epochs (the validation-chosen epoch of fold 0), batch {cfg['train']['batch_sure']} sure + {cfg['train']['batch_unsure']} unsure, AdamW lr {cfg['train']['lr']} with cosine decay, bf16 autocast on CPU, augmentation: flips, 90° rotations, axis transposes, and z-context truncation (image and mask) to a random extent between {_f(cfg['train']['context_min_mm'], 0)} mm and the full 32 mm for {_f(cfg['train']['context_probability'] * 100, 0)} % of samples.",
@@ -188,6 +190,7 @@ def write_model_card(
     """Render the model card of ``summary.json`` (plus other runs' summaries) to ``out_path``."""
     summary = json.loads(Path(summary_path).read_text())
     others = {Path(p).stem: json.loads(Path(p).read_text()) for p in other_runs}
+    export_command = EXPORT_COMMAND + "".join(f" --other-run {p}" for p in other_runs)
     out = Path(out_path)
-    out.write_text(render_model_card(summary, command, extra, others))
+    out.write_text(render_model_card(summary, command, extra, others, export_command))
     return out

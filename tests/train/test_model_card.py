@@ -61,3 +61,5 @@ def test_context_shift_and_other_runs_are_reported(tmp_path: Path) -> None:
     written = write_model_card(summary_path, tmp_path / "MODEL_CARD.md", other_runs=[other_path]).read_text()
     assert "| short_run | 0 | 7 / 24 | ≥ 4 mm, p 0.5 | 0.700 (0.850) |" in written
     assert "None" not in written
+    # The bundle line is the command that rebuilds this very card, other runs included.
+    assert f"--summary runs/shipped/summary.json --other-run {other_path}`" in written
