@@ -87,7 +87,7 @@ def test_cli_cold_start(benchmark, chest_study, bundle_dir, tmp_path):
     exe = Path(sys.executable).with_name("nodule-edge")
 
     def run():
-        subprocess.run([str(exe), "infer", str(chest_study), "--xyz", ",".join(map(str, POINT)), "--out", str(tmp_path / f"cli{next(counter)}")], check=True, capture_output=True)
+        subprocess.run([str(exe), "infer", str(chest_study), "--xyz", ",".join(map(str, POINT)), "--out", str(tmp_path / f"cli{next(counter)}")], check=True, capture_output=True, timeout=120)
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
 

@@ -491,3 +491,42 @@ def test_demo_runs_end_to_end(runner, use_bundle, tmp_path):
     assert "SYNTHETIC" in result.stdout
     out = tmp_path / "demo" / "outputs"
     check_report(json.loads((out / "report.json").read_text()), out)
+
+
+# --------------------------------------------------------------------------------- console script
+
+
+class _Exited(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+@pytest.mark.parametrize(("raised", "expected"), [(None, 0), (SystemExit(0), 0), (SystemExit(None), 0), (SystemExit(3), 3), (SystemExit("boom"), 1)])
+def test_entry_point_keeps_the_exit_code_and_skips_exit_handlers(monkeypatch, capsys, raised, expected):
+    """The console script ends with os._exit (SimpleITK's static destructors can hang at exit)."""
+    import nodule_edge.cli as cli
+
+    def fake_main():
+        if raised is not None:
+            raise raised
+
+    def fake_exit(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited) as info:
+        cli.entry_point()
+    assert info.value.code == expected
+    if expected == 1:
+        assert "boom" in capsys.readouterr().err
+
+
+def test_console_script_flushes_piped_output():
+    exe = Path(sys.executable).with_name("nodule-edge")
+    if not exe.exists():  # pragma: no cover
+        pytest.skip("the nodule-edge entry point is not installed")
+    done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("nodule-edge, version")
+    bad = subprocess.run([str(exe), "infer", "/no/such/study", "--xyz", "1,2,3", "--out", "x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
