@@ -312,14 +312,12 @@ def index() -> None:
     """Build, extend and query the similar-nodule index."""
 
 
-def _index_entries_from_voi_dir(inferer: Any, voi_dir: str) -> tuple[list[Any], Any]:
-    """Run the runtime on every nodule of a VOI folder: entries (reader metadata) and model outputs."""
+def _index_entries(inferer: Any, records: list[Any]) -> tuple[list[Any], Any]:
+    """Run the runtime on every nodule of a VOI manifest: entries (reader metadata) and model outputs."""
     import numpy as np
 
     from nodule_edge.index import IndexEntry
-    from nodule_edge.manifest import read_unsure_manifest
 
-    records = read_unsure_manifest(voi_dir)
     entries, probabilities, attributes = [], [], []
     with click.progressbar(records, label="running the model", file=sys.stderr) as bar:
         for rec in bar:
@@ -341,9 +339,11 @@ def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None) -> No
     import numpy as np
 
     from nodule_edge.index import AttributeIndex, vector_for
+    from nodule_edge.manifest import read_unsure_manifest
 
+    records = read_unsure_manifest(voi_dir)
     inferer = _make_inferer(bundle, "auto", 0)
-    entries, (probs, attrs) = _index_entries_from_voi_dir(inferer, voi_dir)
+    entries, (probs, attrs) = _index_entries(inferer, records)
     index = AttributeIndex.create(kind, capacity=max(len(entries), 16))
     index.add(entries, np.stack([vector_for(kind, a, p) for a, p in zip(attrs, probs)]))
     index.save(out_dir)
@@ -359,19 +359,19 @@ def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
     """Add the nodules of VOI_DIR to an existing index (ids must be new)."""
     import numpy as np
 
-    from nodule_edge.index import AttributeIndex, vector_for
-
     from nodule_edge.errors import IndexError_
+    from nodule_edge.index import AttributeIndex, vector_for
     from nodule_edge.manifest import read_unsure_manifest
 
     index = AttributeIndex.load(index_dir)
+    records = read_unsure_manifest(voi_dir)
     # Refuse known ids before the model runs on every nodule, not after.
-    present = [rec.id for rec in read_unsure_manifest(voi_dir) if rec.id in index]
+    present = [rec.id for rec in records if rec.id in index]
     if present:
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
         raise IndexError_(f"{len(present)} nodules of {voi_dir} are already in the index {index_dir} ({shown}); ids must be new")
     inferer = _make_inferer(bundle, "auto", 0)
-    entries, (probs, attrs) = _index_entries_from_voi_dir(inferer, voi_dir)
+    entries, (probs, attrs) = _index_entries(inferer, records)
     index.add(entries, np.stack([vector_for(index.kind, a, p) for a, p in zip(attrs, probs)]))
     index.save(index_dir)
     click.echo(f"index now holds {len(index)} nodules")
@@ -410,10 +410,6 @@ def index_query(index_dir: str, attributes: str, probability: float | None, k: i
     click.echo("retrieval score: " + ("n/a" if score is None else f"{score:.3f}"))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def entry_point() -> None:
     """The ``nodule-edge`` console script: :func:`main`, then leave without C++ static destructors.
 
@@ -440,3 +436,6 @@ def entry_point() -> None:
             pass
     os._exit(code)
 
+
+if __name__ == "__main__":
+    entry_point()
