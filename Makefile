@@ -13,13 +13,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# The runtime plus OpenVINO (the default fast CPU engine) and python-gdcm (the fast header scan), README, Performance.
+# The runtime plus OpenVINO (the default fast CPU engine), python-gdcm (the fast header scan) and
+# imagecodecs (libjpeg-turbo for JPEG Lossless slices), README, Performance.
 install-runtime: $(BIN)/python
-	$(PIP) install -q -e ".[openvino,gdcm]"
+	$(PIP) install -q -e ".[openvino,gdcm,imagecodecs]"
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,openvino,gdcm,dev]"
+	$(PIP) install -q -e ".[train,export,dicom-out,openvino,gdcm,imagecodecs,dev]"
 
 demo: install-runtime
 	$(BIN)/nodule-edge demo

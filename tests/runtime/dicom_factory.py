@@ -16,10 +16,13 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
     MRImageStorage,
     UID,
     generate_uid,
@@ -41,6 +44,10 @@ PATIENT_NAME = "Doe^Jane^Synthetic"
 PATIENT_ID = "SYNTH-PID-0042"
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+# pydicom cannot encode JPEG Lossless; libjpeg-turbo (through imagecodecs) can. The predictor
+# of process 14 differs from selection value 1 on purpose, so both syntaxes are exercised.
+_JPEG_LOSSLESS_PREDICTOR = {JPEGLosslessSV1: 1, JPEGLossless: 6}
 
 
 @dataclass
@@ -179,6 +186,7 @@ def write_series(
     shuffle_seed: int | None = 0,
     preamble: bool = True,
     include_rescale: bool = True,
+    unsigned_bits: int | None = None,
 ) -> SyntheticSeries:
     """Write one synthetic single-frame CT (or other) series.
 
@@ -210,6 +218,8 @@ def write_series(
             None keeps slice order.
         preamble: False strips the 128-byte preamble and "DICM" prefix from each file.
         include_rescale: False leaves out RescaleSlope/RescaleIntercept.
+        unsigned_bits: Store unsigned values with this BitsStored (clipped to its range)
+            instead of 16-bit two's complement.
 
     Returns:
         The written series with its ground truth.
@@ -233,7 +243,8 @@ def write_series(
         )
     shift = slice_spacing * math.tan(math.radians(tilt_deg))
 
-    raw_volume = np.empty((n_slices, rows, cols), dtype=np.int16)
+    low, high = (0, 2**unsigned_bits - 1) if unsigned_bits else (-32768, 32767)
+    raw_volume = np.empty((n_slices, rows, cols), dtype=np.uint16 if unsigned_bits else np.int16)
     for k in range(n_slices):
         pos = origin_v + normal * (k * slice_spacing) + col_dir * (k * shift)
         world = (
@@ -242,7 +253,7 @@ def write_series(
             + jj[..., None] * spacing[1] * col_dir
         )
         hu = phantom_hu(world, nodule_center)
-        raw_volume[k] = np.clip(np.round((hu - intercept) / slope), -32768, 32767).astype(np.int16)
+        raw_volume[k] = np.clip(np.round((hu - intercept) / slope), low, high).astype(raw_volume.dtype)
     hu_volume = (raw_volume.astype(np.float64) * slope + intercept).astype(np.float32)
 
     order = list(range(n_slices))
@@ -269,6 +280,8 @@ def write_series(
             pixel_spacing=(spacing[0], spacing[1]),
             slice_thickness=slice_spacing,
         )
+        if unsigned_bits:
+            ds.BitsStored, ds.HighBit, ds.PixelRepresentation = unsigned_bits, unsigned_bits - 1, 0
         ds.SOPInstanceUID = sop_uids[k]
         ds.InstanceNumber = instance_numbers[k]
         pos = origin_v + normal * (k * slice_spacing) + col_dir * (k * shift)
@@ -289,7 +302,12 @@ def write_series(
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
         meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
         ds.file_meta = meta
-        if transfer_syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        if transfer_syntax in _JPEG_LOSSLESS_PREDICTOR:
+            ds.PixelData = encapsulate([_jpeg_lossless(raw_volume[k], int(ds.BitsStored), _JPEG_LOSSLESS_PREDICTOR[transfer_syntax])])
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+            meta.TransferSyntaxUID = transfer_syntax
+        elif transfer_syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
             ds.compress(transfer_syntax, generate_instance_uid=False)
 
         path = folder / name_pattern.format(index=file_index[k])
@@ -310,6 +328,13 @@ def write_series(
         sop_uids=[str(u) for u in sop_uids],
         instance_numbers=instance_numbers,
     )
+
+
+def _jpeg_lossless(stored: np.ndarray, bits_stored: int, predictor: int) -> bytes:
+    """One JPEG Lossless (process 14) frame; two's complement is encoded as its bit pattern."""
+    import imagecodecs
+
+    return imagecodecs.jpeg8_encode(stored.view(np.uint16), lossless=True, predictor=predictor, bitspersample=bits_stored)
 
 
 def write_mr_series(folder: Path, **kwargs) -> SyntheticSeries:

@@ -20,6 +20,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
@@ -276,6 +278,133 @@ def test_gdcm_decodes_exactly_as_pydicom(tmp_path: Path, kwargs: dict) -> None:
     # Ground truth: the factory's HU assume RescaleIntercept -1024 (stored = HU + 1024 without it).
     offset = 0.0 if kwargs.get("include_rescale", True) else 1024.0
     np.testing.assert_array_equal(pydicom_hu, series.hu + offset)
+
+
+@pytest.mark.parametrize(
+    "kwargs, photometric",
+    [
+        ({"transfer_syntax": JPEGLosslessSV1}, None),
+        # Predictor 6, 12 unsigned bits, and a rescale that is not exact in binary.
+        ({"transfer_syntax": JPEGLossless, "unsigned_bits": 12, "slope": 0.3, "intercept": -1024.1}, None),
+        ({"transfer_syntax": JPEGLosslessSV1, "preamble": False}, None),
+        # Stored values, not inverted ones, are what the rescale turns into HU.
+        ({"transfer_syntax": JPEGLosslessSV1}, "MONOCHROME1"),
+    ],
+    ids=["sv1-signed-16", "process14-unsigned-12-fractional-rescale", "sv1-no-preamble", "sv1-monochrome1"],
+)
+def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(tmp_path: Path, kwargs: dict, photometric: str | None) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=6, rows=48, cols=40, **kwargs)
+    if photometric:
+        for path in series.paths:
+            ds = pydicom.dcmread(path, force=True)
+            ds.PhotometricInterpretation = photometric
+            ds.save_as(path)
+    headers = _slices(tmp_path)
+    assert {h.transfer_syntax_uid for h in headers} == {kwargs["transfer_syntax"]}
+    fast = decode_slices(headers, backend="imagecodecs")
+    assert fast.dtype == np.float32 and fast.shape == (6, 48, 40)
+    np.testing.assert_array_equal(fast, series.hu)
+    np.testing.assert_array_equal(fast, decode_slices(headers, backend="pydicom"))
+    if not photometric:  # GDCM inverts MONOCHROME1 (test_monochrome1_goes_to_pydicom)
+        np.testing.assert_array_equal(fast, decode_slices(headers, backend="gdcm"))
+    for threads in (1, 2, 4):
+        np.testing.assert_array_equal(decode_slices(headers, threads=threads), series.hu)
+    np.testing.assert_array_equal(decode_slices(headers, (3, 20), (5, 39), backend="imagecodecs"), series.hu[:, 3:20, 5:39])
+    np.testing.assert_array_equal(decode_slice(headers[2], backend="imagecodecs"), series.hu[2])
+
+
+def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) -> None:
+    import dataclasses
+
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    write_series(tmp_path / "s", n_slices=4, transfer_syntax=RLELossless)
+    rle = _slices(tmp_path)
+    with pytest.raises(StudyError, match=re.escape(rle[0].path) + r" \(1\.2\.840\.10008\.1\.2\.5, MONOCHROME2"):
+        decode_slices(rle, backend="imagecodecs")
+    # Signed data narrower than 16 bits needs a sign extension: left to GDCM and pydicom.
+    narrow_signed = dataclasses.replace(rle[0], transfer_syntax_uid=JPEGLosslessSV1, bits_stored=12, pixel_representation=1)
+    assert not dicom_series._imagecodecs_decodes(narrow_signed)
+    assert dicom_series._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
+
+
+@pytest.mark.parametrize("decoy", ["icon_before", "padding_after"])
+def test_imagecodecs_finds_the_image_pixel_data_among_decoys(
+    tmp_path: Path, decoy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pixel data signature also occurs in an icon image before it or in trailing padding."""
+    imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate
+
+    series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEGLosslessSV1)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        if decoy == "icon_before":
+            icon = Dataset()
+            icon.SamplesPerPixel, icon.PhotometricInterpretation, icon.Rows, icon.Columns = 1, "MONOCHROME2", 8, 8
+            icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 16, 16, 15, 0
+            tile = np.arange(64, dtype=np.uint16).reshape(8, 8)
+            icon.PixelData = encapsulate([imagecodecs.jpeg8_encode(tile, lossless=True, predictor=1, bitspersample=16)])
+            icon["PixelData"].VR = "OB"
+            icon["PixelData"].is_undefined_length = True
+            ds.IconImageSequence = [icon]
+        else:
+            ds.add_new(0xFFFCFFFC, "OB", dicom_series._ENCAPSULATED_PIXEL_DATA + b"junk")
+        ds.save_as(path)
+    headers = _slices(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom_series"):
+        np.testing.assert_array_equal(decode_slices(headers, backend="imagecodecs"), series.hu)
+    assert caplog.text == ""
+
+
+def test_imagecodecs_failure_falls_back_to_the_other_decoders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
+    headers = _slices(tmp_path)
+    real = dicom_series._imagecodecs_decode
+
+    def refuse_one(imagecodecs, header, crop):
+        if header.path == headers[3].path:
+            raise dicom_series._NotDecoded("simulated")
+        return real(imagecodecs, header, crop)
+
+    monkeypatch.setattr(dicom_series, "_imagecodecs_decode", refuse_one)
+    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom_series"):
+        for threads in (1, 2):
+            np.testing.assert_array_equal(decode_slices(headers, threads=threads), series.hu)
+    assert f"imagecodecs cannot decode 1 of 6 JPEG Lossless files (first {headers[3].path}: simulated)" in caplog.text
+    with pytest.raises(StudyError, match=f"imagecodecs cannot decode {re.escape(headers[3].path)}: simulated"):
+        decode_slices(headers, backend="imagecodecs")
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+def test_damaged_jpeg_lossless_slice_names_the_file(tmp_path: Path) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
+    headers = _slices(tmp_path)
+    victim = Path(headers[2].path)
+    victim.write_bytes(victim.read_bytes()[:-300])
+    for threads in (1, 2):
+        with pytest.raises(StudyError, match=re.escape(str(victim))):
+            decode_slices(headers, threads=threads)
+
+
+def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    from nodule_edge.errors import MissingDependencyError
+
+    series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEGLosslessSV1)
+    headers = _slices(tmp_path)
+    monkeypatch.setattr(dicom_series, "_imagecodecs_module", lambda: None)
+    np.testing.assert_array_equal(decode_slices(headers), series.hu)
+    with pytest.raises(MissingDependencyError, match=r"nodule-edge\[imagecodecs\]"):
+        decode_slices(headers, backend="imagecodecs")
 
 
 def test_each_slice_keeps_its_own_rescale_in_one_gdcm_batch(tmp_path: Path) -> None:
@@ -801,6 +930,16 @@ def test_real_series_gdcm_decodes_exactly_as_pydicom(dicom_dir: Path, name: str,
     gdcm = decode_slices(headers, backend="gdcm")
     assert gdcm.shape == (len(headers), 512, 512)
     np.testing.assert_array_equal(gdcm, decode_slices(headers, backend="pydicom"))
+    np.testing.assert_array_equal(gdcm, decode_slices(headers))
+
+
+@pytest.mark.realdata
+def test_real_chest_imagecodecs_decodes_exactly_as_gdcm(dicom_dir: Path) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    headers = open_study(dicom_dir / "chest_ricord_jpeg_lossless").slices[::5]
+    fast = decode_slices(headers, backend="imagecodecs", threads=2)
+    assert fast.shape == (len(headers), 512, 512)
+    np.testing.assert_array_equal(fast, decode_slices(headers, backend="gdcm", threads=2))
 
 
 @pytest.mark.realdata
