@@ -13,14 +13,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# The runtime plus OpenVINO (the default fast CPU engine), python-gdcm (the fast header scan) and
+# The runtime plus OpenVINO (the default fast CPU engine), dicomsdl (the fast header scan) and
 # imagecodecs (libjpeg-turbo for JPEG Lossless slices), README, Performance.
 install-runtime: $(BIN)/python
-	$(PIP) install -q -e ".[openvino,gdcm,imagecodecs]"
+	$(PIP) install -q -e ".[openvino,dicomsdl,imagecodecs]"
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,openvino,gdcm,imagecodecs,dev]"
+	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dicomsdl,imagecodecs,dev]"
 
 demo: install-runtime
 	$(BIN)/nodule-edge demo

@@ -11,9 +11,12 @@ chest series when ../shared/data is present) one run measures:
 * ``whole_read_patch`` - read the whole series, then resample only the cube (separates the cost
   of reading everything from the cost of resampling everything).
 
-``decode_roi_slices[gdcm|pydicom]`` decodes the chest cube's slices (whole 512² slices, one
-thread) with each decoder: GDCM through SimpleITK, which ``"auto"`` uses for lossless compressed
-data, against pydicom + pylibjpeg, the fallback.
+``decode_roi_slices[imagecodecs|gdcm|pydicom]`` decodes the chest cube's slices (whole 512²
+slices, two threads where the decoder releases the GIL) with each decoder: libjpeg-turbo through
+imagecodecs, which ``"auto"`` uses for JPEG Lossless; GDCM through SimpleITK, which it uses for the
+other lossless compressed syntaxes; pydicom + pylibjpeg, the fallback.
+
+``header_reader[dicomsdl|pydicom]`` scans the chest study's 255 headers with each reader.
 
 ``interpolation[linear|bspline]`` times ``build_patch`` on the ROI of a real LIDC VOI; its
 ``extra_info`` carries the linear-vs-B-spline patch differences over a sample of VOIs.
@@ -167,14 +170,28 @@ def test_whole_read_patch(benchmark, case: Case) -> None:
     benchmark.extra_info.update(study=case.name, max_abs_diff_vs_roi_patch=float(np.abs(patch - ours).max()))
 
 
-@pytest.mark.parametrize("backend", ["gdcm", "pydicom"])
+@pytest.mark.parametrize("backend", ["imagecodecs", "gdcm", "pydicom"])
 def test_decode_roi_slices(benchmark, chest_case: Case, backend: str) -> None:
+    if backend == "imagecodecs":
+        pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     study = open_study(chest_case.folder)
     roi = study.reference_geometry(chest_case.center, SPEC)
     k0 = roi.index_offset[2]
     headers = study.slices[k0 : k0 + roi.size[2]]
-    benchmark.pedantic(decode_slices, args=(headers,), kwargs={"backend": backend}, warmup_rounds=1, rounds=5)
+    benchmark.pedantic(decode_slices, args=(headers,), kwargs={"backend": backend, "threads": 2}, warmup_rounds=1, rounds=5)
     benchmark.extra_info.update(study=chest_case.name, slices=len(headers))
+
+
+@pytest.mark.parametrize("reader", ["dicomsdl", "pydicom"])
+def test_header_reader(benchmark, chest_case: Case, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodule_edge.runtime import dicom_series
+
+    if reader == "dicomsdl" and dicom_series._dicomsdl_module() is None:
+        pytest.skip("dicomsdl is not installed (the dicomsdl extra)")
+    if reader == "pydicom":
+        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
+    scan = benchmark.pedantic(dicom_series._scan, args=(chest_case.folder,), warmup_rounds=1, rounds=5)
+    benchmark.extra_info.update(study=chest_case.name, files=len(scan.files))
 
 
 # ------------------------------------------------------------------------- interpolation

@@ -1,7 +1,7 @@
-"""The two header readers of the scan, GDCM's Scanner (``gdcm`` extra) and pydicom, agree.
+"""The two header readers of the scan, dicomsdl (``dicomsdl`` extra) and pydicom, agree.
 
-The scan reads headers with GDCM's C++ Scanner when python-gdcm is installed and with pydicom
-otherwise (and for every file the Scanner cannot read); every test in test_study.py runs with both.
+The scan reads headers with dicomsdl's C++ parser when it is installed and with pydicom otherwise
+(and for every file dicomsdl cannot read); every test in test_study.py runs with both.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pydicom.uid import (
 from nodule_edge.runtime import dicom_series
 from .dicom_factory import write_series
 
-pytestmark = pytest.mark.skipif(dicom_series._gdcm_module() is None, reason="python-gdcm is not installed (the gdcm extra)")
+pytestmark = pytest.mark.skipif(dicom_series._dicomsdl_module() is None, reason="dicomsdl is not installed (the dicomsdl extra)")
 
 
 def _scan_both(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
     fast = dicom_series._scan(folder)
-    monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+    monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
     slow = dicom_series._scan(folder)
     return fast.files, slow.files
 
@@ -43,17 +43,17 @@ def _scan_both(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, lis
     ],
     ids=["explicit", "implicit", "rle", "jpegls-no-rescale", "j2k-no-modality", "derived"],
 )
-def test_gdcm_and_pydicom_headers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict) -> None:
+def test_dicomsdl_and_pydicom_headers_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict) -> None:
     write_series(tmp_path / "s", n_slices=5, **kwargs)
     fast, slow = _scan_both(tmp_path / "s", monkeypatch)
     assert len(fast) == 5
     assert fast == slow
 
 
-@pytest.mark.parametrize("reader", ["gdcm", "pydicom"])
+@pytest.mark.parametrize("reader", ["dicomsdl", "pydicom"])
 def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     if reader == "pydicom":
-        monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
     import pydicom
 
     series = write_series(tmp_path / "s", n_slices=3, description="plain")
@@ -68,7 +68,7 @@ def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, m
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["chest_ricord_jpeg_lossless", "siemens_j2k_20_slices", "two_slices"])
-def test_gdcm_and_pydicom_headers_agree_on_real_series(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_dicomsdl_and_pydicom_headers_agree_on_real_series(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     folder = dicom_dir / name
     fast, slow = _scan_both(folder, monkeypatch)
     assert fast and fast == slow

@@ -44,14 +44,14 @@ from .dicom_factory import (
 PATCH_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, params=["gdcm", "pydicom"])
+@pytest.fixture(autouse=True, params=["dicomsdl", "pydicom"])
 def header_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs with both header readers: GDCM's Scanner (``gdcm`` extra) and pydicom."""
-    if request.param == "gdcm":
-        if dicom_series._gdcm_module() is None:
-            pytest.skip("python-gdcm is not installed (the gdcm extra)")
+    """Every test here runs with both header readers: dicomsdl (``dicomsdl`` extra) and pydicom."""
+    if request.param == "dicomsdl":
+        if dicom_series._dicomsdl_module() is None:
+            pytest.skip("dicomsdl is not installed (the dicomsdl extra)")
     else:
-        monkeypatch.setattr(dicom_series, "_gdcm_module", lambda: None)
+        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
     return request.param
 
 
