@@ -72,3 +72,20 @@ def test_dicomsdl_and_pydicom_headers_agree_on_real_series(dicom_dir: Path, monk
     folder = dicom_dir / name
     fast, slow = _scan_both(folder, monkeypatch)
     assert fast and fast == slow
+
+
+def test_dicomsdl_parse_errors_print_nothing_and_the_file_goes_to_pydicom(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import dicomsdl
+
+    series = write_series(tmp_path / "s", n_slices=4)
+    damaged = tmp_path / "s" / "damaged.dcm"
+    damaged.write_bytes(series.paths[0].read_bytes()[:700])  # cut inside a header element
+    level = dicomsdl.get_loglevel()
+    capfd.readouterr()
+    scan = dicom_series._scan(tmp_path / "s")
+    assert capfd.readouterr() == ("", "")  # dicomsdl prints its parse errors to stderr unless silenced
+    assert dicomsdl.get_loglevel() == level  # and its level is given back
+    assert str(damaged) not in dicom_series._fast_scan([str(damaged)])
+    assert len(scan.files) + len(scan.unreadable) + scan.not_dicom == 5
