@@ -37,6 +37,11 @@ def plane_views(volume: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _upscale(plane: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour enlargement by ``_SCALE`` along the first two axes."""
+    return np.repeat(np.repeat(plane, _SCALE, axis=0), _SCALE, axis=1)
+
+
 def _contour(mask: np.ndarray) -> np.ndarray:
     inner = mask.copy()
     inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
@@ -54,11 +59,10 @@ def render_overlay(ct_lung_window: np.ndarray, segmentation: np.ndarray, salienc
         rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
         heat = heat_colormap(sal_planes[name]).astype(np.float32)
         alpha = 0.45 * np.clip(sal_planes[name], 0, 1)[..., None]
-        rgb = rgb * (1 - alpha) + heat * alpha
-        big = np.kron(rgb, np.ones((_SCALE, _SCALE, 1))).astype(np.float32)
-        contour = _contour(np.kron(seg_planes[name], np.ones((_SCALE, _SCALE), bool)))
-        big[contour] = (0, 255, 0)
-        tile = Image.fromarray(big.astype(np.uint8))
+        small = (rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
+        big = _upscale(small)
+        big[_contour(_upscale(seg_planes[name]))] = (0, 255, 0)
+        tile = Image.fromarray(big)
         ImageDraw.Draw(tile).text((4, 4), name, fill=(255, 255, 0))
         tiles.append(tile)
     width = sum(t.width for t in tiles)
