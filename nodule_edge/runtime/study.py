@@ -102,7 +102,7 @@ class _PixelSource(Protocol):
 # Slices decoded per call: whole slices are decoded (compressed data cannot be cropped first), so
 # this bounds the transient memory (32 × 512² float32 = 32 MiB) when many are needed.
 _DECODE_CHUNK = 32
-# Threads a GDCM decode is split across (the edge target has 2 cores; GDCM releases the GIL).
+# Threads a decode is split across (the edge target has 2 cores; libjpeg-turbo and GDCM release the GIL).
 _DECODE_THREADS = 2
 
 
