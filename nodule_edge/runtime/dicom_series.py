@@ -1073,15 +1073,7 @@ def _imagecodecs_decode(imagecodecs, header: SliceHeader, crop: _Crop) -> np.nda
         stored = stored.view(np.int16)
     elif int(stored.max(initial=0)) >> header.bits_stored:  # type: ignore[operator]
         raise _NotDecoded(f"values beyond BitsStored {header.bits_stored}")
-    # float64 then one rounding, as the other decoders do: all agree bit for bit.
-    hu = stored.astype(np.float64)
-    if header.slope != 1.0:
-        hu *= header.slope
-    if header.intercept != 0.0:
-        hu += header.intercept
-    if not np.all(np.abs(hu) <= _FLOAT32_MAX):
-        raise _overflow_error(header)
-    return hu.astype(np.float32)
+    return _rescale_to_hu(stored, header)
 
 
 def _encapsulated_frame(data: bytes, forced: bool) -> bytes:
@@ -1211,8 +1203,15 @@ def _pydicom_decode(header: SliceHeader, crop: _Crop) -> np.ndarray:
         raise StudyError(
             f"pixel data of {header.path} has shape {arr.shape}, header says {header.rows}x{header.cols}"
         )
-    # float64 then one rounding, as GDCM does: the two paths agree bit for bit for any slope.
-    hu = arr[crop].astype(np.float64)
+    return _rescale_to_hu(arr[crop], header)
+
+
+def _rescale_to_hu(stored: np.ndarray, header: SliceHeader) -> np.ndarray:
+    """float32 HU from stored values with the slice's own RescaleSlope/RescaleIntercept.
+
+    float64 then one rounding, as GDCM does: every decoder path agrees bit for bit for any slope.
+    """
+    hu = stored.astype(np.float64)
     if header.slope != 1.0:
         hu *= header.slope
     if header.intercept != 0.0:
