@@ -38,11 +38,11 @@ import math
 import os
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -1009,6 +1009,8 @@ def _gdcm_decodes(header: SliceHeader) -> bool:
 
 
 _Crop = tuple[slice, slice]
+_Part = TypeVar("_Part")
+_Result = TypeVar("_Result")
 
 
 def _imagecodecs_module():
@@ -1112,14 +1114,30 @@ def _encapsulated_frame(data: bytes, forced: bool) -> bytes:
     return frame
 
 
-def _imagecodecs_read(headers: Sequence[SliceHeader], crop: _Crop, threads: int) -> tuple[np.ndarray, dict[int, str]]:
+def _on_threads(work: Callable[[_Part], _Result], parts: Sequence[_Part]) -> list[_Result]:
+    """``work(part)`` for every part, in order: the first on the calling thread, each other on a worker.
+
+    The calling thread takes a part itself: every extra thread allocates from its own glibc arena,
+    whose memory the rest of the run cannot reuse (measured +10 MB peak RSS with all parts on
+    workers).
+    """
+    if len(parts) == 1:
+        return [work(parts[0])]
+    with ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="nodule-edge-decode") as pool:
+        futures = [pool.submit(work, part) for part in parts[1:]]
+        first = work(parts[0])
+        return [first, *(future.result() for future in futures)]
+
+
+def _imagecodecs_read(
+    imagecodecs, headers: Sequence[SliceHeader], crop: _Crop, threads: int
+) -> tuple[np.ndarray, dict[int, str]]:
     """Decode JPEG Lossless files across ``threads`` threads (the calling thread one of them).
 
     Returns:
         float32 HU ``[n, rows, cols]`` (cropped) and, by position, why a file was not decoded
         (its rows are left unset for another decoder).
     """
-    imagecodecs = _imagecodecs_module()
     n_rows = len(range(*crop[0].indices(headers[0].rows)))
     n_cols = len(range(*crop[1].indices(headers[0].cols)))
     out = np.empty((len(headers), n_rows, n_cols), dtype=np.float32)
@@ -1132,16 +1150,8 @@ def _imagecodecs_read(headers: Sequence[SliceHeader], crop: _Crop, threads: int)
             except _NotDecoded as exc:
                 failed[i] = str(exc)
 
-    parts = [range(k, len(headers), threads) for k in range(min(threads, len(headers)))]
-    if len(parts) == 1:
-        decode_part(parts[0])
-        return out, failed
-    # The calling thread decodes a part itself: one glibc arena less (see _gdcm_read_split).
-    with ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="nodule-edge-decode") as pool:
-        futures = [pool.submit(decode_part, part) for part in parts[1:]]
-        decode_part(parts[0])
-        for future in futures:
-            future.result()
+    n_parts = max(1, min(threads, len(headers)))
+    _on_threads(decode_part, [range(k, len(headers), n_parts) for k in range(n_parts)])
     return out, failed
 
 
@@ -1175,13 +1185,7 @@ def _gdcm_read_split(headers: Sequence[SliceHeader], crop: _Crop, threads: int) 
     parts = [p for p in np.array_split(np.arange(len(headers)), max(1, min(threads, len(headers)))) if p.size]
     if len(parts) == 1:
         return _gdcm_read(headers, crop)
-    # The calling thread decodes the first part itself: every extra thread allocates from its own
-    # glibc arena, whose memory the rest of the run cannot reuse (measured +10 MB peak RSS with
-    # all parts on workers).
-    with ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="nodule-edge-gdcm") as pool:
-        futures = [pool.submit(_gdcm_read, [headers[i] for i in part], crop) for part in parts[1:]]
-        first = _gdcm_read([headers[i] for i in parts[0]], crop)
-        return np.concatenate([first, *(f.result() for f in futures)])
+    return np.concatenate(_on_threads(lambda part: _gdcm_read([headers[i] for i in part], crop), parts))
 
 
 def _pydicom_decode(header: SliceHeader, crop: _Crop) -> np.ndarray:
@@ -1268,7 +1272,8 @@ def decode_slices(
     """
     if backend not in ("auto", "imagecodecs", "gdcm", "pydicom"):
         raise ConfigError(f"decoder backend must be 'auto', 'imagecodecs', 'gdcm' or 'pydicom', got {backend!r}")
-    if backend == "imagecodecs" and _imagecodecs_module() is None:
+    imagecodecs = _imagecodecs_module() if backend in ("auto", "imagecodecs") else None
+    if backend == "imagecodecs" and imagecodecs is None:
         raise MissingDependencyError(
             "the imagecodecs decoder needs imagecodecs with libjpeg-turbo >= 3: pip install 'nodule-edge[imagecodecs]'"
         )
@@ -1290,7 +1295,7 @@ def decode_slices(
     out = np.empty((len(headers), r1 - r0, c1 - c0), dtype=np.float32)
     remaining = list(range(len(headers)))
     fast = []
-    if backend == "imagecodecs" or (backend == "auto" and _imagecodecs_module() is not None):
+    if imagecodecs is not None:
         fast = [i for i in remaining if _imagecodecs_decodes(headers[i])]
         if backend == "imagecodecs" and len(fast) < len(headers):
             h = headers[next(i for i in remaining if i not in set(fast))]
@@ -1300,7 +1305,7 @@ def decode_slices(
                 f"{h.bits_allocated}, BitsStored {h.bits_stored}, PixelRepresentation {h.pixel_representation})"
             )
     if fast:
-        block, failed = _imagecodecs_read([headers[i] for i in fast], crop, threads)
+        block, failed = _imagecodecs_read(imagecodecs, [headers[i] for i in fast], crop, threads)
         if failed:
             k, reason = min(failed.items())
             if backend == "imagecodecs":
