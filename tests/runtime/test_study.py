@@ -7,6 +7,7 @@ without it. Real series in ../shared/data/dicom are exercised at the end (skippe
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
@@ -42,6 +43,9 @@ from .dicom_factory import (
 )
 
 PATCH_TOL = 1e-5
+requires_imagecodecs = pytest.mark.skipif(
+    importlib.util.find_spec("imagecodecs") is None, reason="imagecodecs is not installed (the imagecodecs extra)"
+)
 
 
 @pytest.fixture(autouse=True, params=["dicomsdl", "pydicom"])
@@ -292,8 +296,8 @@ def test_gdcm_decodes_exactly_as_pydicom(tmp_path: Path, kwargs: dict) -> None:
     ],
     ids=["sv1-signed-16", "process14-unsigned-12-fractional-rescale", "sv1-no-preamble", "sv1-monochrome1"],
 )
+@requires_imagecodecs
 def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(tmp_path: Path, kwargs: dict, photometric: str | None) -> None:
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     import pydicom
 
     series = write_series(tmp_path / "s", n_slices=6, rows=48, cols=40, **kwargs)
@@ -316,10 +320,10 @@ def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(tmp_path:
     np.testing.assert_array_equal(decode_slice(headers[2], backend="imagecodecs"), series.hu[2])
 
 
+@requires_imagecodecs
 def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) -> None:
     import dataclasses
 
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     write_series(tmp_path / "s", n_slices=4, transfer_syntax=RLELossless)
     rle = _slices(tmp_path)
     with pytest.raises(StudyError, match=re.escape(rle[0].path) + r" \(1\.2\.840\.10008\.1\.2\.5, MONOCHROME2"):
@@ -331,11 +335,12 @@ def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("decoy", ["icon_before", "padding_after"])
+@requires_imagecodecs
 def test_imagecodecs_finds_the_image_pixel_data_among_decoys(
     tmp_path: Path, decoy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The pixel data signature also occurs in an icon image before it or in trailing padding."""
-    imagecodecs = pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
+    import imagecodecs
     import pydicom
     from pydicom.dataset import Dataset
     from pydicom.encaps import encapsulate
@@ -361,10 +366,10 @@ def test_imagecodecs_finds_the_image_pixel_data_among_decoys(
     assert caplog.text == ""
 
 
+@requires_imagecodecs
 def test_imagecodecs_failure_falls_back_to_the_other_decoders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
     headers = _slices(tmp_path)
     real = dicom_series._imagecodecs_decode
@@ -384,8 +389,8 @@ def test_imagecodecs_failure_falls_back_to_the_other_decoders(
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+@requires_imagecodecs
 def test_damaged_jpeg_lossless_slice_names_the_file(tmp_path: Path) -> None:
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
     headers = _slices(tmp_path)
     victim = Path(headers[2].path)
@@ -395,8 +400,8 @@ def test_damaged_jpeg_lossless_slice_names_the_file(tmp_path: Path) -> None:
             decode_slices(headers, threads=threads)
 
 
+@requires_imagecodecs
 def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     from nodule_edge.errors import MissingDependencyError
 
     series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEGLosslessSV1)
@@ -934,8 +939,8 @@ def test_real_series_gdcm_decodes_exactly_as_pydicom(dicom_dir: Path, name: str,
 
 
 @pytest.mark.realdata
+@requires_imagecodecs
 def test_real_chest_imagecodecs_decodes_exactly_as_gdcm(dicom_dir: Path) -> None:
-    pytest.importorskip("imagecodecs", reason="imagecodecs is not installed (the imagecodecs extra)")
     headers = open_study(dicom_dir / "chest_ricord_jpeg_lossless").slices[::5]
     fast = decode_slices(headers, backend="imagecodecs", threads=2)
     assert fast.shape == (len(headers), 512, 512)
