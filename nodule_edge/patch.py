@@ -5,11 +5,20 @@ Per Zhang et al. the model reads a 32 mm cube centred on the nodule, resampled t
 [0, 1]. The cube is laid out on patient axes (LPS), so the array order is ``[channel, S, P, L]``
 (z, y, x) whatever the scan's own orientation. Voxels outside the scanned volume take
 ``outside_hu`` before windowing, identically for DICOM studies, volume files and training VOIs.
+
+Nodule-bounded input (:class:`NoduleBox`): the LIDC training VOIs are tight crops (their z extent
+ends at the nodule's last slice for 369 of 679, in-plane they end 2.5–16 mm beyond its outline), so
+where the air begins tells a model the nodule's size, while a full study at run time has lung
+there. The model therefore reads a cube in which everything outside the box of the nodule plus
+fixed margins is air, in training (box of the reference mask) and at run time (box of the model's
+own first-pass segmentation) alike: the same input distribution on both paths, and context beyond
+the box cannot move the prediction (MODEL_CARD.md, "Model input").
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -17,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = [
+    "NoduleBox",
     "PatchSpec",
     "DEFAULT_PATCH_SPEC",
     "build_patch",
@@ -25,6 +35,10 @@ __all__ = [
     "window_channels",
     "patch_grid",
     "patch_bounds_lps",
+    "nodule_extent",
+    "box_keep_mask",
+    "bound_to_nodule",
+    "run_nodule_bounded",
 ]
 
 Interpolation = Literal["linear", "bspline", "nearest"]
@@ -33,6 +47,37 @@ _SITK_INTERPOLATORS = {
     "bspline": sitk.sitkBSpline,
     "nearest": sitk.sitkNearestNeighbor,
 }
+
+
+@dataclass(frozen=True)
+class NoduleBox:
+    """The nodule-bounded input rule: keep the nodule's box plus margins, air elsewhere.
+
+    Margins come from the training VOIs (``../shared/data/lidc_voi``, measured on all 679): in z the
+    crop ends at the nodule's last slice for 54 % of them (0 mm), in-plane at least 2.5 mm and for
+    95 % at least 4 mm beyond the outline. Training draws each side's margin from
+    ``[margin, margin + jitter]`` (never inside the nodule); the runtime uses the middle of that
+    range, so a segmentation that is off by up to ``jitter / 2`` still gives a training-like box.
+
+    Attributes:
+        margin_mm: Margin beyond the nodule's extent along (z, y, x) of the cube.
+        jitter_mm: Width of the training margin range.
+        threshold: Segmentation probability at which a voxel belongs to the nodule.
+    """
+
+    margin_mm: tuple[float, float, float] = (0.0, 4.0, 4.0)
+    jitter_mm: float = 2.0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.margin_mm) != 3 or min(self.margin_mm) < 0 or self.jitter_mm < 0:
+            raise ValueError(f"NoduleBox margins must be three values >= 0 and jitter >= 0, got {self.margin_mm}, {self.jitter_mm}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"NoduleBox threshold must lie in (0, 1), got {self.threshold}")
+
+    def runtime_margin_mm(self) -> tuple[float, float, float]:
+        """Margins the runtime applies: the middle of the training range."""
+        return tuple(m + self.jitter_mm / 2 for m in self.margin_mm)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -45,6 +90,8 @@ class PatchSpec:
         windows: One ``(low, high)`` HU window per channel; values are clipped and scaled to [0, 1].
         interpolation: Resampling interpolator (chosen by measurement, see README).
         outside_hu: HU assigned to cube voxels outside the scanned volume (air).
+        nodule_box: The nodule-bounded input rule, or None for a model that reads the whole cube
+            (models exported before the rule existed).
     """
 
     size: int = 64
@@ -54,6 +101,7 @@ class PatchSpec:
     )
     interpolation: Interpolation = "linear"
     outside_hu: float = -1000.0
+    nodule_box: NoduleBox | None = None
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.spacing_mm <= 0:
@@ -88,10 +136,18 @@ class PatchSpec:
         if unknown:
             raise ValueError(f"unknown PatchSpec keys {sorted(unknown)}")
         data["windows"] = tuple(tuple(float(v) for v in w) for w in data.get("windows", ()))
+        box = data.get("nodule_box")
+        if box is not None:
+            unknown = set(box) - set(NoduleBox.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown NoduleBox keys {sorted(unknown)}")
+            box["margin_mm"] = tuple(float(v) for v in box.get("margin_mm", NoduleBox.margin_mm))
+            data["nodule_box"] = NoduleBox(**box)
         return cls(**data)
 
 
-DEFAULT_PATCH_SPEC = PatchSpec()
+#: The model input of this version: the 32 mm cube, bounded to the nodule (README, "The model").
+DEFAULT_PATCH_SPEC = PatchSpec(nodule_box=NoduleBox())
 
 
 def patch_grid(center_lps_mm: np.ndarray | tuple[float, float, float], spec: PatchSpec = DEFAULT_PATCH_SPEC) -> sitk.Image:
@@ -178,3 +234,81 @@ def build_patch(
         float32 array ``[C, size, size, size]`` with values in [0, 1].
     """
     return window_channels(resample_hu(image, center_lps_mm, spec), spec)
+
+
+def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index bounds ``(low, high)`` (inclusive, z/y/x) of the nodule in a cube-sized probability map.
+
+    The nodule is the connected component (26-connectivity) at ``threshold`` that holds the cube's
+    centre, or else the one nearest to it: a vessel or a second nodule elsewhere in the cube does
+    not widen the box. Returns None when nothing reaches the threshold.
+    """
+    seg = np.asarray(segmentation)
+    binary = seg >= threshold
+    if not binary.any():
+        return None
+    labels = sitk.GetArrayViewFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
+    points = np.argwhere(labels > 0)
+    centre = (np.asarray(seg.shape) - 1) / 2.0
+    nearest = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
+    component = points[labels[tuple(points.T)] == labels[tuple(nearest)]]
+    return component.min(axis=0), component.max(axis=0)
+
+
+def box_keep_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray, margin_voxels: np.ndarray) -> np.ndarray:
+    """Boolean ``[z, y, x]`` mask of the voxels inside ``[low − margin, high + margin]`` per axis."""
+    keep = np.ones(shape, dtype=bool)
+    for axis in range(3):
+        index = np.arange(shape[axis])
+        inside = (index >= low[axis] - margin_voxels[axis] - 1e-6) & (index <= high[axis] + margin_voxels[axis] + 1e-6)
+        view = [1, 1, 1]
+        view[axis] = shape[axis]
+        keep &= inside.reshape(view)
+    return keep
+
+
+def bound_to_nodule(patch: np.ndarray, segmentation: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> tuple[np.ndarray, bool]:
+    """Apply the spec's nodule box (runtime margins) to a windowed patch ``[C, S, S, S]``.
+
+    Voxels outside the box take the windowed value of ``spec.outside_hu`` (air), exactly as the
+    training VOIs are padded.
+
+    Returns:
+        The bounded patch and whether a nodule was found; without one (empty segmentation) the
+        patch comes back unchanged, and the caller should say so.
+    """
+    box = spec.nodule_box
+    if box is None:
+        return patch, True
+    extent = nodule_extent(segmentation, box.threshold)
+    if extent is None:
+        return patch, False
+    margin = np.asarray(box.runtime_margin_mm()) / spec.spacing_mm
+    keep = box_keep_mask(patch.shape[-3:], extent[0], extent[1], margin)
+    outside = window_channels(np.full((1, 1, 1), spec.outside_hu, np.float32), spec)[:, 0, 0, 0]
+    bounded = np.where(keep[None], patch, outside[:, None, None, None]).astype(patch.dtype, copy=False)
+    return bounded, True
+
+
+def run_nodule_bounded(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    patches: np.ndarray,
+    spec: PatchSpec,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The runtime's model path: first pass on whole cubes, box of its segmentation, second pass.
+
+    ``run`` maps patches ``[N, C, S, S, S]`` to the model's named outputs (``segmentation`` on the
+    patch grid among them). Without a nodule box in the spec this is one pass. Where the first
+    pass finds no nodule the second pass reads the whole cube again.
+
+    Returns:
+        The second pass's outputs and, per patch, whether the first pass found a nodule.
+    """
+    first = run(patches)
+    if spec.nodule_box is None:
+        return first, np.ones(len(patches), bool)
+    bounded = np.empty_like(patches)
+    found = np.zeros(len(patches), bool)
+    for i, patch in enumerate(patches):
+        bounded[i], found[i] = bound_to_nodule(patch, first["segmentation"][i], spec)
+    return run(bounded), found

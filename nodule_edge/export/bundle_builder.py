@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from nodule_edge.errors import BundleError
 from nodule_edge.export.onnx_export import export_onnx
-from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.patch import PatchSpec, run_nodule_bounded
 from nodule_edge.runtime.bundle import load_bundle, write_manifest
 
 __all__ = ["build_bundle", "index_from_predictions"]
@@ -50,17 +51,24 @@ def index_from_predictions(records: list[Any], outputs: dict[str, np.ndarray], k
     return index
 
 
-def _run_engine(onnx_path: Path, patches: np.ndarray, batch: int = 8) -> dict[str, np.ndarray]:
+def _run_engine(onnx_path: Path, patches: np.ndarray, spec: PatchSpec, batch: int = 8) -> dict[str, np.ndarray]:
+    """The exported fp32 model on whole-cube patches, through the runtime's (two-pass) path.
+
+    Segmentation and saliency maps are dropped after use (the index needs the heads only).
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def run(chunk: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {"patch": chunk.astype(np.float32)})))
+
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names if n not in ("segmentation", "saliency")}
     for start in range(0, len(patches), batch):
-        out = session.run(None, {"patch": patches[start : start + batch].astype(np.float32)})
-        for n, o in zip(names, out):
-            if n not in ("segmentation", "saliency"):
-                chunks[n].append(o)
+        out, _ = run_nodule_bounded(run, np.asarray(patches[start : start + batch], np.float32), spec)
+        for n in chunks:
+            chunks[n].append(out[n])
     return {n: np.concatenate(v) for n, v in chunks.items() if v}
 
 
@@ -85,14 +93,16 @@ def build_bundle(
         say("exporting ONNX (fp32 reference)")
         result = export_onnx(checkpoint, tmp / "model.onnx", extra_metadata={"metrics": metrics or {}})
         artifacts["onnx_fp32"] = "model.onnx"
-        extra: dict[str, Any] = {"model_version": result.metadata["model_version"], "patch_spec": json.loads(DEFAULT_PATCH_SPEC.to_json())}
+        spec = PatchSpec.from_json(result.metadata["patch_spec"])
+        extra: dict[str, Any] = {"model_version": result.metadata["model_version"], "patch_spec": json.loads(spec.to_json())}
         patches = None
         records = None
         if index_manifest_dir is not None:
             from nodule_edge.train.data import build_patch_cache, read_unsure_manifest
 
             records = read_unsure_manifest(index_manifest_dir)
-            cache = build_patch_cache(records, DEFAULT_PATCH_SPEC, cache_dir)
+            # Whole cubes: the nodule box is drawn per nodule by the model's first pass, as at run time.
+            cache = build_patch_cache(records, replace(spec, nodule_box=None), cache_dir)
             patches = cache.images
         if cpu_engine:
             from nodule_edge.export.cpu_engine import build_cpu_engine
@@ -106,7 +116,7 @@ def build_bundle(
             artifacts["cpu_engine"] = Path(engine_path).name
         if records is not None and patches is not None:
             say(f"running the model on {len(records)} index nodules")
-            outputs = _run_engine(tmp / "model.onnx", patches)
+            outputs = _run_engine(tmp / "model.onnx", patches, spec)
             extra["index"] = _choose_and_save_index(records, outputs, tmp, say)
             artifacts["index"] = "index"
             thumbs = (np.clip(patches[:, 0, patches.shape[2] // 2], 0, 1) * 255).astype(np.uint8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ OPSET = 18
 def build_export_module(model: Any) -> Any:
     """Wrap a :class:`CollaborativeNet` so its forward returns the exported outputs as a tuple.
 
-    Segmentation and saliency are upsampled from 16³ to the patch's 64³ with trilinear
+    The saliency (and a 16³ segmentation) are upsampled to the patch's 64³ with trilinear
     interpolation; attributes are mapped to the 1–5 rating scale.
     """
     torch = require("torch", "export")
@@ -56,7 +56,10 @@ def build_export_module(model: Any) -> Any:
         def forward(self, patch: Any) -> tuple[Any, ...]:
             out = self.net(patch)
             size = patch.shape[-1]
-            seg = F.interpolate(out.segmentation, size=(size, size, size), mode="trilinear", align_corners=False)[:, 0]
+            seg = out.segmentation
+            if seg.shape[-1] != size:  # the papers' 16³ head (light16); unet64 is at the patch grid
+                seg = F.interpolate(seg, size=(size, size, size), mode="trilinear", align_corners=False)
+            seg = seg[:, 0]
             cam = F.interpolate(out.cam, size=(size, size, size), mode="trilinear", align_corners=False)[:, 0]
             ratings = out.attributes * (RATING_MAX - RATING_MIN) + RATING_MIN
             return (
@@ -85,7 +88,7 @@ def export_onnx(
     checkpoint: str | Path,
     out_path: str | Path,
     *,
-    spec: PatchSpec = DEFAULT_PATCH_SPEC,
+    spec: PatchSpec | None = None,
     model_version: str | None = None,
     extra_metadata: dict[str, Any] | None = None,
 ) -> ExportResult:
@@ -94,7 +97,8 @@ def export_onnx(
     Args:
         checkpoint: A ``.safetensors`` checkpoint written by the trainer (JSON sidecar beside it).
         out_path: Destination ``.onnx`` file.
-        spec: The patch spec the model was trained with (stored in the file).
+        spec: The patch spec the model was trained with (stored in the file); default: the one
+            the checkpoint records (a checkpoint from before the nodule box: the whole cube).
         model_version: Version string stored in the metadata (default: package version + epoch).
         extra_metadata: More key/value pairs (e.g. model-card metrics), JSON-encoded when not str.
 
@@ -106,6 +110,11 @@ def export_onnx(
     from nodule_edge.train.trainer import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
+    if spec is None:
+        recorded = meta.get("patch_spec")
+        spec = PatchSpec.from_json(recorded) if recorded else DEFAULT_PATCH_SPEC
+        if "nodule_box" not in json.loads(recorded or "{}"):
+            spec = replace(spec, nodule_box=None)
     module = build_export_module(model.float())
     example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
     out_path = Path(out_path)

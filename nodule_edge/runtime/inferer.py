@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
+from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engine import Engine, create_engine
 from nodule_edge.runtime.measure import segmentation_measurements
@@ -51,6 +52,8 @@ class NodulePrediction:
     saliency: np.ndarray
     similar: list[Any] = field(default_factory=list)
     retrieval_score: float | None = None
+    nodule_bounded: bool = False
+    first_pass_found_nodule: bool = True
 
     @property
     def saliency_sign_uncertain(self) -> bool:
@@ -206,9 +209,13 @@ class NoduleInferer:
         return self._infer_study(study_from_image(image), voxels, worlds, {})
 
     def predict_patches(self, patches: np.ndarray, exclude_ids: set[str] | None = None) -> list[NodulePrediction]:
-        """Run the engine (and retrieval) on ready-made patches ``[N, C, S, S, S]``."""
-        outputs = self.engine.run(patches)
-        return self._predictions(outputs, exclude_ids)
+        """Run the model (and retrieval) on ready-made whole-cube patches ``[N, C, S, S, S]``.
+
+        A model with a nodule box in its patch spec runs twice: the first pass's segmentation
+        bounds the cube as the training VOIs were bounded, the second pass gives the answer.
+        """
+        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec)
+        return self._predictions(outputs, exclude_ids, found)
 
     # -- internals ------------------------------------------------------------------------
     def _infer_study(self, study: Study, voxels: Sequence[Sequence[float]], worlds: Sequence[Sequence[float]], timing: dict[str, float], exclude_ids: set[str] | None = None) -> StudyResult:
@@ -234,10 +241,10 @@ class NoduleInferer:
                     "(NaN or infinite HU: check RescaleSlope/RescaleIntercept, or the array passed in)"
                 )
         t0 = time.perf_counter()
-        outputs = self.engine.run(patches)
+        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec)
         timing["engine"] = _ms(t0)
         t0 = time.perf_counter()
-        predictions = self._predictions(outputs, exclude_ids)
+        predictions = self._predictions(outputs, exclude_ids, found)
         timing["retrieval_and_measure"] = _ms(t0)
         nodules = []
         for (xyz, lps), pred, patch in zip(locations, predictions, patches):
@@ -255,8 +262,9 @@ class NoduleInferer:
             )
         return StudyResult(study, nodules, self.backend, self.model_version, timing, self.executor)
 
-    def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None) -> list[NodulePrediction]:
+    def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None, found: np.ndarray | None = None) -> list[NodulePrediction]:
         n = len(outputs["malignancy_probability"])
+        bounded = self.spec.nodule_box is not None
         preds = []
         for i in range(n):
             ratings = outputs["attributes"][i]
@@ -272,6 +280,8 @@ class NoduleInferer:
                     embedding=outputs["embedding"][i],
                     segmentation=outputs["segmentation"][i],
                     saliency=outputs["saliency"][i],
+                    nodule_bounded=bounded,
+                    first_pass_found_nodule=True if found is None else bool(found[i]),
                 )
             )
         if self.index is not None and len(self.index) and n:

@@ -27,7 +27,7 @@ from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_outputs", "patch_to_study_grid", "check_output_dir"]
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"
 # zlib level 1: PNG encoding at the default level 6 was half of all output writing (measured
 # ~23 ms of ~39 ms per nodule); level 1 files are somewhat larger and decode the same.
 _PNG_COMPRESS_LEVEL = 1
@@ -83,6 +83,10 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
         "malignancy_probability": round(p.malignancy_probability, 6),
         "attributes": {k: round(v, 4) for k, v in p.attributes.items()},
         "attribute_scale": [1, 5],
+        "model_input": {
+            "nodule_bounded": p.nodule_bounded,
+            "first_pass_found_nodule": p.first_pass_found_nodule,
+        },
         "segmentation": {
             "volume_mm3": round(n.volume_mm3, 2),
             "longest_axial_diameter_mm": round(n.longest_axial_diameter_mm, 2),

@@ -1,10 +1,17 @@
-"""Validated training configuration (TOML or JSON; unknown keys are rejected)."""
+"""Validated training configuration (TOML or JSON; unknown keys are rejected).
+
+A config may start from another with ``extends = "shipped.toml"`` (a path relative to the file):
+the base is loaded first and the file's own keys override it table by table, so an ablation states
+only what it changes. The dataclass defaults equal ``configs/shipped.toml``
+(``tests/train/test_config.py`` checks it).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,9 @@ class ModelSection:
     concat_embedding: bool = True
     malignancy_only: bool = False  # regress the malignancy rating alone (Table-1 ablation)
     embedding_dim: int = 64
+    decoder: str = "unet64"  # unet64 (segmentation at 0.5 mm) | light16 (the papers' 16³ head)
+    seg_features: bool = True  # size-aware heads: segmentation statistics enter both heads
+    widths: tuple[int, ...] = (24, 48, 96, 128)  # stem and residual blocks 1–3
 
 
 @dataclass(frozen=True)
@@ -50,18 +60,19 @@ class LossSection:
 class TrainSection:
     """Optimisation and augmentation."""
 
-    epochs: int = 30
+    epochs: int = 12
     batch_sure: int = 8
-    batch_unsure: int = 8
+    batch_unsure: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 8
+    patience: int = 6
     seed: int = 0
     bf16: str = "auto"  # auto | on | off (CPU autocast); CUDA uses bf16 autocast when on/auto
+    channels_last: str = "auto"  # auto (on for bf16 on CPU) | on | off
     augment: bool = True
-    context_min_mm: float = 8.0  # random z-context truncation down to this full extent
-    context_probability: float = 0.5
-    threads: int = 0  # 0 = torch default
+    nodule_box: bool = True  # read the nodule-bounded input (nodule_edge.patch.NoduleBox)
+    unbounded_probability: float = 0.2  # share of training samples shown the whole cube (the runtime's first pass)
+    threads: int = 2  # 0 = torch default
     max_steps_per_epoch: int = 0  # 0 = one pass over the sure training set
 
 
@@ -74,6 +85,8 @@ class CVSection:
     val_fraction: float = 0.2
     fold_epochs: tuple[int, ...] = ()  # per-run-fold epoch cap (shorter folds when time is short)
     final: bool = True  # train the final model on all data with the CV-chosen epoch count
+    evaluate: str = "last"  # last (the checkpoint the final model's recipe gives) | best (by validation AUC, early stopping)
+    export_dir: str = ""  # where each finished fold's summary is also written as foldK.json (e.g. docs/cv)
 
 
 @dataclass(frozen=True)
@@ -154,9 +167,13 @@ def _validate(cfg: TrainConfig) -> None:
         (t.batch_sure > 0 and t.batch_unsure >= 0, "train.batch_sure must be > 0 and batch_unsure >= 0"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.bf16 in ("auto", "on", "off"), f"train.bf16 must be auto, on or off, got {t.bf16!r}"),
-        (0 <= t.context_probability <= 1, f"train.context_probability must be in [0, 1], got {t.context_probability}"),
+        (0 <= t.unbounded_probability <= 1, f"train.unbounded_probability must be in [0, 1], got {t.unbounded_probability}"),
+        (t.channels_last in ("auto", "on", "off"), f"train.channels_last must be auto, on or off, got {t.channels_last!r}"),
+        (cfg.model.decoder in ("unet64", "light16"), f"model.decoder must be unet64 or light16, got {cfg.model.decoder!r}"),
+        (len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths), f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}"),
         (cv.folds >= 2, f"cv.folds must be >= 2, got {cv.folds}"),
         (all(0 <= f < cv.folds for f in cv.run_folds), f"cv.run_folds {list(cv.run_folds)} must lie in 0..{cv.folds - 1}"),
+        (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),
         (not cv.fold_epochs or len(cv.fold_epochs) == len(cv.run_folds), "cv.fold_epochs must have one entry per run fold"),
         (cfg.loss.delta >= 0, f"loss.delta must be >= 0, got {cfg.loss.delta}"),
@@ -164,6 +181,50 @@ def _validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict[str, Any]:
+    """The file's tables over those of the file it ``extends`` (recursively, cycles refused)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"config {path} extends itself through {' -> '.join(p.name for p in chain)}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (extended by {chain[-1]})" if chain else ""))
+    try:
+        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse config {path}: {exc}") from exc
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path.name}: extends must be a file name, got {base_name!r}")
+    base_path = path.parent / base_name
+    base = _rebase_paths(_read_with_bases(base_path, [*chain, path.resolve()]), base_path.parent, path.parent)
+    return _merge(base, raw)
+
+
+# Keys holding paths relative to their config file; a base's are re-expressed relative to the
+# file that extends it, so `extends` works across folders (configs/ablations/ -> configs/).
+_PATH_KEYS = (("output_dir",), ("data", "voi_dir"), ("data", "cache_dir"), ("data", "sure_manifest"), ("cv", "export_dir"))
+
+
+def _rebase_paths(raw: dict[str, Any], base_dir: Path, new_dir: Path) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for keys in _PATH_KEYS:
+        node = out
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node.get(key), dict) else {}
+        value = node.get(keys[-1])
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            node[keys[-1]] = os.path.relpath(base_dir.resolve() / value, new_dir.resolve())
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -176,10 +237,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot parse config {path}: {exc}") from exc
+    raw = _read_with_bases(path, [])
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -9,11 +9,11 @@ import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import binary_metrics, dice, roc_auc, within_one_accuracy
-from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
 from nodule_edge.train.model import CollaborativeNet
-from nodule_edge.train.trainer import Dataset, predict
+from nodule_edge.train.trainer import Dataset, predict, predict_runtime_path, reference_bounded
 
-__all__ = ["evaluate_model", "fit_diameter_baseline", "truncate_context", "context_statistics"]
+__all__ = ["evaluate_model", "fit_diameter_baseline", "context_statistics", "pooled_metrics", "retrieval_comparison"]
 
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
 
@@ -30,14 +30,6 @@ def fit_diameter_baseline(diameters: np.ndarray, labels: np.ndarray, iterations:
         hess = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2)
         w -= np.linalg.solve(hess, grad)
     return float(w[0]), float(w[1])
-
-
-def truncate_context(images: np.ndarray, extent_mm: float, spacing_mm: float = DEFAULT_PATCH_SPEC.spacing_mm) -> np.ndarray:
-    """Blank every z slice farther than ``extent_mm / 2`` from the centre (outside value 0)."""
-    size = images.shape[-3]
-    z = (np.arange(size) - (size / 2 - 0.5)) * spacing_mm
-    keep = (np.abs(z) <= extent_mm / 2).astype(images.dtype).reshape(-1, 1, 1)
-    return images * keep
 
 
 def context_statistics(ds: Dataset) -> dict[str, float]:
@@ -64,27 +56,53 @@ def _soft_inside_outside(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray,
     return inside, outside
 
 
+def _truncate_z_around_nodule(images: np.ndarray, masks: np.ndarray, extra_mm: float, spacing_mm: float) -> np.ndarray:
+    """Blank z slices more than ``extra_mm`` beyond the reference mask's z extent (nodule intact)."""
+    out = images.copy()
+    size = images.shape[-3]
+    for i in range(len(images)):
+        rows = np.flatnonzero((masks[i] >= 0.5).any(axis=(1, 2)))
+        if len(rows) == 0:
+            continue
+        lo = rows[0] - extra_mm / spacing_mm
+        hi = rows[-1] + extra_mm / spacing_mm
+        keep = (np.arange(size) >= lo) & (np.arange(size) <= hi)
+        out[i][:, ~keep] = 0
+    return out
+
+
 def evaluate_model(
     model: CollaborativeNet,
     ds: Dataset,
     test_idx: np.ndarray,
     train_idx: np.ndarray,
     device: torch.device,
-    context_min_extent_mm: float = 24.0,
-    context_truncated_mm: float = 10.0,
+    spec: PatchSpec | None = None,
+    context_extra_mm: float = 2.0,
 ) -> dict[str, Any]:
     """All reported metrics for one held-out set, with the diameter-only and constant baselines.
 
-    Predictions are made in fp32: bf16 rounds probabilities to steps of about 0.003, which
-    creates ties that distort the AUC.
+    The headline figures are those of the runtime's path (:func:`predict_runtime_path`: first
+    pass on the whole cube, box of its segmentation, second pass). Beside them: the training path
+    (box of the reference mask), how far the two paths' probabilities differ, and how far the
+    runtime path moves when the z context is cut to the nodule plus ``context_extra_mm`` (the
+    nodule left whole). Predictions are made in fp32: bf16 rounds probabilities to steps of about
+    0.003, which creates ties that distort the AUC.
 
     Returns:
         A JSON-serialisable dict, plus ``_predictions`` (per-nodule arrays) for pooling.
     """
-    pred = predict(model, ds, test_idx, device, bf16=False)
+    spec = spec or DEFAULT_PATCH_SPEC
+    pred, found = predict_runtime_path(model, ds, test_idx, device, spec)
     labels = ds.labels[test_idx]
     sel = labels >= 0
-    result: dict[str, Any] = {"n_nodules": int(len(test_idx)), "n_labelled": int(sel.sum()), "label_note": LABEL_NOTE}
+    result: dict[str, Any] = {
+        "n_nodules": int(len(test_idx)),
+        "n_labelled": int(sel.sum()),
+        "label_note": LABEL_NOTE,
+        "input": "nodule-bounded (runtime path: two passes)" if spec.nodule_box else "whole cube",
+        "first_pass_found_nodule_fraction": float(found.mean()) if len(found) else float("nan"),
+    }
     result["malignancy"] = binary_metrics(labels[sel], pred["malignancy_probability"][sel])
 
     # Diameter-only baseline, fitted on the training nodules.
@@ -111,6 +129,7 @@ def evaluate_model(
 
     has_m = ds.cache.has_mask[test_idx]
     masks = ds.cache.masks[test_idx].astype(np.float32)
+    volume = pred["segmentation64"].astype(np.float32).sum(axis=(1, 2, 3)) * spec.spacing_mm**3
     if has_m.any():
         dices = [dice(pred["segmentation64"][i] > 0.5, masks[i] > 0.5) for i in np.flatnonzero(has_m)]
         result["dice_mean"] = float(np.mean(dices))
@@ -118,37 +137,30 @@ def evaluate_model(
         inside, outside = _soft_inside_outside(pred["cam16"][has_m], mask16[has_m])
         result["cam_on_nodule_fraction_gt_mask"] = float((inside > outside).mean())
     result["cam_on_nodule_fraction_predicted_mask"] = float((pred["nodule_attention"] > pred["background_attention"]).mean())
+    # What the segmentation alone knows: the AUC of its soft volume (a probe, not a product output).
+    result["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel]) if sel.any() else float("nan")
 
-    # Context sensitivity: full available context vs context truncated to 10 mm.
-    long_ctx = test_idx[ds.cache.z_extent_mm[test_idx] >= context_min_extent_mm]
-    if len(long_ctx):
-        full = predict(model, ds, long_ctx, device, bf16=False)
-        truncated_images = truncate_context(ds.cache.images[long_ctx].astype(np.float32), context_truncated_mm)
-        short = predict(model, ds, np.arange(len(long_ctx)), device, bf16=False, images=truncated_images)
-        dp = np.abs(full["malignancy_probability"] - short["malignancy_probability"])
-        da = np.abs(full["attributes"] - short["attributes"]) * 4
-        result["context_sensitivity"] = {
-            "n": int(len(long_ctx)),
-            "mean_abs_delta_probability": float(dp.mean()),
-            # Signed (truncated − full): negative means shorter context makes nodules look more benign.
-            "mean_delta_probability": float((short["malignancy_probability"] - full["malignancy_probability"]).mean()),
-            "max_abs_delta_probability": float(dp.max()),
-            "mean_abs_delta_attribute_rating": float(da.mean()),
+    if spec.nodule_box is not None:
+        reference = predict(model, ds, test_idx, device, bf16=False, images=reference_bounded(ds, test_idx, spec))
+        result["malignancy_reference_box"] = binary_metrics(labels[sel], reference["malignancy_probability"][sel])
+        delta = pred["malignancy_probability"] - reference["malignancy_probability"]
+        result["path_parity"] = {
+            "note": "runtime path (box of the first pass's segmentation) minus training path (box of the reference mask)",
+            "n": int(len(test_idx)),
+            "mean_abs_delta_probability": float(np.abs(delta).mean()),
+            "mean_delta_probability": float(delta.mean()),
+            "max_abs_delta_probability": float(np.abs(delta).max()),
         }
-    # The same question with the nodule left whole: context beyond diameter + 2 mm removed, on
-    # test nodules whose available context reaches at least diameter + 4 mm.
-    diam = ds.diameters[test_idx]
-    roomy = test_idx[np.isfinite(diam) & (ds.cache.z_extent_mm[test_idx] >= np.nan_to_num(diam, nan=np.inf) + 4.0)]
+    # Context stability with the nodule intact: z context cut to the nodule plus 2 mm, runtime path.
+    roomy = np.flatnonzero(has_m & (ds.cache.z_extent_mm[test_idx] >= np.nan_to_num(ds.diameters[test_idx], nan=np.inf) + 2 * context_extra_mm + 2.0))
     if len(roomy):
-        full = predict(model, ds, roomy, device, bf16=False)
-        images = ds.cache.images[roomy].astype(np.float32)
-        cut = np.stack([truncate_context(images[i : i + 1], float(ds.diameters[j]) + 2.0)[0] for i, j in enumerate(roomy)])
-        short = predict(model, ds, np.arange(len(roomy)), device, bf16=False, images=cut)
-        delta = short["malignancy_probability"] - full["malignancy_probability"]
+        cut = _truncate_z_around_nodule(ds.cache.images[test_idx[roomy]].astype(np.float32), masks[roomy], context_extra_mm, spec.spacing_mm)
+        short, _ = predict_runtime_path(model, ds, test_idx[roomy], device, spec, images=cut)
+        delta = short["malignancy_probability"] - pred["malignancy_probability"][roomy]
         result["context_sensitivity_nodule_intact"] = {
             "n": int(len(roomy)),
-            "median_full_context_mm": float(np.median(ds.cache.z_extent_mm[roomy])),
-            "median_truncated_context_mm": float(np.median(ds.diameters[roomy] + 2.0)),
+            "median_full_context_mm": float(np.median(ds.cache.z_extent_mm[test_idx[roomy]])),
+            "truncated_to": f"reference z extent + {context_extra_mm} mm each side",
             "mean_abs_delta_probability": float(np.abs(delta).mean()),
             "mean_delta_probability": float(delta.mean()),
             "max_abs_delta_probability": float(np.abs(delta).max()),
@@ -158,20 +170,43 @@ def evaluate_model(
         "probability": pred["malignancy_probability"],
         "attributes": pred["attributes"],
         "embedding": pred["embedding"],
+        "volume_mm3": volume,
     }
     return result
 
 
 def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any]:
-    """Pool per-nodule predictions over folds and recompute the headline metrics."""
-    idx = np.concatenate([f["_predictions"]["index"] for f in per_fold])
-    prob = np.concatenate([f["_predictions"]["probability"] for f in per_fold])
+    """Pool per-nodule out-of-fold predictions and recompute the headline metrics.
+
+    ``per_fold`` items carry ``predictions`` (``index``, ``probability``, ``volume_mm3``) as
+    written to each fold's JSON, so folds finished in earlier sessions pool with new ones.
+    """
+    idx = np.concatenate([np.asarray(f["predictions"]["index"], np.int64) for f in per_fold])
+    prob = np.concatenate([np.asarray(f["predictions"]["probability"], np.float64) for f in per_fold])
     labels = ds.labels[idx]
     sel = labels >= 0
-    out: dict[str, Any] = {"malignancy": binary_metrics(labels[sel], prob[sel]), "label_note": LABEL_NOTE}
+    out: dict[str, Any] = {"n_folds": len(per_fold), "malignancy": binary_metrics(labels[sel], prob[sel]), "label_note": LABEL_NOTE}
     if np.isfinite(ds.diameters[idx][sel]).all():
         out["diameter_auc"] = roc_auc(labels[sel], ds.diameters[idx][sel])
+    if all("volume_mm3" in f["predictions"] for f in per_fold):
+        volume = np.concatenate([np.asarray(f["predictions"]["volume_mm3"], np.float64) for f in per_fold])
+        out["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel])
+    keys = ("malignancy.auc", "baseline_diameter.auc", "attributes_mean_mae", "attributes_baseline_constant_mean_mae", "dice_mean", "cam_on_nodule_fraction_gt_mask", "path_parity.mean_abs_delta_probability", "context_sensitivity_nodule_intact.mean_abs_delta_probability")
+    for key in keys:
+        values = [_dig(f, key) for f in per_fold]
+        values = [v for v in values if v is not None]
+        if values:
+            out[f"{key} (mean ± sd over folds)"] = [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
     return out
+
+
+def _dig(data: dict[str, Any], dotted: str) -> float | None:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return float(node) if isinstance(node, (int, float)) else None
 
 
 def retrieval_comparison(ds: Dataset, result: dict[str, Any], k: int = 20) -> dict[str, Any]:

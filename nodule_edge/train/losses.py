@@ -14,7 +14,11 @@ __all__ = ["LossWeights", "dice_loss", "csl_loss", "total_loss"]
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Total = L_cls + α·L_debug + β·L_seg + γ·L_reg (all 1 by default, as in the papers)."""
+    """Total = L_cls + α·L_debug + β·L_seg + γ·L_reg (all 1 by default, as in the papers).
+
+    L_seg is the soft Dice loss plus the voxel-wise binary cross-entropy (the papers use Dice alone,
+    on a 16³ map; at 64³ Dice alone learns too slowly, MODEL_CARD.md).
+    """
 
     alpha: float = 1.0
     beta: float = 1.0
@@ -37,7 +41,7 @@ def csl_loss(out: ModelOutput, delta: float = 0.5, adaptive: bool = True) -> tor
     The adaptive weight 2|p − 0.5| is detached: it scales how much a confident prediction is
     debugged, and is not itself a quantity to optimise.
     """
-    inside, outside = soft_region_means(out.cam, out.segmentation)
+    inside, outside = soft_region_means(out.cam, out.segmentation_coarse)
     loss = F.relu(outside - inside + delta)
     if adaptive:
         loss = 2 * (out.malignancy_probability.detach() - 0.5).abs() * loss
@@ -49,7 +53,7 @@ def total_loss(
     *,
     labels: torch.Tensor,
     label_mask: torch.Tensor,
-    masks16: torch.Tensor,
+    masks: torch.Tensor,
     mask_present: torch.Tensor,
     attributes: torch.Tensor,
     attr_present: torch.Tensor,
@@ -60,9 +64,14 @@ def total_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Combine the task losses over the samples that carry each label.
 
+    ``masks`` are the reference soft masks ``[N, 1, D, D, D]`` at the patch resolution; they are
+    average-pooled to the segmentation head's own resolution when it is coarser.
+
     Returns:
         The scalar loss and its parts (floats, for logging).
     """
+    if masks.shape[-1] != out.segmentation.shape[-1]:
+        masks = F.adaptive_avg_pool3d(masks, out.segmentation.shape[2:])
     # A missing part is a zero that still reaches every head: under DDP each parameter must get a
     # gradient every step (the attribute head is otherwise unused without attributes or targets).
     zero = (out.malignancy_logit.sum() + out.attributes.sum() + out.segmentation.sum()) * 0
@@ -72,7 +81,13 @@ def total_loss(
         F.binary_cross_entropy_with_logits(out.malignancy_logit.float()[sel], labels.float()[sel]) if sel.any() else zero
     )
     msel = mask_present.bool()
-    parts["seg"] = dice_loss(out.segmentation.float()[msel], masks16[msel]).mean() if msel.any() else zero
+    if msel.any():
+        seg, target = out.segmentation.float()[msel], masks[msel].float()
+        # Dice alone barely moves a 64³ map whose nodule fills < 1 % of it (the background gets
+        # almost no gradient): the voxel-wise BCE beside it gave Dice 0.1 -> see MODEL_CARD.md.
+        parts["seg"] = dice_loss(seg, target).mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), target)
+    else:
+        parts["seg"] = zero
     asel = attr_present.bool()
     if use_attributes and asel.any():
         parts["reg"] = F.mse_loss(out.attributes.float()[asel], attributes[asel][:, attribute_columns])

@@ -2,20 +2,38 @@
 
 Backbone: 7³ stride-2 convolution (no max-pool) and three residual blocks (two 3³ convolutions
 each, 1³ projection shortcuts); block 1 downsamples to 16³, blocks 2 and 3 keep 16³ with dilation
-2 and 4; GroupNorm after every backbone convolution. A light segmentation decoder predicts the
-nodule at 16³; a fusion convolution maps that map to 256 channels, adds it to the backbone features
-and applies ReLU. After global average pooling, the attribute branch regresses six ratings through
-an embedding that the benign/malignant branch also reads (concatenation).
+2 and 4; GroupNorm after every backbone convolution.
+
+Segmentation decoder, two designs (``ModelConfig.decoder``):
+
+* ``"unet64"`` (the shipped model): a U-Net-style decoder upsamples the 16³ features to 32³ with a
+  skip from the stem and to the patch's 64³ with a skip from the input, so the nodule is outlined
+  at 0.5 mm. The papers' 16³ head (2 mm voxels) cannot recover a small nodule's size, and the
+  classifier could not use what it did not see (MODEL_CARD.md, "What capped the model").
+* ``"light16"``: the papers' light decoder at 16³ (the model shipped before, kept for ablations).
+
+Either way the segmentation, pooled to 16³, passes a fusion convolution that adds it to the
+backbone features (then ReLU). After global average pooling the attribute branch regresses six
+ratings through an embedding that the benign/malignant branch also reads (concatenation).
+
+Size-aware heads (``ModelConfig.seg_features``): six statistics of the nodule under the predicted
+soft segmentation (log volume in mm³, mean and spread of both HU windows, solid fraction) are
+appended to the inputs of the attribute embedding and the classifier. The segmentation is detached
+there: the classifier cannot make the outline bigger or smaller to suit its statistics (the
+papers' fusion path still passes the classification gradient into the decoder).
 
 Grad-CAM: the fusion features F reach the heads only through global average pooling g = mean(F), so
 ∂p/∂F_k(v) = (1/N)·∂p/∂g_k for every voxel v, and ω_k (the spatial mean of ∂p/∂F_k) is the same
 expression. ∂p/∂g follows in closed form from the two small fully connected heads, so the CAM is an
 ordinary forward computation: differentiable for the debug loss in training, and exportable to ONNX.
+The segmentation statistics do not depend on F (they are computed upstream of the fusion), so they
+leave the closed form unchanged: they add to the logit, not to ∂z/∂F.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +41,12 @@ from torch import nn
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 
-__all__ = ["ModelConfig", "CollaborativeNet", "ModelOutput", "count_parameters"]
+__all__ = ["ModelConfig", "CollaborativeNet", "ModelOutput", "count_parameters", "LEGACY_MODEL_CONFIG", "SEG_FEATURE_NAMES"]
 
 _EPS = 1e-6
+#: Statistics of the nodule under the predicted segmentation that the size-aware heads read.
+SEG_FEATURE_NAMES = ("log_volume_mm3", "lung_window_mean", "lung_window_sd", "mediastinal_window_mean", "mediastinal_window_sd", "solid_fraction")
+Decoder = Literal["unet64", "light16"]
 
 
 @dataclass(frozen=True)
@@ -41,16 +62,26 @@ class ModelConfig:
         use_attributes: Train and use the attribute branch.
         concat_embedding: Feed the attribute embedding to the classifier (the papers' concat).
         num_attributes: Regressed attributes (6, or 1 for the malignancy-only ablation).
+        decoder: ``"unet64"`` (segmentation at the patch resolution) or ``"light16"`` (papers').
+        seg_features: Feed the segmentation statistics (``SEG_FEATURE_NAMES``) to both heads.
+        voxel_mm: Patch voxel spacing, for the volume statistic.
     """
 
     in_channels: int = 2
-    widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    widths: tuple[int, int, int, int] = (24, 48, 96, 128)
     groups: int = 8
-    seg_widths: tuple[int, int] = (32, 16)
+    seg_widths: tuple[int, int] = (24, 24)
     embedding_dim: int = 64
     use_attributes: bool = True
     concat_embedding: bool = True
     num_attributes: int = len(ATTRIBUTE_NAMES)
+    decoder: Decoder = "unet64"
+    seg_features: bool = True
+    voxel_mm: float = 0.5
+
+
+#: The model shipped until the nodule-bounded input (checkpoints without the newer keys).
+LEGACY_MODEL_CONFIG = {"widths": (32, 64, 128, 256), "seg_widths": (32, 16), "decoder": "light16", "seg_features": False}
 
 
 @dataclass
@@ -61,8 +92,9 @@ class ModelOutput:
     malignancy_probability: torch.Tensor  # [N]
     attributes: torch.Tensor  # [N, A] in [0, 1]
     embedding: torch.Tensor  # [N, E]
-    segmentation: torch.Tensor  # [N, 1, 16, 16, 16] probabilities
-    features: torch.Tensor  # [N, 256, 16, 16, 16] fusion output
+    segmentation: torch.Tensor  # [N, 1, D, D, D] probabilities (D = 64 for unet64, 16 for light16)
+    segmentation_coarse: torch.Tensor  # [N, 1, 16, 16, 16] the same pooled to the feature grid
+    features: torch.Tensor  # [N, C, 16, 16, 16] fusion output
     cam: torch.Tensor  # [N, 1, 16, 16, 16] min-max normalised Grad-CAM
     nodule_attention: torch.Tensor  # [N]
     background_attention: torch.Tensor  # [N]
@@ -86,6 +118,80 @@ class _ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv1(x))
         return F.relu(self.conv2(out) + self.shortcut(x))
+
+
+def space_to_depth(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """``[N, C, D, H, W]`` → ``[N, C·f³, D/f, H/f, W/f]``: each f³ block becomes channels."""
+    n, c, d, h, w = x.shape
+    x = x.reshape(n, c, d // factor, factor, h // factor, factor, w // factor, factor)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(n, c * factor**3, d // factor, h // factor, w // factor)
+
+
+def depth_to_space(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Inverse of :func:`space_to_depth`."""
+    n, c, d, h, w = x.shape
+    c_out = c // factor**3
+    x = x.reshape(n, c_out, factor, factor, factor, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(n, c_out, d * factor, h * factor, w * factor)
+
+
+class _UNetDecoder(nn.Module):
+    """16³ features → 32³ with skips from the stem and the input → a 64³ segmentation logit.
+
+    The input's 2³ blocks enter at 32³ as channels and the last convolution predicts one logit per
+    0.5 mm sub-voxel (depth-to-space), so the map has the patch's resolution while every
+    convolution runs at 32³: a 3³ convolution at 64³ with 8–18 channels took half of a training
+    step on the CPU (oneDNN runs such thin layers far from peak).
+    """
+
+    def __init__(self, c_feat: int, c_stem: int, c_in: int, widths: tuple[int, int], groups: int) -> None:
+        super().__init__()
+        w_reduce, w32 = widths
+        self.reduce = nn.Conv3d(c_feat, w_reduce, 1)
+        self.refine = nn.Sequential(
+            _conv_gn(w_reduce + c_stem + 8 * c_in, w32, 3, groups),
+            nn.ReLU(inplace=True),
+            _conv_gn(w32, w32, 3, groups),
+            nn.ReLU(inplace=True),
+        )
+        self.out = nn.Conv3d(w32, 8, 1)
+        # Start from "no nodule here" (p ≈ 0.05): the nodule fills about 1 % of the cube.
+        nn.init.constant_(self.out.bias, -3.0)
+
+    def forward(self, feats: torch.Tensor, stem: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(self.reduce(feats), size=stem.shape[2:], mode="trilinear", align_corners=False)
+        # One dtype for the concatenation: under bf16 autocast the interpolation runs in fp32 and
+        # a mixed cat would be promoted to fp32 and cast back for the convolution.
+        y = self.refine(torch.cat([y.to(stem.dtype), stem, space_to_depth(x).to(stem.dtype)], dim=1))
+        return depth_to_space(self.out(y))
+
+
+def segmentation_statistics(seg: torch.Tensor, x: torch.Tensor, voxel_mm: float) -> torch.Tensor:
+    """``SEG_FEATURE_NAMES`` of the nodule under a soft segmentation ``[N, 1, D, D, D]``.
+
+    The input ``x`` holds the two windowed channels (lung, mediastinal) at the same grid; the
+    solid fraction is the share of the nodule above the mediastinal window's floor (-160 HU).
+    Each statistic is scaled to about unit range so that one learning rate suits all. They are
+    taken on a grid of at most 32³ (2³ averaging keeps the volume; at 64³ they cost a tenth of a
+    training step).
+    """
+    # Fixed-kernel average pooling (= adaptive pooling for these divisible sizes, and exportable
+    # to ONNX, which adaptive 3-D pooling is not).
+    if seg.shape[-1] > 32:
+        seg = F.avg_pool3d(seg, seg.shape[-1] // 32)
+    voxel = voxel_mm * x.shape[-1] / seg.shape[-1]  # edge of one statistics voxel in mm
+    if x.shape[-1] != seg.shape[-1]:
+        x = F.avg_pool3d(x, x.shape[-1] // seg.shape[-1])
+    weight = seg.float()
+    mass = weight.sum(dim=(1, 2, 3, 4))
+    denom = mass.clamp_min(_EPS)
+    xf = x.float()
+    means = (weight * xf).sum(dim=(2, 3, 4)) / denom[:, None]  # [N, 2]
+    var = (weight * (xf - means[:, :, None, None, None]) ** 2).sum(dim=(2, 3, 4)) / denom[:, None]
+    solid = (weight * (xf[:, 1:2] > 0).float()).sum(dim=(1, 2, 3, 4)) / denom
+    log_volume = (torch.log1p(mass * voxel**3) - 5.0) / 2.0
+    stats = [log_volume, means[:, 0], var[:, 0].clamp_min(_EPS).sqrt() * 4, means[:, 1], var[:, 1].clamp_min(_EPS).sqrt() * 4, solid]
+    return torch.stack(stats, dim=1)
 
 
 def soft_region_means(cam: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,42 +228,50 @@ class CollaborativeNet(nn.Module):
         self.block2 = _ResidualBlock(w1, w2, g, stride=1, dilation=2)
         self.block3 = _ResidualBlock(w2, w3, g, stride=1, dilation=4)
         s0, s1 = config.seg_widths
-        self.seg_head = nn.Sequential(
-            _conv_gn(w3, s0, 3, g),
-            nn.ReLU(inplace=True),
-            _conv_gn(s0, s1, 3, g),
-            nn.ReLU(inplace=True),
-            nn.Conv3d(s1, 1, 1),
-        )
+        if config.decoder == "unet64":
+            self.seg_head: nn.Module = _UNetDecoder(w3, w0, config.in_channels, (s0, s1), g)
+        elif config.decoder == "light16":
+            self.seg_head = nn.Sequential(
+                _conv_gn(w3, s0, 3, g),
+                nn.ReLU(inplace=True),
+                _conv_gn(s0, s1, 3, g),
+                nn.ReLU(inplace=True),
+                nn.Conv3d(s1, 1, 1),
+            )
+        else:
+            raise ValueError(f"ModelConfig.decoder must be 'unet64' or 'light16', got {config.decoder!r}")
         self.fusion = nn.Conv3d(1, w3, 3, padding=1)
-        self.attr_embed = nn.Linear(w3, config.embedding_dim)
+        n_stats = len(SEG_FEATURE_NAMES) if config.seg_features else 0
+        self.attr_embed = nn.Linear(w3 + n_stats, config.embedding_dim)
         self.attr_out = nn.Linear(config.embedding_dim, config.num_attributes)
-        cls_in = w3 + (config.embedding_dim if config.use_attributes and config.concat_embedding else 0)
+        cls_in = w3 + n_stats + (config.embedding_dim if config.use_attributes and config.concat_embedding else 0)
         self.cls = nn.Linear(cls_in, 1)
 
     @property
     def feature_channels(self) -> int:
         return self.config.widths[3]
 
-    def _heads(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre_embedding = self.attr_embed(pooled)
+    def _heads(self, pooled: torch.Tensor, stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        head_in = pooled if stats is None else torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
+        pre_embedding = self.attr_embed(head_in)
         embedding = F.relu(pre_embedding)
         attributes = torch.sigmoid(self.attr_out(embedding))
         if self.config.use_attributes and self.config.concat_embedding:
-            logit = self.cls(torch.cat([pooled, embedding], dim=1)).squeeze(1)
+            logit = self.cls(torch.cat([head_in, embedding], dim=1)).squeeze(1)
         else:
-            logit = self.cls(pooled).squeeze(1)
+            logit = self.cls(head_in).squeeze(1)
         return logit, attributes, pre_embedding
 
     def logit_gradient(self, pooled: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
         """Closed-form ∂z/∂g of the malignancy logit z for the pooled features g (shape [N, C])."""
         c = self.feature_channels
-        weight = self.cls.weight[0]  # [C (+E)]
+        head_in = c + (len(SEG_FEATURE_NAMES) if self.config.seg_features else 0)
+        weight = self.cls.weight[0]  # [C (+S) (+E)]
         dz_dg = weight[:c].unsqueeze(0).expand_as(pooled)
         if self.config.use_attributes and self.config.concat_embedding:
-            w_e = weight[c:]  # [E]
+            w_e = weight[head_in:]  # [E]
             relu_mask = (pre_embedding > 0).to(pooled.dtype)  # [N, E]
-            dz_dg = dz_dg + (relu_mask * w_e) @ self.attr_embed.weight  # [N, C]
+            dz_dg = dz_dg + (relu_mask * w_e) @ self.attr_embed.weight[:, :c]  # [N, C]
         return dz_dg
 
     def probability_gradient(self, pooled: torch.Tensor, logit: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
@@ -166,11 +280,17 @@ class CollaborativeNet(nn.Module):
         return (p * (1 - p)).unsqueeze(1) * self.logit_gradient(pooled, pre_embedding)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        feats = self.block3(self.block2(self.block1(F.relu(self.stem(x)))))
-        seg = torch.sigmoid(self.seg_head(feats))
-        fused = F.relu(feats + self.fusion(seg))
+        stem = F.relu(self.stem(x))
+        feats = self.block3(self.block2(self.block1(stem)))
+        if self.config.decoder == "unet64":
+            seg = torch.sigmoid(self.seg_head(feats, stem, x))
+            coarse = F.avg_pool3d(seg, seg.shape[-1] // feats.shape[-1])
+        else:
+            seg = coarse = torch.sigmoid(self.seg_head(feats))
+        fused = F.relu(feats + self.fusion(coarse))
         pooled = fused.mean(dim=(2, 3, 4))
-        logit, attributes, pre_embedding = self._heads(pooled)
+        stats = segmentation_statistics(seg.detach(), x, self.config.voxel_mm) if self.config.seg_features else None
+        logit, attributes, pre_embedding = self._heads(pooled, stats)
         p = torch.sigmoid(logit)
         # ω_k = p(1 − p)/N · ∂z/∂g_k. The positive per-sample factor p(1 − p)/N cancels in the
         # min-max normalisation, so it is left out: in float32 it underflows for confident
@@ -178,13 +298,14 @@ class CollaborativeNet(nn.Module):
         weights = self.logit_gradient(pooled, pre_embedding)
         raw_cam = (p - 0.5).view(-1, 1, 1, 1, 1) * (weights.view(*weights.shape, 1, 1, 1) * fused).sum(1, keepdim=True)
         cam = minmax_normalise(raw_cam)
-        inside, outside = soft_region_means(cam, seg)
+        inside, outside = soft_region_means(cam, coarse)
         return ModelOutput(
             malignancy_logit=logit,
             malignancy_probability=p,
             attributes=attributes,
             embedding=F.relu(pre_embedding),
             segmentation=seg,
+            segmentation_coarse=coarse,
             features=fused,
             cam=cam,
             nodule_attention=inside,

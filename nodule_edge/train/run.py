@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,68 +17,148 @@ import torch
 
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
-from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, split_fold, train_model
+from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
 
 __all__ = ["run_training"]
 
 log = logging.getLogger(__name__)
 
 
-def _strip(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if not k.startswith("_")}
+def fold_config_sha256(cfg: TrainConfig) -> str:
+    """Hash of everything that shapes one fold's result (not which folds run, nor the final model)."""
+    data = cfg.to_dict()
+    for key in ("run_folds", "final", "export_dir"):
+        data["cv"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _finished_fold(path: Path, sha: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return result if result.get("fold_config_sha256") == sha else None
 
 
 def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None, folds_only: bool = False) -> dict[str, Any]:
     """Run the configured CV folds and (optionally) the final model; writes ``summary.json``.
 
+    Resumable fold by fold: a fold whose ``foldK/result.json`` was written by the same fold
+    configuration is not run again, an unfinished fold continues from its last checkpoint, and the
+    final model likewise. Each finished fold is also written to ``cv.export_dir/foldK.json`` (the
+    repository keeps them in ``docs/cv``) the moment it exists.
+
     Returns:
-        The summary: per-fold metrics, pooled metrics, chosen epoch count and the final checkpoint.
+        The summary: per-fold metrics, pooled metrics (once every fold of the CV has a result),
+        the epoch count of the final model and its checkpoint.
     """
     say = progress or log.info
     out_dir = cfg.resolve(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    export_dir = cfg.resolve(cfg.cv.export_dir) if cfg.cv.export_dir else None
     t_start = time.perf_counter()
     ds: Dataset = load_dataset(cfg)
     say(f"dataset: {len(ds)} nodules, {len(set(ds.patients))} patients, {(ds.labels >= 0).sum()} labelled")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    spec = patch_spec_from(cfg)
+    sha = fold_config_sha256(cfg)
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "config_sha256": cfg.sha256(),
-        "hardware": {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "fold_config_sha256": sha,
+        "patch_spec": json.loads(spec.to_json()),
+        "hardware": _hardware(device),
         "folds": {},
         "data_context": context_statistics(ds),
     }
-    fold_results = []
-    best_epochs = []
+    results: dict[int, dict[str, Any]] = {}
     for i, fold in enumerate(cfg.cv.run_folds):
+        result_path = out_dir / f"fold{fold}" / "result.json"
+        done = _finished_fold(result_path, sha)
+        if done is not None:
+            say(f"fold {fold}: finished earlier (AUC {done['malignancy']['auc']:.3f}), not run again")
+            results[fold] = done
+            summary["folds"][str(fold)] = _without_predictions(done)
+            continue
         train_idx, val_idx, test_idx = split_fold(ds, cfg, fold)
         max_epochs = cfg.cv.fold_epochs[i] if cfg.cv.fold_epochs else cfg.train.epochs
         say(f"fold {fold}: train {len(train_idx)} / val {len(val_idx)} / test {len(test_idx)} nodules, up to {max_epochs} epochs")
-        fit = train_model(cfg, ds, train_idx, val_idx, out_dir / f"fold{fold}", max_epochs, progress=say)
-        model, meta = load_checkpoint(out_dir / f"fold{fold}" / "best.safetensors")
-        result = evaluate_model(model, ds, test_idx, train_idx, device)
+        fit = train_model(cfg, ds, train_idx, val_idx, out_dir / f"fold{fold}", max_epochs, progress=say, early_stopping=cfg.cv.evaluate == "best")
+        model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
+        t_eval = time.perf_counter()
+        result = evaluate_model(model, ds, test_idx, train_idx, device, spec)
         result["retrieval"] = retrieval_comparison(ds, result)
-        result.update(best_epoch=fit["best_epoch"], epochs_run=len(fit["history"]), max_epochs=max_epochs, train_seconds=_epoch_seconds(fit), steps_per_epoch=fit["steps_per_epoch"])
-        fold_results.append(result)
-        best_epochs.append(fit["best_epoch"])
-        summary["folds"][str(fold)] = _strip(result)
+        predictions = result.pop("_predictions")
+        result.update(
+            fold=fold,
+            fold_config_sha256=sha,
+            evaluated_checkpoint=cfg.cv.evaluate,
+            evaluated_epoch=int(meta.get("epoch", 0)),
+            best_epoch=fit["best_epoch"],
+            epochs_run=len(fit["history"]),
+            max_epochs=max_epochs,
+            train_seconds=_epoch_seconds(fit),
+            seconds_per_epoch=round(_epoch_seconds(fit) / max(1, len(fit["history"])), 1),
+            evaluation_seconds=round(time.perf_counter() - t_eval, 1),
+            steps_per_epoch=fit["steps_per_epoch"],
+            parameters=fit["parameters"],
+            hardware=_hardware(device),
+            history=[{k: h[k] for k in ("epoch", "seconds", "train", "val")} for h in fit["history"]],
+            predictions={
+                "note": "index = row of lidc_voi/manifest.csv (0-based); probability from the runtime path",
+                "index": [int(v) for v in predictions["index"]],
+                "probability": [round(float(v), 6) for v in predictions["probability"]],
+                "volume_mm3": [round(float(v), 2) for v in predictions["volume_mm3"]],
+            },
+        )
+        _write(result_path, result)
+        if export_dir is not None:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            _write(export_dir / f"fold{fold}.json", result)
+        results[fold] = result
+        summary["folds"][str(fold)] = _without_predictions(result)
         summary["parameters"] = fit["parameters"]
-        say(f"fold {fold}: AUC {result['malignancy']['auc']:.3f}, best epoch {fit['best_epoch']}")
+        say(f"fold {fold}: AUC {result['malignancy']['auc']:.3f} (diameter-only {result.get('baseline_diameter', {}).get('auc', float('nan')):.3f}), Dice {result.get('dice_mean', float('nan')):.3f}")
         _write(out_dir / "summary.json", summary)
-    if fold_results:
-        summary["pooled"] = pooled_metrics(fold_results, ds)
-    # The full-budget fold decides the final epoch count (the first run fold).
-    chosen = best_epochs[0] if best_epochs else cfg.train.epochs
-    summary["chosen_epochs"] = int(chosen)
+    # Pool over every fold of the CV that has a result, this session's or an earlier one's.
+    for fold in range(cfg.cv.folds):
+        if fold not in results:
+            done = _finished_fold(out_dir / f"fold{fold}" / "result.json", sha)
+            if done is None and export_dir is not None:
+                done = _finished_fold(export_dir / f"fold{fold}.json", sha)
+            if done is not None:
+                results[fold] = done
+    if results:
+        summary["pooled"] = pooled_metrics([results[f] for f in sorted(results)], ds)
+        summary["pooled"]["folds"] = sorted(results)
+    summary["chosen_epochs"] = int(cfg.train.epochs)
     if cfg.cv.final and not folds_only:
         all_idx = np.arange(len(ds))
-        say(f"final model: all {len(ds)} nodules for {chosen} epochs")
-        fit = train_model(cfg, ds, all_idx, np.zeros(0, np.int64), out_dir / "final", chosen, progress=say, early_stopping=False)
+        say(f"final model: all {len(ds)} nodules for {cfg.train.epochs} epochs")
+        fit = train_model(cfg, ds, all_idx, np.zeros(0, np.int64), out_dir / "final", cfg.train.epochs, progress=say, early_stopping=False)
         final = out_dir / "final" / "last.safetensors"
-        summary["final"] = {"checkpoint": str(final), "epochs": chosen, "train_seconds": _epoch_seconds(fit)}
+        summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write(out_dir / "summary.json", summary)
     return summary
+
+
+def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("predictions", "history")}
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def _epoch_seconds(fit: dict[str, Any]) -> float:
@@ -90,5 +171,5 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    tmp.write_text(json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     os.replace(tmp, path)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
-from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.data import (
     NoduleRecord,
@@ -32,9 +32,22 @@ from nodule_edge.train.data import (
     targets,
 )
 from nodule_edge.train.losses import LossWeights, total_loss
-from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters
+from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig, count_parameters
 
-__all__ = ["Dataset", "load_dataset", "model_config_from", "train_model", "predict", "bf16_enabled", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "Dataset",
+    "load_dataset",
+    "model_config_from",
+    "train_model",
+    "predict",
+    "predict_runtime_path",
+    "reference_bounded",
+    "bound_batch",
+    "augment",
+    "bf16_enabled",
+    "save_checkpoint",
+    "load_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 MALIGNANCY_COLUMN = ATTRIBUTE_NAMES.index("malignancy")
@@ -63,7 +76,8 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         sure = read_sure_manifest(cfg.resolve(cfg.data.sure_manifest))
         # External sure data replaces LIDC's proxy labels.
         records = [dataclasses.replace(r, label=None) for r in records] + sure
-    cache = build_patch_cache(records, DEFAULT_PATCH_SPEC, cfg.resolve(cfg.data.cache_dir))
+    # The cache holds whole cubes; the nodule box is applied per batch (training) or per pass.
+    cache = build_patch_cache(records, dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=None), cfg.resolve(cfg.data.cache_dir))
     attrs, has_attrs, labels, diameters = targets(records)
     return Dataset(records, cache, attrs, has_attrs, labels, diameters, [r.patient_id for r in records])
 
@@ -75,7 +89,16 @@ def model_config_from(cfg: TrainConfig) -> ModelConfig:
         concat_embedding=m.concat_embedding,
         num_attributes=1 if m.malignancy_only else len(ATTRIBUTE_NAMES),
         embedding_dim=m.embedding_dim,
+        decoder=m.decoder,  # type: ignore[arg-type]
+        seg_features=m.seg_features,
+        widths=tuple(m.widths),  # type: ignore[arg-type]
+        voxel_mm=DEFAULT_PATCH_SPEC.spacing_mm,
     )
+
+
+def patch_spec_from(cfg: TrainConfig) -> PatchSpec:
+    """The model input this run trains on: the default spec, bounded to the nodule or not."""
+    return DEFAULT_PATCH_SPEC if cfg.train.nodule_box else dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=None)
 
 
 def bf16_enabled(setting: str, device: torch.device) -> bool:
@@ -102,38 +125,77 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, context_min_mm: float, context_p: float, spacing_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random z-context truncation, then flips, 90° rotations and axis transposes per sample.
+def augment(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flips of every axis, in-plane 90° rotations and in-plane transposes, per sample.
 
-    Context truncation blanks slices beyond a random half-extent to the outside value (0 after
-    windowing of -1000 HU) and blanks the mask there too (nothing is visible to segment). The
-    training VOIs end close to the nodule in z (``evaluation.context_statistics``), so the air
-    boundary is a size shortcut that a full-context study at run time does not have; truncating
-    down to ``context_min_mm``, into the nodule when it is larger, makes that boundary carry no label
-    information and keeps predictions stable across context lengths (model card, context sensitivity).
+    z is never swapped with an in-plane axis: slices are thicker than pixels in the source scans
+    and the nodule box keeps less context in z than in-plane (:class:`~nodule_edge.patch.NoduleBox`),
+    so a transposed sample would be one the model never meets at run time. Nothing is cut:
+    no augmentation changes what part of the nodule is visible.
     """
+    n = images.shape[0]
+    flips = torch.rand(n, 3, generator=gen) < 0.5
+    turns = torch.randint(0, 4, (n,), generator=gen)
+    transpose = torch.rand(n, generator=gen) < 0.5
     out_i, out_m = [], []
-    size = images.shape[-1]
-    z = (torch.arange(size, dtype=torch.float32) - (size / 2 - 0.5)) * spacing_mm
-    for img, msk in zip(images, masks):
-        if torch.rand(1, generator=gen).item() < context_p:
-            half = context_min_mm / 2 + torch.rand(1, generator=gen).item() * (size * spacing_mm - context_min_mm) / 2
-            keep = (z.abs() <= half).view(-1, 1, 1)
-            img = img * keep
-            msk = msk * keep
-        perm = torch.randperm(3, generator=gen).tolist()
-        img = img.permute(0, *(p + 1 for p in perm))
-        msk = msk.permute(*perm)
-        for axis in range(3):
-            if torch.rand(1, generator=gen).item() < 0.5:
-                img = img.flip(axis + 1)
-                msk = msk.flip(axis)
-        k = int(torch.randint(0, 4, (1,), generator=gen))
-        img = torch.rot90(img, k, (2, 3))
-        msk = torch.rot90(msk, k, (1, 2))
+    for k in range(n):
+        img, msk = images[k], masks[k]
+        axes = [a for a in range(3) if flips[k, a]]
+        if axes:
+            img = img.flip([a + 1 for a in axes])
+            msk = msk.flip(axes)
+        if transpose[k]:
+            img = img.transpose(2, 3)
+            msk = msk.transpose(1, 2)
+        img = torch.rot90(img, int(turns[k]), (2, 3))
+        msk = torch.rot90(msk, int(turns[k]), (1, 2))
         out_i.append(img)
         out_m.append(msk)
     return torch.stack(out_i).contiguous(), torch.stack(out_m).contiguous()
+
+
+def bound_batch(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    has_mask: torch.Tensor,
+    box: NoduleBox,
+    spacing_mm: float,
+    gen: torch.Generator | None,
+    unbounded_probability: float = 0.0,
+) -> torch.Tensor:
+    """The training path of the nodule-bounded input: box of the reference mask plus margins.
+
+    Each side's margin is drawn from ``[margin, margin + jitter]`` (``gen`` given) or set to the
+    runtime's middle value (``gen`` None); voxels outside become 0, the windowed air value. Samples
+    without a mask, and a random ``unbounded_probability`` share (the runtime's first pass sees
+    an unbounded cube), keep their whole cube. The box never cuts into the reference mask.
+    """
+    n, size = images.shape[0], images.shape[-1]
+    binary = masks >= box.threshold
+    present = has_mask.bool() & binary.flatten(1).any(dim=1)
+    if gen is not None and unbounded_probability > 0:
+        present &= torch.rand(n, generator=gen) >= unbounded_probability
+    if not bool(present.any()):
+        return images
+    margin = torch.tensor(box.margin_mm, dtype=torch.float32) / spacing_mm  # [3] voxels
+    if gen is None:
+        lo_m = hi_m = (margin + box.jitter_mm / 2 / spacing_mm).expand(n, 3)
+    else:
+        lo_m = margin + torch.rand(n, 3, generator=gen) * box.jitter_mm / spacing_mm
+        hi_m = margin + torch.rand(n, 3, generator=gen) * box.jitter_mm / spacing_mm
+    index = torch.arange(size, dtype=torch.float32)
+    keep = torch.ones_like(binary)
+    for axis in range(3):
+        other = tuple(a + 1 for a in range(3) if a != axis)
+        profile = binary.any(dim=other)  # [N, size]
+        first = torch.where(profile.any(1), profile.float().argmax(1), torch.zeros(n, dtype=torch.long)).float()
+        last = torch.where(profile.any(1), size - 1 - profile.flip(1).float().argmax(1), torch.full((n,), size - 1)).float()
+        inside = (index >= first[:, None] - lo_m[:, axis : axis + 1] - 1e-6) & (index <= last[:, None] + hi_m[:, axis : axis + 1] + 1e-6)
+        shape = [n, 1, 1, 1]
+        shape[axis + 1] = size
+        keep = keep & inside.view(shape)
+    keep = keep | ~present.view(n, 1, 1, 1)
+    return images * keep.unsqueeze(1).to(images.dtype)
 
 
 def _batch(ds: Dataset, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -150,23 +212,74 @@ def _batch(ds: Dataset, idx: np.ndarray, device: torch.device) -> dict[str, torc
 
 @torch.no_grad()
 def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool, batch_size: int = 8, images: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Run the model on cached patches; returns numpy arrays of every head (16³ maps upsampled to 64³ where noted)."""
+    """Run the model on patches; returns numpy arrays of every head.
+
+    ``images`` (aligned with ``idx``) replaces the cached whole-cube patches, e.g. nodule-bounded
+    ones; ``segmentation64`` is the segmentation at the patch resolution, ``cam16`` and ``seg16``
+    the CAM and the segmentation on the 16³ feature grid.
+    """
     model.eval()
     keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding"]
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"]}
-    source = ds.cache.images if images is None else images
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
-        x = torch.from_numpy(source[chunk].astype(np.float32)).to(device)
+        batch = ds.cache.images[chunk] if images is None else images[start : start + batch_size]
+        x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(device)
         with _autocast(device, bf16):
             o = model(x)
         for k in keys:
             out[k].append(getattr(o, k).float().cpu().numpy())
-        seg64 = F.interpolate(o.segmentation.float(), scale_factor=4, mode="trilinear", align_corners=False)
-        out["segmentation64"].append(seg64[:, 0].cpu().numpy().astype(np.float16))
+        seg = o.segmentation.float()
+        if seg.shape[-1] != x.shape[-1]:
+            seg = F.interpolate(seg, size=x.shape[2:], mode="trilinear", align_corners=False)
+        out["segmentation64"].append(seg[:, 0].cpu().numpy().astype(np.float16))
         out["cam16"].append(o.cam.float()[:, 0].cpu().numpy())
-        out["seg16"].append(o.segmentation.float()[:, 0].cpu().numpy())
+        out["seg16"].append(o.segmentation_coarse.float()[:, 0].cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def reference_bounded(ds: Dataset, idx: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Cached patches bounded by their reference masks at the runtime margins (float16)."""
+    images = ds.cache.images[idx]
+    if spec.nodule_box is None or len(idx) == 0:
+        return images
+    out = np.empty_like(images)
+    for start in range(0, len(idx), 32):
+        chunk = idx[start : start + 32]
+        bounded = bound_batch(
+            torch.from_numpy(ds.cache.images[chunk].astype(np.float32)),
+            torch.from_numpy(ds.cache.masks[chunk].astype(np.float32)),
+            torch.from_numpy(ds.cache.has_mask[chunk]),
+            spec.nodule_box,
+            spec.spacing_mm,
+            None,
+        )
+        out[start : start + len(chunk)] = bounded.numpy().astype(np.float16)
+    return out
+
+
+def predict_runtime_path(
+    model: CollaborativeNet,
+    ds: Dataset,
+    idx: np.ndarray,
+    device: torch.device,
+    spec: PatchSpec,
+    images: np.ndarray | None = None,
+    bf16: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """What the runtime does with a cube (:func:`nodule_edge.patch.run_nodule_bounded`).
+
+    The same function the runtime calls draws the box, so the evaluation measures the shipped
+    path. Returns the second pass's predictions and whether the first pass found a nodule.
+    """
+    source = np.asarray(ds.cache.images[idx] if images is None else images, np.float32)
+
+    def run(patches: np.ndarray) -> dict[str, np.ndarray]:
+        out = predict(model, ds, idx, device, bf16, images=patches)
+        out["segmentation"] = out["segmentation64"].astype(np.float32)
+        return out
+
+    return run_nodule_bounded(run, source, spec)
 
 
 def save_checkpoint(path: Path, model: CollaborativeNet, meta: dict[str, Any]) -> None:
@@ -203,7 +316,7 @@ def load_checkpoint(path: str | Path) -> tuple[CollaborativeNet, dict[str, Any]]
     if not path.is_file() or not meta_path.is_file():
         raise DataError(f"checkpoint {path} or its sidecar {meta_path} is missing")
     meta = json.loads(meta_path.read_text())
-    mc = meta["model_config"]
+    mc = {**LEGACY_MODEL_CONFIG, **meta["model_config"]}
     mc = {k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()}
     model = CollaborativeNet(ModelConfig(**mc))
     model.load_state_dict(load_file(str(path)))
@@ -248,7 +361,11 @@ def train_model(
     # ranks together make one pass over the sure data (single-process sampling is unchanged).
     order_rng = np.random.default_rng(cfg.train.seed * 1000) if world > 1 else rng
 
+    spec = patch_spec_from(cfg)
     model = CollaborativeNet(model_config_from(cfg)).to(device)
+    channels_last = _channels_last(cfg.train.channels_last, device, bf16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -274,7 +391,9 @@ def train_model(
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
         start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
-    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "patch_spec": DEFAULT_PATCH_SPEC.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
+    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "patch_spec": spec.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
+    # Validation reads the training path (reference box at the runtime margins), built once.
+    val_images = reference_bounded(ds, val_idx, spec) if len(val_idx) else None
 
     for epoch in range(start_epoch, max_epochs + 1):
         net.train()
@@ -295,15 +414,19 @@ def train_model(
             b["label_mask"][len(s_idx):] = False
             images, masks = b["images"], b["masks"]
             if cfg.train.augment:
-                images, masks = augment(images, masks, gen, cfg.train.context_min_mm, cfg.train.context_probability, DEFAULT_PATCH_SPEC.spacing_mm)
-            masks16 = F.avg_pool3d(masks.unsqueeze(1), 4)
+                images, masks = augment(images, masks, gen)
+            if spec.nodule_box is not None:
+                images = bound_batch(images, masks, b["mask_present"], spec.nodule_box, spec.spacing_mm, gen, cfg.train.unbounded_probability)
+            images = images.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last_3d)
             with _autocast(device, bf16):
-                out = net(images.to(device))
+                out = net(images)
             loss, parts = total_loss(
                 out,
                 labels=b["labels"].to(device),
                 label_mask=b["label_mask"].to(device),
-                masks16=masks16.to(device),
+                masks=masks.unsqueeze(1).to(device),
                 mask_present=b["mask_present"].to(device),
                 attributes=b["attributes"].to(device),
                 attr_present=b["attr_present"].to(device),
@@ -318,7 +441,7 @@ def train_model(
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_parts = {k: v / steps for k, v in sums.items()}
-        val = _validate(model, ds, val_idx, device, bf16) if len(val_idx) else {}
+        val = _validate(model, ds, val_idx, device, bf16, val_images) if len(val_idx) else {}
         score = val.get("auc", float("nan"))
         if not score == score:  # NaN: fall back to negative classification loss
             score = -val.get("bce", 0.0)
@@ -347,10 +470,17 @@ def train_model(
     return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"], "steps_per_epoch": steps, "bf16": bf16, "parameters": count_parameters(model)}
 
 
-def _validate(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool) -> dict[str, float]:
+def _channels_last(setting: str, device: torch.device, bf16: bool) -> bool:
+    """channels_last_3d pays off with bf16 on CPU (oneDNN's blocked kernels; benches/bench_training.py)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return device.type == "cpu" and bf16
+
+
+def _validate(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool, images: np.ndarray | None = None) -> dict[str, float]:
     from nodule_edge.metrics import roc_auc
 
-    pred = predict(model, ds, idx, device, bf16)
+    pred = predict(model, ds, idx, device, bf16, images=images)
     labels = ds.labels[idx]
     sel = labels >= 0
     p = np.clip(pred["malignancy_probability"][sel], 1e-6, 1 - 1e-6)

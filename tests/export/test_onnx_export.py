@@ -25,7 +25,7 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         model.cls.weight.mul_(20)
     root = tmp_path_factory.mktemp("export")
-    save_checkpoint(root / "model.safetensors", model, {"epoch": 1, "config_sha256": "abc"})
+    save_checkpoint(root / "model.safetensors", model, {"epoch": 1, "config_sha256": "abc", "patch_spec": DEFAULT_PATCH_SPEC.to_json()})
     result = export_onnx(root / "model.safetensors", root / "model.onnx", extra_metadata={"metrics": {"auc": 0.5}})
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     return model, result, session
@@ -107,6 +107,20 @@ def test_metadata_is_self_describing(exported):
     assert json.loads(meta["metrics"]) == {"auc": 0.5}
     assert meta["config_sha256"] == "abc"
     assert len(meta["checkpoint_sha256"]) == 64
+
+
+def test_a_checkpoint_from_before_the_nodule_box_exports_a_whole_cube_model(tmp_path):
+    from nodule_edge.train.model import LEGACY_MODEL_CONFIG
+
+    torch.manual_seed(0)
+    model = CollaborativeNet(ModelConfig(**LEGACY_MODEL_CONFIG)).eval()
+    save_checkpoint(tmp_path / "old.safetensors", model, {"epoch": 1})
+    result = export_onnx(tmp_path / "old.safetensors", tmp_path / "old.onnx")
+    spec = PatchSpec.from_json(result.metadata["patch_spec"])
+    assert spec.nodule_box is None and spec.size == DEFAULT_PATCH_SPEC.size
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    seg = session.run(["segmentation"], {"patch": _patches(4, 1)})[0]
+    assert seg.shape == (1, 64, 64, 64)  # the 16³ head, upsampled in the graph
 
 
 def test_real_patch_parity(exported, lidc_voi_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from nodule_edge.train.config import load_config
 from nodule_edge.train.losses import LossWeights, total_loss
-from nodule_edge.train.model import CollaborativeNet
+from nodule_edge.train.model import SEG_FEATURE_NAMES, CollaborativeNet
 from nodule_edge.train.trainer import MALIGNANCY_COLUMN, model_config_from
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,13 +26,28 @@ EXPECTED = {
     "malignancy_regression_debug": (True, True, True, True),
     "attributes_concat": (True, True, False, False),
     "attributes_concat_debug": (True, True, False, True),
+    "papers_model": (True, True, False, True),
+    "light16_decoder": (True, True, False, True),
 }
 
 
 def test_full_ablation_equals_the_shipped_config() -> None:
     full = load_config(REPO_ROOT / "configs" / "ablations" / "attributes_concat_debug.toml")
     shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
-    assert (full.model, full.loss, full.train, full.cv) == (shipped.model, shipped.loss, shipped.train, shipped.cv)
+    assert (full.model, full.loss, full.train) == (shipped.model, shipped.loss, shipped.train)
+    assert full.cv == dataclasses.replace(shipped.cv, export_dir=full.cv.export_dir)
+    # The base's relative paths are re-expressed from the ablation's own folder.
+    assert full.resolve(full.data.voi_dir).resolve() == shipped.resolve(shipped.data.voi_dir).resolve()
+    assert full.resolve(full.cv.export_dir).resolve() == REPO_ROOT / "docs" / "ablations" / "attributes_concat_debug"
+
+
+def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
+    shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
+    papers = load_config(REPO_ROOT / "configs" / "ablations" / "papers_model.toml")
+    light = load_config(REPO_ROOT / "configs" / "ablations" / "light16_decoder.toml")
+    assert papers.model == dataclasses.replace(shipped.model, seg_features=False)
+    assert light.model == dataclasses.replace(shipped.model, decoder="light16")
+    assert (papers.train, light.train) == (shipped.train, shipped.train)
 
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
@@ -42,13 +58,14 @@ def test_ablation_takes_one_optimisation_step(path: Path) -> None:
 
     torch.manual_seed(0)
     model = CollaborativeNet(model_config_from(cfg)).train()
-    assert model.cls.in_features == 256 + (64 if use_attributes and concat else 0)
+    n_stats = len(SEG_FEATURE_NAMES) if cfg.model.seg_features else 0
+    assert model.cls.in_features == cfg.model.widths[3] + n_stats + (64 if use_attributes and concat else 0)
     assert model.attr_out.out_features == (1 if malignancy_only else 6)
 
     gen = torch.Generator().manual_seed(1)
     # 32³ inputs (8³ maps): the model is fully convolutional and the step stays fast.
     images = torch.rand(2, 2, 32, 32, 32, generator=gen)
-    masks16 = (torch.rand(2, 1, 8, 8, 8, generator=gen) > 0.7).float()
+    masks = (torch.rand(2, 1, 32, 32, 32, generator=gen) > 0.7).float()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     out = model(images)
@@ -56,7 +73,7 @@ def test_ablation_takes_one_optimisation_step(path: Path) -> None:
         out,
         labels=torch.tensor([1, 0]),
         label_mask=torch.tensor([True, True]),
-        masks16=masks16,
+        masks=masks,
         mask_present=torch.tensor([True, True]),
         attributes=torch.rand(2, 6, generator=gen),
         attr_present=torch.tensor([True, True]),
@@ -76,7 +93,8 @@ def test_ablation_takes_one_optimisation_step(path: Path) -> None:
     assert math.isfinite(loss.item())
     assert all(math.isfinite(v) for v in parts.values())
     changed = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
-    for name in ("stem.0.weight", "block3.conv2.0.weight", "seg_head.4.weight", "fusion.weight", "cls.weight"):
+    seg_out = "seg_head.out.weight" if cfg.model.decoder == "unet64" else "seg_head.4.weight"
+    for name in ("stem.0.weight", "block3.conv2.0.weight", seg_out, "fusion.weight", "cls.weight"):
         assert name in changed, name
     if use_attributes:
         assert parts["reg"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -152,8 +153,10 @@ def test_shipped_config_loads() -> None:
     assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / "shipped").resolve()
 
 
-def test_there_are_seven_ablation_configs() -> None:
+def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
     assert {p.stem for p in ABLATIONS} == {
+        "papers_model",
+        "light16_decoder",
         "no_extras",
         "attributes_only",
         "debug_only",
@@ -174,4 +177,30 @@ def test_ablation_config_loads(path: Path) -> None:
     for attr in ("voi_dir", "cache_dir"):
         assert cfg.resolve(getattr(cfg.data, attr)).resolve() == shipped.resolve(getattr(shipped.data, attr)).resolve()
     assert cfg.train == shipped.train
-    assert cfg.cv == shipped.cv
+    assert cfg.cv == dataclasses.replace(shipped.cv, export_dir=cfg.cv.export_dir)
+    assert cfg.resolve(cfg.cv.export_dir).resolve() == (REPO_ROOT / "docs" / "ablations" / path.stem).resolve()
+
+
+def test_dataclass_defaults_equal_the_shipped_config() -> None:
+    """configs/shipped.toml is the source of the defaults: a config without keys is the shipped run."""
+    shipped = load_config(SHIPPED)
+    default = TrainConfig()
+    assert (default.model, default.loss, default.train) == (shipped.model, shipped.loss, shipped.train)
+    assert dataclasses.replace(default.cv, export_dir=shipped.cv.export_dir) == shipped.cv
+
+
+def test_extends_overrides_table_by_table_and_rebases_paths(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path, '[data]\nvoi_dir = "voi"\n[train]\nepochs = 5\nlr = 0.5\n', name="base.toml")
+    cfg = load_config(_write(tmp_path / "sub", 'extends = "../base.toml"\n[train]\nepochs = 7\n'))
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.5)
+    assert cfg.resolve(cfg.data.voi_dir).resolve() == (tmp_path / "voi").resolve()
+
+
+def test_extends_cycles_and_missing_bases_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path, 'extends = "b.toml"\n', name="a.toml")
+    _write(tmp_path, 'extends = "a.toml"\n', name="b.toml")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.toml")
+    with pytest.raises(ConfigError, match="missing.toml does not exist"):
+        load_config(_write(tmp_path, 'extends = "missing.toml"\n', name="c.toml"))

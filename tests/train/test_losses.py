@@ -27,6 +27,7 @@ def _output(
         attributes=attrs,
         embedding=torch.zeros(n, 4),
         segmentation=seg,
+        segmentation_coarse=seg,
         features=torch.zeros(n, 1, *cam.shape[2:]),
         cam=cam,
         nodule_attention=torch.zeros(n),
@@ -104,7 +105,7 @@ def _targets(n: int, labelled: list[bool], masks: bool = True, attrs: bool = Tru
     return {
         "labels": torch.tensor([1, 0] * (n // 2) + [1] * (n % 2)),
         "label_mask": torch.tensor(labelled),
-        "masks16": _ball(n)[:, :, :, :, :],
+        "masks": _ball(n)[:, :, :, :, :],
         "mask_present": torch.full((n,), masks),
         "attributes": torch.linspace(0, 1, n * 6).view(n, 6),
         "attr_present": torch.full((n,), attrs),

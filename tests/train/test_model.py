@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.train.losses import csl_loss
-from nodule_edge.train.model import CollaborativeNet, ModelConfig, ModelOutput, count_parameters
+from nodule_edge.train.losses import total_loss, LossWeights
+from nodule_edge.train.model import (
+    LEGACY_MODEL_CONFIG,
+    SEG_FEATURE_NAMES,
+    CollaborativeNet,
+    ModelConfig,
+    ModelOutput,
+    count_parameters,
+    depth_to_space,
+    segmentation_statistics,
+    space_to_depth,
+)
 
 # The model is fully convolutional: 32³ inputs (8³ maps) keep the float64 checks fast.
 SMALL = 32
 
+LEGACY = ModelConfig(**LEGACY_MODEL_CONFIG)  # type: ignore[arg-type]
 CAM_CONFIGS = {
     "concat": ModelConfig(),
     "no_concat": ModelConfig(concat_embedding=False),
     "no_attributes": ModelConfig(use_attributes=False),
+    "no_seg_features": ModelConfig(seg_features=False),
+    "legacy_light16": LEGACY,
 }
 
 
@@ -41,11 +57,9 @@ def _autograd_gradcam(out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
     return omega, (raw - low) / (high - low)
 
 
-def test_default_model_has_about_3_9_million_parameters() -> None:
-    model = CollaborativeNet()
-    n = count_parameters(model)
-    assert 3_700_000 <= n <= 4_000_000, n
-    assert n == 3_810_808
+def test_parameter_counts_of_the_shipped_and_the_legacy_model() -> None:
+    assert count_parameters(CollaborativeNet()) == 1_350_125
+    assert count_parameters(CollaborativeNet(LEGACY)) == 3_810_808  # the model shipped before
 
 
 def test_output_shapes_at_the_patch_size() -> None:
@@ -57,8 +71,10 @@ def test_output_shapes_at_the_patch_size() -> None:
     assert out.malignancy_probability.shape == (2,)
     assert out.attributes.shape == (2, len(ATTRIBUTE_NAMES))
     assert out.embedding.shape == (2, 64)
-    assert out.segmentation.shape == (2, 1, 16, 16, 16)
-    assert out.features.shape == (2, 256, 16, 16, 16)
+    assert out.segmentation.shape == (2, 1, 64, 64, 64)  # 0.5 mm, the patch's own grid
+    assert out.segmentation_coarse.shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(out.segmentation_coarse, torch.nn.functional.avg_pool3d(out.segmentation, 4))
+    assert out.features.shape == (2, 128, 16, 16, 16)
     assert out.cam.shape == (2, 1, 16, 16, 16)
     assert out.nodule_attention.shape == (2,) and out.background_attention.shape == (2,)
     assert torch.allclose(out.malignancy_probability, torch.sigmoid(out.malignancy_logit))
@@ -83,7 +99,10 @@ def test_closed_form_gradcam_equals_autograd_gradcam(name: str, seed: int) -> No
     omega, cam = _autograd_gradcam(out)
 
     pooled = out.features.mean(dim=(2, 3, 4))
-    pre_embedding = model.attr_embed(pooled)
+    head_in = pooled
+    if model.config.seg_features:
+        head_in = torch.cat([pooled, segmentation_statistics(out.segmentation, x, model.config.voxel_mm)], dim=1)
+    pre_embedding = model.attr_embed(head_in)
     n_voxels = out.features[0, 0].numel()
     closed = model.probability_gradient(pooled, out.malignancy_logit, pre_embedding) / n_voxels
     assert float(omega.abs().max()) > 0
@@ -144,7 +163,7 @@ def test_debug_loss_alone_reaches_the_stem() -> None:
     # δ = 1 keeps the hinge active whatever the CAM (both means lie in [0, 1]).
     loss = csl_loss(out, delta=1.0, adaptive=False).mean()
     loss.backward()
-    for param in (model.stem[0].weight, model.block3.conv2[0].weight, model.seg_head[0][0].weight, model.fusion.weight):
+    for param in (model.stem[0].weight, model.block3.conv2[0].weight, model.seg_head.refine[0][0].weight, model.fusion.weight):
         assert param.grad is not None
         assert torch.isfinite(param.grad).all()
         assert float(param.grad.abs().sum()) > 0
@@ -161,3 +180,63 @@ def test_minmax_normalised_cam_lies_in_unit_interval() -> None:
     torch.testing.assert_close(cam.max(1).values, torch.ones(4))
     assert torch.all((out.nodule_attention >= 0) & (out.nodule_attention <= 1))
     assert torch.all((out.background_attention >= 0) & (out.background_attention <= 1))
+
+
+def test_space_to_depth_and_back_is_the_identity() -> None:
+    x = torch.arange(2 * 3 * 4 * 6 * 8, dtype=torch.float32).view(2, 3, 4, 6, 8)
+    packed = space_to_depth(x)
+    assert packed.shape == (2, 24, 2, 3, 4)
+    # Channel 0 of the packed tensor is the (0, 0, 0) corner of each 2³ block.
+    torch.testing.assert_close(packed[:, 0], x[:, 0, ::2, ::2, ::2])
+    torch.testing.assert_close(depth_to_space(packed), x)
+
+
+def test_segmentation_statistics_of_a_known_ball() -> None:
+    size = 64
+    z, y, x = torch.meshgrid(*(torch.arange(size, dtype=torch.float32) - 31.5,) * 3, indexing="ij")
+    ball = ((z**2 + y**2 + x**2) <= 10.0**2).float()[None, None]  # radius 5 mm at 0.5 mm
+    # The image's dense region is larger than the segmented ball, so 2³ pooling mixes nothing into it.
+    dense = ((z**2 + y**2 + x**2) <= 13.0**2).float()
+    image = torch.stack([torch.full_like(dense, 0.4), dense * 0.7])[None]
+    stats = dict(zip(SEG_FEATURE_NAMES, segmentation_statistics(ball, image, voxel_mm=0.5)[0].tolist()))
+    volume = float(ball.sum()) * 0.5**3
+    assert volume == pytest.approx(4 / 3 * math.pi * 5.0**3, rel=0.03)
+    assert stats["log_volume_mm3"] == pytest.approx((math.log1p(volume) - 5) / 2, abs=1e-4)
+    assert stats["lung_window_mean"] == pytest.approx(0.4, abs=1e-5)
+    assert stats["lung_window_sd"] == pytest.approx(0.0, abs=1e-2)
+    assert stats["mediastinal_window_mean"] == pytest.approx(0.7, abs=1e-5)
+    assert stats["mediastinal_window_sd"] == pytest.approx(0.0, abs=1e-2)
+    assert stats["solid_fraction"] == pytest.approx(1.0, abs=1e-6)
+    # A ball twice the radius has eight times the volume: log volume rises by log(8) / 2.
+    big = ((z**2 + y**2 + x**2) <= 20.0**2).float()[None, None]
+    grown = segmentation_statistics(big, image, voxel_mm=0.5)[0, 0]
+    assert float(grown) - stats["log_volume_mm3"] == pytest.approx(math.log(8) / 2, abs=0.02)
+    empty = segmentation_statistics(torch.zeros_like(ball), image, voxel_mm=0.5)
+    assert torch.isfinite(empty).all()
+
+
+def test_the_classifier_does_not_train_the_segmentation() -> None:
+    """The statistics read a detached segmentation: with the fusion path closed, the
+    classification loss leaves the decoder alone (it still trains the heads' statistic weights)."""
+    torch.manual_seed(0)
+    model = CollaborativeNet().train()
+    with torch.no_grad():
+        model.fusion.weight.zero_()
+        model.fusion.bias.zero_()
+    out = model(torch.rand(2, 2, SMALL, SMALL, SMALL))
+    loss, _ = total_loss(
+        out,
+        labels=torch.tensor([1, 0]),
+        label_mask=torch.tensor([True, True]),
+        masks=torch.zeros(2, 1, SMALL, SMALL, SMALL),
+        mask_present=torch.tensor([False, False]),
+        attributes=torch.zeros(2, 6),
+        attr_present=torch.tensor([False, False]),
+        weights=LossWeights(),
+        use_debug=False,
+        use_attributes=False,
+    )
+    loss.backward()
+    assert float(model.seg_head.out.weight.grad.abs().sum()) == 0.0
+    assert float(model.stem[0].weight.grad.abs().sum()) > 0
+    assert float(model.cls.weight.grad[0, model.feature_channels : model.feature_channels + len(SEG_FEATURE_NAMES)].abs().sum()) > 0
