@@ -94,12 +94,14 @@ def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from nodule_edge.export.bundle_builder import build_bundle
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC
     from nodule_edge.train.model import CollaborativeNet
     from nodule_edge.train.trainer import save_checkpoint
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("bundle")
-    save_checkpoint(root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0})
+    # The spec the trainer records: the runtime runs this bundle's model in two passes.
+    save_checkpoint(root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json()})
     return build_bundle(root / "ckpt.safetensors", root / "bundle", index_manifest_dir=synthetic_voi_dir, cpu_engine=False)
 
 

@@ -129,7 +129,7 @@ def test_top_level_help_and_version(runner):
 
 def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
     """The report.json schema documented in nodule_edge.runtime.outputs."""
-    assert report["schema_version"] == "1.0"
+    assert report["schema_version"] == "1.1"
     assert report["nodule_edge_version"] == __version__
     study = report["study"]
     assert study["source"] == "dicom"
@@ -150,6 +150,7 @@ def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
         assert isinstance(n["center_slice"]["sop_instance_uid"], str) and n["center_slice"]["sop_instance_uid"]
         assert n["center_slice"]["instance_number"] == round(n["xyz_voxel"][2]) + 1
         assert 0.0 <= n["malignancy_probability"] <= 1.0
+        assert isinstance(n["model_input"]["nodule_bounded"], bool) and isinstance(n["model_input"]["first_pass_found_nodule"], bool)
         assert list(n["attributes"]) == list(ATTRIBUTE_NAMES)
         assert all(1.0 <= v <= 5.0 for v in n["attributes"].values())
         seg = n["segmentation"]
