@@ -278,8 +278,9 @@ def train(config: str, overrides: tuple[str, ...], folds_only: bool) -> None:
     """Train the collaborative model from a TOML/JSON CONFIG (see configs/shipped.toml).
 
     Runs patient-disjoint cross-validation folds (checkpoints as safetensors + JSON, resumable:
-    re-run the same command to continue), then the final model on all data with the CV-chosen
-    epoch count. Multi-process: torchrun --nproc-per-node 2 -m nodule_edge.cli train CONFIG.
+    re-run the same command to continue; a fold whose result exists is not run again, and each
+    finished fold is also written to cv.export_dir, docs/cv for the shipped config), then the
+    final model on all data. Multi-process: torchrun --nproc-per-node 2 -m nodule_edge.cli train CONFIG.
     """
     import tomllib
 
@@ -305,6 +306,23 @@ def train(config: str, overrides: tuple[str, ...], folds_only: bool) -> None:
         click.echo(f"fold {fold}: AUC {m['auc']:.3f} accuracy {m['accuracy']:.3f} dice {result.get('dice_mean', float('nan')):.3f}")
     if "final" in summary:
         click.echo(f"final checkpoint: {summary['final']['checkpoint']}")
+
+
+@main.command("cv-report")
+@click.argument("fold_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--voi-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default="../shared/data/lidc_voi", show_default=True, help="The manifest the folds' row indices refer to.")
+@click.option("--title", default="Cross-validation", show_default=True, help="Heading of the report.")
+@_handle_errors
+def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
+    """Print the per-fold table, mean ± sd and pooled AUC of FOLD_FILES (docs/cv/fold*.json) as Markdown."""
+    from nodule_edge.errors import require
+
+    require("torch", "train")
+    from nodule_edge.train.evaluation import pool_fold_files
+    from nodule_edge.train.model_card import render_cv_report
+
+    folds, pooled = pool_fold_files(list(fold_files), voi_dir)
+    click.echo(render_cv_report(folds, pooled, title), nl=False)
 
 
 @main.group()

@@ -19,7 +19,7 @@ from typing import Any
 
 from nodule_edge.errors import ConfigError
 
-__all__ = ["DataConfig", "ModelSection", "LossSection", "TrainSection", "CVSection", "TrainConfig", "load_config"]
+__all__ = ["DataConfig", "ModelSection", "LossSection", "TrainSection", "HeadSection", "CVSection", "TrainConfig", "load_config", "training_config_sha256"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,13 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class HeadSection:
+    """The classifier refit after training (:mod:`nodule_edge.train.head`)."""
+
+    refit: str = "none"  # none | full: refit the malignancy classifier after training (nodule_edge.train.head)
+
+
+@dataclass(frozen=True)
 class CVSection:
     """Patient-disjoint cross-validation."""
 
@@ -99,6 +106,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
+    head: HeadSection = field(default_factory=HeadSection)
     cv: CVSection = field(default_factory=CVSection)
     base_dir: str = "."  # folder of the config file (set by load_config)
 
@@ -114,6 +122,19 @@ class TrainConfig:
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def training_config_sha256(cfg: TrainConfig) -> str:
+    """Hash of what shapes the network's weights: data, model, loss and train sections.
+
+    A checkpoint is resumed or reused only under the same hash; the classifier refit and the CV
+    bookkeeping may change around it.
+    """
+    data = cfg.to_dict()
+    keep = {k: data[k] for k in ("data", "model", "loss", "train")}
+    keep["data"] = {k: v for k, v in keep["data"].items() if k != "cache_dir"}
+    keep["train"] = {k: v for k, v in keep["train"].items() if k != "threads"}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -173,6 +194,7 @@ def _validate(cfg: TrainConfig) -> None:
         (len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths), f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}"),
         (cv.folds >= 2, f"cv.folds must be >= 2, got {cv.folds}"),
         (all(0 <= f < cv.folds for f in cv.run_folds), f"cv.run_folds {list(cv.run_folds)} must lie in 0..{cv.folds - 1}"),
+        (cfg.head.refit in ("none", "full"), f"head.refit must be none or full, got {cfg.head.refit!r}"),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),
         (not cv.fold_epochs or len(cv.fold_epochs) == len(cv.run_folds), "cv.fold_epochs must have one entry per run fold"),

@@ -13,7 +13,7 @@ from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
 from nodule_edge.train.model import CollaborativeNet
 from nodule_edge.train.trainer import Dataset, predict, predict_runtime_path, reference_bounded
 
-__all__ = ["evaluate_model", "fit_diameter_baseline", "context_statistics", "pooled_metrics", "retrieval_comparison"]
+__all__ = ["evaluate_model", "fit_diameter_baseline", "context_statistics", "pooled_metrics", "retrieval_comparison", "pool_fold_files"]
 
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
 
@@ -198,6 +198,43 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
         if values:
             out[f"{key} (mean ± sd over folds)"] = [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
     return out
+
+
+def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Read ``foldK.json`` files (``docs/cv``) and pool their predictions against the manifest.
+
+    Returns:
+        The folds by number and the pooled metrics. Folds written by different configurations
+        are refused: they would pool two models.
+    """
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from nodule_edge.errors import DataError
+    from nodule_edge.train.data import read_unsure_manifest, targets
+
+    folds: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read fold result {path}: {exc}") from exc
+        if "predictions" not in result or "fold" not in result:
+            raise DataError(f"{path} is not a fold result written by 'nodule-edge train' (no predictions or fold)")
+        folds[str(result["fold"])] = result
+    shas = {r.get("fold_config_sha256") for r in folds.values()}
+    if len(shas) > 1:
+        raise DataError(f"the fold files come from {len(shas)} different configurations; pool one run at a time")
+    records = read_unsure_manifest(voi_dir)
+    _, _, labels, diameters = targets(records)
+    n = len(records)
+    for fold, r in folds.items():
+        top = max(r["predictions"]["index"], default=-1)
+        if top >= n:
+            raise DataError(f"fold {fold} refers to manifest row {top}, but {voi_dir} has {n} rows: another manifest?")
+    pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]
+    return folds, pooled
 
 
 def _dig(data: dict[str, Any], dotted: str) -> float | None:

@@ -95,6 +95,7 @@ class ModelOutput:
     segmentation: torch.Tensor  # [N, 1, D, D, D] probabilities (D = 64 for unet64, 16 for light16)
     segmentation_coarse: torch.Tensor  # [N, 1, 16, 16, 16] the same pooled to the feature grid
     features: torch.Tensor  # [N, C, 16, 16, 16] fusion output
+    classifier_input: torch.Tensor  # [N, C (+S) (+E)] what the malignancy classifier reads
     cam: torch.Tensor  # [N, 1, 16, 16, 16] min-max normalised Grad-CAM
     nodule_attention: torch.Tensor  # [N]
     background_attention: torch.Tensor  # [N]
@@ -251,16 +252,19 @@ class CollaborativeNet(nn.Module):
     def feature_channels(self) -> int:
         return self.config.widths[3]
 
-    def _heads(self, pooled: torch.Tensor, stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def n_seg_features(self) -> int:
+        """Segmentation statistics the heads read (0 without size-aware heads)."""
+        return len(SEG_FEATURE_NAMES) if self.config.seg_features else 0
+
+    def _heads(self, pooled: torch.Tensor, stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         head_in = pooled if stats is None else torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
         pre_embedding = self.attr_embed(head_in)
         embedding = F.relu(pre_embedding)
         attributes = torch.sigmoid(self.attr_out(embedding))
-        if self.config.use_attributes and self.config.concat_embedding:
-            logit = self.cls(torch.cat([head_in, embedding], dim=1)).squeeze(1)
-        else:
-            logit = self.cls(head_in).squeeze(1)
-        return logit, attributes, pre_embedding
+        cls_in = torch.cat([head_in, embedding], dim=1) if self.config.use_attributes and self.config.concat_embedding else head_in
+        logit = self.cls(cls_in).squeeze(1)
+        return logit, attributes, pre_embedding, cls_in
 
     def logit_gradient(self, pooled: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
         """Closed-form ∂z/∂g of the malignancy logit z for the pooled features g (shape [N, C])."""
@@ -290,7 +294,7 @@ class CollaborativeNet(nn.Module):
         fused = F.relu(feats + self.fusion(coarse))
         pooled = fused.mean(dim=(2, 3, 4))
         stats = segmentation_statistics(seg.detach(), x, self.config.voxel_mm) if self.config.seg_features else None
-        logit, attributes, pre_embedding = self._heads(pooled, stats)
+        logit, attributes, pre_embedding, cls_in = self._heads(pooled, stats)
         p = torch.sigmoid(logit)
         # ω_k = p(1 − p)/N · ∂z/∂g_k. The positive per-sample factor p(1 − p)/N cancels in the
         # min-max normalisation, so it is left out: in float32 it underflows for confident
@@ -307,6 +311,7 @@ class CollaborativeNet(nn.Module):
             segmentation=seg,
             segmentation_coarse=coarse,
             features=fused,
+            classifier_input=cls_in,
             cam=cam,
             nodule_attention=inside,
             background_attention=outside,

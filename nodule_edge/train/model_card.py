@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render_model_card", "write_model_card"]
+__all__ = ["render_model_card", "write_model_card", "render_cv_report"]
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -212,6 +212,14 @@ def render_model_card(
         "- LIDC scanners and protocols (2000s-era CT, 0.5–2.5 mm slices); performance on other populations, low-dose screening or contrast phases is unmeasured.",
         "- Not a medical device; research use only.",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | None, title: str) -> str:
+    """The per-fold table with mean ± sd and the pooled CV, as Markdown (``nodule-edge cv-report``)."""
+    lines = [f"# {title}", "", *_fold_table(folds, pooled), ""]
+    if pooled:
+        lines.append(f"Pooled out-of-fold AUC {_f(_get(pooled, 'malignancy.auc'))} on {_f(_get(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}.")
     return "\n".join(lines) + "\n"
 
 

@@ -76,7 +76,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
     results: dict[int, dict[str, Any]] = {}
     for i, fold in enumerate(cfg.cv.run_folds):
         result_path = out_dir / f"fold{fold}" / "result.json"
-        done = _finished_fold(result_path, sha)
+        # A fold finished in an earlier sitting survives as its exported copy (runs/ is not kept).
+        done = _finished_fold(result_path, sha) or (_finished_fold(export_dir / f"fold{fold}.json", sha) if export_dir else None)
         if done is not None:
             say(f"fold {fold}: finished earlier (AUC {done['malignancy']['auc']:.3f}), not run again")
             results[fold] = done
@@ -88,7 +89,11 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         fit = train_model(cfg, ds, train_idx, val_idx, out_dir / f"fold{fold}", max_epochs, progress=say, early_stopping=cfg.cv.evaluate == "best")
         model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
         t_eval = time.perf_counter()
+        # The refit sees the whole training fold (its validation patients too), never the test fold.
+        head = _refit_head(cfg, model, ds, np.concatenate([train_idx, val_idx]), device, spec, out_dir / f"fold{fold}", meta, say) if cfg.head.refit != "none" else None
         result = evaluate_model(model, ds, test_idx, train_idx, device, spec)
+        if head is not None:
+            result["classifier_refit"] = head
         result["retrieval"] = retrieval_comparison(ds, result)
         predictions = result.pop("_predictions")
         result.update(
@@ -140,9 +145,27 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         fit = train_model(cfg, ds, all_idx, np.zeros(0, np.int64), out_dir / "final", cfg.train.epochs, progress=say, early_stopping=False)
         final = out_dir / "final" / "last.safetensors"
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
+        if cfg.head.refit != "none":
+            model, meta = load_checkpoint(final)
+            summary["final"]["classifier_refit"] = _refit_head(cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say)
+            summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write(out_dir / "summary.json", summary)
     return summary
+
+
+def _refit_head(cfg: TrainConfig, model: Any, ds: Dataset, idx: np.ndarray, device: torch.device, spec: Any, folder: Path, meta: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """Refit the classifier on ``idx``'s labelled nodules; saves ``folder/refit.safetensors``."""
+    from nodule_edge.train.head import classifier_inputs, refit_classifier
+    from nodule_edge.train.trainer import save_checkpoint
+
+    labelled = idx[ds.labels[idx] >= 0]
+    features = classifier_inputs(model, ds, labelled, device, spec)
+    info = refit_classifier(model, features, ds.labels[labelled], [ds.patients[i] for i in labelled], seed=cfg.train.seed)
+    save_checkpoint(folder / "refit.safetensors", model, {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info})
+    chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]
+    say(f"classifier refitted on {info['n_labelled']} nodules: L2 {info['l2']:g}, inner-CV AUC {chosen:.3f}")
+    return info
 
 
 def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:

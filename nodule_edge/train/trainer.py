@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
-from nodule_edge.train.config import TrainConfig
+from nodule_edge.train.config import TrainConfig, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
     PatchCache,
@@ -219,7 +219,7 @@ def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch
     the CAM and the segmentation on the 16³ feature grid.
     """
     model.eval()
-    keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding"]
+    keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding", "classifier_input"]
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"]}
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
@@ -386,12 +386,18 @@ def train_model(
     start_epoch = 1
     last = out_dir / "last.safetensors"
     if last.is_file():
+        recorded = json.loads(last.with_suffix(".json").read_text()).get("training_config_sha256") if last.with_suffix(".json").is_file() else None
+        if recorded is not None and recorded != training_config_sha256(cfg):
+            raise ConfigError(
+                f"{out_dir} holds a checkpoint trained with another configuration (data, model, loss or train "
+                "section differ): move that folder away or restore the config it was trained with"
+            )
         start_epoch, history, best = _resume(last, model, opt)
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
         start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
-    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "patch_spec": spec.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
+    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "training_config_sha256": training_config_sha256(cfg), "patch_spec": spec.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
     # Validation reads the training path (reference box at the runtime margins), built once.
     val_images = reference_bounded(ds, val_idx, spec) if len(val_idx) else None
 

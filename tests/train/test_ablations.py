@@ -27,6 +27,7 @@ EXPECTED = {
     "attributes_concat": (True, True, False, False),
     "attributes_concat_debug": (True, True, False, True),
     "papers_model": (True, True, False, True),
+    "head_refit_full": (True, True, False, True),
     "light16_decoder": (True, True, False, True),
 }
 

@@ -29,6 +29,7 @@ def _output(
         segmentation=seg,
         segmentation_coarse=seg,
         features=torch.zeros(n, 1, *cam.shape[2:]),
+        classifier_input=torch.zeros(n, 1),
         cam=cam,
         nodule_attention=torch.zeros(n),
         background_attention=torch.zeros(n),

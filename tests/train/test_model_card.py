@@ -69,3 +69,31 @@ def test_other_runs_and_the_bundle_command(tmp_path: Path) -> None:
     # The bundle line is the command that rebuilds this very card, other runs included.
     assert f"--summary runs/shipped/summary.json --other-run {other_path}`" in written
     assert "0 mm in z and 4 mm in-plane" in written
+
+
+def _fold_file(tmp_path: Path, fold: int, rows: list[int], sha: str = "s") -> Path:
+    result = {**_fold(0.9), "fold": fold, "fold_config_sha256": sha, "predictions": {"index": rows, "probability": [0.1 * (i % 10) for i in rows], "volume_mm3": [float(i) for i in rows]}}
+    path = tmp_path / f"fold{fold}.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_cv_report_pools_fold_files(tmp_path: Path, synthetic_voi_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from nodule_edge.cli import main
+
+    a = _fold_file(tmp_path, 0, [0, 1, 2, 3, 4, 5])
+    b = _fold_file(tmp_path, 1, [6, 7, 8, 9, 10, 11])
+    result = CliRunner().invoke(main, ["cv-report", str(a), str(b), "--voi-dir", str(synthetic_voi_dir), "--title", "T"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("# T\n")
+    assert "| pooled (2 folds) |" in result.stdout and "| mean ± sd |" in result.stdout
+    # Two configurations in one pool, or a file that is not a fold result: one line, exit 2.
+    c = _fold_file(tmp_path / "..", 2, [0, 1], sha="other")
+    mixed = CliRunner().invoke(main, ["cv-report", str(a), str(c), "--voi-dir", str(synthetic_voi_dir)])
+    assert mixed.exit_code != 0 and "different configurations" in mixed.stderr and "Traceback" not in mixed.output
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    bad = CliRunner().invoke(main, ["cv-report", str(junk), "--voi-dir", str(synthetic_voi_dir)])
+    assert bad.exit_code != 0 and "not a fold result" in bad.stderr
