@@ -247,7 +247,9 @@ def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> tuple[np.
     binary = seg >= threshold
     if not binary.any():
         return None
-    labels = sitk.GetArrayViewFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
+    # A copy, not GetArrayViewFromImage: a view does not keep the temporary image alive, and under
+    # threads its memory was reused before the labels were read (tests/robustness/test_concurrency.py).
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
     points = np.argwhere(labels > 0)
     centre = (np.asarray(seg.shape) - 1) / 2.0
     nearest = points[np.argmin(((points - centre) ** 2).sum(axis=1))]

@@ -133,7 +133,8 @@ def training_config_sha256(cfg: TrainConfig) -> str:
     data = cfg.to_dict()
     keep = {k: data[k] for k in ("data", "model", "loss", "train")}
     keep["data"] = {k: v for k, v in keep["data"].items() if k != "cache_dir"}
-    keep["train"] = {k: v for k, v in keep["train"].items() if k != "threads"}
+    # A longer budget (epochs, patience) continues a run; threads do not change what is learned.
+    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("threads", "epochs", "patience")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

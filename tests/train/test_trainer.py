@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from nodule_edge.cli import main
-from nodule_edge.errors import DataError
+from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.train.config import load_config
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 from nodule_edge.train.run import run_training
@@ -173,3 +173,17 @@ def test_bf16_setting() -> None:
     assert bf16_enabled("on", cpu) is True
     assert bf16_enabled("off", cpu) is False
     assert isinstance(bf16_enabled("auto", cpu), bool)
+
+
+def test_a_checkpoint_of_another_training_config_is_not_resumed(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    cfg = load_config(tiny_config(), {"train.epochs": 1, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 1)
+    # A longer budget continues the same run...
+    longer = load_config(tiny_config(), {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    assert len(train_model(longer, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 2)["history"]) == 2
+    # ...another learning rate is another model, and is refused with the folder named.
+    other = load_config(tiny_config(), {"train.epochs": 3, "train.lr": 0.5, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    with pytest.raises(ConfigError, match=r"run holds a checkpoint trained with another configuration"):
+        train_model(other, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 3)
