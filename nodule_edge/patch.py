@@ -12,7 +12,7 @@ where the air begins tells a model the nodule's size, while a full study at run 
 there. The model therefore reads a cube in which everything outside the box of the nodule plus
 fixed margins is air, in training (box of the reference mask) and at run time (box of the model's
 own first-pass segmentation) alike: the same input distribution on both paths, and context beyond
-the box cannot move the prediction (MODEL_CARD.md, "Model input").
+the box cannot move the prediction (README, "The model and its patch").
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import torch
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import binary_metrics, dice, roc_auc, within_one_accuracy
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.model import CollaborativeNet
 from nodule_edge.train.trainer import Dataset, predict, predict_runtime_path, reference_bounded
 
@@ -18,18 +19,10 @@ __all__ = ["evaluate_model", "fit_diameter_baseline", "context_statistics", "poo
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
 
 
-def fit_diameter_baseline(diameters: np.ndarray, labels: np.ndarray, iterations: int = 50) -> tuple[float, float]:
-    """Logistic regression of the label on log-diameter (Newton's method); returns (a, b)."""
-    x = np.log(np.asarray(diameters, dtype=np.float64))
-    y = np.asarray(labels, dtype=np.float64)
-    design = np.stack([np.ones_like(x), x], axis=1)
-    w = np.zeros(2)
-    for _ in range(iterations):
-        p = 1 / (1 + np.exp(-design @ w))
-        grad = design.T @ (p - y)
-        hess = design.T @ (design * (p * (1 - p))[:, None]) + 1e-6 * np.eye(2)
-        w -= np.linalg.solve(hess, grad)
-    return float(w[0]), float(w[1])
+def fit_diameter_baseline(diameters: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Logistic regression of the label on log-diameter (unpenalised); returns (a, b)."""
+    (b,), a = fit_logistic(np.log(np.asarray(diameters, dtype=np.float64))[:, None], np.asarray(labels, dtype=np.float64), l2=0.0)
+    return a, float(b)
 
 
 def context_statistics(ds: Dataset) -> dict[str, float]:
@@ -191,12 +184,6 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
     if all("volume_mm3" in f["predictions"] for f in per_fold):
         volume = np.concatenate([np.asarray(f["predictions"]["volume_mm3"], np.float64) for f in per_fold])
         out["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel])
-    keys = ("malignancy.auc", "baseline_diameter.auc", "attributes_mean_mae", "attributes_baseline_constant_mean_mae", "dice_mean", "cam_on_nodule_fraction_gt_mask", "path_parity.mean_abs_delta_probability", "context_sensitivity_nodule_intact.mean_abs_delta_probability")
-    for key in keys:
-        values = [_dig(f, key) for f in per_fold]
-        values = [v for v in values if v is not None]
-        if values:
-            out[f"{key} (mean ± sd over folds)"] = [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
     return out
 
 
@@ -235,15 +222,6 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
             raise DataError(f"fold {fold} refers to manifest row {top}, but {voi_dir} has {n} rows: another manifest?")
     pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]
     return folds, pooled
-
-
-def _dig(data: dict[str, Any], dotted: str) -> float | None:
-    node: Any = data
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return float(node) if isinstance(node, (int, float)) else None
 
 
 def retrieval_comparison(ds: Dataset, result: dict[str, Any], k: int = 20) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Refit the malignancy classifier on the trained network's features (a convex last step).
 
-Probing the first nodule-bounded model (fold 0, MODEL_CARD.md "What capped the model") showed the
+Probing the first nodule-bounded model (fold 0, docs/cv/README.md "What capped the model") showed the
 jointly trained classifier using its features poorly: its logit reached AUC 0.853 on its *own*
 training nodules and 0.857 on the test fold, while an L2-regularised logistic regression on the
 same classifier inputs (pooled features + segmentation statistics) reached 0.915 on that test
@@ -8,8 +8,9 @@ fold. The network learns good features under five losses; its last linear layer 
 to a good classifier within the budget. So after training, the classifier is refitted as a
 logistic regression on the runtime path's classifier inputs of the training nodules, with the L2
 strength chosen by patient-grouped inner cross-validation, and written back into ``model.cls``
-(standardisation folded into the weights). The graph, the closed-form Grad-CAM (which reads
-``cls.weight``) and the runtime are unchanged; the attribute and segmentation heads are untouched.
+(standardisation folded into the weights). The graph and the runtime are unchanged, the attribute
+and segmentation heads untouched; Grad-CAM reads ``cls.weight`` and so changes with the refit
+(it moved off the nodule in the CV, which is why the shipped config does not refit).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import numpy as np
 import torch
 
 from nodule_edge.metrics import roc_auc
-from nodule_edge.patch import PatchSpec
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
-__all__ = ["L2_GRID", "fit_logistic", "refit_classifier", "classifier_inputs"]
+__all__ = ["L2_GRID", "fit_logistic", "refit_classifier"]
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,3 @@ def refit_classifier(
     }
     log.info("classifier refitted: L2 %g (inner-CV AUC %.3f), training AUC %.3f -> %.3f", best, scores[f"{best:g}"], before_auc, info["training_auc_after"])
     return info
-
-
-def classifier_inputs(model: CollaborativeNet, ds: Any, idx: np.ndarray, device: torch.device, spec: PatchSpec) -> np.ndarray:
-    """The runtime path's classifier inputs for ``idx`` (fp32), as the refit reads them."""
-    from nodule_edge.train.trainer import predict_runtime_path
-
-    pred, _ = predict_runtime_path(model, ds, idx, device, spec)
-    return pred["classifier_input"]

@@ -17,7 +17,7 @@ class LossWeights:
     """Total = L_cls + α·L_debug + β·L_seg + γ·L_reg (all 1 by default, as in the papers).
 
     L_seg is the soft Dice loss plus the voxel-wise binary cross-entropy (the papers use Dice alone,
-    on a 16³ map; at 64³ Dice alone learns too slowly, MODEL_CARD.md).
+    on a 16³ map; at 64³ Dice alone learns too slowly, docs/cv/README.md).
     """
 
     alpha: float = 1.0
@@ -84,7 +84,7 @@ def total_loss(
     if msel.any():
         seg, target = out.segmentation.float()[msel], masks[msel].float()
         # Dice alone barely moves a 64³ map whose nodule fills < 1 % of it (the background gets
-        # almost no gradient): the voxel-wise BCE beside it gave Dice 0.1 -> see MODEL_CARD.md.
+        # almost no gradient), so the voxel-wise BCE is added (docs/cv/README.md, point 2).
         parts["seg"] = dice_loss(seg, target).mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), target)
     else:
         parts["seg"] = zero

@@ -9,7 +9,7 @@ Segmentation decoder, two designs (``ModelConfig.decoder``):
 * ``"unet64"`` (the shipped model): a U-Net-style decoder upsamples the 16³ features to 32³ with a
   skip from the stem and to the patch's 64³ with a skip from the input, so the nodule is outlined
   at 0.5 mm. The papers' 16³ head (2 mm voxels) cannot recover a small nodule's size, and the
-  classifier could not use what it did not see (MODEL_CARD.md, "What capped the model").
+  classifier could not use what it did not see (docs/cv/README.md, "What capped the model").
 * ``"light16"``: the papers' light decoder at 16³ (the model shipped before, kept for ablations).
 
 Either way the segmentation, pooled to 16³, passes a fusion convolution that adds it to the

@@ -32,6 +32,15 @@ def fold_config_sha256(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _fold_result(out_dir: Path, export_dir: Path | None, fold: int, sha: str) -> dict[str, Any] | None:
+    """A fold's result from this run's folder, or from its exported copy (a fold finished in an
+    earlier sitting survives only there: runs/ is not kept), when the same fold config wrote it."""
+    found = _finished_fold(out_dir / f"fold{fold}" / "result.json", sha)
+    if found is None and export_dir is not None:
+        found = _finished_fold(export_dir / f"fold{fold}.json", sha)
+    return found
+
+
 def _finished_fold(path: Path, sha: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -76,8 +85,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
     results: dict[int, dict[str, Any]] = {}
     for i, fold in enumerate(cfg.cv.run_folds):
         result_path = out_dir / f"fold{fold}" / "result.json"
-        # A fold finished in an earlier sitting survives as its exported copy (runs/ is not kept).
-        done = _finished_fold(result_path, sha) or (_finished_fold(export_dir / f"fold{fold}.json", sha) if export_dir else None)
+        done = _fold_result(out_dir, export_dir, fold, sha)
         if done is not None:
             say(f"fold {fold}: finished earlier (AUC {done['malignancy']['auc']:.3f}), not run again")
             results[fold] = done
@@ -129,12 +137,9 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         _write(out_dir / "summary.json", summary)
     # Pool over every fold of the CV that has a result, this session's or an earlier one's.
     for fold in range(cfg.cv.folds):
-        if fold not in results:
-            done = _finished_fold(out_dir / f"fold{fold}" / "result.json", sha)
-            if done is None and export_dir is not None:
-                done = _finished_fold(export_dir / f"fold{fold}.json", sha)
-            if done is not None:
-                results[fold] = done
+        done = results.get(fold) or _fold_result(out_dir, export_dir, fold, sha)
+        if done is not None:
+            results[fold] = done
     if results:
         summary["pooled"] = pooled_metrics([results[f] for f in sorted(results)], ds)
         summary["pooled"]["folds"] = sorted(results)
@@ -156,11 +161,11 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
 
 def _refit_head(cfg: TrainConfig, model: Any, ds: Dataset, idx: np.ndarray, device: torch.device, spec: Any, folder: Path, meta: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     """Refit the classifier on ``idx``'s labelled nodules; saves ``folder/refit.safetensors``."""
-    from nodule_edge.train.head import classifier_inputs, refit_classifier
-    from nodule_edge.train.trainer import save_checkpoint
+    from nodule_edge.train.head import refit_classifier
+    from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
 
     labelled = idx[ds.labels[idx] >= 0]
-    features = classifier_inputs(model, ds, labelled, device, spec)
+    features = predict_runtime_path(model, ds, labelled, device, spec)[0]["classifier_input"]
     info = refit_classifier(model, features, ds.labels[labelled], [ds.patients[i] for i in labelled], seed=cfg.train.seed)
     save_checkpoint(folder / "refit.safetensors", model, {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info})
     chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]

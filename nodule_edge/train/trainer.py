@@ -240,10 +240,9 @@ def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch
 
 def reference_bounded(ds: Dataset, idx: np.ndarray, spec: PatchSpec) -> np.ndarray:
     """Cached patches bounded by their reference masks at the runtime margins (float16)."""
-    images = ds.cache.images[idx]
     if spec.nodule_box is None or len(idx) == 0:
-        return images
-    out = np.empty_like(images)
+        return ds.cache.images[idx]
+    out = np.empty((len(idx), *ds.cache.images.shape[1:]), ds.cache.images.dtype)
     for start in range(0, len(idx), 32):
         chunk = idx[start : start + 32]
         bounded = bound_batch(
@@ -386,13 +385,7 @@ def train_model(
     start_epoch = 1
     last = out_dir / "last.safetensors"
     if last.is_file():
-        recorded = json.loads(last.with_suffix(".json").read_text()).get("training_config_sha256") if last.with_suffix(".json").is_file() else None
-        if recorded is not None and recorded != training_config_sha256(cfg):
-            raise ConfigError(
-                f"{out_dir} holds a checkpoint trained with another configuration (data, model, loss or train "
-                "section differ): move that folder away or restore the config it was trained with"
-            )
-        start_epoch, history, best = _resume(last, model, opt)
+        start_epoch, history, best = _resume(last, model, opt, training_config_sha256(cfg))
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
@@ -521,10 +514,16 @@ def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer
     os.replace(json_tmp, path.with_name("last_optim.json"))
 
 
-def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer) -> tuple[int, list, dict]:
+def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str) -> tuple[int, list, dict]:
     from safetensors.torch import load_file
 
     loaded, meta = load_checkpoint(path)
+    # Checkpoints written before the hash existed carry none and are resumed as before.
+    if meta.get("training_config_sha256", training_sha) != training_sha:
+        raise ConfigError(
+            f"{path.parent} holds a checkpoint trained with another configuration (data, model, loss or train "
+            "section differ): move that folder away or restore the config it was trained with"
+        )
     model.load_state_dict(loaded.state_dict())
     tensors = load_file(str(path.with_name("last_optim.safetensors")))
     extra = json.loads(path.with_name("last_optim.json").read_text())
