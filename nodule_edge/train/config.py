@@ -80,7 +80,10 @@ class TrainSection:
 class HeadSection:
     """The classifier refit after training (:mod:`nodule_edge.train.head`)."""
 
-    refit: str = "none"  # none | full: refit the malignancy classifier after training (nodule_edge.train.head)
+    # none | full | debugged: refit after training (nodule_edge.train.head): "full" the classifier
+    # alone by logistic regression, "debugged" the attribute and malignancy heads under the
+    # training objective with the debug loss.
+    refit: str = "debugged"
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def _validate(cfg: TrainConfig) -> None:
         (len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths), f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}"),
         (cv.folds >= 2, f"cv.folds must be >= 2, got {cv.folds}"),
         (all(0 <= f < cv.folds for f in cv.run_folds), f"cv.run_folds {list(cv.run_folds)} must lie in 0..{cv.folds - 1}"),
-        (cfg.head.refit in ("none", "full"), f"head.refit must be none or full, got {cfg.head.refit!r}"),
+        (cfg.head.refit in ("none", "full", "debugged"), f"head.refit must be none, full or debugged, got {cfg.head.refit!r}"),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),
         (not cv.fold_epochs or len(cv.fold_epochs) == len(cv.run_folds), "cv.fold_epochs must have one entry per run fold"),

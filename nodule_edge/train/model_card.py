@@ -22,7 +22,7 @@ def _f(value: Any, digits: int = 3) -> str:
 # The targets of the model (README, "The model"), judged on the pooled patient-disjoint CV.
 TARGETS = {"pooled_auc": 0.92, "attribute_mae_reduction": 0.25, "dice": 0.75, "cam_on_nodule": 0.90, "context_delta_p": 0.03}
 
-EXPORT_COMMAND = "nodule-edge export runs/shipped/final/last.safetensors --index-from ../shared/data/lidc_voi --cache-dir cache --summary runs/shipped/summary.json"
+EXPORT_COMMAND = "nodule-edge export runs/shipped/final/refit.safetensors --index-from ../shared/data/lidc_voi --cache-dir cache --summary runs/shipped/summary.json"
 
 
 def _reached(ok: bool) -> str:
@@ -134,6 +134,19 @@ def _other_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
+    refit = cfg.get("head", {}).get("refit", "none")
+    if refit == "debugged":
+        return [
+            "- Head refit (after training, `[head] refit = \"debugged\"`): the attribute embedding, attribute output and classifier are refitted on the training fold's runtime-path features "
+            "under the training objective (BCE + adaptive debug loss + attribute MSE, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
+            "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
+        ]
+    if refit == "full":
+        return ["- Classifier refit (after training, `[head] refit = \"full\"`): L2 logistic regression on the training fold's classifier inputs, L2 by inner patient-grouped CV."]
+    return []
+
+
 def render_model_card(
     summary: dict[str, Any],
     command: str,
@@ -188,6 +201,7 @@ def render_model_card(
         f"- Reproduce: `{command}` (config `configs/shipped.toml`, sha256 {summary['config_sha256'][:16]}…); resumable fold by fold, each finished fold in `docs/cv/foldK.json`.",
         f"- Hardware: {hw['device']} ({hw['cpu']}), {hw['threads']} threads, torch {hw['torch']}.",
         f"- Bundle: `{export_command}`.",
+        *_head_refit_lines(cfg),
         f"- Schedule: {train['epochs']} epochs, batch {train['batch_sure']} sure + {train['batch_unsure']} unsure, AdamW lr {train['lr']} with cosine decay, bf16 autocast on CPU; augmentation: flips of every axis, in-plane 90° rotations and transposes (z never swapped, nothing cut).",
         "- Training time (sum of epoch times): " + "; ".join([f"fold {k} {_f((v.get('train_seconds') or 0) / 60, 1)} min ({v.get('epochs_run')} epochs of {v.get('steps_per_epoch')} steps)" for k, v in sorted(folds.items())] + ([f"final model {_f(summary['final']['train_seconds'] / 60, 1)} min"] if summary.get("final") else [])) + ".",
         "",

@@ -211,16 +211,26 @@ def _batch(ds: Dataset, idx: np.ndarray, device: torch.device) -> dict[str, torc
 
 
 @torch.no_grad()
-def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool, batch_size: int = 8, images: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def predict(
+    model: CollaborativeNet,
+    ds: Dataset,
+    idx: np.ndarray,
+    device: torch.device,
+    bf16: bool,
+    batch_size: int = 8,
+    images: np.ndarray | None = None,
+    with_features: bool = False,
+) -> dict[str, np.ndarray]:
     """Run the model on patches; returns numpy arrays of every head.
 
     ``images`` (aligned with ``idx``) replaces the cached whole-cube patches, e.g. nodule-bounded
     ones; ``segmentation64`` is the segmentation at the patch resolution, ``cam16`` and ``seg16``
-    the CAM and the segmentation on the 16³ feature grid.
+    the CAM and the segmentation on the 16³ feature grid; ``with_features`` adds the fusion
+    features ``[N, C, 16³]`` (float32, 2 MB a nodule) that the head refit reads.
     """
     model.eval()
     keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding", "classifier_input"]
-    out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"]}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"] + (["features"] if with_features else [])}
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
         batch = ds.cache.images[chunk] if images is None else images[start : start + batch_size]
@@ -235,6 +245,8 @@ def predict(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch
         out["segmentation64"].append(seg[:, 0].cpu().numpy().astype(np.float16))
         out["cam16"].append(o.cam.float()[:, 0].cpu().numpy())
         out["seg16"].append(o.segmentation_coarse.float()[:, 0].cpu().numpy())
+        if with_features:
+            out["features"].append(o.features.float().flatten(2).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
@@ -265,6 +277,7 @@ def predict_runtime_path(
     spec: PatchSpec,
     images: np.ndarray | None = None,
     bf16: bool = False,
+    with_features: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the runtime does with a cube (:func:`nodule_edge.patch.run_nodule_bounded`).
 
@@ -273,8 +286,11 @@ def predict_runtime_path(
     """
     source = np.asarray(ds.cache.images[idx] if images is None else images, np.float32)
 
+    # With a nodule box the first pass only draws the box: its features are never read.
+    passes = iter((False, with_features) if spec.nodule_box is not None else (with_features,))
+
     def run(patches: np.ndarray) -> dict[str, np.ndarray]:
-        out = predict(model, ds, idx, device, bf16, images=patches)
+        out = predict(model, ds, idx, device, bf16, images=patches, with_features=next(passes, with_features))
         out["segmentation"] = out["segmentation64"].astype(np.float32)
         return out
 

@@ -1,4 +1,4 @@
-"""The classifier refit: a logistic regression on the classifier inputs, written back into cls."""
+"""The head refits: a logistic regression of the classifier, and the debugged refit of both heads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nodule_edge.metrics import roc_auc
-from nodule_edge.train.head import L2_GRID, fit_logistic, refit_classifier
+from nodule_edge.train.head import L2_GRID, HeadInputs, HeadObjective, _cam_region_means, _prepare, fit_logistic, refit_classifier, refit_heads
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 
 
@@ -57,3 +57,73 @@ def test_refit_refuses_inputs_that_do_not_fit_the_classifier() -> None:
     x, _, patients = _data(dim=8)
     with pytest.raises(ValueError, match="both classes"):
         refit_classifier(model, x, np.zeros(len(x)), patients)
+
+
+# --- The debugged refit of the attribute and malignancy heads -------------------------------------
+
+SMALL = ModelConfig(widths=(8, 8, 8, 16), seg_widths=(8, 8), groups=4, embedding_dim=8)
+
+
+def _head_inputs(model: CollaborativeNet, n: int = 24, seed: int = 0) -> tuple[HeadInputs, object]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, 32, 32, 32, generator=gen)
+    with torch.no_grad():
+        out = model.eval()(x)
+    width = model.feature_channels + model.n_seg_features
+    rng = np.random.default_rng(seed)
+    inputs = HeadInputs(
+        head_in=out.classifier_input[:, :width].double().numpy(),
+        features=out.features.flatten(2).numpy(),
+        segmentation=out.segmentation_coarse.flatten(1).numpy(),
+        labels=(np.arange(n) % 2).astype(np.int64),
+        attributes=rng.random((n, model.config.num_attributes)),
+        has_attributes=np.ones(n, bool),
+    )
+    return inputs, out
+
+
+def test_head_replica_reproduces_the_models_logit_and_gradcam_region_means() -> None:
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, out = _head_inputs(model)
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    with torch.no_grad():
+        logit, attributes, omega = heads.forward(heads.params, data.x)
+        inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
+    np.testing.assert_allclose(logit.numpy(), out.malignancy_logit.numpy(), atol=1e-4)
+    np.testing.assert_allclose(attributes.numpy(), out.attributes.numpy(), atol=1e-5)
+    # The min-max normalised CAM's region means, from two arg voxels and two precomputed means.
+    np.testing.assert_allclose(inside.numpy(), out.nodule_attention.numpy(), atol=1e-4)
+    np.testing.assert_allclose(outside.numpy(), out.background_attention.numpy(), atol=1e-4)
+
+
+def test_debugged_refit_is_written_into_the_model_and_learns_the_labels() -> None:
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=40)
+    # Labels that a head-input direction separates: the refit must find them.
+    score = inputs.head_in[:, 3] - inputs.head_in[:, 3].mean()
+    inputs.labels = (score > np.median(score)).astype(np.int64)
+    patients = [f"p{i // 2}" for i in range(len(inputs))]
+    info = refit_heads(model, inputs, patients, HeadObjective(steps=150), l2_grid=(0.01, 0.1), inner_folds=2)
+    assert info["l2"] in (0.01, 0.1) and set(info["inner_cv_by_l2"]) == {"0.01", "0.1"}
+    assert info["training_after"]["auc"] > max(0.9, info["training_before"]["auc"])
+    # What the refit measured is what the model now computes.
+    width = model.feature_channels + model.n_seg_features
+    x = torch.from_numpy(inputs.head_in).float()
+    with torch.no_grad():
+        logit = model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0]
+    assert roc_auc(inputs.labels, logit.double().numpy()) == pytest.approx(info["training_after"]["auc"], abs=1e-6)
+
+
+def test_debugged_refit_refuses_inputs_that_do_not_fit() -> None:
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=8)
+    with pytest.raises(ValueError, match="8 nodules"):
+        refit_heads(model, inputs, ["p"] * 3)
+    narrow = HeadInputs(inputs.head_in[:, :5], inputs.features, inputs.segmentation, inputs.labels, inputs.attributes, inputs.has_attributes)
+    with pytest.raises(ValueError, match="width 5"):
+        refit_heads(model, narrow, ["p"] * 8)
+    inputs.labels[:] = 1
+    with pytest.raises(ValueError, match="both classes"):
+        refit_heads(model, inputs, ["p"] * 8)
