@@ -28,6 +28,7 @@ EXPECTED = {
     "attributes_concat_debug": (True, True, False, True),
     "papers_model": (True, True, False, True),
     "head_refit_full": (True, True, False, True),
+    "head_refit_none": (True, True, False, True),
     "light16_decoder": (True, True, False, True),
 }
 
@@ -105,3 +106,12 @@ def test_ablation_takes_one_optimisation_step(path: Path) -> None:
         assert attr_grad == 0.0
     if not debug:
         assert parts["debug"] == 0.0
+
+
+def test_the_head_step_ablations_change_only_the_refit() -> None:
+    shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
+    assert shipped.head.refit == "debugged"
+    for name, refit in (("head_refit_none", "none"), ("head_refit_full", "full")):
+        cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
+        assert cfg.head.refit == refit
+        assert (cfg.data, cfg.model, cfg.loss, cfg.train) == (dataclasses.replace(shipped.data, voi_dir=cfg.data.voi_dir, cache_dir=cfg.data.cache_dir), shipped.model, shipped.loss, shipped.train)

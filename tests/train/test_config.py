@@ -156,6 +156,7 @@ def test_shipped_config_loads() -> None:
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
     assert {p.stem for p in ABLATIONS} == {
         "head_refit_full",
+        "head_refit_none",
         "papers_model",
         "light16_decoder",
         "no_extras",

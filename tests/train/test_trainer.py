@@ -62,6 +62,11 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     cs = fold0["context_sensitivity_nodule_intact"]
     assert cs["n"] >= 1 and abs(cs["mean_delta_probability"]) <= cs["mean_abs_delta_probability"] <= cs["max_abs_delta_probability"]
     assert summary["data_context"]["median_z_context_mm"] > 24
+    # The shipped head step ran: heads refitted under the training objective, saved beside the fold.
+    refit = fold0["classifier_refit"]
+    assert refit["method"] == "debugged"
+    assert f"{refit['l2']:g}" in refit["inner_cv_by_l2"]
+    assert (fold / "refit.safetensors").is_file()
     # The fold's result is on disk with its per-nodule predictions, for pooling in a later session.
     result = json.loads((fold / "result.json").read_text())
     assert result["fold_config_sha256"] == summary["fold_config_sha256"]
