@@ -25,6 +25,10 @@ TARGETS = {"pooled_auc": 0.92, "attribute_mae_reduction": 0.25, "dice": 0.75, "c
 EXPORT_COMMAND = "nodule-edge export runs/shipped/final/refit.safetensors --index-from ../shared/data/lidc_voi --cache-dir cache --summary runs/shipped/summary.json"
 
 
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "n/a"
+
+
 def _reached(ok: bool) -> str:
     return "reached" if ok else "**not reached**"
 
@@ -176,7 +180,7 @@ def render_model_card(
         "# nodule-edge model card",
         "",
         "## Model",
-        f"Collaborative 3D CNN (Zhang et al.): dilated residual backbone (widths {model.get('widths')}) with GroupNorm, {decoder}, fusion module, attribute branch whose embedding feeds the benign/malignant branch (concatenation), trained with the adaptive contrastive-saliency (debug) loss.{size_aware} {summary.get('parameters', 'n/a'):,} parameters. Grad-CAM in closed form in the graph.",
+        f"Collaborative 3D CNN (Zhang et al.): dilated residual backbone (widths {model.get('widths')}) with GroupNorm, {decoder}, fusion module, attribute branch whose embedding feeds the benign/malignant branch (concatenation), trained with the adaptive contrastive-saliency (debug) loss.{size_aware} {_count(summary.get('parameters'))} parameters. Grad-CAM in closed form in the graph.",
         "",
         "## Model input",
         "A 32 mm cube at 0.5 mm (64³), two channels: lung window [-1000, 400] HU and mediastinal window [-160, 240] HU.",

@@ -141,6 +141,8 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         if done is not None:
             results[fold] = done
     if results:
+        # Folds finished in an earlier sitting still say how large the network is.
+        summary.setdefault("parameters", next((r["parameters"] for r in results.values() if r.get("parameters")), None))
         summary["pooled"] = pooled_metrics([results[f] for f in sorted(results)], ds)
         summary["pooled"]["folds"] = sorted(results)
     summary["chosen_epochs"] = int(cfg.train.epochs)
