@@ -31,6 +31,9 @@ def test_torchrun_two_processes(name: str, tiny_config: Callable[..., Path], tmp
         "-m", "nodule_edge.cli", "train", str(config),
         # Two steps per epoch and two epochs: DDP's unused-parameter error shows on the second step.
         "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=2", "--set", "cv.final=true",
+        # The head refit is a single-process step after training (tests/train/test_trainer.py runs it);
+        # under torchrun every rank would repeat it, past this test's time limit on two cores.
+        "--set", 'head.refit="none"',
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
