@@ -223,13 +223,15 @@ def test_infer_end_to_end_writes_report_nifti_and_png(infer_run, demo_study):
 
 def test_infer_json_prints_the_report(runner, use_bundle, demo_study, tmp_path):
     folder, (x, y, z) = demo_study
-    out = tmp_path / "out"
+    # Missing parent folders are created, as `mkdir -p` would (issue: --out results/run1).
+    out = tmp_path / "results" / "run1"
     result = runner.invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     written = json.loads((out / "report.json").read_text())
     assert printed == written
     check_report(printed, out)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["run1"], "no staging folder is left"
 
 
 @pytest.mark.parametrize("value", ["1,2", "a,b,c", "nan,1,2", "1,inf,2", "1,2,3,4", "", "1;2;3", "1,,2"])

@@ -39,11 +39,15 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"output path {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError(f"output folder {out_dir} is not empty (use --overwrite to replace it)")
-    parent = out_dir.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot create {out_dir}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent}: permission denied")
+    # Missing parent folders are created when the outputs are written (as `mkdir -p` would); the
+    # nearest existing ancestor must be a writable folder.
+    ancestor = out_dir.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create {out_dir}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {ancestor}: permission denied")
 
 
 def patch_to_study_grid(volume: np.ndarray, center_lps_mm: Any, spec: PatchSpec, study: Any, full_grid: bool = False, interpolator: int = sitk.sitkLinear) -> sitk.Image:
@@ -146,6 +150,7 @@ def write_outputs(
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     try:
+        out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
     except OSError as exc:
         raise OutputError(f"cannot write to {out_dir.resolve().parent}: {exc}") from exc

@@ -89,5 +89,8 @@ def test_check_output_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
         check_output_dir(tmp_path / "file", overwrite=False)
-    with pytest.raises(OutputError, match="parent folder"):
-        check_output_dir(tmp_path / "missing" / "out", overwrite=False)
+    # Missing parents are fine (created at write time, like mkdir -p); a file in the way is not.
+    check_output_dir(tmp_path / "missing" / "deeper" / "out", overwrite=False)
+    assert not (tmp_path / "missing").exists(), "checking creates nothing"
+    with pytest.raises(OutputError, match="is not a folder"):
+        check_output_dir(tmp_path / "file" / "sub" / "out", overwrite=False)
