@@ -37,7 +37,7 @@ from nodule_edge.metrics import roc_auc
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
-__all__ = ["L2_GRID", "DEBUGGED_L2_GRID", "HeadInputs", "HeadObjective", "fit_logistic", "refit_classifier", "refit_heads", "head_metrics"]
+__all__ = ["L2_GRID", "DEBUGGED_L2_GRID", "HeadInputs", "HeadObjective", "fit_logistic", "refit_classifier", "refit_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
     return {k: v.detach() for k, v in p.items()}
 
 
-def head_metrics(heads: Any, p: dict[str, torch.Tensor], data: Any) -> dict[str, float]:
+def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dict[str, float]:
     """AUC, Grad-CAM-on-nodule fraction and attribute MAE (rating points) of heads ``p`` on ``data``."""
     with torch.no_grad():
         logit, attrs, omega = heads.forward(p, data.x)
@@ -351,10 +351,10 @@ def refit_heads(
         l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)
         info["inner_cv_by_l2"] = scores
     heads, data = _prepare(model, inputs, np.arange(len(inputs)))
-    before = head_metrics(heads, heads.params, data)
+    before = _head_metrics(heads, heads.params, data)
     params = _fit(heads, data, float(l2), objective, attributes)
     heads.write_back(model, params)
-    info.update(l2=float(l2), training_before=before, training_after=head_metrics(heads, params, data))
+    info.update(l2=float(l2), training_before=before, training_after=_head_metrics(heads, params, data))
     log.info("heads refitted with L2 %g: training %s -> %s", l2, before, info["training_after"])
     return info
 
