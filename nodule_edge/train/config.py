@@ -78,7 +78,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class HeadSection:
-    """The classifier refit after training (:mod:`nodule_edge.train.head`)."""
+    """The head refit after training (:mod:`nodule_edge.train.head`)."""
 
     # none | full | debugged: refit after training (nodule_edge.train.head): "full" the classifier
     # alone by logistic regression, "debugged" the attribute and malignancy heads under the

@@ -19,8 +19,8 @@ itself (BCE + adaptive contrastive saliency loss + attribute MSE) with an L2 pen
 standardised inputs, warm-started from the trained heads and run to convergence (full batch).
 The backbone and the segmentation are untouched, so the features, the statistics and the
 segmentation are fixed and the exact min-max normalised Grad-CAM of every training nodule is cheap
-to recompute at each step. The L2 strength of the classifier is chosen on the fold's validation
-patients (inner patient-grouped CV) among those that keep Grad-CAM on the nodule (docs/cv/README.md).
+to recompute at each step. The L2 strength of the classifier is chosen by inner patient-grouped CV
+over the training fold, among the strengths that keep Grad-CAM on the nodule (docs/cv/README.md).
 """
 
 from __future__ import annotations
@@ -304,14 +304,13 @@ def refit_heads(
     patients: list[str],
     objective: HeadObjective = HeadObjective(),
     l2_grid: tuple[float, ...] = DEBUGGED_L2_GRID,
-    l2: float | None = None,
     inner_folds: int = 3,
     seed: int = 0,
     min_cam_fraction: float = 0.9,
 ) -> dict[str, Any]:
     """Refit attribute embedding, attribute output and classifier under the training objective.
 
-    Without ``l2``, each strength of ``l2_grid`` is scored by ``inner_folds`` patient-grouped
+    Each strength of ``l2_grid`` is scored by ``inner_folds`` patient-grouped
     folds of these nodules (pooled out-of-fold AUC and Grad-CAM-on-nodule fraction); the chosen one
     has the best AUC among those whose CAM fraction reaches ``min_cam_fraction`` (the model card's
     target), else the strongest. The final fit uses every nodule and is written into ``model``.
@@ -328,33 +327,33 @@ def refit_heads(
     torch.manual_seed(seed)
     attributes = model.config.use_attributes
     info: dict[str, Any] = {"method": "debugged", "objective": dict(objective.__dict__), "n_nodules": int(len(inputs)), "n_labelled": int((inputs.labels >= 0).sum())}
-    if l2 is None:
-        folds = np.asarray(patient_folds(patients, inner_folds, seed))
-        scores: dict[str, dict[str, float]] = {}
+    folds = np.asarray(patient_folds(patients, inner_folds, seed))
+    logits = {value: np.zeros(len(inputs)) for value in l2_grid}
+    on_nodule = {value: np.zeros(len(inputs), bool) for value in l2_grid}
+    for k in range(inner_folds):
+        fit_rows, test_rows = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        if len(test_rows) == 0 or len(fit_rows) == 0:
+            continue
+        # One standardisation and one copy of the features per inner fold, shared by every strength.
+        heads, fit_data = _prepare(model, inputs, fit_rows)
+        test_data = _Data(inputs, test_rows, heads.mean, heads.sd)
         for value in l2_grid:
-            logits, on_nodule = np.zeros(len(inputs)), np.zeros(len(inputs), bool)
-            for k in range(inner_folds):
-                fit_rows, test_rows = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-                if len(test_rows) == 0 or len(fit_rows) == 0:
-                    continue
-                heads, fit_data = _prepare(model, inputs, fit_rows)
-                params = _fit(heads, fit_data, value, objective, attributes)
-                test_data = _Data(inputs, test_rows, heads.mean, heads.sd)
-                with torch.no_grad():
-                    logit, _, omega = heads.forward(params, test_data.x)
-                    inside, outside = _cam_region_means(logit, omega, test_data.features, test_data.f_in, test_data.f_out)
-                logits[test_rows], on_nodule[test_rows] = logit.numpy(), (inside > outside).numpy()
-            lab = inputs.labels >= 0
-            scores[f"{value:g}"] = {"auc": roc_auc(inputs.labels[lab], logits[lab]), "cam_on_nodule_fraction": float(on_nodule.mean())}
-            log.info("head refit, L2 %g: inner CV %s", value, scores[f"{value:g}"])
-        allowed = [v for v in l2_grid if scores[f"{v:g}"]["cam_on_nodule_fraction"] >= min_cam_fraction]
-        l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)
-        info["inner_cv_by_l2"] = scores
+            params = _fit(heads, fit_data, value, objective, attributes)
+            with torch.no_grad():
+                logit, _, omega = heads.forward(params, test_data.x)
+                inside, outside = _cam_region_means(logit, omega, test_data.features, test_data.f_in, test_data.f_out)
+            logits[value][test_rows], on_nodule[value][test_rows] = logit.numpy(), (inside > outside).numpy()
+    lab = inputs.labels >= 0
+    scores = {f"{v:g}": {"auc": roc_auc(inputs.labels[lab], logits[v][lab]), "cam_on_nodule_fraction": float(on_nodule[v].mean())} for v in l2_grid}
+    log.info("head refit, inner CV by L2: %s", scores)
+    allowed = [v for v in l2_grid if scores[f"{v:g}"]["cam_on_nodule_fraction"] >= min_cam_fraction]
+    l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)
+    info["inner_cv_by_l2"] = scores
     heads, data = _prepare(model, inputs, np.arange(len(inputs)))
     before = _head_metrics(heads, heads.params, data)
-    params = _fit(heads, data, float(l2), objective, attributes)
+    params = _fit(heads, data, l2, objective, attributes)
     heads.write_back(model, params)
-    info.update(l2=float(l2), training_before=before, training_after=_head_metrics(heads, params, data))
+    info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     log.info("heads refitted with L2 %g: training %s -> %s", l2, before, info["training_after"])
     return info
 

@@ -98,7 +98,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
         t_eval = time.perf_counter()
         # The refit sees the whole training fold (its validation patients too), never the test fold.
-        head = _refit_head(cfg, model, ds, train_idx, val_idx, device, spec, out_dir / f"fold{fold}", meta, say) if cfg.head.refit != "none" else None
+        head = _refit_head(cfg, model, ds, np.concatenate([train_idx, val_idx]), device, spec, out_dir / f"fold{fold}", meta, say) if cfg.head.refit != "none" else None
         result = evaluate_model(model, ds, test_idx, train_idx, device, spec)
         if head is not None:
             result["classifier_refit"] = head
@@ -154,7 +154,7 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
         if cfg.head.refit != "none":
             model, meta = load_checkpoint(final)
-            summary["final"]["classifier_refit"] = _refit_head(cfg, model, ds, all_idx, np.zeros(0, np.int64), device, spec, out_dir / "final", meta, say)
+            summary["final"]["classifier_refit"] = _refit_head(cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say)
             summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write(out_dir / "summary.json", summary)
@@ -165,25 +165,22 @@ def _refit_head(
     cfg: TrainConfig,
     model: Any,
     ds: Dataset,
-    fit_idx: np.ndarray,
-    val_idx: np.ndarray,
+    idx: np.ndarray,
     device: torch.device,
     spec: Any,
     folder: Path,
     meta: dict[str, Any],
     say: Callable[[str], None],
-    l2: float | None = None,
 ) -> dict[str, Any]:
-    """Refit the heads on the training fold (``fit_idx`` + ``val_idx``); saves ``folder/refit.safetensors``.
+    """Refit the heads on the nodules ``idx`` (a whole training fold); saves ``folder/refit.safetensors``.
 
     ``"full"`` refits the classifier by logistic regression, ``"debugged"`` the attribute and
     malignancy heads under the training objective (:mod:`nodule_edge.train.head`); each chooses its
-    L2 strength by inner patient-grouped CV over these nodules unless ``l2`` is given.
+    L2 strength by inner patient-grouped CV over these nodules.
     """
     from nodule_edge.train.head import HeadInputs, HeadObjective, refit_classifier, refit_heads
     from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
 
-    idx = np.concatenate([fit_idx, val_idx])
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
         features = predict_runtime_path(model, ds, labelled, device, spec)[0]["classifier_input"]
@@ -202,7 +199,7 @@ def _refit_head(
             has_attributes=ds.has_attributes[idx],
         )
         objective = HeadObjective(alpha=cfg.loss.alpha if cfg.loss.debug else 0.0, gamma=cfg.loss.gamma, delta=cfg.loss.delta, adaptive=cfg.loss.adaptive)
-        info = refit_heads(model, inputs, [ds.patients[i] for i in idx], objective, l2=l2, seed=cfg.train.seed)
+        info = refit_heads(model, inputs, [ds.patients[i] for i in idx], objective, seed=cfg.train.seed)
         say(f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}")
     save_checkpoint(folder / "refit.safetensors", model, {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info})
     return info
