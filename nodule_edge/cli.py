@@ -148,6 +148,41 @@ def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_u
             click.echo(line)
 
 
+@main.command("infer-batch")
+@click.argument("jobs_csv", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Output folder: one sub-folder per job, summary.csv, errors.csv (created).")
+@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
+@click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
+@click.option("--top-k", default=20, show_default=True, type=click.IntRange(0, 1000), help="Similar nodules to retrieve.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Studies processed at once.")
+@click.option("--full-grid", is_flag=True, help="Write NIfTI maps on the whole study grid instead of the 32 mm region.")
+@click.option("--dicom-out", is_flag=True, help="Also write a DICOM SEG and a TID 1500 SR per job (needs nodule-edge[dicom-out]).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed job instead of recording it in errors.csv.")
+@_handle_errors
+def infer_batch(jobs_csv: str, out_dir: str, backend: str, bundle: str | None, top_k: int, workers: int, full_grid: bool, dicom_out: bool, fail_fast: bool) -> None:
+    """Diagnose every nodule listed in JOBS_CSV; resumable.
+
+    JOBS_CSV columns: job_id, study, series_uid (may be empty), space (voxel or world), x, y, z;
+    relative study paths are relative to the CSV. Each job writes OUT/<job_id>/ as `infer` does;
+    a re-run skips jobs already complete. Each study is opened once for all its nodules. Failed
+    jobs go to OUT/errors.csv and the run goes on (exit code 9 at the end); OUT/summary.csv has
+    one row per job.
+    """
+    from nodule_edge.runtime.batch import read_jobs, run_batch
+
+    jobs = read_jobs(jobs_csv)
+    inferer = _make_inferer(bundle, backend, top_k)
+    writers = []
+    if dicom_out:
+        from nodule_edge.runtime.dicom_out import dicom_writer
+
+        writers.append(dicom_writer(inferer))
+    with click.progressbar(length=len(jobs), label=f"{len(jobs)} jobs", file=sys.stderr, show_pos=True) as bar:
+        outcome = run_batch(inferer, jobs, out_dir, workers=workers, fail_fast=fail_fast, full_grid=full_grid, extra_writers=writers, progress=lambda done, total: bar.update(done - bar.pos))
+    click.echo(f"{outcome.done} jobs diagnosed, {outcome.skipped} already complete, {len(outcome.errors)} failed; summary in {outcome.summary_csv}")
+    outcome.errors.raise_if_failed(outcome.total, outcome.errors_csv, noun="jobs")
+
+
 @main.command()
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=str), help="Predictions CSV to write.")
@@ -330,8 +365,12 @@ def index() -> None:
     """Build, extend and query the similar-nodule index."""
 
 
-def _index_entries(inferer: Any, records: list[Any]) -> tuple[list[Any], Any]:
-    """Run the runtime on every nodule of a VOI manifest: entries (reader metadata) and model outputs."""
+def _index_entries(inferer: Any, records: list[Any], errors: Any) -> tuple[list[Any], Any]:
+    """Run the runtime on every nodule of a VOI manifest: entries (reader metadata) and model outputs.
+
+    A nodule the runtime refuses (centre outside its volume, unreadable file) is recorded in
+    ``errors`` (a :class:`~nodule_edge.row_errors.RowErrors`) and left out of the index.
+    """
     import numpy as np
 
     from nodule_edge.index import IndexEntry
@@ -339,11 +378,22 @@ def _index_entries(inferer: Any, records: list[Any]) -> tuple[list[Any], Any]:
     entries, probabilities, attributes = [], [], []
     with click.progressbar(records, label="running the model", file=sys.stderr) as bar:
         for rec in bar:
-            pred = inferer.infer(rec.image_path, worlds=[rec.center_lps_mm]).nodules[0].prediction
+            result = errors.attempt(rec.id, inferer.infer, rec.image_path, worlds=[rec.center_lps_mm])
+            if result is None:
+                continue
+            pred = result.nodules[0].prediction
             probabilities.append(pred.malignancy_probability)
             attributes.append(list(pred.attributes.values()))
             entries.append(IndexEntry(id=rec.id, label=rec.label, attributes=list(rec.ratings) if rec.ratings else None, diameter_mm=rec.diameter_mm, malignancy_probability=pred.malignancy_probability))
     return entries, (np.asarray(probabilities), np.asarray(attributes))
+
+
+def _index_errors_csv(index_dir: str) -> str:
+    # The index folder holds only checksummed files (an extra file is refused at load), so the
+    # failures go beside it.
+    from pathlib import Path
+
+    return str(Path(index_dir).resolve().parent / "errors.csv")
 
 
 @index.command("build")
@@ -351,35 +401,53 @@ def _index_entries(inferer: Any, records: list[Any]) -> tuple[list[Any], Any]:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Index folder to write.")
 @click.option("--kind", type=click.Choice(["attributes", "machine_expert"]), default="attributes", show_default=True, help="Vector: six attribute scores, or probability + malignancy rating.")
 @click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first nodule the model cannot run on, instead of recording it in errors.csv beside the index.")
 @_handle_errors
-def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None) -> None:
-    """Build an index from the nodules of VOI_DIR (runs the model on each)."""
+def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None, fail_fast: bool) -> None:
+    """Build an index from the nodules of VOI_DIR (runs the model on each).
+
+    A nodule the runtime refuses is left out and recorded in errors.csv beside the index folder;
+    the index of the others is written and the exit code is 9.
+    """
     import numpy as np
 
+    from nodule_edge.errors import DataError
     from nodule_edge.index import AttributeIndex, vector_for
     from nodule_edge.manifest import read_unsure_manifest
+    from nodule_edge.row_errors import RowErrors
 
     records = read_unsure_manifest(voi_dir)
     inferer = _make_inferer(bundle, "auto", 0)
-    entries, (probs, attrs) = _index_entries(inferer, records)
+    errors = RowErrors(fail_fast)
+    entries, (probs, attrs) = _index_entries(inferer, records, errors)
+    errors_csv = errors.write_csv(_index_errors_csv(out_dir))
+    if not entries:
+        raise DataError(f"the model ran on none of the {len(records)} nodules of {voi_dir}; no index written (reasons in {errors_csv})")
     index = AttributeIndex.create(kind, capacity=max(len(entries), 16))
     index.add(entries, np.stack([vector_for(kind, a, p) for a, p in zip(attrs, probs)]))
     index.save(out_dir)
     click.echo(f"index of {len(index)} nodules ({kind}) written to {out_dir}")
+    errors.raise_if_failed(len(records), errors_csv, noun="nodules")
 
 
 @index.command("add")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--bundle", default=None, type=click.Path(path_type=str), help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first nodule the model cannot run on, instead of recording it in errors.csv beside the index.")
 @_handle_errors
-def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
-    """Add the nodules of VOI_DIR to an existing index (ids must be new)."""
+def index_add(index_dir: str, voi_dir: str, bundle: str | None, fail_fast: bool) -> None:
+    """Add the nodules of VOI_DIR to an existing index (ids must be new).
+
+    A nodule the runtime refuses is left out and recorded in errors.csv beside the index folder;
+    the others are added and the exit code is 9.
+    """
     import numpy as np
 
     from nodule_edge.errors import IndexError_
     from nodule_edge.index import AttributeIndex, vector_for
     from nodule_edge.manifest import read_unsure_manifest
+    from nodule_edge.row_errors import RowErrors
 
     index = AttributeIndex.load(index_dir)
     records = read_unsure_manifest(voi_dir)
@@ -389,10 +457,14 @@ def index_add(index_dir: str, voi_dir: str, bundle: str | None) -> None:
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
         raise IndexError_(f"{len(present)} nodules of {voi_dir} are already in the index {index_dir} ({shown}); ids must be new")
     inferer = _make_inferer(bundle, "auto", 0)
-    entries, (probs, attrs) = _index_entries(inferer, records)
-    index.add(entries, np.stack([vector_for(index.kind, a, p) for a, p in zip(attrs, probs)]))
-    index.save(index_dir)
+    errors = RowErrors(fail_fast)
+    entries, (probs, attrs) = _index_entries(inferer, records, errors)
+    errors_csv = errors.write_csv(_index_errors_csv(index_dir))
+    if entries:
+        index.add(entries, np.stack([vector_for(index.kind, a, p) for a, p in zip(attrs, probs)]))
+        index.save(index_dir)
     click.echo(f"index now holds {len(index)} nodules")
+    errors.raise_if_failed(len(records), errors_csv, noun="nodules")
 
 
 @index.command("query")

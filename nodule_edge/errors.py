@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "OutputError",
     "MissingDependencyError",
+    "RowsFailedError",
 ]
 
 
@@ -89,6 +90,22 @@ class MissingDependencyError(NoduleEdgeError):
     """An optional dependency is needed for this feature; the message gives the install hint."""
 
     exit_code = 8
+
+
+class RowsFailedError(NoduleEdgeError):
+    """Some rows of a batch command failed; the others were done (details in ``errors.csv``).
+
+    Attributes:
+        failed: Rows that failed.
+        total: Rows attempted.
+    """
+
+    exit_code = 9
+
+    def __init__(self, message: str, failed: int, total: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.total = total
 
 
 def require(module: str, extra: str):

@@ -453,6 +453,43 @@ def test_index_add_new_and_duplicate_ids(runner, built_index, use_bundle, synthe
     assert "running the model" not in again.output
 
 
+def test_index_add_records_a_bad_row_and_adds_the_others(runner, built_index, use_bundle, synthetic_voi_dir, tmp_path):
+    """A nodule whose centre lies outside its volume is left out and named in errors.csv; exit 9."""
+    _, built = built_index
+    index_dir = tmp_path / "idx"
+    shutil.copytree(built, index_dir)
+    voi = tmp_path / "new_voi"
+    (voi / "image").mkdir(parents=True)
+    with (synthetic_voi_dir / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, new_rows = rows[0], []
+    for i, name in enumerate(["NEW-GOOD_R_1", "NEW-FAR_R_1"]):
+        shutil.copy(synthetic_voi_dir / "image" / f"SYN-000{i}_R_1.nii.gz", voi / "image" / f"{name}.nii.gz")
+        row = [name, name[:-4], *rows[1 + i][2:]]
+        if name == "NEW-FAR_R_1":
+            row[header.index("center_x_mm")] = str(float(row[header.index("center_x_mm")]) + 200.0)
+        new_rows.append(row)
+    with (voi / "manifest.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([header, *new_rows])
+
+    fast = runner.invoke(main, ["index", "add", str(index_dir), str(voi), "--fail-fast"])
+    assert_clean_error(fast, 2, one_line=False)
+    assert "error: NEW-FAR_R_1: LPS point" in fast.stderr
+    assert "index now holds" not in fast.stdout
+
+    result = runner.invoke(main, ["index", "add", str(index_dir), str(voi)])
+    message = assert_clean_error(result, 9, one_line=False)
+    assert "index now holds 7 nodules" in result.stdout
+    errors_line = [line for line in message.splitlines() if line.startswith("error:")]
+    assert len(errors_line) == 1 and "1 of 2 nodules failed" in errors_line[0] and "NEW-FAR_R_1" in errors_line[0]
+    with (tmp_path / "errors.csv").open(newline="") as fh:
+        failures = list(csv.DictReader(fh))
+    assert [(f["id"], f["error"]) for f in failures] == [("NEW-FAR_R_1", "CoordinateError")]
+    query = runner.invoke(main, ["index", "query", str(index_dir), "--attributes", "3,3,3,3,3,3", "-k", "20", "--json"])
+    ids = {n["id"] for n in json.loads(query.stdout)["neighbours"]}
+    assert "NEW-GOOD_R_1" in ids and "NEW-FAR_R_1" not in ids
+
+
 def test_index_query_on_a_missing_index(runner, tmp_path):
     (tmp_path / "idx").mkdir()
     result = runner.invoke(main, ["index", "query", str(tmp_path / "idx"), "--attributes", "3,3,3,3,3,3"])
