@@ -84,6 +84,8 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
         + (f", {study['transfer_syntax']['name']}" if study.get("transfer_syntax") else ""),
         f"model {report['model']['version']} on {report['model']['backend']}",
     ]
+    flags = report.get("quality", {}).get("flags", [])
+    lines += [f"quality: {f['code']}: {f['message']}" for f in flags if f["nodule"] is None]
     for n in report["nodules"]:
         attrs = ", ".join(f"{k} {v:.1f}" for k, v in n["attributes"].items())
         trust = "attention on nodule" if n["saliency"]["trustworthy"] else "WARNING: model attention not on the nodule - review"
@@ -95,6 +97,7 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
             f"  segmentation: {n['segmentation']['volume_mm3']:.0f} mm3, longest axial diameter {n['segmentation']['longest_axial_diameter_mm']:.1f} mm",
             f"  similar nodules: {len(n['similar'])}" + (f", {score:.0%} of them malignant" if score is not None else ""),
         ]
+        lines += [f"  quality: {f['code']}: {f['message']}" for f in flags if f["nodule"] == n["index"]]
     lines.append(f"total {sum(report['timing_ms'].values()):.0f} ms; outputs in {out_dir}/ (report.json, *_overlay.png, *.nii.gz)")
     return lines
 

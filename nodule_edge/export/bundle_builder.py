@@ -101,6 +101,11 @@ def build_bundle(
             from nodule_edge.train.data import build_patch_cache, read_unsure_manifest
 
             records = read_unsure_manifest(index_manifest_dir)
+            # The quality flags' thresholds: the ranges of the data the model was trained on, which
+            # the index nodules are for the shipped bundle (README, "Quality flags").
+            from nodule_edge.runtime.quality import training_ranges_from_voi_dir
+
+            extra["training_data"] = training_ranges_from_voi_dir(index_manifest_dir, say).to_json()
             # Whole cubes: the nodule box is drawn per nodule by the model's first pass, as at run time.
             cache = build_patch_cache(records, replace(spec, nodule_box=None), cache_dir)
             patches = cache.images

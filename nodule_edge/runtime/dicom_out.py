@@ -25,7 +25,12 @@ malignancy probability (0…1)              (111047, DCM, "Probability of cancer
 LIDC ratings (continuous, 1…5)            (``<attribute>``, 99NODULEEDGE, "... rating")      {rating}
 mean saliency inside / outside nodule     (NODULE_ATTN / BACKGROUND_ATTN, 99NODULEEDGE)      1
 attention on nodule (trust check)         (TRUSTWORTHY, 99NODULEEDGE) = SCT Yes / No         —
+quality flag (one per flag)               (QUALITY_FLAG, 99NODULEEDGE) = (``<flag code>``,   —
+                                          99NODULEEDGE)
 ========================================  =================================================  ======
+
+A nodule's group carries the series' quality flags and its own (README, "Quality flags"); the
+flag codes are :data:`nodule_edge.runtime.quality.FLAG_CODES`.
 
 ``99NODULEEDGE`` is a private coding scheme (DICOM reserves the ``99`` prefix for local schemes);
 it is declared in the SR's Coding Scheme Identification Sequence. The six attribute codes are the
@@ -303,7 +308,7 @@ def _local(hd: Any, value: str, meaning: str) -> Any:
     return hd.sr.CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
 
 
-def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: list[Any], series_uid: str, tracking_uid: str, model_version: str) -> Any:
+def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: list[Any], series_uid: str, tracking_uid: str, model_version: str, study_flags: Sequence[Any] = ()) -> Any:
     from pydicom.sr.codedict import codes
 
     algorithm = hd.sr.AlgorithmIdentification(name=_MANUFACTURER, version=model_version)
@@ -329,6 +334,13 @@ def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: li
             name=_local(hd, "TRUSTWORTHY", "Saliency concentrated on nodule"),
             value=codes.SCT.Yes if p.trustworthy else codes.SCT.No,
         )
+    ]
+    evaluations += [
+        hd.sr.QualitativeEvaluation(
+            name=_local(hd, "QUALITY_FLAG", "Quality flag"),
+            value=_local(hd, flag.code, flag.code.replace("_", " ").capitalize()[:64]),
+        )
+        for flag in [*study_flags, *nodule.quality_flags]
     ]
     # Built by hand: ReferencedSegment.from_segmentation (highdicom 0.28) fails on a one-segment
     # SEG, whose Segment Identification lives in the shared functional groups.
@@ -378,7 +390,7 @@ def _build_sr(hd: Any, result: "StudyResult", seg: Any, sources: list[Any], segm
             )
         )
         groups = [
-            _nodule_group(hd, i, n, seg, own, series_uid, uid, model_version)
+            _nodule_group(hd, i, n, seg, own, series_uid, uid, model_version, result.quality_flags)
             for i, (n, own, uid) in enumerate(zip(result.nodules, segment_sources, tracking_uids))
         ]
         report = hd.sr.MeasurementReport(

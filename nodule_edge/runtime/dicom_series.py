@@ -173,6 +173,9 @@ class DicomSeries:
         pixel_spacing_xy: (column spacing, row spacing) in mm.
         conflicts: Slice indices where different instances share the position.
         transfer_syntax_uid: Most common transfer syntax of the slices.
+        slice_thickness_mm: Median SliceThickness tag of the slices, or None when absent.
+        contrast_agent: ContrastBolusAgent of the first slice that has one, or None.
+        convolution_kernel: ConvolutionKernel of the first slice, or None.
     """
 
     folder: Path
@@ -187,6 +190,9 @@ class DicomSeries:
     pixel_spacing_xy: tuple[float, float]
     conflicts: frozenset[int] = field(default_factory=frozenset)
     transfer_syntax_uid: str = ""
+    slice_thickness_mm: float | None = None
+    contrast_agent: str | None = None
+    convolution_kernel: str | None = None
 
 
 @dataclass(slots=True)
@@ -204,6 +210,8 @@ class _FileInfo:
     gantry_tilt: float | None
     header: SliceHeader | None
     problem: str | None = None
+    contrast_agent: str | None = None
+    convolution_kernel: str | None = None
 
 
 @dataclass
@@ -236,7 +244,9 @@ _SOP_CLASS = 0x00080016
 _SOP_INSTANCE = 0x00080018
 _IMAGE_TYPE = 0x00080008
 _MODALITY = 0x00080060
+_CONTRAST_AGENT = 0x00180010
 _SLICE_THICKNESS = 0x00180050
+_CONVOLUTION_KERNEL = 0x00181210
 _GANTRY_TILT = 0x00181120
 _SERIES_UID = 0x0020000E
 _SERIES_NUMBER = 0x00200011
@@ -394,6 +404,8 @@ def _classify(path: str, tags: "_Tags | _TextTags", forced: bool) -> _FileInfo:
         pixel_spacing=None,
         gantry_tilt=tags.number(_GANTRY_TILT),
         header=None,
+        contrast_agent=tags.string(_CONTRAST_AGENT) or None,
+        convolution_kernel=tags.string(_CONVOLUTION_KERNEL) or None,
     )
     if modality in _NON_IMAGE_MODALITIES or rows is None or cols is None:
         info.kind = "non_image"
@@ -459,7 +471,8 @@ _TEXT_SCAN_TAGS = (
     *_META_TAGS.values(),
     _SOP_CLASS, _SOP_INSTANCE, _IMAGE_TYPE, _MODALITY, _DESCRIPTION, _SLICE_THICKNESS, _GANTRY_TILT,
     _SERIES_UID, _SERIES_NUMBER, _INSTANCE_NUMBER, _IPP, _IOP, _FRAME_OF_REFERENCE, _PHOTOMETRIC,
-    _NUMBER_OF_FRAMES, _PIXEL_SPACING, _RESCALE_INTERCEPT, _RESCALE_SLOPE,
+    _NUMBER_OF_FRAMES, _PIXEL_SPACING, _RESCALE_INTERCEPT, _RESCALE_SLOPE, _CONTRAST_AGENT,
+    _CONVOLUTION_KERNEL,
 )
 # The fast path parses each file up to here; every tag it reads comes before.
 _LAST_SCAN_TAG = max(*_TEXT_SCAN_TAGS, *_USHORT_TAGS)
@@ -941,6 +954,9 @@ def _stack(folder: Path, key: str, infos: list[_FileInfo], min_extent_mm: float)
         pixel_spacing_xy=(float(ps[1]), float(ps[0])),
         conflicts=frozenset(conflicts),
         transfer_syntax_uid=syntaxes.most_common(1)[0][0],
+        slice_thickness_mm=float(np.median(thick)) if (thick := [i.slice_thickness for i in infos if i.slice_thickness]) else None,
+        contrast_agent=next((i.contrast_agent for i in infos if i.contrast_agent), None),
+        convolution_kernel=first.convolution_kernel,
     )
 
 

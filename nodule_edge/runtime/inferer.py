@@ -28,6 +28,7 @@ from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engine import Engine, create_engine
 from nodule_edge.runtime.measure import segmentation_measurements
+from nodule_edge.runtime.quality import QualityFlag, TrainingRanges, nodule_flags, study_flags
 from nodule_edge.runtime.study import Study, open_study
 
 __all__ = ["NoduleInferer", "NodulePrediction", "NoduleResult", "StudyResult"]
@@ -72,6 +73,7 @@ class NoduleResult:
     patch: np.ndarray
     volume_mm3: float
     longest_axial_diameter_mm: float
+    quality_flags: list[QualityFlag] = field(default_factory=list)
 
     @property
     def malignancy_probability(self) -> float:
@@ -96,6 +98,15 @@ class StudyResult:
     model_version: str
     timing_ms: dict[str, float]
     executor: str = ""
+    quality_flags: list[QualityFlag] = field(default_factory=list)
+    #: What the quality flags' training ranges were measured on; None when the bundle records
+    #: none and only the range-free checks ran.
+    training_data: str | None = None
+
+    @property
+    def all_quality_flags(self) -> list[tuple[int | None, QualityFlag]]:
+        """Every flag with the index of its nodule (None for flags about the series)."""
+        return [(None, f) for f in self.quality_flags] + [(i, f) for i, n in enumerate(self.nodules) for f in n.quality_flags]
 
 
 class NoduleInferer:
@@ -136,6 +147,8 @@ class NoduleInferer:
             self.index = AttributeIndex.load(index_dir)
             self.index_kind = self.index.kind
         self.thumbnails = self._load_thumbnails()
+        #: The training data's ranges the quality flags compare with (None for older bundles).
+        self.training_ranges = TrainingRanges.from_json(self.bundle.manifest.get("training_data"))
 
     @property
     def backend(self) -> str:
@@ -249,6 +262,7 @@ class NoduleInferer:
         nodules = []
         for (xyz, lps), pred, patch in zip(locations, predictions, patches):
             measures = segmentation_measurements(pred.segmentation, self.spec.spacing_mm)
+            flags = nodule_flags(study, lps, patch, pred.segmentation, measures["volume_mm3"], pred.first_pass_found_nodule, pred.trustworthy, self.spec, self.training_ranges)
             nodules.append(
                 NoduleResult(
                     xyz_voxel=tuple(float(v) for v in xyz),  # type: ignore[arg-type]
@@ -258,9 +272,10 @@ class NoduleInferer:
                     patch=patch,
                     volume_mm3=measures["volume_mm3"],
                     longest_axial_diameter_mm=measures["longest_axial_diameter_mm"],
+                    quality_flags=flags,
                 )
             )
-        return StudyResult(study, nodules, self.backend, self.model_version, timing, self.executor)
+        return StudyResult(study, nodules, self.backend, self.model_version, timing, self.executor, study_flags(study, self.training_ranges), self.training_ranges.source if self.training_ranges else None)
 
     def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None, found: np.ndarray | None = None) -> list[NodulePrediction]:
         n = len(outputs["malignancy_probability"])

@@ -27,7 +27,7 @@ from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_outputs", "patch_to_study_grid", "check_output_dir"]
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "1.1"
+REPORT_SCHEMA_VERSION = "1.2"
 # zlib level 1: PNG encoding at the default level 6 was half of all output writing (measured
 # ~23 ms of ~39 ms per nodule); level 1 files are somewhat larger and decode the same.
 _PNG_COMPRESS_LEVEL = 1
@@ -119,6 +119,13 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
     }
 
 
+def _quality(result: StudyResult) -> dict[str, Any]:
+    return {
+        "training_data": result.training_data,
+        "flags": [{**flag.to_json(), "nodule": i} for i, flag in result.all_quality_flags],
+    }
+
+
 def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str, Any]:
     """The JSON report (schema documented in the README)."""
     return {
@@ -127,6 +134,7 @@ def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str
         "study": _study_summary(result),
         "model": {"version": result.model_version, "backend": result.backend, "executor": result.executor, "index_kind": index_kind},
         "nodules": [_nodule_report(i, n) for i, n in enumerate(result.nodules)],
+        "quality": _quality(result),
         "timing_ms": dict(result.timing_ms),
     }
 

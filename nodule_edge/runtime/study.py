@@ -203,6 +203,9 @@ class Study:
         transfer_syntax_name: Its name, None for volume files.
         geometry_notes: Irregularities found at open time (gaps, uneven spacing, conflicting
             duplicates); empty for a clean series.
+        slice_thickness_mm: Median SliceThickness tag, None when absent or for volume files.
+        contrast_agent: ContrastBolusAgent tag, None when absent or for volume files.
+        convolution_kernel: ConvolutionKernel tag, None when absent or for volume files.
     """
 
     path: Path | None
@@ -217,6 +220,9 @@ class Study:
     transfer_syntax: str | None
     transfer_syntax_name: str | None
     geometry_notes: tuple[str, ...]
+    slice_thickness_mm: float | None
+    contrast_agent: str | None
+    convolution_kernel: str | None
     _positions: np.ndarray = field(repr=False)
     _steps: np.ndarray = field(repr=False)  # position along the normal per slice, ascending
     _references: tuple[tuple[str, int | None], ...] | None = field(repr=False)
@@ -251,6 +257,9 @@ class Study:
             transfer_syntax=series.transfer_syntax_uid,
             transfer_syntax_name=UID(series.transfer_syntax_uid).name,
             geometry_notes=tuple(notes),
+            slice_thickness_mm=series.slice_thickness_mm,
+            contrast_agent=series.contrast_agent,
+            convolution_kernel=series.convolution_kernel,
             _positions=positions,
             _steps=_readonly(d),
             _references=tuple((h.sop_instance_uid, h.instance_number) for h in series.slices),
@@ -306,6 +315,9 @@ class Study:
             transfer_syntax=None,
             transfer_syntax_name=None,
             geometry_notes=(),
+            slice_thickness_mm=None,
+            contrast_agent=None,
+            convolution_kernel=None,
             _positions=_readonly(positions),
             _steps=_readonly(positions @ normal),
             _references=None,
@@ -405,6 +417,16 @@ class Study:
                 f"x {lo[0]:.1f}…{hi[0]:.1f}, y {lo[1]:.1f}…{hi[1]:.1f}, z {lo[2]:.1f}…{hi[2]:.1f} mm"
             )
         return v
+
+    def fraction_outside(self, points_lps_mm) -> float:
+        """Fraction of LPS points (``[n, 3]`` mm) that fall outside the scanned volume."""
+        p = np.asarray(points_lps_mm, dtype=np.float64).reshape(-1, 3)
+        if not len(p):
+            return 0.0
+        v = self._world_to_voxel(p)
+        size = np.asarray(self.size, dtype=np.float64)
+        outside = np.any((v < -0.5 - _COORD_EPS) | (v > size - 0.5 + _COORD_EPS), axis=1)
+        return float(outside.mean())
 
     def voxel_to_world(self, xyz) -> np.ndarray:
         """Voxel (column, row, slice) → LPS mm.

@@ -226,7 +226,7 @@ def render_model_card(
     lines += [
         "## Known limits",
         "- Labels are radiologists' ratings (LIDC proxy), not pathology; = 3 nodules are excluded from the malignancy metrics. The diameter baseline uses the readers' own diameter, which their ratings follow closely.",
-        "- The model has only met points at a nodule: at a point without one (lung, vessel, ground glass) it still outlines something and gives a probability.",
+        "- The model has only met points at a nodule: at a point without one (lung, vessel, ground glass) it still outlines something and gives a probability, often near 1. The runtime's quality flags (`no_nodule_at_point`, `nodule_exceeds_cube`, `no_nodule_found`, `lung_hu_outside_training`; README, Quality flags) say when that is likely; they do not change the probability.",
         "- LIDC scanners and protocols (2000s-era CT, 0.5–2.5 mm slices); performance on other populations, low-dose screening or contrast phases is unmeasured.",
         "- Not a medical device; research use only.",
     ]

@@ -220,6 +220,23 @@ def test_sr_carries_the_measurements_and_references_the_segment(tmp_path: Path, 
 
 
 @needs_highdicom
+def test_sr_carries_the_series_and_nodule_quality_flags(tmp_path: Path, series: SyntheticSeries) -> None:
+    from nodule_edge.runtime.quality import FLAG_CODES, QualityFlag
+
+    study = open_study(series.folder)
+    n = nodule(study, (32.0, 30.0, 20.0), ellipsoid((5.0, 5.0, 5.0)))
+    n.quality_flags = [QualityFlag("nodule_volume_outside_training", "too big", 99999.0)]
+    result = result_for(study, [n])
+    result.quality_flags = [QualityFlag("slice_thickness_outside_training", "thick", 5.0)]
+    _, sr = write(tmp_path, result)
+    (group,) = measurement_groups(sr)
+    flags = [i for i in group.ContentSequence if code(i) == ("99NODULEEDGE", "QUALITY_FLAG")]
+    values = [getattr(i.ConceptCodeSequence[0], "LongCodeValue", None) or i.ConceptCodeSequence[0].CodeValue for i in flags]
+    assert values == ["slice_thickness_outside_training", "nodule_volume_outside_training"]
+    assert set(values) <= set(FLAG_CODES)
+
+
+@needs_highdicom
 def test_patient_and_study_come_from_the_source(tmp_path: Path, series: SyntheticSeries, caplog: pytest.LogCaptureFixture) -> None:
     study = open_study(series.folder)
     source = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
