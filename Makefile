@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: demo test bench bench-full venv install-runtime install-all
+.PHONY: demo test bench bench-full venv install-runtime install-all browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,24 @@ install-runtime: $(BIN)/python
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dicomsdl,imagecodecs,dev]"
+	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dicomsdl,imagecodecs,report,dev]"
+
+# Debian's Chromium for the browser test of the evaluation report (tests/runtime/test_report_html.py,
+# driven by playwright from the dev extra; `playwright install` would download a browser build
+# instead). Needs root and apt-get; elsewhere it says so and that test skips with the reason.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -q && apt-get install -y -q --no-install-recommends chromium) \
+			|| echo "make browser: installing chromium failed; the report's browser test will skip"; \
+	else \
+		echo "make browser: /usr/bin/chromium is missing and this is not root with apt-get; the report's browser test will skip"; \
+	fi
 
 demo: install-runtime
 	$(BIN)/nodule-edge demo
 
-test: install-all
+test: install-all browser
 	$(BIN)/python -m pytest tests -q
 
 bench: install-all

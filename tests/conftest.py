@@ -136,3 +136,36 @@ def demo_study(tmp_path_factory) -> tuple[Path, tuple[int, int, int]]:
     from nodule_edge.runtime.demo import write_demo_study
 
     return write_demo_study(tmp_path_factory.mktemp("demo") / "study")
+
+
+def _break_voi_dir(src: Path, dst: Path, *, outside: str | None = None, bad_mask: str | None = None) -> Path:
+    import csv
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = dst / "manifest.csv"
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if outside is not None and outside not in {r["voi_id"] for r in rows}:
+        raise KeyError(f"no row {outside!r} in {manifest}")
+    for row in rows:
+        if row["voi_id"] == outside:
+            row["center_x_mm"] = str(float(row["center_x_mm"]) + 100.0)
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if bad_mask is not None:
+        (dst / "mask" / f"{bad_mask}.nii.gz").write_bytes(b"not a nifti file")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def break_voi_dir():
+    """``break_voi_dir(src, dst, outside=voi_id, bad_mask=voi_id)``: a broken copy of a VOI folder.
+
+    Row ``outside`` gets its centre moved 100 mm in x, off its 32 mm wide synthetic VOI (as the
+    LIDC row whose recorded centre lay 33 mm outside its VOI, issue 14); ``bad_mask``'s mask file
+    is replaced by bytes no reader accepts. For the per-row error tests of ``evaluate``.
+    """
+    return _break_voi_dir

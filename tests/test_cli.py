@@ -129,8 +129,13 @@ def test_top_level_help_and_version(runner):
 
 def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
     """The report.json schema documented in nodule_edge.runtime.outputs."""
-    assert report["schema_version"] == "1.1"
+    assert report["schema_version"] == "1.2"
     assert report["nodule_edge_version"] == __version__
+    quality = report["quality"]
+    assert set(quality) == {"training_data", "flags"}
+    for flag in quality["flags"]:
+        assert set(flag) == {"code", "message", "value", "nodule"} and flag["message"]
+        assert flag["nodule"] is None or 0 <= flag["nodule"] < n_nodules
     study = report["study"]
     assert study["source"] == "dicom"
     assert study["slice_count"] == 48 and study["size_voxels"] == [192, 192, 48]
@@ -512,14 +517,77 @@ def test_evaluate_writes_the_csv(runner, use_bundle, synthetic_voi_dir, tmp_path
         assert all(1 <= float(v) <= 5 for v in row[2:8])
         assert 0 <= float(row[8]) <= 1  # dice: masks exist
         assert 0 <= float(row[11]) <= 1
-    assert "nodules: 2" in result.stdout and f"predictions written to {out}" in result.stdout
-    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+    assert "nodules: 2" in result.stdout and "failed: 0" in result.stdout and f"predictions written to {out}" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.csv", "predictions.csv"]
+    assert (tmp_path / "errors.csv").read_text().splitlines() == ["id,error,reason"]
 
 
 def test_evaluate_on_a_folder_without_manifest(runner, use_bundle, tmp_path):
     result = runner.invoke(main, ["evaluate", str(tmp_path), "--out", str(tmp_path / "p.csv")])
     message = assert_clean_error(result, 3)  # one line: refused before the progress bar starts
     assert message.startswith("error:") and "manifest.csv" in message
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_evaluate_records_a_bad_row_and_exits_9(runner, use_bundle, synthetic_voi_dir, break_voi_dir, tmp_path):
+    voi = break_voi_dir(synthetic_voi_dir, tmp_path / "voi", outside="SYN-0001_R_1")
+    out = tmp_path / "out" / "predictions.csv"
+    out.parent.mkdir()
+    result = runner.invoke(main, ["evaluate", str(voi), "--out", str(out), "--limit", "3"])
+    assert_clean_error(result, 9, one_line=False)  # the progress bar shares stderr
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "1 of 3 nodules failed" in errors[0] and "SYN-0001_R_1" in errors[0], result.stderr
+    # The summary is printed before the exit, over the two good rows.
+    assert "nodules: 3" in result.stdout and "failed: 1" in result.stdout, result.stdout
+    assert "metrics are over the 2 nodules that ran" in result.stdout
+    with out.open(newline="") as fh:
+        assert [r[0] for r in list(csv.reader(fh))[1:]] == ["SYN-0000_R_1", "SYN-0002_R_1"]
+    with (out.parent / "errors.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["id"], r["error"]) for r in rows] == [("SYN-0001_R_1", "CoordinateError")]
+    assert "outside the volume" in rows[0]["reason"]
+
+
+def test_evaluate_fail_fast_stops_and_writes_nothing(runner, use_bundle, synthetic_voi_dir, break_voi_dir, tmp_path):
+    voi = break_voi_dir(synthetic_voi_dir, tmp_path / "voi", outside="SYN-0001_R_1")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = runner.invoke(main, ["evaluate", str(voi), "--out", str(out / "p.csv"), "--limit", "3", "--fail-fast", "--report"])
+    assert_clean_error(result, 2, one_line=False)
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and "SYN-0001_R_1" in errors[0] and "outside the volume" in errors[0], result.stderr
+    assert list(out.iterdir()) == []
+    assert "failed:" not in result.stdout
+
+
+def test_evaluate_report_without_matplotlib_fails_before_the_run(runner, use_bundle, synthetic_voi_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = runner.invoke(main, ["evaluate", str(synthetic_voi_dir), "--out", str(tmp_path / "p.csv"), "--report"])
+    message = assert_clean_error(result, 8)  # one line: refused before the progress bar starts
+    assert "nodule-edge[report]" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_report_beside_the_csv_or_at_a_path(runner, use_bundle, synthetic_voi_dir, tmp_path):
+    pytest.importorskip("matplotlib", reason="the report needs nodule-edge[report]")
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(main, ["evaluate", str(synthetic_voi_dir), "--out", str(out), "--limit", "2", "--report"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "evaluation.html").read_text(encoding="utf-8")
+    assert "<h2>Malignancy: ROC</h2>" in page and "--limit 2" in page
+    assert f"report written to {tmp_path / 'evaluation.html'}" in result.stdout
+    # An explicit path (given before the positional argument); its folder must exist, checked before the run.
+    mine = tmp_path / "reports" / "run1.html"
+    result = runner.invoke(main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"])
+    message = assert_clean_error(result, 7)
+    assert "reports" in message and "evaluation" not in result.stdout
+    (tmp_path / "reports").mkdir()
+    result = runner.invoke(main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert mine.is_file()
 
 
 # ------------------------------------------------------------------------------------- demo

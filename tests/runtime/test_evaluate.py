@@ -1,4 +1,4 @@
-"""`nodule-edge evaluate` internals: leave-self-out retrieval, Dice only where a mask exists."""
+"""`nodule-edge evaluate` internals: leave-self-out retrieval, Dice only where a mask exists, per-row errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from nodule_edge.errors import DataError, OutputError
+from nodule_edge.errors import CoordinateError, DataError, OutputError
 from nodule_edge.runtime import NoduleInferer
 from nodule_edge.runtime.evaluate import CSV_COLUMNS, evaluate_voi_dir
 
@@ -45,7 +45,7 @@ def evaluated(inferer, synthetic_voi_dir, tmp_path_factory):
     (voi / "mask" / "SYN-0001_R_1.nii.gz").unlink()
     spy = SpyInferer(inferer)
     progress: list[tuple[int, int]] = []
-    summary = evaluate_voi_dir(spy, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t)))
+    summary = evaluate_voi_dir(spy, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t))).summary
     with (root / "predictions.csv").open(newline="") as fh:
         rows = list(csv.reader(fh))
     return spy, summary, rows, progress
@@ -108,12 +108,77 @@ def test_limit_and_missing_output_folder(inferer, synthetic_voi_dir, tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "missing" / "p.csv")
     assert not (tmp_path / "missing").exists()
-    summary = evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "p.csv", limit=1)
-    assert summary["nodules"] == 1
+    summary = evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "p.csv", limit=1).summary
+    assert summary["nodules"] == 1 and summary["failed"] == 0
     assert len((tmp_path / "p.csv").read_text().strip().splitlines()) == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["p.csv"]  # no temp file left beside it
+    assert (tmp_path / "errors.csv").read_text().splitlines() == ["id,error,reason"]  # written every run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.csv", "p.csv"]  # no temp file left beside them
 
 
 def test_folder_without_manifest_is_a_data_error(inferer, tmp_path):
     with pytest.raises(DataError, match="manifest.csv"):
         evaluate_voi_dir(inferer, tmp_path, tmp_path / "p.csv")
+
+
+# ------------------------------------------------------------------------------ per-row errors
+
+
+@pytest.fixture(scope="module")
+def with_failures(inferer, synthetic_voi_dir, break_voi_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_fail")
+    voi = break_voi_dir(synthetic_voi_dir, root / "voi", outside="SYN-0002_R_1", bad_mask="SYN-0004_R_1")
+    progress: list[tuple[int, int]] = []
+    evaluation = evaluate_voi_dir(inferer, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t)))
+    return root, evaluation, progress
+
+
+def test_bad_rows_are_recorded_and_the_others_predicted(with_failures):
+    root, ev, progress = with_failures
+    with (root / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    good = ["SYN-0000_R_1", "SYN-0001_R_1", "SYN-0003_R_1", "SYN-0005_R_1"]
+    assert [r[0] for r in rows[1:]] == good
+    assert [n.record.id for n in ev.nodules] == good
+    assert progress == [(i, 6) for i in range(1, 7)]  # failed rows count as done
+    with (root / "errors.csv").open(newline="") as fh:
+        errors = list(csv.DictReader(fh))
+    assert [(e["id"], e["error"]) for e in errors] == [("SYN-0002_R_1", "CoordinateError"), ("SYN-0004_R_1", "DataError")]
+    assert "outside the volume" in errors[0]["reason"]
+    assert "SYN-0004_R_1.nii.gz" in errors[1]["reason"] and "\n" not in errors[1]["reason"]
+    assert ev.errors_csv == root / "errors.csv" and ev.total == 6
+
+
+def test_summary_is_over_the_good_rows_and_counts_the_failures(with_failures):
+    root, ev, _ = with_failures
+    assert ev.summary["nodules"] == 6 and ev.summary["failed"] == 2
+    dices = [n.dice for n in ev.nodules]
+    assert len(dices) == 4 and all(d is not None for d in dices)
+    assert ev.summary["mean dice"] == pytest.approx(sum(dices) / 4, abs=1e-3)
+    # The good rows are 0 (malignant) and 1, 3, 5 (benign): both classes, so the AUC is there.
+    assert {n.record.label for n in ev.nodules} == {0, 1} and "auc (LIDC proxy labels)" in ev.summary
+
+
+def test_raise_if_failed_names_the_count(with_failures):
+    from nodule_edge.errors import RowsFailedError
+
+    _, ev, _ = with_failures
+    with pytest.raises(RowsFailedError, match="2 of 6 nodules failed") as info:
+        ev.errors.raise_if_failed(ev.total, ev.errors_csv, noun="nodules")
+    assert info.value.exit_code == 9
+
+
+def test_fail_fast_stops_at_the_first_bad_row_and_writes_nothing(inferer, synthetic_voi_dir, break_voi_dir, tmp_path):
+    voi = break_voi_dir(synthetic_voi_dir, tmp_path / "voi", outside="SYN-0002_R_1")
+    out = tmp_path / "out"
+    out.mkdir()
+    progress: list[tuple[int, int]] = []
+    with pytest.raises(CoordinateError, match="SYN-0002_R_1: .*outside the volume"):
+        evaluate_voi_dir(inferer, voi, out / "predictions.csv", fail_fast=True, progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(1, 6), (2, 6)]  # stopped at the third row
+    assert list(out.iterdir()) == []
+
+
+def test_predictions_may_not_be_named_errors_csv(inferer, synthetic_voi_dir, tmp_path):
+    with pytest.raises(OutputError, match="errors.csv"):
+        evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "errors.csv")
+    assert list(tmp_path.iterdir()) == []
