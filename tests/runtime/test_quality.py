@@ -157,3 +157,32 @@ def test_training_ranges_of_a_voi_folder(synthetic_voi_dir):
     assert ranges.center_to_mask_mm == pytest.approx((0.0, 0.0), abs=1e-3)
     assert ranges.lung_hu_p1[1] < -800
     assert ranges.source.endswith("6 nodules")
+
+
+@pytest.fixture(scope="module")
+def shipped_inferer():
+    from nodule_edge.runtime import NoduleInferer
+
+    return NoduleInferer(backend="cpu", top_k=0, threads=2)
+
+
+def test_shipped_bundle_records_the_training_ranges(shipped_inferer):
+    ranges = shipped_inferer.training_ranges
+    assert ranges is not None and ranges.source == "lidc_voi: 679 nodules"
+    assert ranges.slice_spacing_mm[1] == pytest.approx(2.5) and ranges.in_plane_spacing_mm[1] < 1.0
+
+
+def test_real_series_flags_with_the_shipped_bundle(shipped_inferer, dicom_dir):
+    """The 3 mm contrast Siemens series is flagged as such; a point in aerated lung with no nodule
+    is flagged as not a nodule, and the flags leave the prediction as it was."""
+    siemens = shipped_inferer.infer(dicom_dir / "siemens_j2k_20_slices", voxels=[(256, 256, 10)])
+    codes = [f.code for f in siemens.quality_flags]
+    assert codes == ["slice_thickness_outside_training", "contrast_agent"]
+    assert siemens.quality_flags[0].value == 3.0 and siemens.quality_flags[1].value == "APPLIED"
+
+    chest = shipped_inferer.infer(dicom_dir / "chest_ricord_jpeg_lossless", voxels=[(150, 220, 128)])
+    assert chest.quality_flags == []
+    nodule = chest.nodules[0]
+    assert "no_nodule_at_point" in [f.code for f in nodule.quality_flags]
+    raw = shipped_inferer.predict_patches(nodule.patch[None])[0]
+    assert raw.malignancy_probability == pytest.approx(nodule.malignancy_probability, abs=1e-6)
