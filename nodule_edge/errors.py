@@ -21,6 +21,7 @@ __all__ = [
     "OutputError",
     "MissingDependencyError",
     "RowsFailedError",
+    "OptionError",
 ]
 
 
@@ -90,6 +91,12 @@ class MissingDependencyError(NoduleEdgeError):
     """An optional dependency is needed for this feature; the message gives the install hint."""
 
     exit_code = 8
+
+
+class OptionError(NoduleEdgeError, ValueError):
+    """An option makes no sense (unknown explanation method, occlusion block larger than the cube)."""
+
+    exit_code = 2
 
 
 class RowsFailedError(NoduleEdgeError):

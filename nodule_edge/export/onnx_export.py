@@ -35,6 +35,9 @@ OUTPUT_NAMES: tuple[str, ...] = (
     "nodule_attention",
     "background_attention",
     "embedding",
+    # The classifier's evidence before the sigmoid: float32 probabilities read exactly 1.0 beyond a
+    # logit of about 16.6, where occlusion and deletion curves need the logit (README, Explanations).
+    "malignancy_logit",
 )
 OPSET = 18
 
@@ -70,6 +73,7 @@ def build_export_module(model: Any) -> Any:
                 out.nodule_attention,
                 out.background_attention,
                 out.embedding,
+                out.malignancy_logit,
             )
 
     return _Exported(model).eval()
