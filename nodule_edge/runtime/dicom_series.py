@@ -36,13 +36,15 @@ import hashlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import IO, Literal, TypeVar
 
 import numpy as np
 
@@ -1171,6 +1173,75 @@ def _imagecodecs_read(
     return out, failed
 
 
+class _StderrDiversion:
+    """File descriptor 2 diverted into a temporary file while any GDCM decode runs (reference-counted).
+
+    GDCM, inside SimpleITK, prints libjpeg's messages about a damaged stream ("Corrupt JPEG data:
+    premature end of data segment") straight to descriptor 2: no logger and no ITK setting reaches
+    them, and a CLI run would show them above its one-line error. The descriptor belongs to the
+    whole process, so what other threads write to stderr meanwhile is diverted too; it is logged
+    with GDCM's text (see :func:`_gdcm_stderr_logged`), not lost.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: int | None = None
+        self._sink: IO[bytes] | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._depth += 1
+            if self._depth > 1:
+                return
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # no or a closed sys.stderr
+                sys.stderr.flush()
+            try:
+                sink = tempfile.TemporaryFile()  # noqa: SIM115 - open until exit() reads and closes it
+            except OSError:  # no temporary space: GDCM's messages stay on stderr
+                return
+            try:
+                saved = os.dup(2)
+            except OSError:  # descriptor 2 is closed: nothing to divert
+                sink.close()
+                return
+            os.dup2(sink.fileno(), 2)
+            self._saved, self._sink = saved, sink
+
+    def exit(self) -> str:
+        """Leave; the last one out restores descriptor 2 and gets everything written meanwhile."""
+        with self._lock:
+            self._depth -= 1
+            if self._depth or self._sink is None or self._saved is None:
+                return ""
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            sink, self._saved, self._sink = self._sink, None, None
+        with sink:
+            sink.seek(0)
+            return " ".join(sink.read().decode("utf-8", "replace").split())
+
+
+_STDERR_DIVERSION = _StderrDiversion()
+
+
+@contextlib.contextmanager
+def _gdcm_stderr_logged(what: str) -> Iterator[list[str]]:
+    """Run GDCM decodes with their stderr output diverted to the debug log.
+
+    Yields a list that receives the text once the block is over, for the caller to judge.
+    """
+    captured: list[str] = []
+    _STDERR_DIVERSION.enter()
+    try:
+        yield captured
+    finally:
+        text = _STDERR_DIVERSION.exit()
+        if text:
+            logger.debug("GDCM printed while decoding %s: %s", what, text)
+            captured.append(text)
+
+
 def _gdcm_read(headers: Sequence[SliceHeader], crop: _Crop) -> np.ndarray:
     """float32 HU ``[n, rows, cols]`` (cropped) through SimpleITK's GDCM reader, one call for all files."""
     import SimpleITK as sitk
@@ -1268,10 +1339,12 @@ def decode_slices(
             JPEG Lossless with 16 bits allocated; GDCM (through SimpleITK, all slices in one
             call) where it decodes exactly as pydicom does, i.e. lossless compressed syntaxes
             and MONOCHROME2; pydicom for the rest. A file imagecodecs cannot decode goes to GDCM
-            or pydicom (logged). When GDCM fails on the batch, each of its files is retried alone
-            and a file GDCM refuses goes to pydicom (logged: GDCM refusing a lossless stream
-            usually means damaged data). ``"imagecodecs"``, ``"gdcm"`` or ``"pydicom"`` use that
-            decoder alone (tests, benchmarks); imagecodecs for JPEG Lossless only.
+            or pydicom (logged once they have read it). When GDCM fails on the batch, each of its
+            files is retried alone and a file GDCM refuses goes to pydicom (logged: GDCM refusing a
+            lossless stream usually means damaged data). What GDCM prints to stderr goes to the
+            debug log instead (and to a warning when it decoded the slices all the same).
+            ``"imagecodecs"``, ``"gdcm"`` or ``"pydicom"`` use that decoder alone (tests,
+            benchmarks); imagecodecs for JPEG Lossless only.
         threads: Threads the imagecodecs and GDCM work is split across (both run with the GIL
             released; pydicom decoding stays on the calling thread, where it is bound by the GIL).
 
@@ -1320,16 +1393,20 @@ def decode_slices(
                 f"16 bits stored; not {h.path} ({h.transfer_syntax_uid}, {h.photometric}, BitsAllocated "
                 f"{h.bits_allocated}, BitsStored {h.bits_stored}, PixelRepresentation {h.pixel_representation})"
             )
+    # Said once the other decoders have read the files: when they cannot either, the error alone
+    # speaks (bad input ends with one line: README, "Usage").
+    fallback_note = ""
     if fast:
         block, failed = _imagecodecs_read(imagecodecs, [headers[i] for i in fast], crop, threads)
         if failed:
             k, reason = min(failed.items())
             if backend == "imagecodecs":
                 raise StudyError(f"imagecodecs cannot decode {headers[fast[k]].path}: {reason}")
-            logger.warning(
-                "imagecodecs cannot decode %d of %d JPEG Lossless files (first %s: %s); GDCM or pydicom reads them",
-                len(failed), len(fast), headers[fast[k]].path, reason,
+            fallback_note = (
+                f"imagecodecs cannot decode {len(failed)} of {len(fast)} JPEG Lossless files "
+                f"(first {headers[fast[k]].path}: {reason})"
             )
+            logger.debug("%s; trying GDCM or pydicom", fallback_note)
         done = [k for k in range(len(fast)) if k not in failed]
         if len(done) == len(headers):
             out = block
@@ -1339,16 +1416,20 @@ def decode_slices(
     gdcm = [i for i in remaining if backend == "gdcm" or (backend == "auto" and _gdcm_decodes(headers[i]))]
     others = sorted(set(remaining) - set(gdcm))
     refused: dict[int, StudyError] = {}
+    gdcm_printed: list[str] = []
+    what = ""
     if gdcm:
-        try:
-            block = _gdcm_read_split([headers[i] for i in gdcm], crop, threads)
-        except StudyError as exc:
-            refused = _gdcm_one_by_one(headers, gdcm, crop, out, exc, strict=backend == "gdcm")
-        else:
-            if len(gdcm) == len(headers):
-                out = block
+        what = headers[gdcm[0]].path if len(gdcm) == 1 else f"{len(gdcm)} slices from {headers[gdcm[0]].path} on"
+        with _gdcm_stderr_logged(what) as gdcm_printed:
+            try:
+                block = _gdcm_read_split([headers[i] for i in gdcm], crop, threads)
+            except StudyError as exc:
+                refused = _gdcm_one_by_one(headers, gdcm, crop, out, exc, strict=backend == "gdcm")
             else:
-                out[gdcm] = block
+                if len(gdcm) == len(headers):
+                    out = block
+                else:
+                    out[gdcm] = block
     for i in others:
         out[i] = _pydicom_decode(headers[i], crop)
     for i, exc in refused.items():
@@ -1357,6 +1438,11 @@ def decode_slices(
     overflow = np.flatnonzero(~np.isfinite(out).all(axis=(1, 2)))  # GDCM casts to float32 silently
     if overflow.size:
         raise _overflow_error(headers[int(overflow[0])])
+    if fallback_note:
+        logger.warning("%s; GDCM or pydicom read them", fallback_note)
+    if gdcm_printed and not refused:
+        # libjpeg warns and goes on for some damage (e.g. extraneous bytes before a marker).
+        logger.warning("GDCM decoded %s but reported: %s; the slices may be damaged", what, gdcm_printed[0])
     return out
 
 

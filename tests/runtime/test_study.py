@@ -400,6 +400,59 @@ def test_damaged_jpeg_lossless_slice_names_the_file(tmp_path: Path) -> None:
             decode_slices(headers, threads=threads)
 
 
+def _damage_huffman_table(path: Path) -> None:
+    """Zero 20 bytes of the JPEG stream's Huffman table: imagecodecs, GDCM and pydicom all refuse it."""
+    data = path.read_bytes()
+    dht = data.rfind(b"\xff\xc4")
+    path.write_bytes(data[: dht + 4] + bytes(20) + data[dht + 24 :])
+
+
+@requires_imagecodecs
+def test_undecodable_slice_prints_nothing_and_warns_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """GDCM's libjpeg messages on stderr and the imagecodecs fallback note go to the debug log only."""
+    write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
+    headers = _slices(tmp_path)
+    _damage_huffman_table(Path(headers[2].path))
+    capfd.readouterr()
+    for threads in (1, 2):
+        with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom_series"):
+            with pytest.raises(StudyError, match=re.escape(headers[2].path)):
+                decode_slices(headers, threads=threads)
+        assert capfd.readouterr().err == ""
+        own = [r for r in caplog.records if r.name == "nodule_edge.runtime.dicom_series"]
+        assert [r.getMessage() for r in own if r.levelno >= logging.WARNING] == []
+        assert any("GDCM printed while decoding" in r.getMessage() and "Bogus marker length" in r.getMessage() for r in own)
+        assert any("imagecodecs cannot decode 1 of 6" in r.getMessage() for r in own)
+        caplog.clear()
+
+
+def test_gdcm_stderr_diversion_restores_the_descriptor(capfd: pytest.CaptureFixture[str]) -> None:
+    """Overlapping diversions from three threads: the last one out restores fd 2 and gets all the text."""
+    import os
+
+    barrier = threading.Barrier(3)
+    texts: list[list[str]] = []
+
+    def write(k: int) -> None:
+        with dicom_series._gdcm_stderr_logged(f"part {k}") as printed:
+            os.write(2, f"native {k}\n".encode())
+            barrier.wait()  # all three are inside before any leaves
+        texts.append(printed)
+
+    workers = [threading.Thread(target=write, args=(k,)) for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+    received = [t[0] for t in texts if t]
+    assert len(received) == 1
+    assert sorted(re.findall(r"native (\d)", received[0])) == ["0", "1", "2"]
+
+
 @requires_imagecodecs
 def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nodule_edge.errors import MissingDependencyError
