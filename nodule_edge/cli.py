@@ -113,7 +113,7 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
     lines += [f"quality: {f['code']}: {f['message']}" for f in flags if f["nodule"] is None]
     for n in report["nodules"]:
         attrs = ", ".join(f"{k} {v:.1f}" for k, v in n["attributes"].items())
-        trust = "attention on nodule" if n["saliency"]["trustworthy"] else "WARNING: model attention not on the nodule - review"
+        trust = "attention on nodule" if n["saliency"]["trustworthy"] else "WARNING: " + "; ".join(n["saliency"].get("trust_reasons") or ["model attention not on the nodule"]) + " - review"
         score = n["retrieval_score"]
         lines += [
             f"nodule {n['index']} at voxel {tuple(round(v, 1) for v in n['xyz_voxel'])} / LPS {tuple(round(v, 1) for v in n['world_lps_mm'])} mm",
@@ -122,6 +122,17 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
             f"  segmentation: {n['segmentation']['volume_mm3']:.0f} mm3, longest axial diameter {n['segmentation']['longest_axial_diameter_mm']:.1f} mm",
             f"  similar nodules: {len(n['similar'])}" + (f", {score:.0%} of them malignant" if score is not None else ""),
         ]
+        explained = n.get("explanations")
+        if explained:
+            parts = []
+            for method, e in explained["methods"].items():
+                metrics = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in e["metrics"].items() if isinstance(v, float))
+                parts.append(f"{method} ({metrics}" + (f"; {e['seconds']:.1f} s)" if e["seconds"] else ")"))
+            lines.append("  explanations: " + "; ".join(parts))
+            agreement = explained.get("agreement")
+            if agreement and agreement["spearman"] is not None:
+                threshold = "no threshold in this bundle" if agreement["threshold"] is None else f"threshold {agreement['threshold']:.2f}"
+                lines.append(f"  Grad-CAM vs occlusion: Spearman {agreement['spearman']:.2f} ({threshold})")
         lines += [f"  quality: {f['code']}: {f['message']}" for f in flags if f["nodule"] == n["index"]]
     lines.append(f"total {sum(report['timing_ms'].values()):.0f} ms; outputs in {out_dir}/ (report.json, *_overlay.png, *.nii.gz)")
     return lines
@@ -140,8 +151,12 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
 @click.option("--full-grid", is_flag=True, help="Write NIfTI maps on the whole study grid instead of the 32 mm region.")
 @click.option("--dicom-out", is_flag=True, help="Also write a DICOM SEG and a TID 1500 SR (needs nodule-edge[dicom-out]).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option("--explain", "explain", default=None, metavar="METHODS", help="Saliency methods, comma-separated: gradcam,occlusion. One NIfTI and one overlay panel per method, metrics in report.json; with both, their agreement is a second trust check.")
+@click.option("--occlusion-block", type=int, default=None, help="Occlusion block edge in voxels of the 64³ patch (default: 16, coarsened to fit 32 passes).")
+@click.option("--occlusion-stride", type=int, default=None, help="Occlusion stride in voxels (default: the block).")
+@click.option("--explain-faithfulness", is_flag=True, help="Also compute each map's deletion and insertion areas (16 engine passes each).")
 @_handle_errors
-def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_uid: str | None, out_dir: str, overwrite: bool, backend: str, bundle: str | None, top_k: int, full_grid: bool, dicom_out: bool, as_json: bool) -> None:
+def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_uid: str | None, out_dir: str, overwrite: bool, backend: str, bundle: str | None, top_k: int, full_grid: bool, dicom_out: bool, as_json: bool, explain: str | None, occlusion_block: int | None, occlusion_stride: int | None, explain_faithfulness: bool) -> None:
     """Diagnose nodules at given locations of a STUDY.
 
     STUDY is a folder of DICOM files (any nesting; other files are ignored) or a volume file
@@ -157,12 +172,22 @@ def infer(study: str, voxels: tuple[str, ...], worlds: tuple[str, ...], series_u
     world_points = [_parse_point(v, "--world") for v in worlds]
     if not points and not world_points:
         raise click.UsageError("give at least one nodule location with --xyz or --world")
+    methods = None
+    if explain is not None:
+        from nodule_edge.runtime.explain import parse_methods
+
+        methods = parse_methods(explain)
+    elif occlusion_block is not None or occlusion_stride is not None or explain_faithfulness:
+        raise click.UsageError("--occlusion-block, --occlusion-stride and --explain-faithfulness need --explain")
     check_output_dir(Path(out_dir), overwrite)
     inferer = _make_inferer(bundle, backend, top_k)
     n_points = len(points) + len(world_points)
     if n_points > 1 and not as_json:
         click.echo(f"diagnosing {n_points} nodules in one batch...", err=True)
     result = inferer.infer(study, voxels=points, worlds=world_points, series_uid=series_uid)
+    if methods is not None:
+        occlusion = {k: v for k, v in (("block", occlusion_block), ("stride", occlusion_stride)) if v is not None}
+        inferer.explain(result, methods, occlusion_options=occlusion, faithfulness=explain_faithfulness)
     writers = []
     if dicom_out:
         from nodule_edge.runtime.dicom_out import dicom_writer

@@ -25,6 +25,8 @@ malignancy probability (0…1)              (111047, DCM, "Probability of cancer
 LIDC ratings (continuous, 1…5)            (``<attribute>``, 99NODULEEDGE, "... rating")      {rating}
 mean saliency inside / outside nodule     (NODULE_ATTN / BACKGROUND_ATTN, 99NODULEEDGE)      1
 attention on nodule (trust check)         (TRUSTWORTHY, 99NODULEEDGE) = SCT Yes / No         —
+explanation metrics (``--explain``)       (``<method>.<metric>``, 99NODULEEDGE)              1
+Grad-CAM vs occlusion agreement           (EXPL_AGREEMENT, 99NODULEEDGE), Spearman          1
 quality flag (one per flag)               (QUALITY_FLAG, 99NODULEEDGE) = (``<flag code>``,   —
                                           99NODULEEDGE)
 ========================================  =================================================  ======
@@ -329,10 +331,19 @@ def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: li
         measure(_local(hd, "NODULE_ATTN", "Mean saliency inside nodule"), p.nodule_attention, codes.UCUM.NoUnits),
         measure(_local(hd, "BACKGROUND_ATTN", "Mean saliency outside nodule"), p.background_attention, codes.UCUM.NoUnits),
     ]
+    explained = nodule.explanations
+    if explained is not None:
+        for method, exp in explained.maps.items():
+            for metric, value in exp.metrics.items():
+                if isinstance(value, float):
+                    meaning = f"{method} {metric}".replace("_", " ").capitalize()[:64]
+                    measurements.append(measure(_local(hd, f"{method}.{metric}", meaning), value, codes.UCUM.NoUnits))
+        if explained.agreement is not None and np.isfinite(explained.agreement.spearman):
+            measurements.append(measure(_local(hd, "EXPL_AGREEMENT", "Grad-CAM vs occlusion Spearman"), explained.agreement.spearman, codes.UCUM.NoUnits))
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=_local(hd, "TRUSTWORTHY", "Saliency concentrated on nodule"),
-            value=codes.SCT.Yes if p.trustworthy else codes.SCT.No,
+            value=codes.SCT.Yes if nodule.trustworthy else codes.SCT.No,
         )
     ]
     evaluations += [

@@ -74,6 +74,8 @@ class NoduleResult:
     volume_mm3: float
     longest_axial_diameter_mm: float
     quality_flags: list[QualityFlag] = field(default_factory=list)
+    #: Maps and metrics of :meth:`NoduleInferer.explain` (None until asked for).
+    explanations: Any = None
 
     @property
     def malignancy_probability(self) -> float:
@@ -85,7 +87,14 @@ class NoduleResult:
 
     @property
     def trustworthy(self) -> bool:
-        return self.prediction.trustworthy
+        """Grad-CAM on the nodule and, when explanations were computed, the methods agree."""
+        return self.prediction.trustworthy and not self.trust_reasons
+
+    @property
+    def trust_reasons(self) -> list[str]:
+        """Why :attr:`trustworthy` is false (empty when it is true)."""
+        reasons = [] if self.prediction.trustworthy else ["Grad-CAM attention is not higher inside the nodule than outside"]
+        return reasons + (self.explanations.trust_reasons if self.explanations is not None else [])
 
 
 @dataclass
@@ -229,6 +238,35 @@ class NoduleInferer:
         """
         outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec)
         return self._predictions(outputs, exclude_ids, found)
+
+    def explain(
+        self,
+        result: StudyResult,
+        methods: Sequence[str] | str = ("gradcam", "occlusion"),
+        *,
+        occlusion_options: dict[str, Any] | None = None,
+        faithfulness: bool = False,
+    ) -> StudyResult:
+        """Add explanations (``gradcam``, ``occlusion``) and their metrics to every nodule of ``result``.
+
+        With both methods their agreement is checked against the bundle's threshold; a nodule
+        whose methods disagree becomes untrustworthy (``trust_reasons`` says why) and gets the
+        ``explanations_disagree`` quality flag. The predictions do not change.
+
+        Raises:
+            OptionError: Unknown method, a method that needs PyTorch, or a bad occlusion option.
+        """
+        from nodule_edge.runtime.explain import explain_nodule, parse_methods
+
+        chosen = parse_methods(methods)
+        t0 = time.perf_counter()
+        for nodule in result.nodules:
+            nodule.explanations = explain_nodule(self, nodule, chosen, occlusion_options=occlusion_options, faithfulness=faithfulness)
+            agreement = nodule.explanations.agreement
+            for reason in nodule.explanations.trust_reasons:
+                nodule.quality_flags.append(QualityFlag("explanations_disagree", reason, agreement.spearman if agreement is not None else None))
+        result.timing_ms["explain"] = _ms(t0)
+        return result
 
     # -- internals ------------------------------------------------------------------------
     def _infer_study(self, study: Study, voxels: Sequence[Sequence[float]], worlds: Sequence[Sequence[float]], timing: dict[str, float], exclude_ids: set[str] | None = None) -> StudyResult:

@@ -100,9 +100,11 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
             "file": f"nodule{i}_saliency.nii.gz",
             "nodule_attention": round(p.nodule_attention, 6),
             "background_attention": round(p.background_attention, 6),
-            "trustworthy": p.trustworthy,
+            "trustworthy": n.trustworthy,
+            "trust_reasons": n.trust_reasons,
             "sign_uncertain": p.saliency_sign_uncertain,
         },
+        "explanations": _explanations_report(i, n),
         "similar": [
             {
                 "id": nb.id,
@@ -124,6 +126,33 @@ def _quality(result: StudyResult) -> dict[str, Any]:
         "training_data": result.training_data,
         "flags": [{**flag.to_json(), "nodule": i} for i, flag in result.all_quality_flags],
     }
+
+
+def _explanations_report(i: int, n: NoduleResult) -> dict[str, Any] | None:
+    explained = n.explanations
+    if explained is None:
+        return None
+    methods = {
+        method: {
+            "file": _explanation_file(i, method),
+            "options": exp.options,
+            "seconds": exp.seconds,
+            "metrics": exp.metrics,
+        }
+        for method, exp in explained.maps.items()
+    }
+    agreement = explained.agreement
+    return {
+        "methods": methods,
+        "agreement": None
+        if agreement is None
+        else {"spearman": None if not np.isfinite(agreement.spearman) else round(agreement.spearman, 6), "threshold": agreement.threshold, "threshold_source": agreement.source, "agrees": agreement.agrees},
+    }
+
+
+def _explanation_file(i: int, method: str) -> str:
+    # Grad-CAM keeps the file every report has had since schema 1.0.
+    return f"nodule{i}_saliency.nii.gz" if method == "gradcam" else f"nodule{i}_{method}.nii.gz"
 
 
 def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str, Any]:
@@ -191,7 +220,17 @@ def _write_nodule(tmp: Path, i: int, n: NoduleResult, result: StudyResult, spec:
     sal = patch_to_study_grid(p.saliency, n.world_lps_mm, spec, result.study, full_grid)
     _write_image(sal, tmp / f"nodule{i}_saliency.nii.gz")
     title = f"nodule {i}: p(malignant)={p.malignancy_probability:.2f}  attention in/out {p.nodule_attention:.2f}/{p.background_attention:.2f}" + ("" if p.trustworthy else "  [CHECK: attention off-nodule]")
-    render_overlay(n.patch[0], p.segmentation, p.saliency, title).save(tmp / f"nodule{i}_overlay.png", compress_level=_PNG_COMPRESS_LEVEL)
+    overlay = render_overlay(n.patch[0], p.segmentation, p.saliency, "Grad-CAM  " + title if n.explanations is not None else title)
+    if n.explanations is not None:
+        panels = [overlay]
+        for method, exp in n.explanations.maps.items():
+            if method == "gradcam":
+                continue
+            _write_image(patch_to_study_grid(exp.display, n.world_lps_mm, spec, result.study, full_grid), tmp / _explanation_file(i, method))
+            metrics = "  ".join(f"{k} {v:.2f}" for k, v in exp.metrics.items() if isinstance(v, float))
+            panels.append(render_overlay(n.patch[0], p.segmentation, exp.display, f"{method}  {metrics}"))
+        overlay = _stack(panels)
+    overlay.save(tmp / f"nodule{i}_overlay.png", compress_level=_PNG_COMPRESS_LEVEL)
     if p.similar:
         shown = p.similar[:8]
         captions = [
@@ -200,6 +239,18 @@ def _write_nodule(tmp: Path, i: int, n: NoduleResult, result: StudyResult, spec:
         ]
         score = "n/a" if p.retrieval_score is None else f"{p.retrieval_score:.2f}"
         render_similar_strip([thumbnails.get(nb.id) for nb in shown], captions, f"nodule {i}: most similar nodules (retrieval score {score})").save(tmp / f"nodule{i}_similar.png", compress_level=_PNG_COMPRESS_LEVEL)
+
+
+def _stack(panels: list[Any]) -> Any:
+    """Overlay panels one below the other (one per explanation method)."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), (0, 0, 0))
+    y = 0
+    for panel in panels:
+        canvas.paste(panel, (0, y))
+        y += panel.height
+    return canvas
 
 
 def _write_image(image: sitk.Image, path: Path) -> None:

@@ -55,6 +55,7 @@ FLAG_CODES: dict[str, str] = {
     "nodule_volume_outside_training": "segmented volume outside the training nodules' range",
     "lung_hu_outside_training": "darkest voxels of the cube unlike the training VOIs' (no aerated lung around the point, or HU rescale missing)",
     "attention_off_nodule": "Grad-CAM attention is not higher inside the nodule than outside",
+    "explanations_disagree": "Grad-CAM and occlusion rank the cube's voxels too differently (infer --explain gradcam,occlusion)",
 }
 
 
