@@ -136,10 +136,31 @@ def session_options_for(
     return options
 
 
+def _import_openvino() -> Any:
+    """``import openvino`` without OpenVINO's usage telemetry.
+
+    ``import openvino`` imports its model-conversion tools, which start OpenVINO's telemetry
+    (Google Analytics, on by default without a consent file) and send a session event from a
+    background thread: a network request from a medical device that embeds this package. OpenVINO
+    falls back to a no-op stub when ``openvino_telemetry`` cannot be imported, so the module is
+    masked for the import (only if OpenVINO is not imported yet; README, Engines).
+    """
+    if "openvino" in sys.modules:
+        return require("openvino", "openvino")
+    masked = "openvino_telemetry" not in sys.modules
+    if masked:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # ImportError on import
+    try:
+        return require("openvino", "openvino")
+    finally:
+        if masked and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]
+
+
 def openvino_available() -> bool:
     """Whether the optional OpenVINO runtime can be imported."""
     try:
-        require("openvino", "openvino")
+        _import_openvino()
     except MissingDependencyError:
         return False
     return True
@@ -208,7 +229,7 @@ def _load_ort(path: Path, options: ort.SessionOptions, providers: Sequence[Any] 
 
 
 def _load_openvino(path: Path, threads: int | None, precision: Precision) -> CpuEngine:
-    ov = require("openvino", "openvino")
+    ov = _import_openvino()
     core = ov.Core()
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "LATENCY"}
     if precision != "auto":
