@@ -40,6 +40,8 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ("CLI cold start / in-process end to end", ("test_cli_cold_start", ""), ("test_e2e_inprocess", "")),
     ("output writing / in-process end to end", ("test_write_outputs", ""), ("test_e2e_inprocess", "")),
     ("infer-batch, 20 real nodules: one batch run / 20 infer runs", ("test_infer_batch", ""), ("test_infer_separate_runs", "")),
+    ("occlusion (defaults) / Grad-CAM path, median LIDC nodule", ("test_occlusion", "median"), ("test_gradcam_path", "median")),
+    ("occlusion (defaults) / Grad-CAM path, large LIDC nodule", ("test_occlusion", "large"), ("test_gradcam_path", "large")),
     ("training step (full bench): now / before the nodule-bounded model", ("test_training_step", "now"), ("test_training_step", "before")),
 ]
 #: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines;
