@@ -94,3 +94,15 @@ def test_within_one_accuracy_per_attribute() -> None:
     pred = np.array([[1.0, 3.0], [2.0, 5.0], [4.0, 1.0]])
     true = np.array([[2.0, 1.0], [2.0, 4.0], [1.0, 2.0]])
     np.testing.assert_allclose(within_one_accuracy(pred, true), [2 / 3, 2 / 3])
+
+
+def test_roc_auc_matches_pairwise_counting_with_ties() -> None:
+    """The one AUC of the package (labels first, like scikit-learn), ties counted half."""
+    rng = np.random.default_rng(11)
+    scores = rng.integers(0, 5, size=300) / 4.0  # many ties
+    labels = rng.integers(0, 2, size=300)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert roc_auc(labels, scores) == pytest.approx(pairwise)
+    assert roc_auc(np.array([0, 1]), np.array([0.1, 0.9])) == 1.0
+    assert roc_auc(np.array([0, 1]), np.array([0.9, 0.1])) == 0.0

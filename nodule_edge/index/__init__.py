@@ -6,7 +6,7 @@ new nodule by the mean malignancy label of those neighbours. Two vector kinds ar
 probability with the malignancy rating. Build query vectors with :func:`vector_for`.
 """
 
-from nodule_edge.index.evaluate import RetrievalEvaluation, evaluate_retrieval, roc_auc
+from nodule_edge.index.evaluate import RetrievalEvaluation, evaluate_retrieval
 from nodule_edge.index.store import (
     DEFAULT_K,
     AttributeIndex,
@@ -25,7 +25,6 @@ __all__ = [
     "RetrievalEvaluation",
     "evaluate_retrieval",
     "exact_search",
-    "roc_auc",
     "vector_dim",
     "vector_for",
     "vectors_for",

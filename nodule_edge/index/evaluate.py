@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from nodule_edge.errors import DataError
-from nodule_edge.metrics import roc_auc as metrics_roc_auc
+from nodule_edge.metrics import roc_auc
 from nodule_edge.index.store import DEFAULT_K, AttributeIndex, IndexEntry
 
-__all__ = ["RetrievalEvaluation", "evaluate_retrieval", "roc_auc"]
+__all__ = ["RetrievalEvaluation", "evaluate_retrieval"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,35 +52,6 @@ class RetrievalEvaluation:
     accuracy: float | None
     threshold: float
     scores: np.ndarray
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve by the Mann–Whitney rank formula (ties get average ranks).
-
-    Args:
-        scores: Higher means more likely positive, shape ``[N]``.
-        labels: 0/1, shape ``[N]``.
-
-    Returns:
-        The AUC in [0, 1].
-
-    Raises:
-        DataError: Shapes differ, non-finite scores, labels other than 0/1, or only one class.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels)
-    if s.ndim != 1 or s.shape != y.shape:
-        raise DataError(f"roc_auc needs equal 1-d scores and labels, got {s.shape} and {y.shape}")
-    if not np.all(np.isfinite(s)):
-        raise DataError("roc_auc scores contain non-finite values")
-    if not np.all((y == 0) | (y == 1)):
-        raise DataError(f"roc_auc labels must be 0 or 1, got {sorted(set(y.tolist()))}")
-    positive = y == 1
-    n_pos = int(positive.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        raise DataError(f"roc_auc needs both classes, got {n_pos} positive and {n_neg} negative")
-    return metrics_roc_auc(y, s)
 
 
 def evaluate_retrieval(
@@ -146,7 +117,7 @@ def evaluate_retrieval(
     s = scores[evaluated]
     n_pos = int((y == 1).sum())
     n_neg = int((y == 0).sum())
-    auc = roc_auc(s, y) if n_pos and n_neg else None
+    auc = roc_auc(y, s) if n_pos and n_neg else None
     accuracy = float(np.mean((s >= threshold) == (y == 1))) if s.size else None
     logger.info(
         "leave-one-out %s retrieval, k=%d: %d evaluated, AUC %s, accuracy %s",

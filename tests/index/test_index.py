@@ -19,7 +19,6 @@ from nodule_edge.index import (
     IndexEntry,
     evaluate_retrieval,
     exact_search,
-    roc_auc,
     vector_for,
     vectors_for,
 )
@@ -452,24 +451,6 @@ def test_queries_during_adds_see_a_consistent_index() -> None:
 
 
 # ---------------------------------------------------------------------- evaluation
-
-
-def test_roc_auc_matches_pairwise_counting_with_ties() -> None:
-    rng = np.random.default_rng(11)
-    scores = rng.integers(0, 5, size=300) / 4.0  # many ties
-    labels = rng.integers(0, 2, size=300)
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert roc_auc(scores, labels) == pytest.approx(pairwise)
-    assert roc_auc(np.array([0.1, 0.9]), np.array([0, 1])) == 1.0
-    assert roc_auc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
-
-
-def test_roc_auc_needs_both_classes() -> None:
-    from nodule_edge.errors import DataError
-
-    with pytest.raises(DataError, match="both classes"):
-        roc_auc(np.array([0.1, 0.2]), np.array([1, 1]))
 
 
 def test_evaluate_retrieval_separates_separable_clusters_and_excludes_groups() -> None:
