@@ -20,7 +20,7 @@ install-runtime: $(BIN)/python
 
 # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 install-all: $(BIN)/python
-	$(PIP) install -q -e ".[train,export,dicom-out,openvino,dicomsdl,imagecodecs,report,dev]"
+	$(PIP) install -q -e ".[train,export,explain,dicom-out,openvino,dicomsdl,imagecodecs,report,dev]"
 
 # Debian's Chromium for the browser test of the evaluation report (tests/runtime/test_report_html.py,
 # driven by playwright from the dev extra; `playwright install` would download a browser build

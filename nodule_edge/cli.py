@@ -321,8 +321,9 @@ def demo(out_dir: str, backend: str) -> None:
 @click.option("--onnx-only", "onnx_path", default=None, type=click.Path(dir_okay=False, path_type=str), help="Only export the fp32 ONNX graph to this file.")
 @click.option("--tensorrt", "tensorrt", is_flag=True, help="Also build a TensorRT engine (needs nodule-edge[trt] and an NVIDIA GPU; untested here).")
 @click.option("--triton", "triton_dir", default=None, type=click.Path(path_type=str), help="Also write a Triton Inference Server model repository here.")
+@click.option("--explain-summary", "explain_summary", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="explain-compare JSON whose Grad-CAM/occlusion agreement threshold the bundle records.")
 @_handle_errors
-def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, summary_json: str | None, other_runs: tuple[str, ...], no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None) -> None:
+def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_dir: str | None, summary_json: str | None, other_runs: tuple[str, ...], no_cpu_engine: bool, onnx_path: str | None, tensorrt: bool, triton_dir: str | None, explain_summary: str | None) -> None:
     """Export a training CHECKPOINT (.safetensors) to the runtime's artifacts.
 
     Writes a verified bundle: fp32 ONNX with in-graph Grad-CAM and metadata, the fast CPU engine,
@@ -353,7 +354,8 @@ def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_di
             from nodule_edge.train.model_card import write_model_card
 
             card = write_model_card(summary_json, Path(tmp) / "MODEL_CARD.md", other_runs=list(other_runs))
-        bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=card, metrics=_headline_metrics(metrics), progress=lambda m: click.echo(m, err=True))
+        explanations = _explanation_threshold(explain_summary) if explain_summary else None
+        bundle = build_bundle(checkpoint, target, index_manifest_dir=index_dir, cache_dir=cache_dir, cpu_engine=not no_cpu_engine, model_card=card, metrics=_headline_metrics(metrics), explanations=explanations, progress=lambda m: click.echo(m, err=True))
     engine_path = None
     if tensorrt:
         from nodule_edge.export.tensorrt import build_engine_for_bundle
@@ -366,6 +368,25 @@ def export(checkpoint: str, out_dir: str | None, index_dir: str | None, cache_di
         repo = write_triton_repository(bundle / "model.onnx", triton_dir, engine_path=engine_path)
         click.echo(f"Triton repository: {repo.root}")
     click.echo(f"bundle written to {bundle}")
+
+
+def _explanation_threshold(path: str) -> dict[str, Any]:
+    """The bundle's ``explanations`` section from an explain-compare JSON."""
+    import json
+    from pathlib import Path
+
+    from nodule_edge.errors import DataError
+
+    try:
+        result = json.loads(Path(path).read_text())
+        agreement = result["agreement"]
+        threshold = float(agreement["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is not an explain-compare result with an agreement threshold: {exc}") from exc
+    return {
+        "agreement_threshold": threshold,
+        "source": f"the {agreement['percentile']:g}th percentile of Grad-CAM/occlusion Spearman over {agreement['n']} held-out nodules of CV fold {result['fold']}",
+    }
 
 
 def _headline_metrics(summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -437,6 +458,39 @@ def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
 
     folds, pooled = pool_fold_files(list(fold_files), voi_dir)
     click.echo(render_cv_report(folds, pooled, title), nl=False)
+
+
+@main.command("explain-compare")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(0), help="CV fold whose held-out (test) nodules are explained.")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="The fold's model (default: its refit or last checkpoint under the config's output_dir).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1), help="Held-out nodules to explain (the fold's first N test nodules).")
+@click.option("--methods", default=",".join(("gradcam", "occlusion", "saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradient_shap", "lime", "lrp")), show_default=True, help="Comma-separated methods.")
+@click.option("--curve-steps", default=10, show_default=True, type=click.IntRange(1), help="Steps of the deletion and insertion curves.")
+@click.option("--randomisation-nodules", default=3, show_default=True, type=click.IntRange(0), help="Nodules of the model-randomisation check.")
+@click.option("--out", "out_json", required=True, type=click.Path(dir_okay=False, path_type=str), help="JSON of every nodule's metrics and the summary.")
+@_handle_errors
+def explain_compare(config: str, fold: int, checkpoint: str | None, limit: int, methods: str, curve_steps: int, randomisation_nodules: int, out_json: str) -> None:
+    """Compare every explanation method on held-out nodules of one CV fold; print the table.
+
+    Grad-CAM and occlusion as the runtime computes them, and integrated gradients, gradient x
+    input, saliency, SmoothGrad, gradient SHAP, LIME and LRP through Captum (extra 'explain'):
+    pointing game, mass inside the readers' mask, deletion/insertion areas, seconds per nodule,
+    and the model-randomisation check. The Grad-CAM/occlusion agreement's 5th percentile is the
+    runtime's agreement threshold (nodule-edge export --explain-summary OUT).
+    """
+    from nodule_edge.errors import require
+
+    require("torch", "train")
+    require("captum", "explain")
+    from nodule_edge.train.config import load_config
+    from nodule_edge.train.explain_compare import compare_explanations, render_table, write_result
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    result = compare_explanations(load_config(config), fold, checkpoint, limit=limit, methods=chosen, curve_steps=curve_steps, randomisation_nodules=randomisation_nodules, progress=lambda m: click.echo(m, err=True))
+    write_result(result, out_json)
+    click.echo(render_table(result), nl=False)
+    click.echo(f"written to {out_json}")
 
 
 @main.group()

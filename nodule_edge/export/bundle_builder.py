@@ -81,6 +81,7 @@ def build_bundle(
     cpu_engine: bool = True,
     model_card: str | Path | None = None,
     metrics: dict[str, Any] | None = None,
+    explanations: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export everything the runtime loads into a verified bundle folder (written atomically)."""
@@ -95,6 +96,9 @@ def build_bundle(
         artifacts["onnx_fp32"] = "model.onnx"
         spec = PatchSpec.from_json(result.metadata["patch_spec"])
         extra: dict[str, Any] = {"model_version": result.metadata["model_version"], "patch_spec": json.loads(spec.to_json())}
+        if explanations is not None:
+            # The runtime's Grad-CAM/occlusion agreement threshold (README, Explanations).
+            extra["explanations"] = explanations
         patches = None
         records = None
         if index_manifest_dir is not None:
