@@ -22,15 +22,13 @@ disk fails every later row the same way.
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from nodule_edge._atomic import write_csv_atomic
 from nodule_edge.errors import NoduleEdgeError, OutputError, RowsFailedError
 
 __all__ = ["ERRORS_CSV_COLUMNS", "RowFailure", "RowErrors"]
@@ -101,24 +99,11 @@ class RowErrors:
     def write_csv(self, path: str | Path) -> Path:
         """Write ``errors.csv`` (``id, error, reason``; a header only when nothing failed) atomically."""
         path = Path(path)
-        folder = path.resolve().parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+            path.resolve().parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc}") from exc
-        try:
-            with os.fdopen(fd, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(ERRORS_CSV_COLUMNS)
-                writer.writerows((f.id, f.error, f.reason) for f in self.failures)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise OutputError(f"writing {path} failed, nothing was written: {exc}") from exc
-        return path
+        return write_csv_atomic(path, ERRORS_CSV_COLUMNS, ((f.id, f.error, f.reason) for f in self.failures))
 
     def raise_if_failed(self, total: int, errors_csv: str | Path | None = None, noun: str = "rows") -> None:
         """Raise :class:`RowsFailedError` saying how many of ``total`` rows (or ``noun``) failed, if any did."""

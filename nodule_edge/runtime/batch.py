@@ -30,9 +30,7 @@ import csv
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from nodule_edge._atomic import write_csv_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import DataError, NoduleEdgeError, OutputError
 from nodule_edge.row_errors import RowErrors
@@ -348,21 +347,4 @@ def _summary_row(job: BatchJob, out: Path, errors: dict[str, str]) -> list[str]:
 
 def _write_summary(out: Path, jobs: Sequence[BatchJob], errors: RowErrors) -> Path:
     failed = {f.id: f.reason for f in errors.failures}
-    path = out / "summary.csv"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".summary.csv.", dir=out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(SUMMARY_COLUMNS)
-            for job in jobs:
-                writer.writerow(_summary_row(job, out, failed))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"writing {path} failed, nothing was written: {exc}") from exc
-    return path
+    return write_csv_atomic(out / "summary.csv", SUMMARY_COLUMNS, [_summary_row(job, out, failed) for job in jobs])

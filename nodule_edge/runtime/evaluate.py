@@ -15,10 +15,7 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from nodule_edge._atomic import write_csv_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import DataError, OutputError
 from nodule_edge.manifest import NoduleRecord, read_unsure_manifest
@@ -147,18 +145,7 @@ def _evaluate_one(inferer: Any, rec: NoduleRecord) -> EvaluatedNodule:
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"writing {path} failed, nothing was written: {exc}") from exc
+    write_csv_atomic(path, CSV_COLUMNS, rows)
 
 
 def _summary(nodules: list[EvaluatedNodule], total: int, failed: int) -> dict[str, Any]:

@@ -28,8 +28,6 @@ import base64
 import html
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nodule_edge import __version__
+from nodule_edge._atomic import write_text_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import NoduleEdgeError, OutputError, require
 from nodule_edge.metrics import roc_auc
@@ -369,18 +368,6 @@ def write_evaluation_report(evaluation: Evaluation, path: str | Path, inferer: A
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
     page = _render_page(evaluation, inferer, command)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"writing {path} failed, nothing was written: {exc}") from exc
+    write_text_atomic(path, page)
     log.info("evaluation report written to %s (%d bytes)", path, path.stat().st_size)
     return path
