@@ -28,6 +28,7 @@ import numpy as np
 
 from nodule_edge.errors import BundleError
 from nodule_edge.patch import PatchSpec
+from nodule_edge.runtime.measure import largest_central_component
 
 __all__ = [
     "FLAG_CODES",
@@ -191,9 +192,12 @@ def nodule_flags(
         reach = _distance_to_mask_mm(mask, spec.spacing_mm) - math.sqrt(3) * spec.spacing_mm / 2
         if reach > ranges.center_to_mask_mm[1]:
             flags.append(QualityFlag("no_nodule_at_point", f"the segmented finding is {reach:.1f} mm from the given point; every training nodule reached to within {ranges.center_to_mask_mm[1]:.1f} mm of its recorded centre (a vessel or other structure nearby, not a nodule at the point?)", reach))
-    faces = _face_fraction(mask)
+    # The nodule's own component (the one volume and diameter are measured on): a stray blob
+    # elsewhere in the cube touching a face says nothing about the nodule.
+    faces = _face_fraction(largest_central_component(mask)) if mask.any() else 0.0
     if faces > 0:
-        flags.append(QualityFlag("nodule_exceeds_cube", f"the segmentation covers {faces:.1%} of the cube's faces: the finding extends beyond the 32 mm cube (a mass, consolidation or vessel rather than a nodule?)", faces))
+        shown = f"{faces:.1%}" if faces >= 0.001 else "under 0.1%"
+        flags.append(QualityFlag("nodule_exceeds_cube", f"the segmented nodule reaches the cube's faces ({shown} of them): the finding extends beyond the 32 mm cube (a mass, consolidation or vessel rather than a nodule?)", faces))
     if ranges is not None and volume_mm3 > ranges.nodule_volume_mm3[1]:
         flags.append(QualityFlag("nodule_volume_outside_training", f"segmented volume {volume_mm3:.0f} mm³ exceeds the largest training nodule ({ranges.nodule_volume_mm3[1]:.0f} mm³)", volume_mm3))
     if ranges is not None and patch.shape[0] >= 1:
