@@ -156,7 +156,9 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing(real_inferer, demo_study, 
 
 
 def test_evaluate_csv_write_fails(real_inferer, synthetic_voi_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_mod.os, "replace", fail_on_call(1, os.replace))
+    import nodule_edge._atomic as atomic_mod
+
+    monkeypatch.setattr(atomic_mod.os, "replace", fail_on_call(1, os.replace))
     with pytest.raises(OutputError, match="nothing was written"):
         evaluate_mod.evaluate_voi_dir(real_inferer, synthetic_voi_dir, tmp_path / "p.csv", limit=1)
     _assert_nothing_left(tmp_path, set())
