@@ -1,6 +1,6 @@
 # Two entry points for a newcomer on a fresh machine (Python >= 3.11 and a C compiler):
 #   make demo   - create .venv, install the runtime, run the demo end to end
-#   make test   - create .venv, install everything (train, export, openvino, gdcm, dev), run the test suite
+#   make test   - create .venv, install everything (train, export, explain, dicom-out, openvino, dicomsdl, imagecodecs, report, dev; chromium via `make browser`), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
