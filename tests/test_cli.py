@@ -30,6 +30,7 @@ ENTRY_POINT = Path(sys.executable).with_name("nodule-edge")
 CSV_HEADER = [
     "voi_id", "malignancy_probability", "subtlety", "sphericity", "margin", "lobulation",
     "spiculation", "malignancy", "dice", "nodule_attention", "background_attention", "retrieval_score",
+    "quality_flags",
 ]
 
 

@@ -46,6 +46,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "nodule_attention",
     "background_attention",
     "retrieval_score",
+    "quality_flags",
 )
 #: File name of the failed rows, written beside the predictions CSV on every run.
 ERRORS_CSV_NAME = "errors.csv"
@@ -64,6 +65,7 @@ class EvaluatedNodule:
         background_attention: Mean saliency outside it.
         trustworthy: The runtime's saliency trust check.
         retrieval_score: Fraction of the retrieved similar nodules rated malignant (None: no index).
+        quality_flags: Codes of the quality flags raised (README, Quality flags).
     """
 
     record: NoduleRecord
@@ -74,6 +76,7 @@ class EvaluatedNodule:
     background_attention: float
     trustworthy: bool
     retrieval_score: float | None
+    quality_flags: tuple[str, ...] = ()
 
     def csv_row(self) -> list[str]:
         """The nodule's row of the predictions CSV (:data:`CSV_COLUMNS`)."""
@@ -85,6 +88,7 @@ class EvaluatedNodule:
             f"{self.nodule_attention:.6f}",
             f"{self.background_attention:.6f}",
             "" if self.retrieval_score is None else f"{self.retrieval_score:.4f}",
+            ";".join(self.quality_flags),
         ]
 
 
@@ -141,6 +145,7 @@ def _evaluate_one(inferer: Any, rec: NoduleRecord) -> EvaluatedNodule:
         background_attention=float(p.background_attention),
         trustworthy=bool(p.trustworthy),
         retrieval_score=None if p.retrieval_score is None else float(p.retrieval_score),
+        quality_flags=tuple(f.code for _, f in getattr(result, "all_quality_flags", [])),
     )
 
 

@@ -13,7 +13,7 @@ from nodule_edge.runtime.evaluate import CSV_COLUMNS, evaluate_voi_dir
 
 EXPECTED_COLUMNS = (
     "voi_id, malignancy_probability, subtlety, sphericity, margin, lobulation, spiculation, "
-    "malignancy, dice, nodule_attention, background_attention, retrieval_score"
+    "malignancy, dice, nodule_attention, background_attention, retrieval_score, quality_flags"
 ).split(", ")
 
 
@@ -70,7 +70,7 @@ def test_each_nodule_is_excluded_from_its_own_retrieval(evaluated, inferer):
         # Every other nodule is still there (the index holds these six, k = 20).
         assert len(similar) == 5
     # Labels alternate malignant/benign; leaving self out makes the score 2/5 or 3/5, never 3/6.
-    scores = {r[0]: float(r[-1]) for r in rows[1:]}
+    scores = {r[0]: float(r[EXPECTED_COLUMNS.index("retrieval_score")]) for r in rows[1:]}
     for i in range(6):
         assert scores[f"SYN-{i:04d}_R_1"] == pytest.approx(0.4 if i % 2 == 0 else 0.6, abs=1e-4)
 
