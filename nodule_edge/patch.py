@@ -38,6 +38,7 @@ __all__ = [
     "nodule_extent",
     "box_keep_mask",
     "bound_to_nodule",
+    "run_nodule_bounded_with_input",
     "run_nodule_bounded",
 ]
 
@@ -306,11 +307,25 @@ def run_nodule_bounded(
     Returns:
         The second pass's outputs and, per patch, whether the first pass found a nodule.
     """
+    outputs, found, _ = run_nodule_bounded_with_input(run, patches, spec)
+    return outputs, found
+
+
+def run_nodule_bounded_with_input(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]],
+    patches: np.ndarray,
+    spec: PatchSpec,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`run_nodule_bounded`, also returning the cubes the answering pass read.
+
+    Explanations perturb exactly that input (occlusion, deletion curves, Captum maps): the
+    nodule-bounded cubes, or the whole cubes without a nodule box.
+    """
     first = run(patches)
     if spec.nodule_box is None:
-        return first, np.ones(len(patches), bool)
+        return first, np.ones(len(patches), bool), patches
     bounded = np.empty_like(patches)
     found = np.zeros(len(patches), bool)
     for i, patch in enumerate(patches):
         bounded[i], found[i] = bound_to_nodule(patch, first["segmentation"][i], spec)
-    return run(bounded), found
+    return run(bounded), found, bounded

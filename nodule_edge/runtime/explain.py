@@ -224,16 +224,10 @@ def explain_nodule(
 
 def _bounded(inferer: Any, patch: np.ndarray) -> np.ndarray:
     """The cube the second pass reads (the first pass's box), as occlusion records it."""
-    from nodule_edge.patch import run_nodule_bounded
+    from nodule_edge.patch import run_nodule_bounded_with_input
 
-    seen: list[np.ndarray] = []
-
-    def recording(cubes: np.ndarray) -> Any:
-        seen.append(cubes)
-        return inferer.engine.run(cubes)
-
-    run_nodule_bounded(recording, patch[None], inferer.spec)
-    return np.asarray(seen[-1][0], np.float32)
+    _, _, answered = run_nodule_bounded_with_input(inferer.engine.run, patch[None], inferer.spec)
+    return np.asarray(answered[0], np.float32)
 
 
 def _finite(value: float) -> float | None:

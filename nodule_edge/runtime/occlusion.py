@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nodule_edge.errors import OptionError
-from nodule_edge.patch import PatchSpec, run_nodule_bounded, window_channels
+from nodule_edge.patch import PatchSpec, run_nodule_bounded_with_input, window_channels
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -242,15 +242,10 @@ def occlusion_map(
     if not np.isfinite(patch).all():
         raise OptionError("occlusion patch holds NaN or infinite values")
 
-    # The runtime's own two-pass path, recording the cube its second pass reads.
-    seen: list[np.ndarray] = []
-
-    def _recording(cubes: np.ndarray) -> Mapping[str, np.ndarray]:
-        seen.append(cubes)
-        return run(cubes)
-
-    outputs, found = run_nodule_bounded(_recording, patch[None], spec)
-    bounded = np.array(seen[-1][0], dtype=np.float32)
+    # The runtime's own two-pass path, keeping the cube its second pass reads.
+    outputs, found, answered = run_nodule_bounded_with_input(run, patch[None], spec)
+    bounded = np.array(answered[0], dtype=np.float32)
+    model_passes = 1 if spec.nodule_box is None else 2
     probability = float(np.asarray(outputs["malignancy_probability"]).reshape(-1)[0])
     has_logit = "malignancy_logit" in outputs
     reference = float(_logits(outputs)[0])
@@ -277,7 +272,7 @@ def occlusion_map(
     seconds = time.perf_counter() - t0
     log.info(
         "occlusion: %d of %d blocks run (block %d, stride %d), %d forward passes, %.2f s",
-        len(regions), len(starts) ** 3, used_block, used_stride, len(regions) + len(seen), seconds,
+        len(regions), len(starts) ** 3, used_block, used_stride, len(regions) + model_passes, seconds,
     )
     return OcclusionResult(
         map=result_map,
@@ -289,7 +284,7 @@ def occlusion_map(
         batch=int(batch),
         blocks=len(starts) ** 3,
         occluded_passes=len(regions),
-        forward_passes=len(regions) + len(seen),
+        forward_passes=len(regions) + model_passes,
         first_pass_found_nodule=bool(found[0]),
         logit_from_model=has_logit,
         bounded_patch=bounded,

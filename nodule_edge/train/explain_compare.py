@@ -80,21 +80,15 @@ def _torch_run(model: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np.nd
 
 def _maps(model: torch.nn.Module, patch: np.ndarray, spec: Any, methods: Sequence[str], options: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
     """method → (signed map, explained input, seconds, probability) for one nodule."""
-    from nodule_edge.patch import run_nodule_bounded
+    from nodule_edge.patch import run_nodule_bounded_with_input
     from nodule_edge.train.explain import explain
 
     run = _torch_run(model)
     out: dict[str, tuple[np.ndarray, np.ndarray, float, float]] = {}
-    seen: list[np.ndarray] = []
-
-    def recording(cubes: np.ndarray) -> dict[str, np.ndarray]:
-        seen.append(cubes)
-        return run(cubes)
-
     t0 = time.perf_counter()
-    outputs, _ = run_nodule_bounded(recording, patch[None], spec)
+    outputs, _, answered = run_nodule_bounded_with_input(run, patch[None], spec)
     cam_seconds = time.perf_counter() - t0
-    bounded = np.asarray(seen[-1][0], np.float32)
+    bounded = np.asarray(answered[0], np.float32)
     p = float(outputs["malignancy_probability"][0])
     sign = 1.0 if p >= 0.5 else -1.0
     for method in methods:
