@@ -27,7 +27,7 @@ from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyE
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engine import Engine, create_engine
-from nodule_edge.runtime.measure import segmentation_measurements
+from nodule_edge.runtime.measure import component_measurements, largest_central_component
 from nodule_edge.runtime.quality import QualityFlag, TrainingRanges, nodule_flags, study_flags
 from nodule_edge.runtime.study import Study, open_study
 
@@ -299,8 +299,10 @@ class NoduleInferer:
         timing["retrieval_and_measure"] = _ms(t0)
         nodules = []
         for (xyz, lps), pred, patch in zip(locations, predictions, patches):
-            measures = segmentation_measurements(pred.segmentation, self.spec.spacing_mm)
-            flags = nodule_flags(study, lps, patch, pred.segmentation, measures["volume_mm3"], pred.first_pass_found_nodule, pred.trustworthy, self.spec, self.training_ranges)
+            # One connected-component pass serves the measurements and the quality flags.
+            component = largest_central_component(pred.segmentation >= 0.5)
+            measures = component_measurements(component, self.spec.spacing_mm)
+            flags = nodule_flags(study, lps, patch, pred.segmentation, measures["volume_mm3"], pred.first_pass_found_nodule, pred.trustworthy, self.spec, self.training_ranges, component=component)
             nodules.append(
                 NoduleResult(
                     xyz_voxel=tuple(float(v) for v in xyz),  # type: ignore[arg-type]

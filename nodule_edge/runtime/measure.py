@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["largest_central_component", "segmentation_measurements"]
+__all__ = ["component_measurements", "largest_central_component", "segmentation_measurements"]
 
 
 def largest_central_component(mask: np.ndarray) -> np.ndarray:
@@ -37,7 +37,11 @@ def segmentation_measurements(probability: np.ndarray, spacing_mm: float, thresh
         spacing_mm: Patch voxel spacing.
         threshold: Probability threshold of the binary mask.
     """
-    mask = largest_central_component(probability >= threshold)
+    return component_measurements(largest_central_component(probability >= threshold), spacing_mm)
+
+
+def component_measurements(mask: np.ndarray, spacing_mm: float) -> dict[str, float]:
+    """Volume (mm³) and longest axial diameter (mm) of an already isolated nodule component."""
     volume = float(mask.sum()) * spacing_mm**3
     longest = 0.0
     for z in np.flatnonzero(mask.any(axis=(1, 2))):

@@ -163,6 +163,8 @@ def nodule_flags(
     trustworthy: bool,
     spec: PatchSpec,
     ranges: TrainingRanges | None,
+    *,
+    component: np.ndarray | None = None,
 ) -> list[QualityFlag]:
     """Flags about one nodule's cube and outputs.
 
@@ -176,6 +178,8 @@ def nodule_flags(
         trustworthy: The Grad-CAM check's verdict.
         spec: The model's patch spec.
         ranges: Training ranges, or None.
+        component: The nodule's connected component the measurements were taken on, when the
+            caller has it (else found here from ``segmentation``).
     """
     flags: list[QualityFlag] = []
     outside = study.fraction_outside(_cube_points(center_lps_mm, spec))
@@ -194,7 +198,9 @@ def nodule_flags(
             flags.append(QualityFlag("no_nodule_at_point", f"the segmented finding is {reach:.1f} mm from the given point; every training nodule reached to within {ranges.center_to_mask_mm[1]:.1f} mm of its recorded centre (a vessel or other structure nearby, not a nodule at the point?)", reach))
     # The nodule's own component (the one volume and diameter are measured on): a stray blob
     # elsewhere in the cube touching a face says nothing about the nodule.
-    faces = _face_fraction(largest_central_component(mask)) if mask.any() else 0.0
+    if component is None:
+        component = largest_central_component(mask) if mask.any() else mask
+    faces = _face_fraction(component) if component.any() else 0.0
     if faces > 0:
         shown = f"{faces:.1%}" if faces >= 0.001 else "under 0.1%"
         flags.append(QualityFlag("nodule_exceeds_cube", f"the segmented nodule reaches the cube's faces ({shown} of them): the finding extends beyond the 32 mm cube (a mass, consolidation or vessel rather than a nodule?)", faces))
