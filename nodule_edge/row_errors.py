@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from nodule_edge._atomic import write_csv_atomic
+from nodule_edge._files import write_csv_atomic
 from nodule_edge.errors import NoduleEdgeError, OutputError, RowsFailedError
 
 __all__ = ["ERRORS_CSV_COLUMNS", "RowFailure", "RowErrors"]

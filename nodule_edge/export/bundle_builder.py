@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from nodule_edge._files import staged_folder
 from nodule_edge.errors import BundleError
 from nodule_edge.export.onnx_export import export_onnx
 from nodule_edge.patch import PatchSpec, run_nodule_bounded
@@ -87,9 +86,8 @@ def build_bundle(
     """Export everything the runtime loads into a verified bundle folder (written atomically)."""
     say = progress or log.info
     out_dir = Path(out_dir)
-    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
-    try:
+    # An existing bundle is replaced only once the new one is complete and verified.
+    with staged_folder(out_dir, overwrite=True, what="bundle") as tmp:
         artifacts: dict[str, str] = {}
         say("exporting ONNX (fp32 reference)")
         result = export_onnx(checkpoint, tmp / "model.onnx", extra_metadata={"metrics": metrics or {}})
@@ -114,7 +112,7 @@ def build_bundle(
             cache = build_patch_cache(records, replace(spec, nodule_box=None), cache_dir)
             patches = cache.images
         if cpu_engine:
-            from nodule_edge.export.cpu_engine import build_cpu_engine
+            from nodule_edge.export.int8 import build_cpu_engine
 
             if patches is None:
                 raise BundleError("the INT8 CPU engine is calibrated on real patches: pass --index-from VOI_DIR (or --no-cpu-engine)")
@@ -146,17 +144,6 @@ def build_bundle(
             folder.chmod(0o755)
         write_manifest(tmp, artifacts, extra)
         load_bundle(tmp)  # verify before it replaces anything
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

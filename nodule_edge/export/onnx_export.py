@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from nodule_edge import __version__
 from nodule_edge.attributes import ATTRIBUTE_NAMES, RATING_MAX, RATING_MIN
 from nodule_edge.errors import require
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
-from nodule_edge.runtime.bundle import sha256_file as file_sha256
+from nodule_edge._files import atomic_file
+from nodule_edge._files import sha256_file as file_sha256
 
 __all__ = ["OUTPUT_NAMES", "INPUT_NAME", "ExportResult", "export_onnx", "file_sha256", "build_export_module"]
 
@@ -123,45 +123,44 @@ def export_onnx(
     example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            (example,),
-            str(tmp),
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
-        )
-    proto = onnx.load(str(tmp))
-    metadata: dict[str, str] = {
-        "format": "nodule-edge-onnx-v1",
-        "nodule_edge_version": __version__,
-        "model_version": model_version or f"{__version__}+epoch{meta.get('epoch', 0)}",
-        "patch_spec": spec.to_json(),
-        "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
-        "attribute_scale": json.dumps([RATING_MIN, RATING_MAX]),
-        "input_name": INPUT_NAME,
-        "output_names": json.dumps(list(OUTPUT_NAMES)),
-        "config_sha256": str(meta.get("config_sha256", "")),
-        "model_config": json.dumps(meta.get("model_config", {})),
-        "checkpoint_sha256": file_sha256(checkpoint),
-        "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
-    }
-    for key, value in (extra_metadata or {}).items():
-        metadata[key] = value if isinstance(value, str) else json.dumps(value)
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "nodule-edge"
-    proto.producer_version = __version__
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out_path)
+    with atomic_file(out_path) as tmp:
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            )
+        proto = onnx.load(str(tmp))
+        metadata: dict[str, str] = {
+            "format": "nodule-edge-onnx-v1",
+            "nodule_edge_version": __version__,
+            "model_version": model_version or f"{__version__}+epoch{meta.get('epoch', 0)}",
+            "patch_spec": spec.to_json(),
+            "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
+            "attribute_scale": json.dumps([RATING_MIN, RATING_MAX]),
+            "input_name": INPUT_NAME,
+            "output_names": json.dumps(list(OUTPUT_NAMES)),
+            "config_sha256": str(meta.get("config_sha256", "")),
+            "model_config": json.dumps(meta.get("model_config", {})),
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
+        }
+        for key, value in (extra_metadata or {}).items():
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+        del proto.metadata_props[:]
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.producer_name = "nodule-edge"
+        proto.producer_version = __version__
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     digest = file_sha256(out_path)
     log.info("exported %s (sha256 %s…)", out_path, digest[:12])
     return ExportResult(out_path, digest, metadata)

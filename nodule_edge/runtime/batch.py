@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from nodule_edge._atomic import write_csv_atomic
+from nodule_edge._files import write_csv_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import DataError, NoduleEdgeError, OutputError
 from nodule_edge.row_errors import RowErrors

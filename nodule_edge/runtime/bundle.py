@@ -8,7 +8,6 @@ changed or unlisted files. Nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,23 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodule_edge._files import sha256_file, write_text_atomic
 from nodule_edge.errors import BundleError
 
-__all__ = ["Bundle", "BUNDLE_FORMAT", "default_bundle_path", "load_bundle", "write_manifest", "sha256_file"]
+__all__ = ["Bundle", "BUNDLE_FORMAT", "default_bundle_path", "load_bundle", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "nodule-edge-bundle-v1"
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_bundle_path() -> Path:
@@ -90,10 +81,7 @@ def write_manifest(root: str | Path, artifacts: dict[str, str], extra: dict[str,
         if not (root / rel).exists():
             raise BundleError(f"artifact '{role}' points to {root / rel}, which does not exist")
     manifest = {"format": BUNDLE_FORMAT, **(extra or {}), "artifacts": artifacts, "files": files}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
-    return root / MANIFEST
+    return write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def load_bundle(root: str | Path | None = None) -> Bundle:

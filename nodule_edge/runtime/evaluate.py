@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from nodule_edge._atomic import write_csv_atomic
+from nodule_edge._files import write_csv_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import DataError, OutputError
 from nodule_edge.manifest import NoduleRecord, read_unsure_manifest

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nodule_edge import __version__
+from nodule_edge._files import staged_folder
 from nodule_edge.errors import OutputError
 from nodule_edge.patch import PatchSpec, patch_grid
 from nodule_edge.runtime.inferer import NoduleResult, StudyResult
@@ -186,12 +185,7 @@ def write_outputs(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    try:
-        out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out_dir.resolve().parent}: {exc}") from exc
-    try:
+    with staged_folder(out_dir, overwrite=overwrite) as tmp:
         report = build_report(result, index_kind)
         for i, nodule in enumerate(result.nodules):
             _write_nodule(tmp, i, nodule, result, spec, thumbnails or {}, full_grid)
@@ -199,16 +193,6 @@ def write_outputs(
             report.setdefault("dicom_outputs", []).extend(writer(tmp, result))
         report["timing_ms"] = dict(result.timing_ms)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        _move_into_place(tmp, out_dir, overwrite)
-    except OutputError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing outputs to {out_dir} failed, nothing was written: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -258,28 +242,3 @@ def _write_image(image: sitk.Image, path: Path) -> None:
         sitk.WriteImage(image, str(path), useCompression=True)
     except RuntimeError as exc:
         raise OSError(f"cannot write {path.name}: {exc}") from exc
-
-
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    old = None
-    was_empty = False
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise OutputError(f"output folder {out_dir} is not empty (use --overwrite to replace it)")
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        else:
-            out_dir.rmdir()
-            was_empty = True
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        # Put back what was there, so a failed write changes nothing.
-        if old is not None:
-            os.replace(old, out_dir)
-        elif was_empty:
-            out_dir.mkdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

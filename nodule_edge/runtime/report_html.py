@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from nodule_edge import __version__
-from nodule_edge._atomic import write_text_atomic
+from nodule_edge._files import write_text_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import NoduleEdgeError, OutputError, require
 from nodule_edge.metrics import roc_auc

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from nodule_edge._files import atomic_file
 from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import DataError
 from nodule_edge.manifest import NoduleRecord, lidc_proxy_label, read_sure_manifest, read_unsure_manifest
@@ -108,10 +108,9 @@ def build_patch_cache(
             log.info("built %d/%d patches", i + 1, n)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # One temp file per process: under torchrun every rank builds and writes the same cache.
-        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, masks=masks, has_mask=has_mask, z_extent_mm=z_extent)
-        tmp.replace(cache_file)
+        # One temp file per writer: under torchrun every rank builds and writes the same cache.
+        with atomic_file(cache_file) as tmp:
+            np.savez(tmp, images=images, masks=masks, has_mask=has_mask, z_extent_mm=z_extent)
     return PatchCache([r.id for r in records], images, masks, has_mask, z_extent)
 
 

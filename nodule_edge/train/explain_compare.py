@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nodule_edge._files import write_text_atomic
 from nodule_edge.errors import ConfigError, OutputError
 from nodule_edge.runtime.explain_metrics import deletion_curve, insertion_curve, pointing_game, randomisation_similarity, rank_correlation, relevance_mass_accuracy
 from nodule_edge.runtime.occlusion import occlusion_map
@@ -295,9 +296,7 @@ def write_result(result: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
+    write_text_atomic(path, json.dumps(result, indent=2))
     return path

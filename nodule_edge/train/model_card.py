@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nodule_edge._files import write_text_atomic
+
 __all__ = ["render_model_card", "write_model_card", "render_cv_report"]
 
 
@@ -253,5 +255,5 @@ def write_model_card(
     others = {Path(p).stem: json.loads(Path(p).read_text()) for p in other_runs}
     export_command = EXPORT_COMMAND + "".join(f" --other-run {p}" for p in other_runs)
     out = Path(out_path)
-    out.write_text(render_model_card(summary, command, extra, others, export_command))
+    write_text_atomic(out, render_model_card(summary, command, extra, others, export_command))
     return out

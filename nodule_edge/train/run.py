@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nodule_edge._files import write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
@@ -230,6 +230,4 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     # Under torchrun every rank runs the folds; rank 0 alone writes (one temp file, no race).
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

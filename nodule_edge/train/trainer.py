@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
+from nodule_edge._files import atomic_file, write_text_atomic
 from nodule_edge.train.config import TrainConfig, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
@@ -303,13 +304,10 @@ def save_checkpoint(path: Path, model: CollaborativeNet, meta: dict[str, Any]) -
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": "nodule-edge-checkpoint-v1"})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "nodule-edge-checkpoint-v1"})
     meta = {**meta, "model_config": dataclasses.asdict(model.config)}
-    json_tmp = path.with_suffix(".json.tmp")
-    json_tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
-    os.replace(json_tmp, path.with_suffix(".json"))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:
@@ -522,12 +520,9 @@ def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer
                 tensors[f"{pid}.{k}"] = v.contiguous()
             else:
                 scalars[f"{pid}.{k}"] = float(v)
-    tmp = path.with_name("last_optim.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path.with_name("last_optim.safetensors"))
-    json_tmp = path.with_name("last_optim.json.tmp")
-    json_tmp.write_text(json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
-    os.replace(json_tmp, path.with_name("last_optim.json"))
+    with atomic_file(path.with_name("last_optim.safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    write_text_atomic(path.with_name("last_optim.json"), json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
 
 
 def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str) -> tuple[int, list, dict]:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import nodule_edge.runtime.evaluate as evaluate_mod
-import nodule_edge.runtime.outputs as outputs_mod
+import nodule_edge._files as files_mod
 from nodule_edge.cli import main
 from nodule_edge.errors import OutputError
 from nodule_edge.runtime.outputs import write_outputs
@@ -93,7 +93,7 @@ def test_report_write_fails(result, real_inferer, tmp_path, monkeypatch):
 
 
 def test_final_rename_fails(result, real_inferer, tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs_mod.os, "replace", fail_on_call(1, os.replace, OSError(errno.EXDEV, "Invalid cross-device link")))
+    monkeypatch.setattr(files_mod.os, "rename", fail_on_call(1, os.rename, OSError(errno.EXDEV, "Invalid cross-device link")))
     with pytest.raises(OutputError):
         _write(result, real_inferer, tmp_path / "out")
     _assert_nothing_left(tmp_path, set())
@@ -124,7 +124,7 @@ def test_overwrite_keeps_the_previous_outputs_when_the_swap_fails(result, real_i
     """The old folder is moved aside, then the new one cannot be moved in: the old one comes back."""
     out = tmp_path / "out"
     previous = _previous_outputs(out)
-    monkeypatch.setattr(outputs_mod.os, "replace", fail_on_call(2, os.replace))
+    monkeypatch.setattr(files_mod.os, "rename", fail_on_call(2, os.rename))
     with pytest.raises(OutputError):
         _write(result, real_inferer, out, overwrite=True)
     assert out.is_dir() and {p.name: p.read_bytes() for p in out.iterdir()} == previous
@@ -156,9 +156,7 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing(real_inferer, demo_study, 
 
 
 def test_evaluate_csv_write_fails(real_inferer, synthetic_voi_dir, tmp_path, monkeypatch):
-    import nodule_edge._atomic as atomic_mod
-
-    monkeypatch.setattr(atomic_mod.os, "replace", fail_on_call(1, os.replace))
+    monkeypatch.setattr(files_mod.os, "replace", fail_on_call(1, os.replace))
     with pytest.raises(OutputError, match="nothing was written"):
         evaluate_mod.evaluate_voi_dir(real_inferer, synthetic_voi_dir, tmp_path / "p.csv", limit=1)
     _assert_nothing_left(tmp_path, set())
