@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from nodule_edge.data_paths import data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("NODULE_EDGE_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = data_dir(REPO_ROOT)
 #: Quick mode (CI) unless NODULE_EDGE_BENCH_FULL=1.
 FULL = os.environ.get("NODULE_EDGE_BENCH_FULL") == "1"
 

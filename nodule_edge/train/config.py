@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodule_edge.data_paths import lidc_voi_dir
 from nodule_edge.errors import ConfigError
 
 __all__ = ["DataConfig", "ModelSection", "LossSection", "TrainSection", "HeadSection", "CVSection", "TrainConfig", "load_config", "training_config_sha256"]
@@ -26,7 +27,10 @@ __all__ = ["DataConfig", "ModelSection", "LossSection", "TrainSection", "HeadSec
 class DataConfig:
     """Where the data lives. Relative paths are resolved against the config file's folder."""
 
-    voi_dir: str = "../shared/data/lidc_voi"
+    # Empty: the one data rule, $NODULE_EDGE_DATA or ../shared/data (nodule_edge.data_paths).
+    # configs/shipped.toml names its folder explicitly: the path is part of the fold hashes
+    # that docs/cv/foldK.json were written under.
+    voi_dir: str = ""
     sure_manifest: str = ""  # optional CSV of pathology-labelled nodules; empty = LIDC proxy
     cache_dir: str = "cache"
 
@@ -117,6 +121,10 @@ class TrainConfig:
         """Resolve a config-relative path."""
         p = Path(path)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def voi_path(self) -> Path:
+        """The VOI folder: ``data.voi_dir`` resolved against the config, or the default data folder."""
+        return self.resolve(self.data.voi_dir) if self.data.voi_dir else lidc_voi_dir()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

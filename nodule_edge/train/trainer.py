@@ -72,7 +72,7 @@ class Dataset:
 
 def load_dataset(cfg: TrainConfig) -> Dataset:
     """Unsure records (+ optional sure manifest) with their patches built by the shared builder."""
-    records = read_unsure_manifest(cfg.resolve(cfg.data.voi_dir))
+    records = read_unsure_manifest(cfg.voi_path())
     if cfg.data.sure_manifest:
         sure = read_sure_manifest(cfg.resolve(cfg.data.sure_manifest))
         # External sure data replaces LIDC's proxy labels.

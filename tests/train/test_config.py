@@ -208,3 +208,11 @@ def test_extends_cycles_and_missing_bases_are_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "a.toml")
     with pytest.raises(ConfigError, match="missing.toml does not exist"):
         load_config(_write(tmp_path, 'extends = "missing.toml"\n', name="c.toml"))
+
+
+def test_an_empty_voi_dir_uses_the_one_data_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODULE_EDGE_DATA", str(tmp_path / "elsewhere"))
+    cfg = load_config(_write(tmp_path, '[data]\nvoi_dir = ""\n'))
+    assert cfg.voi_path() == tmp_path / "elsewhere" / "lidc_voi"
+    named = load_config(_write(tmp_path, '[data]\nvoi_dir = "voi"\n', "named.toml"))
+    assert named.voi_path().resolve() == (tmp_path / "voi").resolve()
