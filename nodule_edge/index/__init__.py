@@ -12,7 +12,6 @@ from nodule_edge.index.store import (
     AttributeIndex,
     IndexEntry,
     Neighbour,
-    vectors_for,
 )
 from nodule_edge.index.vectors import VECTOR_KINDS, exact_search, vector_dim, vector_for
 
@@ -27,5 +26,4 @@ __all__ = [
     "exact_search",
     "vector_dim",
     "vector_for",
-    "vectors_for",
 ]

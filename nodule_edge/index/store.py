@@ -54,7 +54,6 @@ __all__ = [
     "AttributeIndex",
     "IndexEntry",
     "Neighbour",
-    "vectors_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ class Neighbour:
     diameter_mm: float | None
 
 
-def vectors_for(kind: str, entries: Sequence[IndexEntry]) -> np.ndarray:
+def _entry_vectors(kind: str, entries: Sequence[IndexEntry]) -> np.ndarray:
     """Index vectors ``[N, dim]`` built from the entries' own metadata with :func:`vector_for`.
 
     Args:
@@ -327,7 +326,7 @@ class AttributeIndex:
         Args:
             entries: The new entries; ids must be new and unique.
             vectors: ``[len(entries), dim]`` vectors in entry order. ``None`` builds them from the
-                entries' metadata with :func:`vectors_for`.
+                entries' metadata with :func:`~nodule_edge.index.vector_for`.
             num_threads: hnswlib build threads. The default 1 keeps the graph reproducible for a
                 given seed and insertion order; more threads build faster but not reproducibly.
 
@@ -341,7 +340,7 @@ class AttributeIndex:
             if not isinstance(entry, IndexEntry):
                 raise IndexError_(f"index entries must be IndexEntry, got {type(entry).__name__}")
         if vectors is None:
-            batch = vectors_for(self._kind, entries)
+            batch = _entry_vectors(self._kind, entries)
         else:
             batch = self._as_vectors(vectors, what="vectors to add")
             if batch.shape[0] != len(entries):

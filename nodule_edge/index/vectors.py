@@ -13,7 +13,8 @@ Zhang et al. retrieve similar historical nodules by Euclidean distance over one 
     :func:`~nodule_edge.attributes.ratings_to_unit`, so that both axes span [0, 1] and neither
     dominates the distance merely because of its units.
 
-Build both stored and query vectors with :func:`vector_for` / :func:`vectors_for` so they agree.
+Build both stored and query vectors with :func:`vector_for` so they agree (``AttributeIndex.add``
+without vectors builds them from the entries with it).
 """
 
 from __future__ import annotations

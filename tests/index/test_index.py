@@ -20,7 +20,6 @@ from nodule_edge.index import (
     evaluate_retrieval,
     exact_search,
     vector_for,
-    vectors_for,
 )
 
 FILES = ("index.bin", "vectors.npy", "entries.json", "checksums.json")
@@ -109,14 +108,17 @@ def test_index_entry_validates_metadata(kwargs, message) -> None:
         IndexEntry(id="bad", **kwargs)
 
 
-def test_vectors_for_names_the_entry_missing_a_probability() -> None:
+def test_add_without_vectors_names_the_entry_missing_a_probability() -> None:
     entries = [
         IndexEntry("a", attributes=[3] * 6, malignancy_probability=0.2),
         IndexEntry("b", attributes=[3] * 6),
     ]
+    index = AttributeIndex.create("machine_expert")
     with pytest.raises(IndexError_, match="'b'"):
-        vectors_for("machine_expert", entries)
-    np.testing.assert_allclose(vectors_for("machine_expert", entries[:1]), [[0.2, 0.5]])
+        index.add(entries)
+    assert len(index) == 0  # all or nothing
+    index.add(entries[:1])
+    np.testing.assert_allclose(index.vectors, [[0.2, 0.5]])
 
 
 # ---------------------------------------------------------------------- exact search
@@ -139,7 +141,7 @@ def test_exact_search_matches_a_full_sort() -> None:
 def test_query_matches_exact_search_with_euclidean_distances() -> None:
     rng = np.random.default_rng(2)
     entries = _entries(rng, 2000)
-    vectors = vectors_for("attributes", entries)
+    vectors = np.stack([vector_for("attributes", e.attributes) for e in entries])
     index = AttributeIndex.create("attributes", seed=3)
     index.add(entries, vectors)
     queries = rng.uniform(1, 5, size=(40, 6)).astype(np.float32)
@@ -208,7 +210,7 @@ def test_incremental_add_across_resize() -> None:
     index.add(first)
     index.add(second)
     assert len(index) == 33 and index.capacity >= 33
-    vectors = vectors_for("attributes", first + second)
+    vectors = np.stack([vector_for("attributes", e.attributes) for e in first + second])
     np.testing.assert_array_equal(index.vectors, vectors)
     queries = rng.uniform(1, 5, size=(10, 6))
     exact_idx, _ = exact_search(vectors, queries, 20)
