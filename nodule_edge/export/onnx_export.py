@@ -48,7 +48,8 @@ def build_export_module(model: Any) -> Any:
     The saliency (and a 16³ segmentation) are upsampled to the patch's 64³ with trilinear
     interpolation; attributes are mapped to the 1–5 rating scale.
     """
-    torch = require("torch", "export")
+    require("torch", "export")
+    import torch
     import torch.nn.functional as F
 
     class _Exported(torch.nn.Module):

@@ -89,7 +89,7 @@ class IndexEntry:
 
     id: str
     label: int | None = None
-    attributes: Mapping[str, float] | None = None
+    attributes: Mapping[str, float] | Sequence[float] | None = None
     diameter_mm: float | None = None
     malignancy_probability: float | None = None
 
@@ -376,7 +376,7 @@ class AttributeIndex:
                 self._row_of[entry.id] = row
                 self._labels[row] = -1 if entry.label is None else entry.label
                 if entry.attributes is not None:
-                    self._attributes[row] = [entry.attributes[n] for n in ATTRIBUTE_NAMES]
+                    self._attributes[row] = attribute_array(entry.attributes)
                 if entry.diameter_mm is not None:
                     self._diameters[row] = entry.diameter_mm
                 if entry.malignancy_probability is not None:

@@ -51,7 +51,7 @@ def demo_volume(seed: int = 7) -> np.ndarray:
     theta = np.arctan2(dy, dx)
     phi = np.arccos(np.clip(dz / np.maximum(r, 1e-6), -1, 1))
     radius = 6.0 + 0.8 * np.sin(3 * theta) * np.sin(2 * phi)
-    hu[r <= radius] = 35.0 + rng.normal(0, 10, hu.shape)[r <= radius]
+    hu[r <= radius] = 35.0 + np.asarray(rng.normal(0, 10, hu.shape))[r <= radius]
     for t in np.linspace(0, 2 * np.pi, 9, endpoint=False):
         direction = np.array([np.cos(t), np.sin(t), 0.3 * np.sin(2 * t)])
         direction /= np.linalg.norm(direction)

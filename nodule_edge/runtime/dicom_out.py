@@ -293,7 +293,7 @@ def _build_seg(hd: Any, sources: list[Any], pixels: np.ndarray, model_version: s
             instance_number=1,
             manufacturer=_MANUFACTURER,
             manufacturer_model_name=_MANUFACTURER,
-            software_versions=[f"nodule-edge {__version__}", f"model {model_version}"[:64]],  # type: ignore[arg-type]
+            software_versions=[f"nodule-edge {__version__}", f"model {model_version}"[:64]],
             device_serial_number=model_version[:64],
             content_label="NODULES",
             content_description="nodule-edge nodule segmentation",

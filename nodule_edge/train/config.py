@@ -161,7 +161,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if name == "base_dir":
             continue
         f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
             continue
@@ -247,7 +247,8 @@ def _rebase_paths(raw: dict[str, Any], base_dir: Path, new_dir: Path) -> dict[st
     for keys in _PATH_KEYS:
         node = out
         for key in keys[:-1]:
-            node = node.get(key) if isinstance(node.get(key), dict) else {}
+            child = node.get(key)
+            node = child if isinstance(child, dict) else {}
         value = node.get(keys[-1])
         if isinstance(value, str) and value and not Path(value).is_absolute():
             node[keys[-1]] = os.path.relpath(base_dir.resolve() / value, new_dir.resolve())

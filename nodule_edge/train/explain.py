@@ -72,7 +72,7 @@ import numbers
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -371,6 +371,7 @@ def _check_option(method: str, name: str, value: Any, opt: _Option) -> Any:
         return int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    value = float(value)
     if opt.kind == "float>0" and not value > 0:
         raise ConfigError(f"{where} must be > 0, got {value!r}")
     if opt.kind == "float>=0" and not value >= 0:
@@ -454,7 +455,8 @@ class _Warped(nn.Module):
         self.register_buffer("sign", sign)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.forward_logit(self.baseline + self.sign * u.pow(self.power))
+        baseline, sign = cast(torch.Tensor, self.baseline), cast(torch.Tensor, self.sign)
+        return self.forward_logit(baseline + sign * u.pow(self.power))
 
 
 def _integrated_gradients(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
@@ -597,7 +599,7 @@ def _lime(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpe
 
     mask, n_features, inert = _block_features(x, air, opts["block"])
     with _seeded(opts["seed"], x.device):
-        coefficients = Lime(forward, interpretable_model=_WeightedRidge(opts["alpha"])).attribute(  # type: ignore[arg-type]
+        coefficients = Lime(forward, interpretable_model=_WeightedRidge(opts["alpha"])).attribute(
             x,
             baselines=air,
             feature_mask=mask,
@@ -661,7 +663,7 @@ def _lrp(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec
     try:
         for module in leaves:
             if type(module) in rules:
-                module.rule = rules[type(module)]()  # type: ignore[assignment]
+                module.rule = rules[type(module)]()
         attributions, delta = LRP(forward).attribute(_grad_leaf(x), return_convergence_delta=True)
     finally:
         # Captum removes the rules it attached; these cover a failure before it got there.

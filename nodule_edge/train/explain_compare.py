@@ -96,11 +96,11 @@ def _maps(model: torch.nn.Module, patch: np.ndarray, spec: Any, methods: Sequenc
         if method == "gradcam":
             out[method] = (outputs["saliency"][0], bounded, cam_seconds, p)
         elif method == "occlusion":
-            result = occlusion_map(run, patch, spec, **options.get(method, {}))
-            out[method] = (result.towards_prediction, result.bounded_patch, result.seconds, p)
+            occluded = occlusion_map(run, patch, spec, **options.get(method, {}))
+            out[method] = (occluded.towards_prediction, occluded.bounded_patch, occluded.seconds, p)
         else:
-            result = explain(model, patch, method, spec=spec, **options.get(method, {}))
-            out[method] = (sign * result.map, result.input, result.seconds, p)
+            attributed = explain(model, patch, method, spec=spec, **options.get(method, {}))
+            out[method] = (sign * attributed.map, attributed.input, attributed.seconds, p)
     return out
 
 

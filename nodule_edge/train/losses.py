@@ -71,7 +71,8 @@ def total_loss(
         The scalar loss and its parts (floats, for logging).
     """
     if masks.shape[-1] != out.segmentation.shape[-1]:
-        masks = F.adaptive_avg_pool3d(masks, out.segmentation.shape[2:])
+        depth, height, width = out.segmentation.shape[2:]
+        masks = F.adaptive_avg_pool3d(masks, (depth, height, width))
     # A missing part is a zero that still reaches every head: under DDP each parameter must get a
     # gradient every step (the attribute head is otherwise unused without attributes or targets).
     zero = (out.malignancy_logit.sum() + out.attributes.sum() + out.segmentation.sum()) * 0

@@ -157,7 +157,8 @@ class _UNetDecoder(nn.Module):
         )
         self.out = nn.Conv3d(w32, 8, 1)
         # Start from "no nodule here" (p ≈ 0.05): the nodule fills about 1 % of the cube.
-        nn.init.constant_(self.out.bias, -3.0)
+        if self.out.bias is not None:  # Conv3d has a bias by default
+            nn.init.constant_(self.out.bias, -3.0)
 
     def forward(self, feats: torch.Tensor, stem: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = F.interpolate(self.reduce(feats), size=stem.shape[2:], mode="trilinear", align_corners=False)

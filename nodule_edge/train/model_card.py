@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from nodule_edge._files import write_text_atomic
@@ -248,7 +249,7 @@ def write_model_card(
     out_path: str | Path,
     command: str = "nodule-edge train configs/shipped.toml",
     extra: dict[str, Any] | None = None,
-    other_runs: list[str | Path] = (),
+    other_runs: Sequence[str | Path] = (),
 ) -> Path:
     """Render the model card of ``summary.json`` (plus other runs' summaries) to ``out_path``."""
     summary = json.loads(Path(summary_path).read_text())

@@ -378,7 +378,7 @@ def train_model(
     model = CollaborativeNet(model_config_from(cfg)).to(device)
     channels_last = _channels_last(cfg.train.channels_last, device, bf16)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
