@@ -45,7 +45,7 @@ import pytest
 import SimpleITK as sitk
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_grid, resample_hu, window_channels
-from nodule_edge.runtime.dicom_series import decode_slices
+from nodule_edge.runtime.dicom import decode_slices
 from nodule_edge.runtime.study import open_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -184,13 +184,13 @@ def test_decode_roi_slices(benchmark, chest_case: Case, backend: str) -> None:
 
 @pytest.mark.parametrize("reader", ["dicomsdl", "pydicom"])
 def test_header_reader(benchmark, chest_case: Case, reader: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodule_edge.runtime import dicom_series
+    from nodule_edge.runtime.dicom import headers
 
-    if reader == "dicomsdl" and dicom_series._dicomsdl_module() is None:
+    if reader == "dicomsdl" and headers._dicomsdl_module() is None:
         pytest.skip("dicomsdl is not installed (the dicomsdl extra)")
     if reader == "pydicom":
-        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
-    scan = benchmark.pedantic(dicom_series._scan, args=(chest_case.folder,), warmup_rounds=1, rounds=5)
+        monkeypatch.setattr(headers, "_dicomsdl_module", lambda: None)
+    scan = benchmark.pedantic(headers.scan_folder, args=(chest_case.folder,), warmup_rounds=1, rounds=5)
     benchmark.extra_info.update(study=chest_case.name, files=len(scan.files))
 
 

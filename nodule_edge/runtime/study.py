@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from nodule_edge.errors import CoordinateError, GeometryError, StudyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_bounds_lps
-from nodule_edge.runtime.dicom_series import (
+from nodule_edge.runtime.dicom import (
     VOLUME_SUFFIXES,
     DicomSeries,
     SliceHeader,

@@ -30,8 +30,9 @@ from pydicom.uid import (
 
 from nodule_edge.errors import ConfigError, CoordinateError, GeometryError, SeriesSelectionError, StudyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch
-from nodule_edge.runtime import dicom_series
-from nodule_edge.runtime.dicom_series import SliceHeader, decode_slice, decode_slices, list_series
+from nodule_edge.runtime.dicom import SliceHeader, decode_slice, decode_slices, list_series
+from nodule_edge.runtime.dicom import decoders as dicom_decoders
+from nodule_edge.runtime.dicom import headers as dicom_headers
 from nodule_edge.runtime.study import open_study, study_from_image
 from .dicom_factory import (
     PATIENT_ID,
@@ -52,10 +53,10 @@ requires_imagecodecs = pytest.mark.skipif(
 def header_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with both header readers: dicomsdl (``dicomsdl`` extra) and pydicom."""
     if request.param == "dicomsdl":
-        if dicom_series._dicomsdl_module() is None:
+        if dicom_headers._dicomsdl_module() is None:
             pytest.skip("dicomsdl is not installed (the dicomsdl extra)")
     else:
-        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
+        monkeypatch.setattr(dicom_headers, "_dicomsdl_module", lambda: None)
     return request.param
 
 
@@ -330,8 +331,8 @@ def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) ->
         decode_slices(rle, backend="imagecodecs")
     # Signed data narrower than 16 bits needs a sign extension: left to GDCM and pydicom.
     narrow_signed = dataclasses.replace(rle[0], transfer_syntax_uid=JPEGLosslessSV1, bits_stored=12, pixel_representation=1)
-    assert not dicom_series._imagecodecs_decodes(narrow_signed)
-    assert dicom_series._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
+    assert not dicom_decoders._imagecodecs_decodes(narrow_signed)
+    assert dicom_decoders._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
 
 
 @pytest.mark.parametrize("decoy", ["icon_before", "padding_after"])
@@ -358,10 +359,10 @@ def test_imagecodecs_finds_the_image_pixel_data_among_decoys(
             icon["PixelData"].is_undefined_length = True
             ds.IconImageSequence = [icon]
         else:
-            ds.add_new(0xFFFCFFFC, "OB", dicom_series._ENCAPSULATED_PIXEL_DATA + b"junk")
+            ds.add_new(0xFFFCFFFC, "OB", dicom_decoders._ENCAPSULATED_PIXEL_DATA + b"junk")
         ds.save_as(path)
     headers = _slices(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom_series"):
+    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom"):
         np.testing.assert_array_equal(decode_slices(headers, backend="imagecodecs"), series.hu)
     assert caplog.text == ""
 
@@ -372,15 +373,15 @@ def test_imagecodecs_failure_falls_back_to_the_other_decoders(
 ) -> None:
     series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEGLosslessSV1)
     headers = _slices(tmp_path)
-    real = dicom_series._imagecodecs_decode
+    real = dicom_decoders._imagecodecs_decode
 
     def refuse_one(imagecodecs, header, crop):
         if header.path == headers[3].path:
-            raise dicom_series._NotDecoded("simulated")
+            raise dicom_decoders.NotDecoded("simulated")
         return real(imagecodecs, header, crop)
 
-    monkeypatch.setattr(dicom_series, "_imagecodecs_decode", refuse_one)
-    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom_series"):
+    monkeypatch.setattr(dicom_decoders, "_imagecodecs_decode", refuse_one)
+    with caplog.at_level(logging.WARNING, logger="nodule_edge.runtime.dicom"):
         for threads in (1, 2):
             np.testing.assert_array_equal(decode_slices(headers, threads=threads), series.hu)
     assert f"imagecodecs cannot decode 1 of 6 JPEG Lossless files (first {headers[3].path}: simulated)" in caplog.text
@@ -417,11 +418,11 @@ def test_undecodable_slice_prints_nothing_and_warns_nothing(
     _damage_huffman_table(Path(headers[2].path))
     capfd.readouterr()
     for threads in (1, 2):
-        with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom_series"):
+        with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom"):
             with pytest.raises(StudyError, match=re.escape(headers[2].path)):
                 decode_slices(headers, threads=threads)
         assert capfd.readouterr().err == ""
-        own = [r for r in caplog.records if r.name == "nodule_edge.runtime.dicom_series"]
+        own = [r for r in caplog.records if r.name.startswith("nodule_edge.runtime.dicom.")]
         assert [r.getMessage() for r in own if r.levelno >= logging.WARNING] == []
         assert any("GDCM printed while decoding" in r.getMessage() and "Bogus marker length" in r.getMessage() for r in own)
         assert any("imagecodecs cannot decode 1 of 6" in r.getMessage() for r in own)
@@ -436,7 +437,7 @@ def test_gdcm_stderr_diversion_restores_the_descriptor(capfd: pytest.CaptureFixt
     texts: list[list[str]] = []
 
     def write(k: int) -> None:
-        with dicom_series._gdcm_stderr_logged(f"part {k}") as printed:
+        with dicom_decoders._gdcm_stderr_logged(f"part {k}") as printed:
             os.write(2, f"native {k}\n".encode())
             barrier.wait()  # all three are inside before any leaves
         texts.append(printed)
@@ -459,7 +460,7 @@ def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm(tmp_path: Path, monkeypa
 
     series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEGLosslessSV1)
     headers = _slices(tmp_path)
-    monkeypatch.setattr(dicom_series, "_imagecodecs_module", lambda: None)
+    monkeypatch.setattr(dicom_decoders, "_imagecodecs_module", lambda: None)
     np.testing.assert_array_equal(decode_slices(headers), series.hu)
     with pytest.raises(MissingDependencyError, match=r"nodule-edge\[imagecodecs\]"):
         decode_slices(headers, backend="imagecodecs")
@@ -507,8 +508,8 @@ def test_gdcm_failure_falls_back_to_pydicom(
     def refuse(batch, crop):
         raise StudyError(f"GDCM cannot decode {batch[0].path}: simulated")
 
-    monkeypatch.setattr(dicom_series, "_gdcm_read", refuse)
-    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom_series"):
+    monkeypatch.setattr(dicom_decoders, "_gdcm_read", refuse)
+    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom"):
         got = decode_slices(headers)
     np.testing.assert_array_equal(got, series.hu)
     assert "simulated; retrying those files one at a time" in caplog.text
@@ -619,7 +620,7 @@ def test_build_patches_decodes_each_slice_once(
 ) -> None:
     study = open_study(axial.folder)
     calls: list[str] = []
-    original = dicom_series.decode_slices
+    original = decode_slices
 
     def counting(headers, *args, **kwargs):
         calls.extend(h.path for h in headers)

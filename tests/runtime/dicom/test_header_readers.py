@@ -18,16 +18,16 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from nodule_edge.runtime import dicom_series
-from .dicom_factory import write_series
+from nodule_edge.runtime.dicom import headers as dicom_headers
+from ..dicom_factory import write_series
 
-pytestmark = pytest.mark.skipif(dicom_series._dicomsdl_module() is None, reason="dicomsdl is not installed (the dicomsdl extra)")
+pytestmark = pytest.mark.skipif(dicom_headers._dicomsdl_module() is None, reason="dicomsdl is not installed (the dicomsdl extra)")
 
 
 def _scan_both(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
-    fast = dicom_series._scan(folder)
-    monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
-    slow = dicom_series._scan(folder)
+    fast = dicom_headers.scan_folder(folder)
+    monkeypatch.setattr(dicom_headers, "_dicomsdl_module", lambda: None)
+    slow = dicom_headers.scan_folder(folder)
     return fast.files, slow.files
 
 
@@ -53,7 +53,7 @@ def test_dicomsdl_and_pydicom_headers_agree(tmp_path: Path, monkeypatch: pytest.
 @pytest.mark.parametrize("reader", ["dicomsdl", "pydicom"])
 def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     if reader == "pydicom":
-        monkeypatch.setattr(dicom_series, "_dicomsdl_module", lambda: None)
+        monkeypatch.setattr(dicom_headers, "_dicomsdl_module", lambda: None)
     import pydicom
 
     series = write_series(tmp_path / "s", n_slices=3, description="plain")
@@ -62,7 +62,7 @@ def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, m
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.SeriesDescription = "Thorax nativ Lungenfenster \u00e9"
         ds.save_as(path)
-    found = dicom_series._scan(tmp_path / "s").files
+    found = dicom_headers.scan_folder(tmp_path / "s").files
     assert [f.description for f in found] == ["Thorax nativ Lungenfenster \u00e9"] * 3
 
 
@@ -84,8 +84,8 @@ def test_dicomsdl_parse_errors_print_nothing_and_the_file_goes_to_pydicom(
     damaged.write_bytes(series.paths[0].read_bytes()[:700])  # cut inside a header element
     level = dicomsdl.get_loglevel()
     capfd.readouterr()
-    scan = dicom_series._scan(tmp_path / "s")
+    scan = dicom_headers.scan_folder(tmp_path / "s")
     assert capfd.readouterr() == ("", "")  # dicomsdl prints its parse errors to stderr unless silenced
     assert dicomsdl.get_loglevel() == level  # and its level is given back
-    assert str(damaged) not in dicom_series._fast_scan([str(damaged)])
+    assert str(damaged) not in dicom_headers._fast_scan([str(damaged)])
     assert len(scan.files) + len(scan.unreadable) + scan.not_dicom == 5
