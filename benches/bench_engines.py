@@ -10,7 +10,7 @@ The fp32 model: ``$NODULE_EDGE_ONNX``, else the bundled ``nodule_edge/assets/bun
 The INT8 model: ``$NODULE_EDGE_INT8``, else the bundle's ``model.int8.onnx`` beside the bundled fp32 model, else built here
 from real LIDC patches when ``../shared/data/lidc_voi`` is present, else from seeded synthetic
 patches (speed does not depend on the calibration ranges; accuracy is
-``python -m nodule_edge.export.cpu_engine compare``'s job).
+``python -m benches.cpu_engines compare``'s job, harness in ``benches/cpu_engines.py``).
 
     pytest benches/bench_engines.py --benchmark-json out.json
 """
@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nodule_edge.export.cpu_engine import CANDIDATES, Candidate, CpuEngine, build_cpu_engine
+from benches.cpu_engines import CANDIDATES, Candidate
+from nodule_edge.export.int8 import build_cpu_engine
+from nodule_edge.runtime.engines.base import CpuEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NODULE_EDGE_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -47,7 +49,7 @@ def fp32_onnx() -> Path:
 def _calibration_patches() -> np.ndarray:
     voi_dir = SHARED_DATA / "lidc_voi"
     if voi_dir.is_dir():
-        from nodule_edge.export.cpu_engine import load_lidc_patches
+        from benches.cpu_engines import load_lidc_patches
 
         _, _, _, calibration = load_lidc_patches(voi_dir, REPO_ROOT / "cache", n_eval=0, n_calibration=32)
         return calibration

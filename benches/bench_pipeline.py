@@ -119,7 +119,7 @@ def test_engine(benchmark, bundle_dir, patches, backend, batch):
     """Engine latency per backend and batch (cpu = ONNX Runtime fp32, the reference)."""
     from nodule_edge.errors import EngineError
     from nodule_edge.runtime import load_bundle
-    from nodule_edge.runtime.engine import create_engine
+    from nodule_edge.runtime.engines import create_engine
 
     try:
         engine = create_engine(load_bundle(bundle_dir), backend)

@@ -93,7 +93,14 @@ def _parse_point(value: str, option: str) -> tuple[float, float, float]:
     return point  # type: ignore[return-value]
 
 
-_BACKEND_CHOICE = click.Choice(["auto", "tensorrt", "cuda", "cpu-fast", "cpu-int8", "cpu"])
+def _backend_choice() -> click.Choice:
+    # The backend table (nodule_edge/runtime/engines/backends.py) is the one list of backends.
+    from nodule_edge.runtime.engines.backends import ALL_BACKENDS
+
+    return click.Choice(["auto", *ALL_BACKENDS])
+
+
+_BACKEND_CHOICE = _backend_choice()
 
 
 def _make_inferer(bundle: str | None, backend: str, top_k: int, threads: int | None = None) -> Any:

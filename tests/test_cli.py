@@ -145,7 +145,7 @@ def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
     assert study["transfer_syntax"]["name"] == "Explicit VR Little Endian"
     model = report["model"]
     assert set(model) >= {"version", "backend", "index_kind"}
-    from nodule_edge.export.cpu_engine import openvino_available
+    from nodule_edge.runtime.engines.openvino import openvino_available
 
     assert model["backend"] == ("cpu-fast" if openvino_available() else "cpu") and model["index_kind"] == "attributes"
     assert len(report["nodules"]) == n_nodules

@@ -50,6 +50,26 @@ def test_runtime_index_and_cli_import_without_torch():
     assert loaded == {"torch": False, "nodule_edge.train": False, "nodule_edge.export": False}
 
 
+def test_runtime_and_index_modules_import_neither_export_train_nor_torch():
+    """Every module of the runtime and the index, imported in one fresh interpreter (issue 12)."""
+    loaded = _run(
+        """
+        import importlib, json, pkgutil, sys
+        import nodule_edge.index, nodule_edge.runtime
+        names = []
+        for package in (nodule_edge.runtime, nodule_edge.index):
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                if info.name.rsplit(".", 1)[-1] != "__main__":  # a __main__ runs a command
+                    importlib.import_module(info.name)
+                    names.append(info.name)
+        banned = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "nodule_edge.export", "nodule_edge.train")))
+        print(json.dumps({"modules": names, "banned": banned}))
+        """
+    )
+    assert "nodule_edge.runtime.engines.tensorrt" in loaded["modules"] and "nodule_edge.index.store" in loaded["modules"]
+    assert loaded["banned"] == []
+
+
 def test_inferer_construction_and_inference_do_not_import_torch(tiny_bundle, tmp_path):
     loaded = _run(
         f"""

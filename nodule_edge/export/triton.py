@@ -17,15 +17,13 @@ The text is rendered here rather than with ``tritonclient``'s ``model_config_pb2
 pins an older protobuf than the one ``onnx`` brings, and the subset needed is small.
 
 A TensorRT plan only loads in a Triton whose TensorRT version and GPU match the build (see
-:mod:`nodule_edge.export.tensorrt`); its sidecar says which.
+:mod:`nodule_edge.export.tensorrt`); its sidecar (:class:`~nodule_edge.runtime.engines.tensorrt.EngineSidecar`) says which.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodule_edge._files import sha256_file, swap_folder
 from nodule_edge.errors import ConfigError, EngineError, OutputError, require
 
 __all__ = [
@@ -251,36 +250,10 @@ def _check_args(model_name: str, max_batch_size: int, instance_count: int, insta
         raise ConfigError(f"max_queue_delay_microseconds must be an integer >= 0, got {max_queue_delay_microseconds!r}")
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _copy_verified(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
-    if _sha256_file(src) != _sha256_file(dst):
+    if sha256_file(src) != sha256_file(dst):
         raise OutputError(f"copy of {src} to {dst} does not match the original (disk problem?)")
-
-
-def _install(staged: Path, final: Path, overwrite: bool) -> None:
-    # os.replace cannot replace a non-empty folder: move the old one aside first, and put it
-    # back if the new one cannot take its place.
-    old = None
-    if final.exists():
-        if not overwrite:
-            raise OutputError(f"Triton model folder {final} already exists (pass overwrite=True to replace it)")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    try:
-        os.replace(staged, final)
-    except OSError:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_triton_repository(
@@ -340,13 +313,13 @@ def write_triton_repository(
     sidecar = None
     engine = Path(engine_path) if engine_path is not None else None
     if engine is not None:
-        from nodule_edge.export.tensorrt import EngineSidecar, sidecar_path_for
+        from nodule_edge.runtime.engines.tensorrt import EngineSidecar, sidecar_path_for
 
         if not engine.is_file():
             raise ConfigError(f"TensorRT engine {engine} does not exist")
         if sidecar_path_for(engine).is_file():
             sidecar = EngineSidecar.read(sidecar_path_for(engine))
-            if sidecar.onnx_sha256 != _sha256_file(onnx_path):
+            if sidecar.onnx_sha256 != sha256_file(onnx_path):
                 raise EngineError(f"TensorRT engine {engine} was built from another ONNX model than {onnx_path} (sha256 differs); rebuild it")
             if max_batch_size > sidecar.profile[2]:
                 raise EngineError(f"max_batch_size {max_batch_size} exceeds the engine's optimisation profile maximum {sidecar.profile[2]}")
@@ -398,7 +371,10 @@ def write_triton_repository(
                 )
             )
         for name in names:
-            _install(staging / name, out_dir / name, overwrite)
+            # Checked again here: another writer may have created the folder meanwhile.
+            if (out_dir / name).exists() and not overwrite:
+                raise OutputError(f"Triton model folder {out_dir / name} already exists (pass overwrite=True to replace it)")
+            swap_folder(staging / name, out_dir / name)
     except OSError as exc:
         raise OutputError(f"cannot write Triton repository {out_dir}: {exc}") from exc
     finally:

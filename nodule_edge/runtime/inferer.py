@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
-from nodule_edge.runtime.engine import Engine, create_engine
+from nodule_edge.runtime.engines import Engine, create_engine
 from nodule_edge.runtime.measure import component_measurements, largest_central_component
 from nodule_edge.runtime.quality import QualityFlag, TrainingRanges, nodule_flags, study_flags
 from nodule_edge.runtime.study import Study, open_study

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from nodule_edge.errors import ConfigError, EngineError, OutputError
-from nodule_edge.export.tensorrt import EngineSidecar, sidecar_path_for
+from nodule_edge.runtime.engines.tensorrt import EngineSidecar, sidecar_path_for
 from nodule_edge.export.triton import write_triton_repository
 from tests.export.tiny_onnx import OUTPUT_SHAPES, write_tiny_onnx
 

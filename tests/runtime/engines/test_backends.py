@@ -1,8 +1,9 @@
-"""Engines: backend selection, honest provider reporting, input validation."""
+"""The backend table and engines: backend selection, honest provider reporting, input validation, README table."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +11,11 @@ import pytest
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import EngineError, MissingDependencyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC
-from nodule_edge.runtime import engine as engine_mod
 from nodule_edge.runtime.bundle import load_bundle
-from nodule_edge.runtime.engine import BACKENDS, OnnxEngine, create_engine
+from nodule_edge.runtime.engines import BACKENDS, create_engine
+from nodule_edge.runtime.engines import onnxruntime as ort_engines
+from nodule_edge.runtime.engines.onnxruntime import OnnxEngine
+from nodule_edge.runtime.engines.openvino import openvino_available
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -28,10 +31,8 @@ def cpu_engine(bundle) -> OnnxEngine:
 
 
 def test_auto_picks_a_cpu_backend_and_logs_why(bundle, caplog):
-    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.engine"):
+    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.engines.backends"):
         engine = create_engine(bundle, "auto", threads=1)
-    from nodule_edge.export.cpu_engine import openvino_available
-
     expected = "cpu-fast" if openvino_available() else "cpu"
     if "CUDAExecutionProvider" in ort.get_available_providers():  # pragma: no cover - GPU machines
         pytest.skip("this machine has CUDA; auto would pick it")
@@ -46,7 +47,7 @@ def test_auto_picks_a_cpu_backend_and_logs_why(bundle, caplog):
 
 
 def test_int8_is_never_auto_selected(bundle):
-    from nodule_edge.runtime.engine import ALL_BACKENDS
+    from nodule_edge.runtime.engines import ALL_BACKENDS
 
     assert "cpu-int8" in ALL_BACKENDS and "cpu-int8" not in BACKENDS
 
@@ -82,7 +83,7 @@ def test_providers_are_what_the_session_reports(cpu_engine):
 
 def test_a_silent_provider_fallback_is_refused(bundle, monkeypatch):
     """ONNX Runtime quietly falls back to CPU when CUDA cannot start: that must not pass as 'cuda'."""
-    monkeypatch.setattr(engine_mod, "_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_engines, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
     class CpuOnlySession:
         def __init__(self, path, sess_options=None, providers=None):
@@ -152,8 +153,6 @@ def test_cpu_fast_runs_without_importing_onnxruntime(tiny_bundle):
     import subprocess
     import sys
 
-    from nodule_edge.export.cpu_engine import openvino_available
-
     if not openvino_available():
         pytest.skip("needs the openvino extra (cpu-fast)")
     try:
@@ -164,7 +163,7 @@ def test_cpu_fast_runs_without_importing_onnxruntime(tiny_bundle):
     code = (
         "import sys, numpy as np\n"
         "from nodule_edge.runtime.bundle import load_bundle\n"
-        "from nodule_edge.runtime.engine import create_engine\n"
+        "from nodule_edge.runtime.engines import create_engine\n"
         f"engine = create_engine(load_bundle({str(tiny_bundle)!r}), 'auto', threads=1)\n"
         "engine.run(np.zeros((1, 2, 64, 64, 64), np.float32))\n"
         "print(engine.backend, 'onnxruntime' in sys.modules)\n"
@@ -181,6 +180,41 @@ def test_cuda_is_looked_for_only_where_a_cuda_build_is_installed(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", no_gpu_build)
-    assert engine_mod._available_providers() == []
+    assert ort_engines.available_providers() == []
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
-    assert engine_mod._available_providers() == list(ort.get_available_providers())
+    assert ort_engines.available_providers() == list(ort.get_available_providers())
+
+
+# ---------------------------------------------------------------------------------------------
+# The one backend table: engines, CLI choices and README agree with it
+# ---------------------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+def test_every_backend_names_an_engine_subclass():
+    import importlib
+
+    from nodule_edge.runtime.engines import BACKEND_TABLE, Engine
+
+    for spec in BACKEND_TABLE:
+        module = importlib.import_module(f"nodule_edge.runtime.engines.{spec.module}")
+        assert issubclass(getattr(module, spec.engine_class), Engine), spec.name
+
+
+def test_readme_backend_table_is_generated_from_the_backend_table():
+    """Regenerate with ``python -m nodule_edge.runtime.engines`` (between the README's markers)."""
+    from nodule_edge.runtime.engines import backend_table_markdown
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("-->\n", text.index("<!-- backend-table:")) + len("-->\n")
+    end = text.index("<!-- /backend-table -->")
+    assert text[start:end] == backend_table_markdown()
+    assert f"`--backend auto` tries {', '.join(BACKENDS)} in that order" in " ".join(text.split())
+
+
+def test_cli_backend_choices_are_the_backend_table():
+    from nodule_edge.cli import _BACKEND_CHOICE
+    from nodule_edge.runtime.engines import ALL_BACKENDS
+
+    assert tuple(_BACKEND_CHOICE.choices) == ("auto", *ALL_BACKENDS)
