@@ -88,7 +88,7 @@ def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
                     id=voi_id,
                     patient_id=row.get("patient_id") or voi_id,
                     image_path=image,
-                    center_lps_mm=center,  # type: ignore[arg-type]
+                    center_lps_mm=center,  # type: ignore[arg-type]  # three floats: one per axis "xyz"
                     mask_path=mask if mask.is_file() else None,
                     ratings=ratings,
                     label=lidc_proxy_label(ratings[-1]) if ratings else None,
@@ -120,7 +120,7 @@ def read_sure_manifest(path: str | Path) -> list[NoduleRecord]:
                     id=row.get("id") or volume.stem,
                     patient_id=row.get("patient_id") or row.get("id") or volume.stem,
                     image_path=volume,
-                    center_lps_mm=tuple(_float(row, f"center_{a}_mm", where) for a in "xyz"),  # type: ignore[arg-type]
+                    center_lps_mm=tuple(_float(row, f"center_{a}_mm", where) for a in "xyz"),  # type: ignore[arg-type]  # three: one per axis
                     label=int(label),
                 )
             )

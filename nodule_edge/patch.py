@@ -78,7 +78,8 @@ class NoduleBox:
 
     def runtime_margin_mm(self) -> tuple[float, float, float]:
         """Margins the runtime applies: the middle of the training range."""
-        return tuple(m + self.jitter_mm / 2 for m in self.margin_mm)  # type: ignore[return-value]
+        z, y, x = (m + self.jitter_mm / 2 for m in self.margin_mm)
+        return (z, y, x)
 
 
 @dataclass(frozen=True)

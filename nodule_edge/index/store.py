@@ -712,7 +712,7 @@ def _as_float(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]  # any JSON value; float() decides, errors below
     except (TypeError, ValueError):
         return None
 
@@ -800,7 +800,7 @@ def _read_entries(path: Path) -> dict[str, Any]:
         )
     kind = meta.get("kind")
     try:
-        dim = vector_dim(kind)  # type: ignore[arg-type]
+        dim = vector_dim(kind)  # type: ignore[arg-type]  # untrusted JSON; vector_dim rejects a non-kind
     except IndexError_ as exc:
         raise bad(str(exc)) from None
     if meta.get("dim") != dim or meta.get("space") != _SPACE:

@@ -167,7 +167,7 @@ def read_jobs(path: str | Path) -> list[BatchJob]:
                 id=job_id,
                 study=study_path if study_path.is_absolute() else path.parent / study_path,
                 series_uid=(row.get("series_uid") or "").strip() or None,
-                space=space,  # type: ignore[arg-type]
+                space=space,  # type: ignore[arg-type]  # a str checked against the two space names above
                 point=(point[0], point[1], point[2]),
                 line=line,
             )

@@ -102,8 +102,10 @@ def expected_calibration_error(labels: Sequence[int] | np.ndarray, probabilities
 
 def confident_errors(nodules: Sequence[EvaluatedNodule], n: int = _GALLERY_SIZE) -> list[EvaluatedNodule]:
     """The ``n`` labelled nodules on the wrong side of 0.5 with the largest ``|p - label|``."""
-    wrong = [x for x in nodules if x.record.label is not None and abs(x.malignancy_probability - x.record.label) >= 0.5]
-    return sorted(wrong, key=lambda x: -abs(x.malignancy_probability - x.record.label))[:n]  # type: ignore[operator]
+    def error(x: EvaluatedNodule) -> float:
+        return -1.0 if x.record.label is None else abs(x.malignancy_probability - x.record.label)
+
+    return sorted((x for x in nodules if error(x) >= 0.5), key=error, reverse=True)[:n]
 
 
 def _roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +194,7 @@ def _attributes_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, dict[st
     axes = fig.subplots(2, 3).ravel()
     maes: dict[str, float] = {}
     for k, (name, ax) in enumerate(zip(ATTRIBUTE_NAMES, axes)):
-        truth = np.asarray([x.record.ratings[k] for x in rated], dtype=np.float64)  # type: ignore[index]
+        truth = np.asarray([x.record.ratings[k] for x in rated if x.record.ratings is not None], dtype=np.float64)
         pred = np.asarray([x.attributes[name] for x in rated], dtype=np.float64)
         mae = float(np.mean(np.abs(pred - truth))) if len(rated) else float("nan")
         maes[name] = mae

@@ -220,7 +220,7 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
         top = max(r["predictions"]["index"], default=-1)
         if top >= n:
             raise DataError(f"fold {fold} refers to manifest row {top}, but {voi_dir} has {n} rows: another manifest?")
-    pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]
+    pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]  # duck-typed: the two fields pooled_metrics reads of a Dataset
     return folds, pooled
 
 

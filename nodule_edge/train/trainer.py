@@ -90,9 +90,9 @@ def model_config_from(cfg: TrainConfig) -> ModelConfig:
         concat_embedding=m.concat_embedding,
         num_attributes=1 if m.malignancy_only else len(ATTRIBUTE_NAMES),
         embedding_dim=m.embedding_dim,
-        decoder=m.decoder,  # type: ignore[arg-type]
+        decoder=m.decoder,  # type: ignore[arg-type]  # a str the config validated against the decoder names
         seg_features=m.seg_features,
-        widths=tuple(m.widths),  # type: ignore[arg-type]
+        widths=tuple(m.widths),  # type: ignore[arg-type]  # four widths, validated by the config
         voxel_mm=DEFAULT_PATCH_SPEC.spacing_mm,
     )
 
