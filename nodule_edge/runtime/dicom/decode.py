@@ -17,12 +17,12 @@ import numpy as np
 
 from nodule_edge.errors import ConfigError, MissingDependencyError, StudyError
 from nodule_edge.runtime.dicom.decoders import (
+    Crop,
     GdcmDecoder,
     ImagecodecsDecoder,
+    NotDecoded,
     PydicomDecoder,
     SliceDecoder,
-    Crop,
-    NotDecoded,
     overflow_error,
 )
 from nodule_edge.runtime.dicom.headers import SliceHeader

@@ -191,9 +191,7 @@ def _pydicom_decode(header: SliceHeader, crop: Crop) -> np.ndarray:
         name = UID(header.transfer_syntax_uid).name
         raise StudyError(f"cannot decode pixel data of {header.path} ({name}): {exc}") from exc
     if arr.shape != (header.rows, header.cols):
-        raise StudyError(
-            f"pixel data of {header.path} has shape {arr.shape}, header says {header.rows}x{header.cols}"
-        )
+        raise StudyError(f"pixel data of {header.path} has shape {arr.shape}, header says {header.rows}x{header.cols}")
     return _rescale_to_hu(arr[crop], header)
 
 
@@ -525,7 +523,9 @@ class ImagecodecsDecoder(SliceDecoder):
     """
 
     name = "imagecodecs"
-    missing = "the imagecodecs decoder needs imagecodecs with libjpeg-turbo >= 3: pip install 'nodule-edge[imagecodecs]'"
+    missing = (
+        "the imagecodecs decoder needs imagecodecs with libjpeg-turbo >= 3: pip install 'nodule-edge[imagecodecs]'"
+    )
 
     def __init__(self, module) -> None:
         self._module = module

@@ -325,7 +325,10 @@ def _stack(folder: Path, key: str, infos: list[FileInfo], min_extent_mm: float) 
             logger.warning(
                 "series %s: %s and %s are different instances at the same position %.3f mm along the "
                 "slice normal; a cube that needs this slice will be refused",
-                key, a.path, b.path, d[j],  # type: ignore[union-attr]
+                key,
+                a.path,
+                b.path,
+                d[j],  # type: ignore[union-attr]
             )
             continue
         kept.append(j)
@@ -388,7 +391,9 @@ def _stack(folder: Path, key: str, infos: list[FileInfo], min_extent_mm: float) 
         pixel_spacing_xy=(float(ps[1]), float(ps[0])),
         conflicts=frozenset(conflicts),
         transfer_syntax_uid=syntaxes.most_common(1)[0][0],
-        slice_thickness_mm=float(np.median(thick)) if (thick := [i.slice_thickness for i in infos if i.slice_thickness]) else None,
+        slice_thickness_mm=float(np.median(thick))
+        if (thick := [i.slice_thickness for i in infos if i.slice_thickness])
+        else None,
         contrast_agent=next((i.contrast_agent for i in infos if i.contrast_agent), None),
         convolution_kernel=first.convolution_kernel,
     )
