@@ -1,4 +1,4 @@
-# About 640 lines, over the ~600 aimed at: the two readers (pydicom through _Tags, dicomsdl through
+# About 650 lines, over the ~600 aimed at: the two readers (pydicom through _Tags, dicomsdl through
 # _TextTags) share the tag table and feed one _classify; split apart, each half would import the
 # other's private names.
 """Scan a folder's DICOM headers: which files are DICOM, what each holds, what the stack needs.
@@ -193,7 +193,31 @@ _RESCALE_SLOPE = 0x00281053
 _BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"})
 
 
-class _Tags:
+class _TagValues:
+    """What both header readers derive from their ``strings``: one string, one number."""
+
+    __slots__ = ()
+
+    def strings(self, tag: int) -> list[str]:
+        """The values of a text element, stripped; empty when absent or empty."""
+        raise NotImplementedError
+
+    def string(self, tag: int) -> str:
+        """A text element's value(s) as one string ("" when absent)."""
+        return "\\".join(self.strings(tag))
+
+    def number(self, tag: int) -> float | None:
+        """A single-valued DS/IS element, or None when absent, empty, multi-valued or not a number."""
+        values = self.strings(tag)
+        if len(values) != 1:
+            return None
+        try:
+            return float(values[0])
+        except ValueError:
+            return None
+
+
+class _Tags(_TagValues):
     """The header values the scan needs, decoded from the raw bytes pydicom keeps.
 
     pydicom converts an element on first access (keyword lookup, character set, VR fix-ups,
@@ -230,20 +254,6 @@ class _Tags:
             text = "\\".join(v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in values)
         parts = [v.strip(" \x00") for v in text.split("\\")]
         return [] if parts == [""] else parts
-
-    def string(self, tag: int) -> str:
-        """A text element's value(s) as one string ("" when absent)."""
-        return "\\".join(self.strings(tag))
-
-    def number(self, tag: int) -> float | None:
-        """A single-valued DS/IS element, or None when absent, empty, multi-valued or not a number."""
-        values = self.strings(tag)
-        if len(values) != 1:
-            return None
-        try:
-            return float(values[0])
-        except ValueError:
-            return None
 
     def description(self) -> str | None:
         """SeriesDescription; LO text depends on the character set, so pydicom decodes it."""
@@ -291,7 +301,7 @@ def _transfer_syntax(ds) -> str:
     return str(ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _series_key(tags: _Tags, description: str | None, rows: int | None, cols: int | None) -> str:
+def _series_key(tags: _Tags | _TextTags, description: str | None, rows: int | None, cols: int | None) -> str:
     uid = tags.string(_SERIES_UID)
     if uid:
         return uid
@@ -421,7 +431,7 @@ _LITTLE_ENDIAN_SYNTAXES_PREFIX = "1.2.840.10008.1.2"
 _BIG_ENDIAN_OR_DEFLATED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})
 
 
-class _TextTags:
+class _TextTags(_TagValues):
     """The same accessors as :class:`_Tags`, over header values read as text by the fast path.
 
     Every value is text (US values as their decimal number) and None for an absent tag.
@@ -441,9 +451,6 @@ class _TextTags:
             return []
         parts = [v.strip(" \x00") for v in value.split("\\")]
         return [] if parts == [""] else parts
-
-    string = _Tags.string
-    number = _Tags.number
 
     def ushort(self, tag: int) -> int | None:
         values = self.strings(tag)

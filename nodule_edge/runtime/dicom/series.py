@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -317,8 +318,8 @@ def _stack(folder: Path, key: str, infos: list[FileInfo], min_extent_mm: float) 
     copies = 0
     for j in order:
         if kept and abs(d[j] - d[kept[-1]]) < _DUPLICATE_TOL_MM:
-            a, b = infos[kept[-1]].header, infos[j].header
-            if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid:  # type: ignore[union-attr]
+            a, b = cast(SliceHeader, infos[kept[-1]].header), cast(SliceHeader, infos[j].header)
+            if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid:
                 copies += 1
                 continue
             conflicts.add(len(kept) - 1)
@@ -328,14 +329,14 @@ def _stack(folder: Path, key: str, infos: list[FileInfo], min_extent_mm: float) 
                 key,
                 a.path,
                 b.path,
-                d[j],  # type: ignore[union-attr]
+                d[j],
             )
             continue
         kept.append(j)
     if copies:
         logger.warning("series %s: ignored %d duplicate copies of the same SOP instances", key, copies)
 
-    headers = tuple(infos[j].header for j in kept)  # type: ignore[misc]
+    headers = tuple(cast(SliceHeader, infos[j].header) for j in kept)  # every CT file with geometry has one
     positions = positions[kept]
     d = d[kept]
     if len(kept) == 1:
