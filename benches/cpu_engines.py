@@ -100,7 +100,9 @@ def _load_ort_openvino_ep(path: Path, threads: int | None, precision: Precision)
         provider_options["load_config"] = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})
     else:
         provider_options["precision"] = "FP32"
-    engine = load_ort_model(path, session_options_for(threads), [("OpenVINOExecutionProvider", provider_options), "CPUExecutionProvider"])
+    engine = load_ort_model(
+        path, session_options_for(threads), [("OpenVINOExecutionProvider", provider_options), "CPUExecutionProvider"]
+    )
     engine.backend = "ort-openvino-ep"
     engine.precision = precision
     return engine
@@ -186,7 +188,9 @@ def _accuracy(
     cam = _pearson_rows(outputs["saliency"], reference["saliency"])
     stats["cam_pearson_mean"] = float(cam.mean())
     stats["cam_pearson_min"] = float(cam.min())
-    stats["malignancy_max_abs"] = float(np.abs(outputs["malignancy_probability"] - reference["malignancy_probability"]).max())
+    stats["malignancy_max_abs"] = float(
+        np.abs(outputs["malignancy_probability"] - reference["malignancy_probability"]).max()
+    )
     stats["attributes_max_abs"] = float(np.abs(outputs["attributes"] - reference["attributes"]).max())
     seg, ref_seg = outputs["segmentation"] >= 0.5, reference["segmentation"] >= 0.5
     inter = (seg & ref_seg).reshape(len(seg), -1).sum(axis=1)
@@ -198,7 +202,9 @@ def _accuracy(
     return stats
 
 
-def _time_round_robin(engines: dict[str, CpuEngine], patches: np.ndarray, batch: int, rounds: int) -> dict[str, dict[str, float]]:
+def _time_round_robin(
+    engines: dict[str, CpuEngine], patches: np.ndarray, batch: int, rounds: int
+) -> dict[str, dict[str, float]]:
     """Median and minimum ms per patch, candidates interleaved so background load hits all alike."""
     x = np.ascontiguousarray(patches[:batch], dtype=np.float32)
     if len(x) < batch:
@@ -215,7 +221,9 @@ def _time_round_robin(engines: dict[str, CpuEngine], patches: np.ndarray, batch:
     return {name: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for name, v in times.items()}
 
 
-def _timing_table(engines: dict[str, CpuEngine], patches: np.ndarray, batches: Iterable[int], rounds: int) -> dict[str, dict[str, float]]:
+def _timing_table(
+    engines: dict[str, CpuEngine], patches: np.ndarray, batches: Iterable[int], rounds: int
+) -> dict[str, dict[str, float]]:
     """``b{N}_median_ms``, ``b{N}_min_ms`` (per patch) and ``b{N}_ratio`` (to the reference) per engine."""
     table: dict[str, dict[str, float]] = {name: {} for name in engines}
     for size in batches:
@@ -381,9 +389,13 @@ def load_lidc_patches(
             eval_idx.extend(i for i in idx if records[i].label is not None)
     eval_idx, cal_idx = eval_idx[:n_eval], cal_idx[:n_calibration]
     if len(eval_idx) < n_eval:
-        raise EngineError(f"only {len(eval_idx)} labelled nodules available for evaluation in {voi_dir}, asked for {n_eval}")
+        raise EngineError(
+            f"only {len(eval_idx)} labelled nodules available for evaluation in {voi_dir}, asked for {n_eval}"
+        )
     labels = np.array([records[i].label for i in eval_idx], dtype=np.int64)
-    ratings = np.array([records[i].ratings if records[i].ratings is not None else (np.nan,) * 6 for i in eval_idx], dtype=np.float64)
+    ratings = np.array(
+        [records[i].ratings if records[i].ratings is not None else (np.nan,) * 6 for i in eval_idx], dtype=np.float64
+    )
     return cache.images[eval_idx], labels, ratings, cache.images[cal_idx]
 
 
@@ -416,7 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("build", "compare", "time"):
         p = sub.add_parser(name)
         p.add_argument("onnx", type=Path, help="the fp32 model.onnx")
-        p.add_argument("--voi-dir", type=Path, default=None, help="LIDC VOI folder (default: $NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi)")
+        p.add_argument(
+            "--voi-dir",
+            type=Path,
+            default=None,
+            help="LIDC VOI folder (default: $NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi)",
+        )
         p.add_argument("--cache-dir", type=Path, default=Path("cache"), help="patch cache folder")
         p.add_argument("--calibration", type=int, default=32, help="calibration patches")
         p.add_argument("-v", "--verbose", action="store_true")
@@ -430,20 +447,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--json", type=Path, default=None, help="also write the report here")
     timing = sub.choices["time"]
     timing.add_argument("--int8", type=Path, required=True, help="the INT8 model (from 'build')")
-    timing.add_argument("--candidates", default=",".join(c.name for c in CANDIDATES), help="comma-separated candidate names")
+    timing.add_argument(
+        "--candidates", default=",".join(c.name for c in CANDIDATES), help="comma-separated candidate names"
+    )
     timing.add_argument("--rounds", type=int, default=10, help="interleaved rounds per batch size")
     timing.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     args = parser.parse_args(argv)
     if args.command == "time":
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         report = time_candidates(
-            args.onnx, args.int8, [c for c in args.candidates.split(",") if c], [int(b) for b in args.batches.split(",")], args.rounds
+            args.onnx,
+            args.int8,
+            [c for c in args.candidates.split(",") if c],
+            [int(b) for b in args.batches.split(",")],
+            args.rounds,
         )
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     patches, labels, ratings, calibration = load_lidc_patches(
-        args.voi_dir or lidc_voi_dir(), args.cache_dir, n_eval=getattr(args, "n", 0) or 0, n_calibration=args.calibration
+        args.voi_dir or lidc_voi_dir(),
+        args.cache_dir,
+        n_eval=getattr(args, "n", 0) or 0,
+        n_calibration=args.calibration,
     )
     if args.command == "build":
         sys.stdout.write(f"{build_cpu_engine(args.onnx, args.out_dir, calibration)}\n")

@@ -16,7 +16,7 @@ import types
 from dataclasses import replace
 from pathlib import Path
 
-from nodule_edge.runtime.engines.tensorrt import EngineSidecar
+from nodule_edge.runtime.engines.tensorrt_sidecar import EngineSidecar
 
 __all__ = ["SHA_A", "SHA_B", "FakeConfig", "FakeDataType", "FakeTrt", "fake_cudart", "make_sidecar", "sha_of"]
 
@@ -46,7 +46,6 @@ def make_sidecar(**changes: object) -> EngineSidecar:
         nodule_edge_version="0.1.0",
     )
     return replace(base, **changes)
-
 
 
 class _LayerType(enum.Enum):
@@ -174,7 +173,9 @@ class FakeTrt(types.ModuleType):
         self.DataType = FakeDataType
         self.float32 = FakeDataType.FLOAT
         self.INormalizationLayer = _NormLayer
-        self.BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY", PREFER_PRECISION_CONSTRAINTS="PREFER")
+        self.BuilderFlag = types.SimpleNamespace(
+            FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY", PREFER_PRECISION_CONSTRAINTS="PREFER"
+        )
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.OnnxParserFlag = types.SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_INSTANCENORM")
         self.networks: list[_Network] = []

@@ -216,5 +216,3 @@ def build_cpu_engine(
         len(excluded),
     )
     return target
-
-

@@ -19,7 +19,7 @@ What the build does (:func:`build_engine`):
   module path);
 * adds one optimisation profile for the input's batch dimension (default min 1, opt 4, max 16);
 * reads and updates a timing cache so rebuilds on the same machine are fast;
-* writes the engine and its JSON sidecar (:class:`~nodule_edge.runtime.engines.tensorrt.EngineSidecar`,
+* writes the engine and its JSON sidecar (:class:`~nodule_edge.runtime.engines.tensorrt_sidecar.EngineSidecar`,
   ``<engine>.json``) atomically.
 
 Loading, the sidecar check and execution are the runtime's
@@ -39,14 +39,14 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from nodule_edge._files import sha256_bytes, sha256_file, write_bytes_atomic
 from nodule_edge.errors import ConfigError, EngineError, OutputError
 from nodule_edge.runtime.engines import tensorrt as trt_runtime
-from nodule_edge.runtime.engines.tensorrt import EngineSidecar, sidecar_path_for
+from nodule_edge.runtime.engines.tensorrt_sidecar import EngineSidecar, sidecar_path_for
 
 __all__ = [
     "DEFAULT_FP32_LAYER_TYPES",
@@ -133,12 +133,16 @@ class TrtBuildSettings:
             raise ConfigError("input_name must not be empty")
         for layer_type in self.fp32_layer_types:
             if not _LAYER_TYPE.match(str(layer_type)):
-                raise ConfigError(f"fp32_layer_types entry {layer_type!r} is not a TensorRT LayerType name such as 'NORMALIZATION'")
+                raise ConfigError(
+                    f"fp32_layer_types entry {layer_type!r} is not a TensorRT LayerType name such as 'NORMALIZATION'"
+                )
         for pattern in self.fp32_name_patterns:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ConfigError(f"fp32_name_patterns entry {pattern!r} is not a valid regular expression: {exc}") from exc
+                raise ConfigError(
+                    f"fp32_name_patterns entry {pattern!r} is not a valid regular expression: {exc}"
+                ) from exc
         if self.timing_cache_path is not None:
             object.__setattr__(self, "timing_cache_path", Path(self.timing_cache_path))
 
@@ -224,9 +228,13 @@ def _input_tail(network: Any, input_name: str, onnx_path: Path) -> tuple[int, ..
         if tensor.name == input_name:
             shape = tuple(int(d) for d in tensor.shape)
             if not shape or shape[0] != -1:
-                raise EngineError(f"{onnx_path}: input {input_name!r} has shape {shape}; its first (batch) dimension must be dynamic")
+                raise EngineError(
+                    f"{onnx_path}: input {input_name!r} has shape {shape}; its first (batch) dimension must be dynamic"
+                )
             if any(d < 0 for d in shape[1:]):
-                raise EngineError(f"{onnx_path}: input {input_name!r} has shape {shape}; only the batch dimension may be dynamic")
+                raise EngineError(
+                    f"{onnx_path}: input {input_name!r} has shape {shape}; only the batch dimension may be dynamic"
+                )
             return shape[1:]
     raise EngineError(f"{onnx_path}: no network input named {input_name!r} (inputs: {', '.join(names) or 'none'})")
 
@@ -243,7 +251,11 @@ def _apply_fp32_constraints(trt: Any, network: Any, settings: TrtBuildSettings) 
         # Integer/shape layers cannot take an FP32 constraint (OBEY would fail the build).
         if outputs and all(out.dtype in float_types for out in outputs):
             candidates.append(layer)
-    chosen = set(select_fp32_layers(((layer.name, layer.type) for layer in candidates), settings.fp32_layer_types, settings.fp32_name_patterns))
+    chosen = set(
+        select_fp32_layers(
+            ((layer.name, layer.type) for layer in candidates), settings.fp32_layer_types, settings.fp32_name_patterns
+        )
+    )
     kept: list[str] = []
     for layer in candidates:
         if layer.name not in chosen:
@@ -321,9 +333,17 @@ def build_engine(
             log.warning("GPU %s has no fast FP16; the FP16 engine may be slower than FP32", env.gpu_name)
         config.set_flag(trt.BuilderFlag.FP16)
         fp32_layers = _apply_fp32_constraints(trt, network, settings)
-        flag = trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS if settings.precision_constraints == "obey" else trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS
+        flag = (
+            trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS
+            if settings.precision_constraints == "obey"
+            else trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS
+        )
         config.set_flag(flag)
-        log.info("keeping %d layer(s) in FP32: %s", len(fp32_layers), ", ".join(fp32_layers[:10]) + (" …" if len(fp32_layers) > 10 else ""))
+        log.info(
+            "keeping %d layer(s) in FP32: %s",
+            len(fp32_layers),
+            ", ".join(fp32_layers[:10]) + (" …" if len(fp32_layers) > 10 else ""),
+        )
         if not fp32_layers:
             log.warning("FP16 build of %s found no normalisation layer to keep in FP32", onnx_path)
 
@@ -353,10 +373,18 @@ def build_engine(
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log.info("building TensorRT %s engine for %s on %s (profile %s)", "FP16" if settings.fp16 else "FP32", onnx_path.name, env.gpu_name, settings.profile)
+    log.info(
+        "building TensorRT %s engine for %s on %s (profile %s)",
+        "FP16" if settings.fp16 else "FP32",
+        onnx_path.name,
+        env.gpu_name,
+        settings.profile,
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT messages logged above)")
+        raise EngineError(
+            f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT messages logged above)"
+        )
     data = bytes(memoryview(serialized))
 
     if cache_path is not None:
@@ -375,7 +403,7 @@ def build_engine(
         profile=settings.profile,
         fp32_layers=tuple(fp32_layers),
         onnx_file=onnx_path.name,
-        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         nodule_edge_version=__version__,
         onnx_metadata=onnx_metadata,
     )
@@ -441,7 +469,9 @@ def build_engine_for_bundle(
     settings = settings or TrtBuildSettings()
     if settings.use_timing_cache and settings.timing_cache_path is None:
         env = trt_runtime.current_environment(device)
-        slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{env.gpu_name}-sm{env.compute_capability}-trt{env.tensorrt_version}").strip("-")
+        slug = re.sub(
+            r"[^A-Za-z0-9.]+", "-", f"{env.gpu_name}-sm{env.compute_capability}-trt{env.tensorrt_version}"
+        ).strip("-")
         cache_dir = Path(timing_cache_dir) if timing_cache_dir is not None else _default_cache_dir()
         settings = replace(settings, timing_cache_path=cache_dir / f"{slug}.timing-cache")
     engine_path = bundle.root / engine_name

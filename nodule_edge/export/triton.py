@@ -17,7 +17,7 @@ The text is rendered here rather than with ``tritonclient``'s ``model_config_pb2
 pins an older protobuf than the one ``onnx`` brings, and the subset needed is small.
 
 A TensorRT plan only loads in a Triton whose TensorRT version and GPU match the build (see
-:mod:`nodule_edge.export.tensorrt`); its sidecar (:class:`~nodule_edge.runtime.engines.tensorrt.EngineSidecar`) says which.
+:mod:`nodule_edge.export.tensorrt`); its sidecar (:class:`~nodule_edge.runtime.engines.tensorrt_sidecar.EngineSidecar`) says which.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def write_triton_repository(
     sidecar = None
     engine = Path(engine_path) if engine_path is not None else None
     if engine is not None:
-        from nodule_edge.runtime.engines.tensorrt import EngineSidecar, sidecar_path_for
+        from nodule_edge.runtime.engines.tensorrt_sidecar import EngineSidecar, sidecar_path_for
 
         if not engine.is_file():
             raise ConfigError(f"TensorRT engine {engine} does not exist")

@@ -60,7 +60,12 @@ def test_compare_engines_report(fp32_path, int8_path, eval_patches):
 
 def test_compare_builds_int8_when_not_given(fp32_path, eval_patches, tmp_path):
     report = compare_engines(
-        fp32_path, eval_patches[:2], calibration_patches=blob_patches(2, seed=5), candidates=["ort-int8"], work_dir=tmp_path, batch=2
+        fp32_path,
+        eval_patches[:2],
+        calibration_patches=blob_patches(2, seed=5),
+        candidates=["ort-int8"],
+        work_dir=tmp_path,
+        batch=2,
     )
     assert (tmp_path / INT8_FILENAME).is_file()
     assert "auc" not in report["candidates"]["ort-int8"]  # no labels given

@@ -16,7 +16,15 @@ from tests.export.tiny_onnx import OUTPUT_SHAPES, finish_model
 
 __all__ = ["OUTPUTS", "assert_close", "blob_patches", "conv_model"]
 
-OUTPUTS = ("malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "embedding")
+OUTPUTS = (
+    "malignancy_probability",
+    "attributes",
+    "segmentation",
+    "saliency",
+    "nodule_attention",
+    "background_attention",
+    "embedding",
+)
 EMBEDDING = 8
 
 

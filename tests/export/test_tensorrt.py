@@ -21,7 +21,8 @@ import pytest
 from nodule_edge.errors import ConfigError, EngineError, MissingDependencyError
 from nodule_edge.export.tensorrt import TrtBuildSettings, build_engine, build_engine_for_bundle, select_fp32_layers
 from nodule_edge.runtime.engines import tensorrt as trt_runtime
-from nodule_edge.runtime.engines.tensorrt import EngineSidecar, TensorRTEngine, current_environment, load_engine, sidecar_path_for
+from nodule_edge.runtime.engines.tensorrt import TensorRTEngine, current_environment, load_engine
+from nodule_edge.runtime.engines.tensorrt_sidecar import EngineSidecar, sidecar_path_for
 from tests.export.tiny_onnx import write_tiny_onnx
 from tests.fake_tensorrt import FakeConfig, FakeDataType, FakeTrt, fake_cudart, sha_of
 
@@ -120,7 +121,12 @@ def test_fp32_selection_by_type_alone_and_type_spellings() -> None:
         NORMALIZATION = 1
         CONVOLUTION = 2
 
-    layers = [("a", "LayerType.NORMALIZATION"), ("b", _LayerType.NORMALIZATION), ("c", _LayerType.CONVOLUTION), ("d", "normalization")]
+    layers = [
+        ("a", "LayerType.NORMALIZATION"),
+        ("b", _LayerType.NORMALIZATION),
+        ("c", _LayerType.CONVOLUTION),
+        ("d", "normalization"),
+    ]
     assert select_fp32_layers(layers, name_patterns=()) == ["a", "b", "d"]
 
 
@@ -135,7 +141,6 @@ def test_fp32_selection_custom_rules_and_no_duplicates() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-
 def test_build_without_tensorrt_raises_install_hint(no_tensorrt: None, tmp_path: Path) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     with pytest.raises(MissingDependencyError) as err:
@@ -144,14 +149,14 @@ def test_build_without_tensorrt_raises_install_hint(no_tensorrt: None, tmp_path:
     assert not (tmp_path / "model.plan").exists()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Build glue against a stand-in TensorRT (records calls; no GPU)
 # ---------------------------------------------------------------------------------------------
 
 
-
-def test_fake_build_sets_fp16_fp32_norms_profile_and_writes_engine_and_sidecar(fake_trt: FakeTrt, tmp_path: Path) -> None:
+def test_fake_build_sets_fp16_fp32_norms_profile_and_writes_engine_and_sidecar(
+    fake_trt: FakeTrt, tmp_path: Path
+) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     engine = tmp_path / "out" / "model.plan"
     sidecar = build_engine(onnx_path, engine)
@@ -181,13 +186,19 @@ def test_fake_build_sets_fp16_fp32_norms_profile_and_writes_engine_and_sidecar(f
     assert layers["node_InstanceNormalization_5"].compute_precision is FakeDataType.FLOAT
     for name in ("node_Conv_39", "node_Mul_28", "node_group_norm_shape", "node_ReduceMean_0"):
         assert layers[name].precision is None and layers[name].output_types == {}
-    assert sorted(p.name for p in engine.parent.iterdir()) == ["model.plan", "model.plan.json", "model.plan.timing-cache"]
+    assert sorted(p.name for p in engine.parent.iterdir()) == [
+        "model.plan",
+        "model.plan.json",
+        "model.plan.timing-cache",
+    ]
 
 
 def test_fake_build_reuses_and_updates_timing_cache(fake_trt: FakeTrt, tmp_path: Path) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     cache = tmp_path / "caches" / "trt.cache"
-    settings = TrtBuildSettings(timing_cache_path=cache, precision_constraints="prefer", min_batch=2, opt_batch=8, max_batch=8)
+    settings = TrtBuildSettings(
+        timing_cache_path=cache, precision_constraints="prefer", min_batch=2, opt_batch=8, max_batch=8
+    )
     build_engine(onnx_path, tmp_path / "a.plan", settings)
     assert fake_trt.configs[0].cache_blobs == [b""]
     assert cache.read_bytes() == b"+timings"
@@ -199,7 +210,9 @@ def test_fake_build_reuses_and_updates_timing_cache(fake_trt: FakeTrt, tmp_path:
     assert sidecar.profile == (2, 8, 8)
 
 
-def test_fake_build_replaces_timing_cache_from_another_device(fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fake_build_replaces_timing_cache_from_another_device(
+    fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     cache = tmp_path / "trt.cache"
     cache.write_bytes(b"from-another-gpu")
@@ -246,7 +259,6 @@ def test_fake_build_failure_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_
     assert list(tmp_path.iterdir()) == [onnx_path]
 
 
-
 def test_fake_build_for_bundle_adds_engine_to_manifest(fake_trt: FakeTrt, tmp_path: Path) -> None:
     from nodule_edge.runtime.bundle import load_bundle, write_manifest
 
@@ -263,7 +275,6 @@ def test_fake_build_for_bundle_adds_engine_to_manifest(fake_trt: FakeTrt, tmp_pa
     assert bundle.manifest["tensorrt"]["gpu_name"] == "Fake GPU 9000"
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "model.onnx", "model.plan", "model.plan.json"]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["Fake-GPU-9000-sm8.9-trt10.3.0.timing-cache"]
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +308,7 @@ def test_real_engine_builds_runs_and_matches_onnxruntime(tmp_path: Path) -> None
 
     x = np.random.default_rng(0).random((20, 2, 64, 64, 64), dtype=np.float32)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"patch": x})))
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"patch": x}), strict=True))
     with load_engine(engine, sha_of(onnx_path)) as executor:
         got = executor.run(x)  # 20 > 16: two chunks
         single = executor.run(x[:1])

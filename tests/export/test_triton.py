@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from nodule_edge.errors import ConfigError, EngineError, OutputError
-from nodule_edge.runtime.engines.tensorrt import EngineSidecar, sidecar_path_for
 from nodule_edge.export.triton import write_triton_repository
+from nodule_edge.runtime.engines.tensorrt_sidecar import EngineSidecar, sidecar_path_for
 from tests.export.tiny_onnx import OUTPUT_SHAPES, write_tiny_onnx
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from nodule_edge.patch import PatchSpec
 if TYPE_CHECKING:
     from nodule_edge.runtime.bundle import Bundle
 
-__all__ = ["CpuEngine", "Engine", "ModelMetadata", "default_threads", "metadata_from_props", "need_artifact", "read_onnx_metadata"]
+__all__ = [
+    "CpuEngine",
+    "Engine",
+    "ModelMetadata",
+    "default_threads",
+    "metadata_from_props",
+    "need_artifact",
+    "read_onnx_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +130,7 @@ class Engine(abc.ABC):
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: most engines hold nothing to free
         """Free what the engine holds outside Python's memory (GPU buffers); a no-op by default."""
 
 

@@ -68,7 +68,9 @@ class OnnxEngine(Engine):
         self.providers = tuple(self._session.get_providers())
         # Trust what the session actually uses, not what was asked for.
         if providers[0] not in self.providers:
-            raise EngineError(f"backend '{backend}' asked for {providers[0]}, but the session runs on {list(self.providers)}")
+            raise EngineError(
+                f"backend '{backend}' asked for {providers[0]}, but the session runs on {list(self.providers)}"
+            )
         self.backend = backend
         self.path = path
         self.metadata = read_onnx_metadata(self._session)
@@ -89,9 +91,11 @@ class OnnxEngine(Engine):
         """
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         if patches.ndim != 5 or tuple(patches.shape[1:]) != tuple(self._expected_shape):
-            raise EngineError(f"engine expects patches of shape [N, {', '.join(map(str, self._expected_shape))}], got {list(patches.shape)}")
+            raise EngineError(
+                f"engine expects patches of shape [N, {', '.join(map(str, self._expected_shape))}], got {list(patches.shape)}"
+            )
         outputs = self._session.run(list(self.metadata.output_names), {self.metadata.input_name: patches})
-        return dict(zip(self.metadata.output_names, outputs))
+        return dict(zip(self.metadata.output_names, outputs, strict=True))
 
 
 def available_providers() -> list[str]:
@@ -157,7 +161,9 @@ def session_options_for(
     return options
 
 
-def load_ort_model(path: Path, options: ort.SessionOptions, providers: Sequence[Any] = ("CPUExecutionProvider",)) -> CpuEngine:
+def load_ort_model(
+    path: Path, options: ort.SessionOptions, providers: Sequence[Any] = ("CPUExecutionProvider",)
+) -> CpuEngine:
     """Load an ONNX model (fp32 or the INT8 artifact) into an ONNX Runtime session.
 
     Args:

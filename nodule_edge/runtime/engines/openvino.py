@@ -188,7 +188,9 @@ class CpuFastEngine(Engine):
         """
         if backend == "cpu-fast":
             if not openvino_available():
-                raise EngineError("backend 'cpu-fast' runs on OpenVINO, which is not installed (pip install 'nodule-edge[openvino]')")
+                raise EngineError(
+                    "backend 'cpu-fast' runs on OpenVINO, which is not installed (pip install 'nodule-edge[openvino]')"
+                )
             self._engine = load_cpu_engine(path, backend="openvino", threads=threads, precision="bf16")
         else:
             self._engine = load_cpu_engine(path, threads=threads)
@@ -214,6 +216,8 @@ class CpuFastEngine(Engine):
         size = self.metadata.patch_spec.size
         expected = (self.metadata.patch_spec.channels, size, size, size)
         if patches.ndim != 5 or tuple(patches.shape[1:]) != expected:
-            raise EngineError(f"engine expects patches of shape [N, {', '.join(map(str, expected))}], got {list(patches.shape)}")
+            raise EngineError(
+                f"engine expects patches of shape [N, {', '.join(map(str, expected))}], got {list(patches.shape)}"
+            )
         with self._lock:
             return self._engine.run(patches)

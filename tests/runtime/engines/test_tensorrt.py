@@ -18,15 +18,13 @@ from nodule_edge.errors import EngineError, MissingDependencyError
 from nodule_edge.export.tensorrt import build_engine
 from nodule_edge.runtime.engines import tensorrt as trt_runtime
 from nodule_edge.runtime.engines.base import Engine
-from nodule_edge.runtime.engines.tensorrt import (
+from nodule_edge.runtime.engines.tensorrt import TensorRTEngine, current_environment, load_engine
+from nodule_edge.runtime.engines.tensorrt_sidecar import (
     REBUILD_HINT,
     EngineEnvironment,
     EngineSidecar,
-    TensorRTEngine,
     check_engine_compatibility,
-    current_environment,
     engine_mismatches,
-    load_engine,
     sidecar_path_for,
 )
 from tests.export.tiny_onnx import write_tiny_onnx
@@ -117,7 +115,9 @@ def test_matching_engine_passes() -> None:
     ],
     ids=["tensorrt_version", "gpu_name", "compute_capability", "onnx_sha256"],
 )
-def test_each_mismatch_is_reported_with_rebuild_hint(env: EngineEnvironment, onnx_sha: str, expected: list[str]) -> None:
+def test_each_mismatch_is_reported_with_rebuild_hint(
+    env: EngineEnvironment, onnx_sha: str, expected: list[str]
+) -> None:
     with pytest.raises(EngineError) as err:
         check_engine_compatibility(make_sidecar(), env, onnx_sha, engine_path="bundle/model.plan")
     message = str(err.value)
@@ -137,7 +137,6 @@ def test_all_mismatches_listed_together() -> None:
 # ---------------------------------------------------------------------------------------------
 # Missing TensorRT
 # ---------------------------------------------------------------------------------------------
-
 
 
 def test_environment_query_without_tensorrt_raises_install_hint(no_tensorrt: None) -> None:
@@ -170,19 +169,21 @@ def test_load_refuses_engine_replaced_after_build(tmp_path: Path) -> None:
         load_engine(engine)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Build glue against a stand-in TensorRT (records calls; no GPU)
 # ---------------------------------------------------------------------------------------------
 
 
-
-def test_fake_load_checks_sidecar_against_this_machine(fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_fake_load_checks_sidecar_against_this_machine(
+    fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     engine = tmp_path / "model.plan"
     sidecar = build_engine(onnx_path, engine)
     made: list[tuple[bytes, EngineSidecar, int]] = []
-    monkeypatch.setattr(trt_runtime, "TrtExecutor", lambda data, sc, device: made.append((data, sc, device)) or "executor")
+    monkeypatch.setattr(
+        trt_runtime, "TrtExecutor", lambda data, sc, device: made.append((data, sc, device)) or "executor"
+    )
 
     assert load_engine(engine, sha_of(onnx_path)) == "executor"
     assert made == [(fake_trt.engine_bytes, sidecar, 0)]
@@ -200,7 +201,16 @@ def test_fake_load_checks_sidecar_against_this_machine(fake_trt: FakeTrt, monkey
 
 class _StubExecutor:
     input_name = "patch"
-    output_names = ("embedding", "malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "extra")
+    output_names = (
+        "embedding",
+        "malignancy_probability",
+        "attributes",
+        "segmentation",
+        "saliency",
+        "nodule_attention",
+        "background_attention",
+        "extra",
+    )
 
     def __init__(self, sidecar: EngineSidecar) -> None:
         self.sidecar = sidecar
@@ -213,7 +223,9 @@ class _StubExecutor:
         self.closed = True
 
 
-def test_runtime_engine_reads_metadata_from_sidecar_and_orders_outputs(fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_runtime_engine_reads_metadata_from_sidecar_and_orders_outputs(
+    fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     engine_path = tmp_path / "model.plan"
     build_engine(onnx_path, engine_path)
@@ -228,7 +240,9 @@ def test_runtime_engine_reads_metadata_from_sidecar_and_orders_outputs(fake_trt:
     assert out["embedding"].tolist() == [0.0, 0.0, 0.0] and out["attributes"].tolist() == [2.0] * 3
 
 
-def test_runtime_engine_refuses_engine_without_model_outputs(fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_runtime_engine_refuses_engine_without_model_outputs(
+    fake_trt: FakeTrt, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     onnx_path = write_tiny_onnx(tmp_path / "model.onnx")
     engine_path = tmp_path / "model.plan"
     build_engine(onnx_path, engine_path)
