@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from nodule_edge import __version__
+from nodule_edge.data_paths import lidc_voi_dir
 from nodule_edge.errors import NoduleEdgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -452,7 +453,7 @@ def train(config: str, overrides: tuple[str, ...], folds_only: bool) -> None:
 
 @main.command("cv-report")
 @click.argument("fold_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--voi-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default="../shared/data/lidc_voi", show_default=True, help="The manifest the folds' row indices refer to.")
+@click.option("--voi-dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=lambda: str(lidc_voi_dir()), show_default="$NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi", help="The manifest the folds' row indices refer to.")
 @click.option("--title", default="Cross-validation", show_default=True, help="Heading of the report.")
 @_handle_errors
 def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
