@@ -1,13 +1,13 @@
 # Two entry points for a newcomer on a fresh machine (Python >= 3.11 and a C compiler):
 #   make demo   - create .venv, install the runtime, run the demo end to end
-#   make test   - create .venv, install everything (train, export, explain, dicom-out, openvino, dicomsdl, imagecodecs, report, dev; chromium via `make browser`), run the test suite
+#   make test   - create .venv, install everything (train, export, explain, dicom-out, openvino, dicomsdl, imagecodecs, report, dev; chromium via `make browser`), lint (ruff, mypy, import contracts), run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: demo test bench bench-full venv install-runtime install-all browser
+.PHONY: demo test lint bench bench-full venv install-runtime install-all browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ browser:
 demo: install-runtime
 	$(BIN)/nodule-edge demo
 
-test: install-all browser
+# Lint, formatting, types and the import contracts (pyproject.toml: runtime/ and index/ never
+# import train/, export/ or torch; no import cycles), before the tests.
+lint: install-all
+	$(BIN)/ruff check nodule_edge tests benches
+	$(BIN)/ruff format --check nodule_edge tests benches
+	$(BIN)/python -m mypy
+	$(BIN)/lint-imports
+
+test: install-all browser lint
 	$(BIN)/python -m pytest tests -q
 
 bench: install-all

@@ -48,7 +48,12 @@ def test_infer_batch(benchmark, jobs, bundle_dir, tmp_path):
 
     def run():
         out = tmp_path / f"batch{next(counter)}"
-        subprocess.run([_cli(), "infer-batch", str(table), "--out", str(out), "--bundle", str(bundle_dir)], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [_cli(), "infer-batch", str(table), "--out", str(out), "--bundle", str(bundle_dir)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         with (out / "summary.csv").open(newline="") as fh:
             statuses = [row["status"] for row in csv.DictReader(fh)]
         if statuses != ["ok"] * len(jobs):
@@ -65,7 +70,22 @@ def test_infer_separate_runs(benchmark, jobs, bundle_dir, tmp_path):
     def run():
         for _, study, xyz in jobs:
             out = tmp_path / f"single{next(counter)}"
-            subprocess.run([_cli(), "infer", str(study), "--xyz", ",".join(map(str, xyz)), "--out", str(out), "--bundle", str(bundle_dir)], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [
+                    _cli(),
+                    "infer",
+                    str(study),
+                    "--xyz",
+                    ",".join(map(str, xyz)),
+                    "--out",
+                    str(out),
+                    "--bundle",
+                    str(bundle_dir),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
 
     benchmark.pedantic(run, rounds=1, warmup_rounds=0)
     benchmark.extra_info["nodules_per_s"] = round(len(jobs) / benchmark.stats.stats.median, 3)

@@ -95,7 +95,9 @@ def test_cpu_engine(benchmark, candidate: Candidate, batch: int, fp32_onnx, int8
     engine = engines[candidate.name]
     x = np.ascontiguousarray(bench_patches[:batch])
     benchmark.group = f"cpu engine, batch {batch}"
-    benchmark.extra_info.update({"candidate": candidate.name, "batch": batch, "backend": engine.backend, "precision": engine.precision})
+    benchmark.extra_info.update(
+        {"candidate": candidate.name, "batch": batch, "backend": engine.backend, "precision": engine.precision}
+    )
     benchmark.pedantic(engine.run, args=(x,), rounds=ROUNDS[batch], iterations=1, warmup_rounds=2)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["ms_per_patch_median"] = benchmark.stats.stats.median * 1000.0 / batch

@@ -29,14 +29,20 @@ def _records():
     from nodule_edge.manifest import read_unsure_manifest
 
     records = sorted((r for r in read_unsure_manifest(voi_dir) if r.diameter_mm), key=lambda r: r.diameter_mm)
-    return {"small": records[len(records) // 10], "median": records[len(records) // 2], "large": records[(9 * len(records)) // 10]}
+    return {
+        "small": records[len(records) // 10],
+        "median": records[len(records) // 2],
+        "large": records[(9 * len(records)) // 10],
+    }
 
 
 @pytest.mark.parametrize("size", ["small", "median", "large"])
 def test_gradcam_path(benchmark, inferer, size):
     """Inference with its Grad-CAM, VOI file to outputs (the reference of the ratio)."""
     rec = _records()[size]
-    benchmark.pedantic(lambda: inferer.infer(rec.image_path, worlds=[rec.center_lps_mm]), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: inferer.infer(rec.image_path, worlds=[rec.center_lps_mm]), rounds=ROUNDS, warmup_rounds=1
+    )
     benchmark.extra_info["diameter_mm"] = rec.diameter_mm
 
 
@@ -47,5 +53,14 @@ def test_occlusion(benchmark, inferer, size):
 
     rec = _records()[size]
     nodule = inferer.infer(rec.image_path, worlds=[rec.center_lps_mm]).nodules[0]
-    result = benchmark.pedantic(lambda: occlusion_map(inferer.engine.run, nodule.patch, inferer.spec), rounds=ROUNDS, warmup_rounds=1)
-    benchmark.extra_info.update({"diameter_mm": rec.diameter_mm, "block": result.block, "stride": result.stride, "forward_passes": result.forward_passes})
+    result = benchmark.pedantic(
+        lambda: occlusion_map(inferer.engine.run, nodule.patch, inferer.spec), rounds=ROUNDS, warmup_rounds=1
+    )
+    benchmark.extra_info.update(
+        {
+            "diameter_mm": rec.diameter_mm,
+            "block": result.block,
+            "stride": result.stride,
+            "forward_passes": result.forward_passes,
+        }
+    )

@@ -82,7 +82,12 @@ def synthetic_case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     """A 300-slice 512² Explicit VR CT (0.7 mm pixels, 1 mm slices), written once per session."""
     folder = tmp_path_factory.mktemp("frontend") / "ct_512x512x300"
     series = _factory().write_series(
-        folder, n_slices=300, rows=512, cols=512, pixel_spacing=(0.7, 0.7), slice_spacing=1.0,
+        folder,
+        n_slices=300,
+        rows=512,
+        cols=512,
+        pixel_spacing=(0.7, 0.7),
+        slice_spacing=1.0,
         origin=(-179.2, -179.2, -300.0),
     )
     center = series.voxel_to_world((300.4, 200.7, 150.3))
@@ -116,13 +121,20 @@ def naive_patch(folder: Path, center: np.ndarray, spec: PatchSpec = SPEC) -> np.
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     size = [int(math.ceil(e / spec.spacing_mm)) for e in extent]
     iso = sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spec.spacing_mm] * 3,
-        image.GetDirection(), spec.outside_hu, sitk.sitkFloat32,
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        [spec.spacing_mm] * 3,
+        image.GetDirection(),
+        spec.outside_hu,
+        sitk.sitkFloat32,
     )
     del image
-    first = np.asarray(iso.TransformPhysicalPointToIndex(
-        tuple(float(v) for v in center - (spec.size / 2 - 0.5) * spec.spacing_mm)
-    ))
+    first = np.asarray(
+        iso.TransformPhysicalPointToIndex(tuple(float(v) for v in center - (spec.size / 2 - 0.5) * spec.spacing_mm))
+    )
     hu = sitk.GetArrayViewFromImage(iso)
     out = np.full((spec.size,) * 3, spec.outside_hu, dtype=np.float32)
     lo = np.maximum(first, 0)
@@ -178,7 +190,9 @@ def test_decode_roi_slices(benchmark, chest_case: Case, backend: str) -> None:
     roi = study.reference_geometry(chest_case.center, SPEC)
     k0 = roi.index_offset[2]
     headers = study.slices[k0 : k0 + roi.size[2]]
-    benchmark.pedantic(decode_slices, args=(headers,), kwargs={"backend": backend, "threads": 2}, warmup_rounds=1, rounds=5)
+    benchmark.pedantic(
+        decode_slices, args=(headers,), kwargs={"backend": backend, "threads": 2}, warmup_rounds=1, rounds=5
+    )
     benchmark.extra_info.update(study=chest_case.name, slices=len(headers))
 
 

@@ -46,7 +46,13 @@ def test_e2e_inprocess(benchmark, inferer, chest_study, tmp_path):
     def run():
         result = inferer.infer(chest_study, voxels=[POINT])
         t0 = time.perf_counter()
-        write_outputs(result, tmp_path / f"out{next(counter)}", inferer.spec, thumbnails=inferer.thumbnails, index_kind=inferer.index_kind)
+        write_outputs(
+            result,
+            tmp_path / f"out{next(counter)}",
+            inferer.spec,
+            thumbnails=inferer.thumbnails,
+            index_kind=inferer.index_kind,
+        )
         for stage, ms in {**result.timing_ms, "write_outputs": (time.perf_counter() - t0) * 1000}.items():
             stages.setdefault(stage, []).append(ms)
 
@@ -70,11 +76,25 @@ def test_e2e_naive(benchmark, chest_study, bundle_dir):
         volume = reader.Execute()
         spacing = DEFAULT_PATCH_SPEC.spacing_mm
         size = [int(round(sz * sp / spacing)) for sz, sp in zip(volume.GetSize(), volume.GetSpacing())]
-        iso = sitk.Resample(volume, size, sitk.Transform(), sitk.sitkLinear, volume.GetOrigin(), [spacing] * 3, volume.GetDirection(), -1000.0, sitk.sitkFloat32)
+        iso = sitk.Resample(
+            volume,
+            size,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            volume.GetOrigin(),
+            [spacing] * 3,
+            volume.GetDirection(),
+            -1000.0,
+            sitk.sitkFloat32,
+        )
         centre = iso.TransformPhysicalPointToIndex(volume.TransformIndexToPhysicalPoint(POINT))
         half = DEFAULT_PATCH_SPEC.size // 2
         arr = sitk.GetArrayViewFromImage(iso)
-        crop = arr[centre[2] - half : centre[2] + half, centre[1] - half : centre[1] + half, centre[0] - half : centre[0] + half]
+        crop = arr[
+            centre[2] - half : centre[2] + half,
+            centre[1] - half : centre[1] + half,
+            centre[0] - half : centre[0] + half,
+        ]
         x = torch.from_numpy(window_channels(crop, DEFAULT_PATCH_SPEC)[None].copy())
         out = model(x)
         torch.autograd.grad(out.malignancy_probability.sum(), out.features)
@@ -102,7 +122,20 @@ def test_cli_cold_start(benchmark, chest_study, bundle_dir, tmp_path):
     exe = Path(sys.executable).with_name("nodule-edge")
 
     def run():
-        subprocess.run([str(exe), "infer", str(chest_study), "--xyz", ",".join(map(str, POINT)), "--out", str(tmp_path / f"cli{next(counter)}")], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                str(exe),
+                "infer",
+                str(chest_study),
+                "--xyz",
+                ",".join(map(str, POINT)),
+                "--out",
+                str(tmp_path / f"cli{next(counter)}"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
 
@@ -137,7 +170,15 @@ def test_gradcam_extra_cost(benchmark, bundle_dir, patches, tmp_path_factory, ou
 
     source = bundle_dir / "model.onnx"
     path = source
-    names = ["malignancy_probability", "attributes", "segmentation", "saliency", "nodule_attention", "background_attention", "embedding"]
+    names = [
+        "malignancy_probability",
+        "attributes",
+        "segmentation",
+        "saliency",
+        "nodule_attention",
+        "background_attention",
+        "embedding",
+    ]
     if outputs == "without_gradcam":
         names = ["malignancy_probability", "attributes", "segmentation", "embedding"]
         path = tmp_path_factory.mktemp("nocam") / "model_nocam.onnx"
@@ -152,4 +193,8 @@ def test_write_outputs(benchmark, inferer, chest_study, tmp_path):
 
     result = inferer.infer(chest_study, voxels=[POINT])
     counter = iter(range(10_000))
-    benchmark.pedantic(lambda: write_outputs(result, tmp_path / f"w{next(counter)}", inferer.spec, thumbnails=inferer.thumbnails), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: write_outputs(result, tmp_path / f"w{next(counter)}", inferer.spec, thumbnails=inferer.thumbnails),
+        rounds=ROUNDS,
+        warmup_rounds=1,
+    )

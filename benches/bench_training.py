@@ -46,7 +46,9 @@ def _data(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def _augment_before(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment_before(
+    images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The augmentation of commit 31f75e2: z truncation for half the samples, any axis order."""
     out_i, out_m = [], []
     size = images.shape[-1]
@@ -96,7 +98,9 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
             target = F.avg_pool3d(masks.unsqueeze(1), 4)
         else:
             images, masks = augment(images, masks, gen)
-            images = bound_batch(images, masks, torch.ones(n, dtype=torch.bool), DEFAULT_PATCH_SPEC.nodule_box, 0.5, gen, 0.2)
+            images = bound_batch(
+                images, masks, torch.ones(n, dtype=torch.bool), DEFAULT_PATCH_SPEC.nodule_box, 0.5, gen, 0.2
+            )
             target = masks.unsqueeze(1)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)

@@ -24,25 +24,85 @@ from pathlib import Path
 
 #: (label, ours, reference): each side is (test function, substring of the parametrisation id).
 RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
-    ("front end, 300-slice uncompressed: open+patch / naive", ("test_open_and_patch", "synthetic"), ("test_naive", "synthetic")),
-    ("front end, real JPEG Lossless chest: open+patch / naive", ("test_open_and_patch", "chest"), ("test_naive", "chest")),
-    ("front end: ROI patch / whole read + patch (uncompressed)", ("test_roi_patch", "synthetic"), ("test_whole_read_patch", "synthetic")),
-    ("header scan, real chest: dicomsdl / pydicom", ("test_header_reader", "dicomsdl"), ("test_header_reader", "pydicom")),
-    ("ROI decode, real chest: imagecodecs / GDCM", ("test_decode_roi_slices", "imagecodecs"), ("test_decode_roi_slices", "gdcm")),
-    ("ROI decode, real chest: imagecodecs / pydicom", ("test_decode_roi_slices", "imagecodecs"), ("test_decode_roi_slices", "pydicom")),
-    ("index query 1k: hnsw / exact numpy", ("test_hnsw_query_latency", "n=1000]"), ("test_exact_numpy_query_latency", "n=1000]")),
-    ("index query 100k: hnsw / exact numpy", ("test_hnsw_query_latency", "n=100000]"), ("test_exact_numpy_query_latency", "n=100000]")),
-    ("index query 1M: hnsw / exact numpy", ("test_hnsw_query_latency", "n=1000000]"), ("test_exact_numpy_query_latency", "n=1000000]")),
+    (
+        "front end, 300-slice uncompressed: open+patch / naive",
+        ("test_open_and_patch", "synthetic"),
+        ("test_naive", "synthetic"),
+    ),
+    (
+        "front end, real JPEG Lossless chest: open+patch / naive",
+        ("test_open_and_patch", "chest"),
+        ("test_naive", "chest"),
+    ),
+    (
+        "front end: ROI patch / whole read + patch (uncompressed)",
+        ("test_roi_patch", "synthetic"),
+        ("test_whole_read_patch", "synthetic"),
+    ),
+    (
+        "header scan, real chest: dicomsdl / pydicom",
+        ("test_header_reader", "dicomsdl"),
+        ("test_header_reader", "pydicom"),
+    ),
+    (
+        "ROI decode, real chest: imagecodecs / GDCM",
+        ("test_decode_roi_slices", "imagecodecs"),
+        ("test_decode_roi_slices", "gdcm"),
+    ),
+    (
+        "ROI decode, real chest: imagecodecs / pydicom",
+        ("test_decode_roi_slices", "imagecodecs"),
+        ("test_decode_roi_slices", "pydicom"),
+    ),
+    (
+        "index query 1k: hnsw / exact numpy",
+        ("test_hnsw_query_latency", "n=1000]"),
+        ("test_exact_numpy_query_latency", "n=1000]"),
+    ),
+    (
+        "index query 100k: hnsw / exact numpy",
+        ("test_hnsw_query_latency", "n=100000]"),
+        ("test_exact_numpy_query_latency", "n=100000]"),
+    ),
+    (
+        "index query 1M: hnsw / exact numpy",
+        ("test_hnsw_query_latency", "n=1000000]"),
+        ("test_exact_numpy_query_latency", "n=1000000]"),
+    ),
     ("engine batch 1: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-1"), ("test_engine", "cpu-1")),
     ("engine batch 8: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-8"), ("test_engine", "cpu-8")),
-    ("Grad-CAM outputs: all / without saliency (fp32)", ("test_gradcam_extra_cost", "all"), ("test_gradcam_extra_cost", "without_gradcam")),
-    ("end to end, real chest study: in-process / naive (torch eager + autograd CAM)", ("test_e2e_inprocess", ""), ("test_e2e_naive", "")),
+    (
+        "Grad-CAM outputs: all / without saliency (fp32)",
+        ("test_gradcam_extra_cost", "all"),
+        ("test_gradcam_extra_cost", "without_gradcam"),
+    ),
+    (
+        "end to end, real chest study: in-process / naive (torch eager + autograd CAM)",
+        ("test_e2e_inprocess", ""),
+        ("test_e2e_naive", ""),
+    ),
     ("CLI cold start / in-process end to end", ("test_cli_cold_start", ""), ("test_e2e_inprocess", "")),
     ("output writing / in-process end to end", ("test_write_outputs", ""), ("test_e2e_inprocess", "")),
-    ("infer-batch, 20 real nodules: one batch run / 20 infer runs", ("test_infer_batch", ""), ("test_infer_separate_runs", "")),
-    ("occlusion (defaults) / Grad-CAM path, median LIDC nodule", ("test_occlusion", "median"), ("test_gradcam_path", "median")),
-    ("occlusion (defaults) / Grad-CAM path, large LIDC nodule", ("test_occlusion", "large"), ("test_gradcam_path", "large")),
-    ("training step (full bench): now / before the nodule-bounded model", ("test_training_step", "now"), ("test_training_step", "before")),
+    (
+        "infer-batch, 20 real nodules: one batch run / 20 infer runs",
+        ("test_infer_batch", ""),
+        ("test_infer_separate_runs", ""),
+    ),
+    (
+        "occlusion (defaults) / Grad-CAM path, median LIDC nodule",
+        ("test_occlusion", "median"),
+        ("test_gradcam_path", "median"),
+    ),
+    (
+        "occlusion (defaults) / Grad-CAM path, large LIDC nodule",
+        ("test_occlusion", "large"),
+        ("test_gradcam_path", "large"),
+    ),
+    (
+        "training step (full bench): now / before the nodule-bounded model",
+        ("test_training_step", "now"),
+        ("test_training_step", "before"),
+    ),
 ]
 #: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines;
 #: single-round references such as the naive pipeline vary by tens of percent between runs).
@@ -83,7 +143,9 @@ def table(ratios: dict[str, dict[str, float]], results: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for label, r in ratios.items():
-        lines.append(f"| {label} | {r['ours_ms']:.2f} | {r['reference_ms']:.2f} | {r['ratio']:.3f} | {1 / r['ratio']:.1f}× |")
+        lines.append(
+            f"| {label} | {r['ours_ms']:.2f} | {r['reference_ms']:.2f} | {r['ratio']:.3f} | {1 / r['ratio']:.1f}× |"
+        )
     return "\n".join(lines)
 
 

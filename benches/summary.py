@@ -34,7 +34,12 @@ def render(runs: dict[str, dict]) -> str:
         "",
         f"Machine: {cpu.get('brand_raw', machine.get('processor', '?'))}, {cpu.get('count', '?')} cores"
         f" ({', '.join(f for f in ('amx_tile', 'avx512_bf16', 'avx512_vnni') if f in cpu.get('flags', [])) or 'no AMX/bf16 flags'}).",
-        "Runs: " + "; ".join(f"`{n}` (commit {str(r.get('commit_info', {}).get('id', '?'))[:10]}, {r.get('datetime', '')[:16]})" for n, r in runs.items()) + ".",
+        "Runs: "
+        + "; ".join(
+            f"`{n}` (commit {str(r.get('commit_info', {}).get('id', '?'))[:10]}, {r.get('datetime', '')[:16]})"
+            for n, r in runs.items()
+        )
+        + ".",
         "Regenerate: `python benches/summary.py <the runs' JSON> --out <this file>`; the JSON comes from `make bench`.",
         "",
         "## Ratios (ours ÷ reference, same run; lower is better)",
@@ -52,7 +57,12 @@ def render(runs: dict[str, dict]) -> str:
     for bench in dict.fromkeys(name for m in medians.values() for name in m):
         cells = [f"{medians[n][bench]:.2f}" if bench in medians[n] else "—" for n in names]
         lines.append(f"| `{bench}` | " + " | ".join(cells) + " |")
-    stages = [(n, b["name"], b["extra_info"]["stage_median_ms"]) for n, r in runs.items() for b in r["benchmarks"] if "stage_median_ms" in b.get("extra_info", {})]
+    stages = [
+        (n, b["name"], b["extra_info"]["stage_median_ms"])
+        for n, r in runs.items()
+        for b in r["benchmarks"]
+        if "stage_median_ms" in b.get("extra_info", {})
+    ]
     if stages:
         lines += ["", "## Stage medians (ms, `extra_info.stage_median_ms`)", ""]
         for n, bench, st in stages:

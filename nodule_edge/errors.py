@@ -131,6 +131,5 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"'{module}' is needed for this feature but is not installed: "
-            f"pip install 'nodule-edge[{extra}]' ({exc})"
+            f"'{module}' is needed for this feature but is not installed: pip install 'nodule-edge[{extra}]' ({exc})"
         ) from exc

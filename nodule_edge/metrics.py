@@ -45,7 +45,9 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "n": float(len(labels)),
         "accuracy": ratio(tp + tn, len(labels)),
         "auc": roc_auc(labels, probabilities),
-        "f1": ratio(2 * precision * sensitivity, precision + sensitivity) if precision == precision and sensitivity == sensitivity else float("nan"),
+        "f1": ratio(2 * precision * sensitivity, precision + sensitivity)
+        if precision == precision and sensitivity == sensitivity
+        else float("nan"),
         "sensitivity": sensitivity,
         "specificity": ratio(tn, tn + fp),
         "precision": precision,

@@ -72,7 +72,9 @@ class NoduleBox:
 
     def __post_init__(self) -> None:
         if len(self.margin_mm) != 3 or min(self.margin_mm) < 0 or self.jitter_mm < 0:
-            raise ValueError(f"NoduleBox margins must be three values >= 0 and jitter >= 0, got {self.margin_mm}, {self.jitter_mm}")
+            raise ValueError(
+                f"NoduleBox margins must be three values >= 0 and jitter >= 0, got {self.margin_mm}, {self.jitter_mm}"
+            )
         if not 0 < self.threshold < 1:
             raise ValueError(f"NoduleBox threshold must lie in (0, 1), got {self.threshold}")
 
@@ -84,7 +86,13 @@ class NoduleBox:
 
 @dataclass(frozen=True)
 class PatchSpec:
-    """Geometry and intensity definition of the model input.
+    """Geometry and intensity definition of the model input (the one definition; ONNX metadata
+    carries it to the runtime, which reads it from the artifact).
+
+    Example:
+        >>> from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+        >>> PatchSpec.from_json(DEFAULT_PATCH_SPEC.to_json()) == DEFAULT_PATCH_SPEC
+        True
 
     Attributes:
         size: Voxels along each axis of the cube.
@@ -98,9 +106,7 @@ class PatchSpec:
 
     size: int = 64
     spacing_mm: float = 0.5
-    windows: tuple[tuple[float, float], ...] = field(
-        default=((-1000.0, 400.0), (-160.0, 240.0))
-    )
+    windows: tuple[tuple[float, float], ...] = field(default=((-1000.0, 400.0), (-160.0, 240.0)))
     interpolation: Interpolation = "linear"
     outside_hu: float = -1000.0
     nodule_box: NoduleBox | None = None
@@ -131,7 +137,7 @@ class PatchSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PatchSpec":
+    def from_json(cls, text: str) -> PatchSpec:
         """Inverse of :meth:`to_json`; rejects unknown keys."""
         data = json.loads(text)
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -152,7 +158,9 @@ class PatchSpec:
 DEFAULT_PATCH_SPEC = PatchSpec(nodule_box=NoduleBox())
 
 
-def patch_grid(center_lps_mm: np.ndarray | tuple[float, float, float], spec: PatchSpec = DEFAULT_PATCH_SPEC) -> sitk.Image:
+def patch_grid(
+    center_lps_mm: np.ndarray | tuple[float, float, float], spec: PatchSpec = DEFAULT_PATCH_SPEC
+) -> sitk.Image:
     """The cube's voxel grid as an (empty) SimpleITK image: LPS axes, centred on the point."""
     center = np.asarray(center_lps_mm, dtype=np.float64)
     origin = center - (spec.size / 2.0 - 0.5) * spec.spacing_mm
@@ -212,9 +220,7 @@ def resample_mask(
 def window_channels(hu: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.ndarray:
     """Apply the spec's HU windows: ``[..., z, y, x]`` HU → ``[..., C, z, y, x]`` in [0, 1]."""
     hu = np.asarray(hu, dtype=np.float32)
-    channels = [
-        np.clip((hu - low) / (high - low), 0.0, 1.0, dtype=np.float32) for low, high in spec.windows
-    ]
+    channels = [np.clip((hu - low) / (high - low), 0.0, 1.0, dtype=np.float32) for low, high in spec.windows]
     return np.stack(channels, axis=-4)
 
 
@@ -259,7 +265,9 @@ def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> tuple[np.
     return component.min(axis=0), component.max(axis=0)
 
 
-def box_keep_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray, margin_voxels: np.ndarray) -> np.ndarray:
+def box_keep_mask(
+    shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray, margin_voxels: np.ndarray
+) -> np.ndarray:
     """Boolean ``[z, y, x]`` mask of the voxels inside ``[low − margin, high + margin]`` per axis."""
     keep = np.ones(shape, dtype=bool)
     for axis in range(3):
@@ -271,7 +279,9 @@ def box_keep_mask(shape: tuple[int, int, int], low: np.ndarray, high: np.ndarray
     return keep
 
 
-def bound_to_nodule(patch: np.ndarray, segmentation: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> tuple[np.ndarray, bool]:
+def bound_to_nodule(
+    patch: np.ndarray, segmentation: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC
+) -> tuple[np.ndarray, bool]:
     """Apply the spec's nodule box (runtime margins) to a windowed patch ``[C, S, S, S]``.
 
     Voxels outside the box take the windowed value of ``spec.outside_hu`` (air), exactly as the

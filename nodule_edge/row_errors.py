@@ -111,4 +111,8 @@ class RowErrors:
             return
         first = self.failures[0]
         where = f"; reasons in {errors_csv}" if errors_csv is not None else ""
-        raise RowsFailedError(f"{len(self.failures)} of {total} {noun} failed (first: {first.id}: {first.reason}){where}", failed=len(self.failures), total=total)
+        raise RowsFailedError(
+            f"{len(self.failures)} of {total} {noun} failed (first: {first.id}: {first.reason}){where}",
+            failed=len(self.failures),
+            total=total,
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +49,9 @@ def make_voi_dir(root: Path, n: int = 6, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     (root / "image").mkdir(parents=True, exist_ok=True)
     (root / "mask").mkdir(exist_ok=True)
-    header = ["voi_id", "patient_id", "center_x_mm", "center_y_mm", "center_z_mm", "diameter_mm"] + [f"{a}_mean" for a in ATTRIBUTE_NAMES]
+    header = ["voi_id", "patient_id", "center_x_mm", "center_y_mm", "center_z_mm", "diameter_mm"] + [
+        f"{a}_mean" for a in ATTRIBUTE_NAMES
+    ]
     rows = []
     for i in range(n):
         malignant = i % 2 == 0
@@ -59,7 +60,11 @@ def make_voi_dir(root: Path, n: int = 6, seed: int = 0) -> Path:
         spacing = (0.8, 0.8, 2.0)
         z, y, x = np.mgrid[: size[2], : size[1], : size[0]]
         centre_idx = np.array([20, 20, 8])
-        d = np.sqrt(((x - centre_idx[0]) * spacing[0]) ** 2 + ((y - centre_idx[1]) * spacing[1]) ** 2 + ((z - centre_idx[2]) * spacing[2]) ** 2)
+        d = np.sqrt(
+            ((x - centre_idx[0]) * spacing[0]) ** 2
+            + ((y - centre_idx[1]) * spacing[1]) ** 2
+            + ((z - centre_idx[2]) * spacing[2]) ** 2
+        )
         mask = d <= radius
         hu = rng.normal(-850, 30, mask.shape)
         hu[mask] = rng.normal(30, 10, mask.sum())
@@ -103,8 +108,12 @@ def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("bundle")
     # The spec the trainer records: the runtime runs this bundle's model in two passes.
-    save_checkpoint(root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json()})
-    return build_bundle(root / "ckpt.safetensors", root / "bundle", index_manifest_dir=synthetic_voi_dir, cpu_engine=False)
+    save_checkpoint(
+        root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json()}
+    )
+    return build_bundle(
+        root / "ckpt.safetensors", root / "bundle", index_manifest_dir=synthetic_voi_dir, cpu_engine=False
+    )
 
 
 def _has_cuda() -> bool:

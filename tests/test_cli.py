@@ -28,8 +28,18 @@ from nodule_edge.cli import main
 
 ENTRY_POINT = Path(sys.executable).with_name("nodule-edge")
 CSV_HEADER = [
-    "voi_id", "malignancy_probability", "subtlety", "sphericity", "margin", "lobulation",
-    "spiculation", "malignancy", "dice", "nodule_attention", "background_attention", "retrieval_score",
+    "voi_id",
+    "malignancy_probability",
+    "subtlety",
+    "sphericity",
+    "margin",
+    "lobulation",
+    "spiculation",
+    "malignancy",
+    "dice",
+    "nodule_attention",
+    "background_attention",
+    "retrieval_score",
     "quality_flags",
 ]
 
@@ -46,7 +56,9 @@ def _cli_env(bundle: Path | None = None) -> dict[str, str]:
 def run_entry_point(*args: str, bundle: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     if not ENTRY_POINT.exists():  # pragma: no cover - not installed in this interpreter
         pytest.skip(f"the nodule-edge entry point is not installed beside {sys.executable}")
-    return subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, timeout=timeout, env=_cli_env(bundle))
+    return subprocess.run(
+        [str(ENTRY_POINT), *args], capture_output=True, text=True, timeout=timeout, env=_cli_env(bundle)
+    )
 
 
 @pytest.fixture
@@ -156,7 +168,9 @@ def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
         assert isinstance(n["center_slice"]["sop_instance_uid"], str) and n["center_slice"]["sop_instance_uid"]
         assert n["center_slice"]["instance_number"] == round(n["xyz_voxel"][2]) + 1
         assert 0.0 <= n["malignancy_probability"] <= 1.0
-        assert isinstance(n["model_input"]["nodule_bounded"], bool) and isinstance(n["model_input"]["first_pass_found_nodule"], bool)
+        assert isinstance(n["model_input"]["nodule_bounded"], bool) and isinstance(
+            n["model_input"]["first_pass_found_nodule"], bool
+        )
         assert list(n["attributes"]) == list(ATTRIBUTE_NAMES)
         assert all(1.0 <= v <= 5.0 for v in n["attributes"].values())
         seg = n["segmentation"]
@@ -185,8 +199,16 @@ def infer_run(tiny_bundle, demo_study, tmp_path_factory):
     folder, (x, y, z) = demo_study
     out = tmp_path_factory.mktemp("cli") / "out"
     proc = run_entry_point(
-        "infer", str(folder), "--xyz", f"{x},{y},{z}", "--world", "70.0,56.0,25.0",
-        "--out", str(out), "--bundle", str(tiny_bundle),
+        "infer",
+        str(folder),
+        "--xyz",
+        f"{x},{y},{z}",
+        "--world",
+        "70.0,56.0,25.0",
+        "--out",
+        str(out),
+        "--bundle",
+        str(tiny_bundle),
     )
     return proc, out
 
@@ -204,11 +226,15 @@ def test_infer_end_to_end_writes_report_nifti_and_png(infer_run, demo_study):
     assert "malignancy probability" in proc.stdout and "nodule 1" in proc.stdout
 
     names = sorted(p.name for p in out.iterdir())
-    expected = {"report.json"} | {f"nodule{i}_{k}" for i in range(2) for k in ("segmentation.nii.gz", "saliency.nii.gz", "overlay.png", "similar.png")}
+    expected = {"report.json"} | {
+        f"nodule{i}_{k}"
+        for i in range(2)
+        for k in ("segmentation.nii.gz", "saliency.nii.gz", "overlay.png", "similar.png")
+    }
     assert set(names) == expected
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
-    for i, n in enumerate(report["nodules"]):
+    for _i, n in enumerate(report["nodules"]):
         seg = sitk.ReadImage(str(out / n["segmentation"]["file"]))
         sal = sitk.ReadImage(str(out / n["saliency"]["file"]))
         # The study's own lattice: same spacing and orientation, covering the nodule centre.
@@ -372,7 +398,19 @@ def test_several_series_need_a_choice_and_the_option_the_message_names_works(run
 
 def test_missing_bundle(runner, demo_study, tmp_path):
     folder, (x, y, z) = demo_study
-    result = runner.invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--bundle", str(tmp_path / "no-bundle")])
+    result = runner.invoke(
+        main,
+        [
+            "infer",
+            str(folder),
+            "--xyz",
+            f"{x},{y},{z}",
+            "--out",
+            str(tmp_path / "o"),
+            "--bundle",
+            str(tmp_path / "no-bundle"),
+        ],
+    )
     message = assert_clean_error(result, 4)
     assert "no-bundle" in message and "does not exist" in message
     assert not (tmp_path / "o").exists()
@@ -380,10 +418,14 @@ def test_missing_bundle(runner, demo_study, tmp_path):
 
 def test_unavailable_backend_is_a_clean_error(runner, use_bundle, demo_study, tmp_path):
     folder, (x, y, z) = demo_study
-    result = runner.invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--backend", "tensorrt"])
+    result = runner.invoke(
+        main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--backend", "tensorrt"]
+    )
     message = assert_clean_error(result)
     assert "TensorRT" in message
-    result = runner.invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--backend", "quantum"])
+    result = runner.invoke(
+        main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), "--backend", "quantum"]
+    )
     assert result.exit_code == 2 and "quantum" in result.output
 
 
@@ -396,7 +438,9 @@ def built_index(tiny_bundle, synthetic_voi_dir, tmp_path_factory):
     env_before = os.environ.get("NODULE_EDGE_THREADS")
     os.environ["NODULE_EDGE_THREADS"] = "1"
     try:
-        result = CliRunner().invoke(main, ["index", "build", str(synthetic_voi_dir), "--out", str(out), "--bundle", str(tiny_bundle)])
+        result = CliRunner().invoke(
+            main, ["index", "build", str(synthetic_voi_dir), "--out", str(out), "--bundle", str(tiny_bundle)]
+        )
     finally:
         if env_before is None:
             os.environ.pop("NODULE_EDGE_THREADS", None)
@@ -414,7 +458,9 @@ def test_index_build(built_index):
 
 def test_index_query(runner, built_index):
     _, out = built_index
-    result = runner.invoke(main, ["index", "query", str(out), "--attributes", "4.5,2.5,2,3.5,3,4.5", "-k", "3", "--json"])
+    result = runner.invoke(
+        main, ["index", "query", str(out), "--attributes", "4.5,2.5,2,3.5,3,4.5", "-k", "3", "--json"]
+    )
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert len(answer["neighbours"]) == 3
@@ -518,7 +564,11 @@ def test_evaluate_writes_the_csv(runner, use_bundle, synthetic_voi_dir, tmp_path
         assert all(1 <= float(v) <= 5 for v in row[2:8])
         assert 0 <= float(row[8]) <= 1  # dice: masks exist
         assert 0 <= float(row[11]) <= 1
-    assert "nodules: 2" in result.stdout and "failed: 0" in result.stdout and f"predictions written to {out}" in result.stdout
+    assert (
+        "nodules: 2" in result.stdout
+        and "failed: 0" in result.stdout
+        and f"predictions written to {out}" in result.stdout
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.csv", "predictions.csv"]
     assert (tmp_path / "errors.csv").read_text().splitlines() == ["id,error,reason"]
 
@@ -556,7 +606,9 @@ def test_evaluate_fail_fast_stops_and_writes_nothing(runner, use_bundle, synthet
     voi = break_voi_dir(synthetic_voi_dir, tmp_path / "voi", outside="SYN-0001_R_1")
     out = tmp_path / "out"
     out.mkdir()
-    result = runner.invoke(main, ["evaluate", str(voi), "--out", str(out / "p.csv"), "--limit", "3", "--fail-fast", "--report"])
+    result = runner.invoke(
+        main, ["evaluate", str(voi), "--out", str(out / "p.csv"), "--limit", "3", "--fail-fast", "--report"]
+    )
     assert_clean_error(result, 2, one_line=False)
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and "SYN-0001_R_1" in errors[0] and "outside the volume" in errors[0], result.stderr
@@ -564,7 +616,9 @@ def test_evaluate_fail_fast_stops_and_writes_nothing(runner, use_bundle, synthet
     assert "failed:" not in result.stdout
 
 
-def test_evaluate_report_without_matplotlib_fails_before_the_run(runner, use_bundle, synthetic_voi_dir, tmp_path, monkeypatch):
+def test_evaluate_report_without_matplotlib_fails_before_the_run(
+    runner, use_bundle, synthetic_voi_dir, tmp_path, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = runner.invoke(main, ["evaluate", str(synthetic_voi_dir), "--out", str(tmp_path / "p.csv"), "--report"])
     message = assert_clean_error(result, 8)  # one line: refused before the progress bar starts
@@ -582,11 +636,15 @@ def test_evaluate_report_beside_the_csv_or_at_a_path(runner, use_bundle, synthet
     assert f"report written to {tmp_path / 'evaluation.html'}" in result.stdout
     # An explicit path (given before the positional argument); its folder must exist, checked before the run.
     mine = tmp_path / "reports" / "run1.html"
-    result = runner.invoke(main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"])
+    result = runner.invoke(
+        main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"]
+    )
     message = assert_clean_error(result, 7)
     assert "reports" in message and "evaluation" not in result.stdout
     (tmp_path / "reports").mkdir()
-    result = runner.invoke(main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"])
+    result = runner.invoke(
+        main, ["evaluate", "--report", str(mine), str(synthetic_voi_dir), "--out", str(out), "--limit", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert mine.is_file()
 
@@ -610,7 +668,10 @@ class _Exited(Exception):
         self.code = code
 
 
-@pytest.mark.parametrize(("raised", "expected"), [(None, 0), (SystemExit(0), 0), (SystemExit(None), 0), (SystemExit(3), 3), (SystemExit("boom"), 1)])
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [(None, 0), (SystemExit(0), 0), (SystemExit(None), 0), (SystemExit(3), 3), (SystemExit("boom"), 1)],
+)
 def test_entry_point_keeps_the_exit_code_and_skips_exit_handlers(monkeypatch, capsys, raised, expected):
     """The console script ends with os._exit (SimpleITK's static destructors can hang at exit)."""
     import nodule_edge.cli as cli
@@ -637,5 +698,10 @@ def test_console_script_flushes_piped_output():
         pytest.skip("the nodule-edge entry point is not installed")
     done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("nodule-edge, version")
-    bad = subprocess.run([str(exe), "infer", "/no/such/study", "--xyz", "1,2,3", "--out", "x"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(exe), "infer", "/no/such/study", "--xyz", "1,2,3", "--out", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -24,7 +24,8 @@ from tests.runtime.dicom_factory import write_series
 ENTRY_POINT = Path(sys.executable).with_name("nodule-edge")
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("imagecodecs") is None, reason="the synthetic JPEG Lossless series is encoded with imagecodecs"
+    importlib.util.find_spec("imagecodecs") is None,
+    reason="the synthetic JPEG Lossless series is encoded with imagecodecs",
 )
 
 
@@ -32,7 +33,11 @@ pytestmark = pytest.mark.skipif(
 def damaged_study(tmp_path_factory) -> tuple[Path, Path]:
     """A 40-slice JPEG Lossless series whose middle slice's Huffman table is zeroed; and that slice."""
     series = write_series(
-        tmp_path_factory.mktemp("damaged") / "study", n_slices=40, slice_spacing=1.0, transfer_syntax=JPEGLosslessSV1, shuffle_seed=None
+        tmp_path_factory.mktemp("damaged") / "study",
+        n_slices=40,
+        slice_spacing=1.0,
+        transfer_syntax=JPEGLosslessSV1,
+        shuffle_seed=None,
     )
     victim = series.paths[20]
     data = victim.read_bytes()
@@ -109,7 +114,9 @@ def test_itk_warnings_are_shown_only_with_v(verbosity, shown, tmp_path):
     before = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(not shown)
     try:
-        result = CliRunner().invoke(main, [*verbosity, "infer", str(tmp_path / "missing"), "--xyz", "1,2,3", "--out", str(tmp_path / "out")])
+        result = CliRunner().invoke(
+            main, [*verbosity, "infer", str(tmp_path / "missing"), "--xyz", "1,2,3", "--out", str(tmp_path / "out")]
+        )
         assert result.exit_code == 2  # the study path does not exist: parsed after the group's setup
         assert sitk.ProcessObject.GetGlobalWarningDisplay() is shown
     finally:

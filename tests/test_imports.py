@@ -66,7 +66,9 @@ def test_runtime_and_index_modules_import_neither_export_train_nor_torch():
         print(json.dumps({"modules": names, "banned": banned}))
         """
     )
-    assert "nodule_edge.runtime.engines.tensorrt" in loaded["modules"] and "nodule_edge.index.store" in loaded["modules"]
+    assert (
+        "nodule_edge.runtime.engines.tensorrt" in loaded["modules"] and "nodule_edge.index.store" in loaded["modules"]
+    )
     assert loaded["banned"] == []
 
 
@@ -88,4 +90,3 @@ def test_inferer_construction_and_inference_do_not_import_torch(tiny_bundle, tmp
         """
     )
     assert loaded == {"torch": False, "train": False, "n": 1}
-

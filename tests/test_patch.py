@@ -39,7 +39,11 @@ def test_spec_json_of_an_older_model_reads_the_whole_cube() -> None:
 
 @pytest.mark.parametrize(
     ("box", "needle"),
-    [({"margin_mm": [0, 4, 4], "wobble": 1}, "wobble"), ({"margin_mm": [0, -1, 4]}, "margins"), ({"threshold": 1.5}, "threshold")],
+    [
+        ({"margin_mm": [0, 4, 4], "wobble": 1}, "wobble"),
+        ({"margin_mm": [0, -1, 4]}, "margins"),
+        ({"threshold": 1.5}, "threshold"),
+    ],
 )
 def test_bad_nodule_box_json_is_refused(box: dict, needle: str) -> None:
     data = json.loads(DEFAULT_PATCH_SPEC.to_json())
@@ -113,7 +117,12 @@ def test_training_path_and_runtime_path_bound_identically() -> None:
     patches = rng.uniform(0.05, 1.0, (3, 2, SIZE, SIZE, SIZE)).astype(np.float32)
     masks = np.stack([_ball((30, 33, 29), 6), _ball((20, 40, 35), 2.5), _ball((31.5, 31.5, 31.5), 12)])
     trained = bound_batch(
-        torch.from_numpy(patches), torch.from_numpy(masks), torch.ones(3, dtype=torch.bool), DEFAULT_PATCH_SPEC.nodule_box, DEFAULT_PATCH_SPEC.spacing_mm, None
+        torch.from_numpy(patches),
+        torch.from_numpy(masks),
+        torch.ones(3, dtype=torch.bool),
+        DEFAULT_PATCH_SPEC.nodule_box,
+        DEFAULT_PATCH_SPEC.spacing_mm,
+        None,
     ).numpy()
     for i in range(3):
         runtime, found = bound_to_nodule(patches[i], masks[i])

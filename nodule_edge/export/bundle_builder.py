@@ -43,7 +43,10 @@ def index_from_predictions(records: list[Any], outputs: dict[str, np.ndarray], k
         for i, r in enumerate(records)
     ]
     vectors = np.stack(
-        [vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i])) for i in range(len(records))]
+        [
+            vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i]))
+            for i in range(len(records))
+        ]
     )
     index = AttributeIndex.create(kind, capacity=max(len(records), 16))
     index.add(entries, vectors)
@@ -93,7 +96,10 @@ def build_bundle(
         result = export_onnx(checkpoint, tmp / "model.onnx", extra_metadata={"metrics": metrics or {}})
         artifacts["onnx_fp32"] = "model.onnx"
         spec = PatchSpec.from_json(result.metadata["patch_spec"])
-        extra: dict[str, Any] = {"model_version": result.metadata["model_version"], "patch_spec": json.loads(spec.to_json())}
+        extra: dict[str, Any] = {
+            "model_version": result.metadata["model_version"],
+            "patch_spec": json.loads(spec.to_json()),
+        }
         if explanations is not None:
             # The runtime's Grad-CAM/occlusion agreement threshold (README, Explanations).
             extra["explanations"] = explanations
@@ -115,10 +121,18 @@ def build_bundle(
             from nodule_edge.export.int8 import build_cpu_engine
 
             if patches is None:
-                raise BundleError("the INT8 CPU engine is calibrated on real patches: pass --index-from VOI_DIR (or --no-cpu-engine)")
+                raise BundleError(
+                    "the INT8 CPU engine is calibrated on real patches: pass --index-from VOI_DIR (or --no-cpu-engine)"
+                )
 
             say("building the fast CPU engine")
-            calib = None if patches is None else patches[np.random.default_rng(0).choice(len(patches), min(64, len(patches)), replace=False)].astype(np.float32)
+            calib = (
+                None
+                if patches is None
+                else patches[
+                    np.random.default_rng(0).choice(len(patches), min(64, len(patches)), replace=False)
+                ].astype(np.float32)
+            )
             engine_path = build_cpu_engine(tmp / "model.onnx", tmp, calib)
             artifacts["cpu_engine"] = Path(engine_path).name
         if records is not None and patches is not None:
@@ -151,7 +165,9 @@ def _auc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _choose_and_save_index(records: list[Any], outputs: dict[str, np.ndarray], tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def _choose_and_save_index(
+    records: list[Any], outputs: dict[str, np.ndarray], tmp: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
     from nodule_edge.index import evaluate_retrieval
 
     labelled = [i for i, r in enumerate(records) if r.label is not None]
@@ -161,16 +177,32 @@ def _choose_and_save_index(records: list[Any], outputs: dict[str, np.ndarray], t
     from nodule_edge.index import vector_for
 
     for kind in ("attributes", "machine_expert"):
-        vectors = np.stack([vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i])) for i in range(len(records))])
+        vectors = np.stack(
+            [
+                vector_for(kind, outputs["attributes"][i], float(outputs["malignancy_probability"][i]))
+                for i in range(len(records))
+            ]
+        )
         # Leave-one-patient-out: a query never retrieves its own patient's other nodules.
-        ev = evaluate_retrieval(kind, vectors, [r.label for r in records], [r.id for r in records], k=20, groups=[r.patient_id for r in records])
+        ev = evaluate_retrieval(
+            kind,
+            vectors,
+            [r.label for r in records],
+            [r.id for r in records],
+            k=20,
+            groups=[r.patient_id for r in records],
+        )
         evaluations[kind] = ev
-        say(f"retrieval ({kind}): leave-one-patient-out AUC {ev.auc:.3f}, accuracy {ev.accuracy:.3f} (index nodules, model outputs)")
+        say(
+            f"retrieval ({kind}): leave-one-patient-out AUC {ev.auc:.3f}, accuracy {ev.accuracy:.3f} (index nodules, model outputs)"
+        )
     best = max(evaluations, key=lambda k: evaluations[k].auc or 0.0)
     index_from_predictions(records, outputs, best).save(tmp / "index")
     return {
         "kind": best,
         "entries": len(records),
-        "evaluation": {k: {"auc": v.auc, "accuracy": v.accuracy, "n_evaluated": v.n_evaluated} for k, v in evaluations.items()},
+        "evaluation": {
+            k: {"auc": v.auc, "accuracy": v.accuracy, "n_evaluated": v.n_evaluated} for k, v in evaluations.items()
+        },
         "evaluation_note": "leave-one-patient-out over the index nodules with the shipped model's outputs (the model was trained on them: optimistic)",
     }

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from nodule_edge import __version__
+from nodule_edge._files import atomic_file
+from nodule_edge._files import sha256_file as file_sha256
 from nodule_edge.attributes import ATTRIBUTE_NAMES, RATING_MAX, RATING_MIN
 from nodule_edge.errors import require
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
-from nodule_edge._files import atomic_file
-from nodule_edge._files import sha256_file as file_sha256
 
 __all__ = ["OUTPUT_NAMES", "INPUT_NAME", "ExportResult", "export_onnx", "file_sha256", "build_export_module"]
 

@@ -115,16 +115,22 @@ class TritonRepository:
 def _tensor(value_info: Any, batched: bool, onnx: Any, source: str) -> TritonTensor:
     name = value_info.name
     if not _SAFE_NAME.match(name):
-        raise ConfigError(f"{source}: tensor name {name!r} cannot be used in a Triton config (letters, digits, '_', '.', '-')")
+        raise ConfigError(
+            f"{source}: tensor name {name!r} cannot be used in a Triton config (letters, digits, '_', '.', '-')"
+        )
     ttype = value_info.type
     if not ttype.HasField("tensor_type"):
-        raise ConfigError(f"{source}: {name!r} is not a tensor (sequence/map values are not supported by this exporter)")
+        raise ConfigError(
+            f"{source}: {name!r} is not a tensor (sequence/map values are not supported by this exporter)"
+        )
     elem = onnx.TensorProto.DataType.Name(ttype.tensor_type.elem_type)
     data_type = _ONNX_TO_TRITON.get(elem)
     if data_type is None:
         raise ConfigError(f"{source}: {name!r} has ONNX type {elem}, which Triton cannot serve")
     if not ttype.tensor_type.HasField("shape"):
-        raise ConfigError(f"{source}: {name!r} has no shape in the ONNX graph; export with shapes (onnx.shape_inference) first")
+        raise ConfigError(
+            f"{source}: {name!r} has no shape in the ONNX graph; export with shapes (onnx.shape_inference) first"
+        )
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.tensor_type.shape.dim]
     if not batched:
         if not dims:
@@ -133,14 +139,18 @@ def _tensor(value_info: Any, batched: bool, onnx: Any, source: str) -> TritonTen
     first = ttype.tensor_type.shape.dim[0] if dims else None
     if first is None or first.HasField("dim_value"):
         shown = [d.dim_param or d.dim_value for d in ttype.tensor_type.shape.dim]
-        raise ConfigError(f"{source}: {name!r} has shape {shown}; with max_batch_size > 0 its first dimension must be a dynamic batch dimension")
+        raise ConfigError(
+            f"{source}: {name!r} has shape {shown}; with max_batch_size > 0 its first dimension must be a dynamic batch dimension"
+        )
     rest = tuple(dims[1:])
     if not rest:
         return TritonTensor(name, data_type, (1,), ())
     return TritonTensor(name, data_type, rest)
 
 
-def triton_tensors_from_onnx(model: Any, max_batch_size: int = 16) -> tuple[tuple[TritonTensor, ...], tuple[TritonTensor, ...]]:
+def triton_tensors_from_onnx(
+    model: Any, max_batch_size: int = 16
+) -> tuple[tuple[TritonTensor, ...], tuple[TritonTensor, ...]]:
     """Triton inputs and outputs of an ONNX model, read from its graph.
 
     Args:
@@ -163,7 +173,9 @@ def triton_tensors_from_onnx(model: Any, max_batch_size: int = 16) -> tuple[tupl
     inputs = tuple(_tensor(v, batched, onnx, source) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_tensor(v, batched, onnx, source) for v in model.graph.output)
     if not inputs or not outputs:
-        raise ConfigError(f"{source}: the graph has {len(inputs)} input(s) and {len(outputs)} output(s); both are needed")
+        raise ConfigError(
+            f"{source}: the graph has {len(inputs)} input(s) and {len(outputs)} output(s); both are needed"
+        )
     return inputs, outputs
 
 
@@ -237,9 +249,13 @@ def render_config_pbtxt(
     return "\n".join(lines) + "\n"
 
 
-def _check_args(model_name: str, max_batch_size: int, instance_count: int, instance_kind: str, max_queue_delay_microseconds: int) -> None:
+def _check_args(
+    model_name: str, max_batch_size: int, instance_count: int, instance_kind: str, max_queue_delay_microseconds: int
+) -> None:
     if not _SAFE_NAME.match(model_name):
-        raise ConfigError(f"Triton model name {model_name!r} must be letters, digits, '_', '.', '-' (it becomes a folder name)")
+        raise ConfigError(
+            f"Triton model name {model_name!r} must be letters, digits, '_', '.', '-' (it becomes a folder name)"
+        )
     if not isinstance(max_batch_size, int) or max_batch_size < 0:
         raise ConfigError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
     if not isinstance(instance_count, int) or instance_count < 1:
@@ -307,7 +323,9 @@ def write_triton_repository(
     from onnx.external_data_helper import uses_external_data
 
     if any(uses_external_data(t) for t in model.graph.initializer):
-        raise ConfigError(f"{onnx_path} keeps its weights in external data files; export a single-file model for Triton")
+        raise ConfigError(
+            f"{onnx_path} keeps its weights in external data files; export a single-file model for Triton"
+        )
     inputs, outputs = triton_tensors_from_onnx(model, max_batch_size)
 
     sidecar = None
@@ -320,18 +338,26 @@ def write_triton_repository(
         if sidecar_path_for(engine).is_file():
             sidecar = EngineSidecar.read(sidecar_path_for(engine))
             if sidecar.onnx_sha256 != sha256_file(onnx_path):
-                raise EngineError(f"TensorRT engine {engine} was built from another ONNX model than {onnx_path} (sha256 differs); rebuild it")
+                raise EngineError(
+                    f"TensorRT engine {engine} was built from another ONNX model than {onnx_path} (sha256 differs); rebuild it"
+                )
             if max_batch_size > sidecar.profile[2]:
-                raise EngineError(f"max_batch_size {max_batch_size} exceeds the engine's optimisation profile maximum {sidecar.profile[2]}")
+                raise EngineError(
+                    f"max_batch_size {max_batch_size} exceeds the engine's optimisation profile maximum {sidecar.profile[2]}"
+                )
         else:
-            log.warning("TensorRT engine %s has no sidecar: its TensorRT version and GPU cannot be recorded or checked", engine)
+            log.warning(
+                "TensorRT engine %s has no sidecar: its TensorRT version and GPU cannot be recorded or checked", engine
+            )
 
     names = [model_name] + ([f"{model_name}_trt"] if engine is not None else [])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             if (out_dir / name).exists() and not overwrite:
-                raise OutputError(f"Triton model folder {out_dir / name} already exists (pass overwrite=True to replace it)")
+                raise OutputError(
+                    f"Triton model folder {out_dir / name} already exists (pass overwrite=True to replace it)"
+                )
         staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
     except OSError as exc:
         raise OutputError(f"cannot create Triton repository {out_dir}: {exc}") from exc
@@ -373,7 +399,9 @@ def write_triton_repository(
         for name in names:
             # Checked again here: another writer may have created the folder meanwhile.
             if (out_dir / name).exists() and not overwrite:
-                raise OutputError(f"Triton model folder {out_dir / name} already exists (pass overwrite=True to replace it)")
+                raise OutputError(
+                    f"Triton model folder {out_dir / name} already exists (pass overwrite=True to replace it)"
+                )
             swap_folder(staging / name, out_dir / name)
     except OSError as exc:
         raise OutputError(f"cannot write Triton repository {out_dir}: {exc}") from exc

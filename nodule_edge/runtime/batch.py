@@ -129,7 +129,9 @@ def read_jobs(path: str | Path) -> list[BatchJob]:
             reader = csv.DictReader(fh)
             missing = [c for c in JOB_COLUMNS if c != "series_uid" and c not in (reader.fieldnames or [])]
             if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(JOB_COLUMNS)} (series_uid optional)")
+                raise DataError(
+                    f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(JOB_COLUMNS)} (series_uid optional)"
+                )
             rows = list(enumerate(reader, start=2))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
@@ -141,7 +143,9 @@ def read_jobs(path: str | Path) -> list[BatchJob]:
         where = f"{path}:{line}"
         job_id = (row.get("job_id") or "").strip()
         if not _JOB_ID.fullmatch(job_id):
-            raise DataError(f"{where}: job_id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the job's folder) and not start with '.' or '-'")
+            raise DataError(
+                f"{where}: job_id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-' (it names the job's folder) and not start with '.' or '-'"
+            )
         if job_id in seen:
             raise DataError(f"{where}: job_id {job_id!r} repeats line {seen[job_id]}")
         seen[job_id] = line
@@ -270,7 +274,16 @@ def run_batch(
             for job, nodule in zip(part, result.nodules):
                 single = replace(result, nodules=[nodule])
                 try:
-                    write_outputs(single, out / job.id, inferer.spec, thumbnails=inferer.thumbnails, index_kind=inferer.index_kind, overwrite=True, full_grid=full_grid, extra_writers=extra_writers)
+                    write_outputs(
+                        single,
+                        out / job.id,
+                        inferer.spec,
+                        thumbnails=inferer.thumbnails,
+                        index_kind=inferer.index_kind,
+                        overwrite=True,
+                        full_grid=full_grid,
+                        extra_writers=extra_writers,
+                    )
                     written += 1
                 except OutputError:
                     raise
@@ -292,7 +305,9 @@ def run_batch(
     errors.sort([j.id for j in jobs])
     summary_csv = _write_summary(out, jobs, errors)
     errors_csv = errors.write_csv(out / "errors.csv")
-    return BatchOutcome(total=total, done=done, skipped=skipped, errors=errors, summary_csv=summary_csv, errors_csv=errors_csv)
+    return BatchOutcome(
+        total=total, done=done, skipped=skipped, errors=errors, summary_csv=summary_csv, errors_csv=errors_csv
+    )
 
 
 def _infer_jobs(inferer: NoduleInferer, study: Any, jobs: list[BatchJob]) -> StudyResult:
@@ -301,7 +316,9 @@ def _infer_jobs(inferer: NoduleInferer, study: Any, jobs: list[BatchJob]) -> Stu
     worlds = [j.point for j in jobs if j.space == "world"]
     result = inferer.infer(study, voxels=voxels, worlds=worlds)
     # infer returns voxel points first, then world points: put them back in job order.
-    order = [i for i, j in enumerate(jobs) if j.space == "voxel"] + [i for i, j in enumerate(jobs) if j.space == "world"]
+    order = [i for i, j in enumerate(jobs) if j.space == "voxel"] + [
+        i for i, j in enumerate(jobs) if j.space == "world"
+    ]
     nodules: list[Any] = [None] * len(jobs)
     for slot, nodule in zip(order, result.nodules):
         nodules[slot] = nodule

@@ -36,7 +36,16 @@ def default_bundle_path() -> Path:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle.
+    """A verified bundle: paths and manifest only; the artifacts load where they are used.
+
+    :func:`load_bundle` reads ``manifest.json`` and hashes every file against it up front; the
+    ONNX models, the index and the thumbnails are read later by the engine and the inferer.
+
+    Example:
+        >>> from nodule_edge.runtime.bundle import load_bundle
+        >>> bundle = load_bundle()  # the shipped bundle, every sha256 checked
+        >>> bundle.path("onnx_fp32").name
+        'model.onnx'
 
     Attributes:
         root: Bundle folder.
@@ -102,7 +111,9 @@ def load_bundle(root: str | Path | None = None) -> Bundle:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{manifest_path}: unknown bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {BUNDLE_FORMAT!r}")
+        raise BundleError(
+            f"{manifest_path}: unknown bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {BUNDLE_FORMAT!r}"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{manifest_path}: no 'files' checksums listed")
@@ -112,7 +123,9 @@ def load_bundle(root: str | Path | None = None) -> Bundle:
             raise BundleError(f"bundle file {path} is missing (listed in {MANIFEST})")
         actual = sha256_file(path)
         if actual != expected:
-            raise BundleError(f"bundle file {path} has sha256 {actual[:16]}…, manifest says {str(expected)[:16]}…: the bundle was modified or corrupted")
+            raise BundleError(
+                f"bundle file {path} has sha256 {actual[:16]}…, manifest says {str(expected)[:16]}…: the bundle was modified or corrupted"
+            )
     extra = sorted(_listed_files(root) - set(files) - {MANIFEST})
     if extra:
         raise BundleError(f"bundle {root} contains files its manifest does not list: {', '.join(extra[:5])}")

@@ -98,7 +98,7 @@ _TYPE2_PATIENT_STUDY = (
 )
 
 
-def dicom_writer(inferer: "NoduleInferer") -> Callable[[Path, "StudyResult"], list[str]]:
+def dicom_writer(inferer: NoduleInferer) -> Callable[[Path, StudyResult], list[str]]:
     """An ``extra_writers`` entry for :func:`nodule_edge.runtime.outputs.write_outputs`.
 
     Args:
@@ -114,13 +114,13 @@ def dicom_writer(inferer: "NoduleInferer") -> Callable[[Path, "StudyResult"], li
     require("highdicom", "dicom-out")
     spec: PatchSpec = getattr(inferer, "spec", None) or DEFAULT_PATCH_SPEC
 
-    def writer(out_dir: Path, result: "StudyResult") -> list[str]:
+    def writer(out_dir: Path, result: StudyResult) -> list[str]:
         return write_dicom_outputs(out_dir, result, spec)
 
     return writer
 
 
-def write_dicom_outputs(out_dir: str | Path, result: "StudyResult", spec: PatchSpec = DEFAULT_PATCH_SPEC) -> list[str]:
+def write_dicom_outputs(out_dir: str | Path, result: StudyResult, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> list[str]:
     """Write ``nodule_seg.dcm`` and ``nodule_sr.dcm`` for a DICOM-sourced study result.
 
     Args:
@@ -176,7 +176,9 @@ def write_dicom_outputs(out_dir: str | Path, result: "StudyResult", spec: PatchS
         raise OutputError(f"cannot encode the DICOM SEG/SR: {exc}") from exc
     log.info(
         "wrote DICOM SEG (%d segments, %d frames) and TID 1500 SR for series %s",
-        len(masks), int(getattr(seg, "NumberOfFrames", 0)), study.series_uid,
+        len(masks),
+        int(getattr(seg, "NumberOfFrames", 0)),
+        study.series_uid,
     )
     return [SEG_FILE, SR_FILE]
 
@@ -189,7 +191,9 @@ def _no_name_warnings():
     other warning still reaches the caller.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning
+        )
         yield
 
 
@@ -310,7 +314,17 @@ def _local(hd: Any, value: str, meaning: str) -> Any:
     return hd.sr.CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
 
 
-def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: list[Any], series_uid: str, tracking_uid: str, model_version: str, study_flags: Sequence[Any] = ()) -> Any:
+def _nodule_group(
+    hd: Any,
+    i: int,
+    nodule: NoduleResult,
+    seg: Any,
+    sources: list[Any],
+    series_uid: str,
+    tracking_uid: str,
+    model_version: str,
+    study_flags: Sequence[Any] = (),
+) -> Any:
     from pydicom.sr.codedict import codes
 
     algorithm = hd.sr.AlgorithmIdentification(name=_MANUFACTURER, version=model_version)
@@ -322,14 +336,18 @@ def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: li
 
     measurements = [
         measure(codes.SCT.Volume, nodule.volume_mm3, codes.UCUM.CubicMillimeter),
-        measure(codes.SCT.Diameter, nodule.longest_axial_diameter_mm, codes.UCUM.Millimeter, derivation=codes.SCT.Maximum),
+        measure(
+            codes.SCT.Diameter, nodule.longest_axial_diameter_mm, codes.UCUM.Millimeter, derivation=codes.SCT.Maximum
+        ),
         measure(codes.DCM.ProbabilityOfCancer, p.malignancy_probability, codes.UCUM.NoUnits),
     ]
     for name, value in p.attributes.items():
         measurements.append(measure(_local(hd, name[:16], f"{name.capitalize()} rating"), value, rating))
     measurements += [
         measure(_local(hd, "NODULE_ATTN", "Mean saliency inside nodule"), p.nodule_attention, codes.UCUM.NoUnits),
-        measure(_local(hd, "BACKGROUND_ATTN", "Mean saliency outside nodule"), p.background_attention, codes.UCUM.NoUnits),
+        measure(
+            _local(hd, "BACKGROUND_ATTN", "Mean saliency outside nodule"), p.background_attention, codes.UCUM.NoUnits
+        ),
     ]
     explained = nodule.explanations
     if explained is not None:
@@ -339,7 +357,13 @@ def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: li
                     meaning = f"{method} {metric}".replace("_", " ").capitalize()[:64]
                     measurements.append(measure(_local(hd, f"{method}.{metric}", meaning), value, codes.UCUM.NoUnits))
         if explained.agreement is not None and np.isfinite(explained.agreement.spearman):
-            measurements.append(measure(_local(hd, "EXPL_AGREEMENT", "Grad-CAM vs occlusion Spearman"), explained.agreement.spearman, codes.UCUM.NoUnits))
+            measurements.append(
+                measure(
+                    _local(hd, "EXPL_AGREEMENT", "Grad-CAM vs occlusion Spearman"),
+                    explained.agreement.spearman,
+                    codes.UCUM.NoUnits,
+                )
+            )
     evaluations = [
         hd.sr.QualitativeEvaluation(
             name=_local(hd, "TRUSTWORTHY", "Saliency concentrated on nodule"),
@@ -381,7 +405,15 @@ def _nodule_group(hd: Any, i: int, nodule: "NoduleResult", seg: Any, sources: li
     )
 
 
-def _build_sr(hd: Any, result: "StudyResult", seg: Any, sources: list[Any], segment_sources: list[list[Any]], model_version: str, tracking_uids: list[str]) -> Any:
+def _build_sr(
+    hd: Any,
+    result: StudyResult,
+    seg: Any,
+    sources: list[Any],
+    segment_sources: list[list[Any]],
+    model_version: str,
+    tracking_uids: list[str],
+) -> Any:
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ class Evaluation:
     model_version: str = ""
     backend: str = ""
     trust_margin: float = 0.0
-    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
     seconds: float = 0.0
 
 
@@ -194,7 +194,7 @@ def evaluate_voi_dir(
         The per-nodule results, the failures and the summary (AUC/accuracy against the LIDC
         proxy where ratings exist, mean Dice; over the nodules that ran).
     """
-    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    started, t0 = datetime.now(UTC), time.perf_counter()
     records = read_unsure_manifest(voi_dir)
     if limit:
         records = records[:limit]
@@ -202,7 +202,9 @@ def evaluate_voi_dir(
     if not out_csv.resolve().parent.is_dir():
         raise OutputError(f"cannot write {out_csv}: folder {out_csv.resolve().parent} does not exist")
     if out_csv.name == ERRORS_CSV_NAME:
-        raise OutputError(f"cannot write the predictions to {out_csv}: {ERRORS_CSV_NAME} beside it is where the failed nodules go; choose another name")
+        raise OutputError(
+            f"cannot write the predictions to {out_csv}: {ERRORS_CSV_NAME} beside it is where the failed nodules go; choose another name"
+        )
     errors = RowErrors(fail_fast=fail_fast)
     nodules: list[EvaluatedNodule] = []
     for i, rec in enumerate(records):

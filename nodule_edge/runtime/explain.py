@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 
 from nodule_edge.errors import BundleError, OptionError
-from nodule_edge.runtime.explain_metrics import deletion_curve, insertion_curve, pointing_game, rank_correlation, relevance_mass_accuracy
+from nodule_edge.runtime.explain_metrics import (
+    deletion_curve,
+    insertion_curve,
+    pointing_game,
+    rank_correlation,
+    relevance_mass_accuracy,
+)
 from nodule_edge.runtime.occlusion import occlusion_map
 
 __all__ = [
@@ -53,7 +59,15 @@ log = logging.getLogger(__name__)
 #: Methods the runtime computes with the engine alone.
 RUNTIME_METHODS: tuple[str, ...] = ("gradcam", "occlusion")
 #: Methods that need the PyTorch model (``nodule-edge explain-compare``, extra ``explain``).
-TORCH_METHODS: tuple[str, ...] = ("integrated_gradients", "gradient_x_input", "saliency", "smoothgrad", "gradient_shap", "lime", "lrp")
+TORCH_METHODS: tuple[str, ...] = (
+    "integrated_gradients",
+    "gradient_x_input",
+    "saliency",
+    "smoothgrad",
+    "gradient_shap",
+    "lime",
+    "lrp",
+)
 
 
 def parse_methods(text: str | Iterable[str]) -> tuple[str, ...]:
@@ -73,7 +87,9 @@ def parse_methods(text: str | Iterable[str]) -> tuple[str, ...]:
                 f"(pip install 'nodule-edge[explain]'); infer computes {', '.join(RUNTIME_METHODS)}"
             )
         if item not in RUNTIME_METHODS:
-            raise OptionError(f"unknown explanation method {item!r}; infer computes {', '.join(RUNTIME_METHODS)} (and explain-compare also {', '.join(TORCH_METHODS)})")
+            raise OptionError(
+                f"unknown explanation method {item!r}; infer computes {', '.join(RUNTIME_METHODS)} (and explain-compare also {', '.join(TORCH_METHODS)})"
+            )
     if len(set(items)) != len(items):
         raise OptionError(f"--explain lists a method twice: {text!r}")
     return tuple(items)
@@ -128,7 +144,9 @@ class ExplainedNodule:
     def trust_reasons(self) -> list[str]:
         """Why the explanations say 'do not trust' (empty when they do not)."""
         if self.agreement is not None and self.agreement.agrees is False:
-            return [f"Grad-CAM and occlusion disagree (Spearman {self.agreement.spearman:.2f} < {self.agreement.threshold:.2f}, the threshold chosen on {self.agreement.source})"]
+            return [
+                f"Grad-CAM and occlusion disagree (Spearman {self.agreement.spearman:.2f} < {self.agreement.threshold:.2f}, the threshold chosen on {self.agreement.source})"
+            ]
         return []
 
 
@@ -193,15 +211,26 @@ def explain_nodule(
     if "gradcam" in methods:
         # The runtime's Grad-CAM is normalised to [0, 1] towards the prediction (README, Outputs).
         cam = np.asarray(pred.saliency, dtype=np.float32)
-        maps["gradcam"] = Explanation("gradcam", cam, _display(cam), {"target": "malignancy logit, signed by p - 0.5"}, 0.0)
+        maps["gradcam"] = Explanation(
+            "gradcam", cam, _display(cam), {"target": "malignancy logit, signed by p - 0.5"}, 0.0
+        )
     if occluded is not None:
         signed = np.asarray(occluded.towards_prediction, dtype=np.float32)
-        options = {"block": occluded.block, "stride": occluded.stride, "fill": list(occluded.fill), "batch": occluded.batch, "forward_passes": occluded.forward_passes, "target": "malignancy logit drop, signed towards the prediction"}
+        options = {
+            "block": occluded.block,
+            "stride": occluded.stride,
+            "fill": list(occluded.fill),
+            "batch": occluded.batch,
+            "forward_passes": occluded.forward_passes,
+            "target": "malignancy logit drop, signed towards the prediction",
+        }
         maps["occlusion"] = Explanation("occlusion", signed, _display(signed), options, round(occluded.seconds, 4))
     maps = {m: maps[m] for m in methods}  # in the order asked
     for exp in maps.values():
         exp.metrics["pointing_game"] = _finite(pointing_game(exp.map, mask)) if mask.any() else None
-        exp.metrics["mass_inside"] = _finite(relevance_mass_accuracy(np.clip(exp.map, 0, None), mask)) if mask.any() else None
+        exp.metrics["mass_inside"] = (
+            _finite(relevance_mass_accuracy(np.clip(exp.map, 0, None), mask)) if mask.any() else None
+        )
     if faithfulness:
         bounded = occluded.bounded_patch if occluded is not None else _bounded(inferer, nodule.patch)
         target = 1 if sign > 0 else 0
@@ -211,14 +240,20 @@ def explain_nodule(
 
         for exp in maps.values():
             t0 = time.perf_counter()
-            exp.metrics["deletion_auc"] = round(deletion_curve(score, bounded, exp.map, steps=curve_steps, target=target).auc, 6)
-            exp.metrics["insertion_auc"] = round(insertion_curve(score, bounded, exp.map, steps=curve_steps, target=target).auc, 6)
+            exp.metrics["deletion_auc"] = round(
+                deletion_curve(score, bounded, exp.map, steps=curve_steps, target=target).auc, 6
+            )
+            exp.metrics["insertion_auc"] = round(
+                insertion_curve(score, bounded, exp.map, steps=curve_steps, target=target).auc, 6
+            )
             exp.metrics["curve_steps"] = curve_steps
             exp.seconds = round(exp.seconds + time.perf_counter() - t0, 4)
     agreement = None
     if "gradcam" in maps and "occlusion" in maps:
         threshold, source = agreement_threshold(inferer.bundle.manifest)
-        agreement = AgreementCheck(_finite(rank_correlation(maps["gradcam"].map, maps["occlusion"].map)) or float("nan"), threshold, source)
+        agreement = AgreementCheck(
+            _finite(rank_correlation(maps["gradcam"].map, maps["occlusion"].map)) or float("nan"), threshold, source
+        )
     return ExplainedNodule(maps, agreement)
 
 

@@ -169,7 +169,9 @@ def pointing_game(saliency: np.ndarray, mask: np.ndarray, *, threshold: float = 
     return float(inside[values == values.max()].any())
 
 
-def relevance_mass_accuracy(saliency: np.ndarray, mask: np.ndarray, *, threshold: float = 0.5, absolute: bool = False) -> float:
+def relevance_mass_accuracy(
+    saliency: np.ndarray, mask: np.ndarray, *, threshold: float = 0.5, absolute: bool = False
+) -> float:
     """Share of the map's total mass that lies inside the nodule mask.
 
     Matches Quantus' ``RelevanceMassAccuracy`` (Arras et al. 2022): ``sum(map[mask]) / sum(map)``
@@ -191,7 +193,10 @@ def relevance_mass_accuracy(saliency: np.ndarray, mask: np.ndarray, *, threshold
         values = np.abs(values)
     total = float(values.sum())
     if not inside.any() or total == 0.0:
-        log.warning("relevance mass accuracy: %s; returning NaN", "the nodule mask is empty" if not inside.any() else "the map sums to 0")
+        log.warning(
+            "relevance mass accuracy: %s; returning NaN",
+            "the nodule mask is empty" if not inside.any() else "the map sums to 0",
+        )
         return float("nan")
     return float(values[inside].sum()) / total
 
@@ -233,7 +238,9 @@ def rank_correlation(a: np.ndarray, b: np.ndarray, *, within: np.ndarray | None 
     return float(np.clip((ra * rb).sum() / denominator, -1.0, 1.0))
 
 
-def randomisation_similarity(before: np.ndarray, after: np.ndarray, *, absolute: bool = True, within: np.ndarray | None = None) -> float:
+def randomisation_similarity(
+    before: np.ndarray, after: np.ndarray, *, absolute: bool = True, within: np.ndarray | None = None
+) -> float:
     """Similarity of a map before and after randomising model parameters (a sanity check).
 
     Matches one layer of Quantus' ``ModelParameterRandomisation`` (Adebayo et al. 2018, "Sanity
@@ -275,13 +282,17 @@ def _curve(
     patch = np.asarray(patch, dtype=np.float32)
     values = np.asarray(saliency, dtype=np.float64)
     if patch.ndim != 4 or values.shape != patch.shape[1:]:
-        raise ValueError(f"{kind} needs a patch [C, S, S, S] and a map [S, S, S] on its grid, got {list(patch.shape)} and {list(values.shape)}")
+        raise ValueError(
+            f"{kind} needs a patch [C, S, S, S] and a map [S, S, S] on its grid, got {list(patch.shape)} and {list(values.shape)}"
+        )
     if not np.isfinite(values).all():
         raise ValueError(f"{kind} needs a finite map (NaN or infinite values found)")
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"{kind} batch must be an integer >= 1, got {batch!r}")
     if target not in (None, 0, 1) or isinstance(target, bool):
-        raise ValueError(f"{kind} target must be 0 (benign), 1 (malignant) or None (the predicted class), got {target!r}")
+        raise ValueError(
+            f"{kind} target must be 0 (benign), 1 (malignant) or None (the predicted class), got {target!r}"
+        )
     fill = _baseline(baseline, patch, kind)
     keep = np.ones(values.shape, bool) if within is None else _boolean_mask(within, values.shape, "within")
     candidates = np.flatnonzero(keep.reshape(-1))
@@ -310,7 +321,9 @@ def _curve(
         chunks.append(np.asarray(score(cubes.reshape(len(ks), *patch.shape)), dtype=np.float64).reshape(-1))
     probabilities = np.concatenate(chunks)
     if probabilities.shape != (steps + 1,):
-        raise ValueError(f"score must return one probability per patch: {steps + 1} patches gave shape {list(probabilities.shape)}")
+        raise ValueError(
+            f"score must return one probability per patch: {steps + 1} patches gave shape {list(probabilities.shape)}"
+        )
     unperturbed = probabilities[0] if kind == "deletion" else probabilities[-1]
     chosen = int(unperturbed >= 0.5) if target is None else int(target)
     scores = probabilities if chosen == 1 else 1.0 - probabilities

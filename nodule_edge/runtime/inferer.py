@@ -93,7 +93,9 @@ class NoduleResult:
     @property
     def trust_reasons(self) -> list[str]:
         """Why :attr:`trustworthy` is false (empty when it is true)."""
-        reasons = [] if self.prediction.trustworthy else ["Grad-CAM attention is not higher inside the nodule than outside"]
+        reasons = (
+            [] if self.prediction.trustworthy else ["Grad-CAM attention is not higher inside the nodule than outside"]
+        )
         return reasons + (self.explanations.trust_reasons if self.explanations is not None else [])
 
 
@@ -115,11 +117,24 @@ class StudyResult:
     @property
     def all_quality_flags(self) -> list[tuple[int | None, QualityFlag]]:
         """Every flag with the index of its nodule (None for flags about the series)."""
-        return [(None, f) for f in self.quality_flags] + [(i, f) for i, n in enumerate(self.nodules) for f in n.quality_flags]
+        return [(None, f) for f in self.quality_flags] + [
+            (i, f) for i, n in enumerate(self.nodules) for f in n.quality_flags
+        ]
 
 
 class NoduleInferer:
     """Load a bundle once; diagnose nodules from studies, volume files or in-memory arrays.
+
+    The constructor does the expensive work once: it verifies the bundle, compiles the engine and
+    loads the similar-nodule index and thumbnails. Studies are opened lazily per call: headers
+    first, then only the slices the 64³ cube needs are decoded.
+
+    Example:
+        >>> from nodule_edge.runtime import NoduleInferer
+        >>> inferer = NoduleInferer(backend="cpu-fast")
+        >>> result = inferer.infer("study/", voxels=[(120, 88, 54)])  # doctest: +SKIP
+        >>> result.nodules[0].prediction.malignancy_probability  # doctest: +SKIP
+        0.93
 
     Args:
         bundle: Bundle folder (default: ``$NODULE_EDGE_BUNDLE`` or the shipped bundle), or a
@@ -183,7 +198,9 @@ class NoduleInferer:
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise BundleError(f"bundle thumbnails {path} cannot be read: {exc}") from exc
         if images.ndim != 3 or len(images) != len(ids):
-            raise BundleError(f"bundle thumbnails {path} hold {images.shape} images for {len(ids)} ids in {ids_path.name}")
+            raise BundleError(
+                f"bundle thumbnails {path} hold {images.shape} images for {len(ids)} ids in {ids_path.name}"
+            )
         return dict(zip(ids, images))
 
     # -- public API -----------------------------------------------------------------------
@@ -261,15 +278,26 @@ class NoduleInferer:
         chosen = parse_methods(methods)
         t0 = time.perf_counter()
         for nodule in result.nodules:
-            nodule.explanations = explain_nodule(self, nodule, chosen, occlusion_options=occlusion_options, faithfulness=faithfulness)
+            nodule.explanations = explain_nodule(
+                self, nodule, chosen, occlusion_options=occlusion_options, faithfulness=faithfulness
+            )
             agreement = nodule.explanations.agreement
             for reason in nodule.explanations.trust_reasons:
-                nodule.quality_flags.append(QualityFlag("explanations_disagree", reason, agreement.spearman if agreement is not None else None))
+                nodule.quality_flags.append(
+                    QualityFlag("explanations_disagree", reason, agreement.spearman if agreement is not None else None)
+                )
         result.timing_ms["explain"] = _ms(t0)
         return result
 
     # -- internals ------------------------------------------------------------------------
-    def _infer_study(self, study: Study, voxels: Sequence[Sequence[float]], worlds: Sequence[Sequence[float]], timing: dict[str, float], exclude_ids: set[str] | None = None) -> StudyResult:
+    def _infer_study(
+        self,
+        study: Study,
+        voxels: Sequence[Sequence[float]],
+        worlds: Sequence[Sequence[float]],
+        timing: dict[str, float],
+        exclude_ids: set[str] | None = None,
+    ) -> StudyResult:
         if not voxels and not worlds:
             raise CoordinateError("no nodule location given: pass at least one voxel (--xyz) or world (--world) point")
         t0 = time.perf_counter()
@@ -302,7 +330,18 @@ class NoduleInferer:
             # One connected-component pass serves the measurements and the quality flags.
             component = largest_central_component(pred.segmentation >= 0.5)
             measures = component_measurements(component, self.spec.spacing_mm)
-            flags = nodule_flags(study, lps, patch, pred.segmentation, measures["volume_mm3"], pred.first_pass_found_nodule, pred.trustworthy, self.spec, self.training_ranges, component=component)
+            flags = nodule_flags(
+                study,
+                lps,
+                patch,
+                pred.segmentation,
+                measures["volume_mm3"],
+                pred.first_pass_found_nodule,
+                pred.trustworthy,
+                self.spec,
+                self.training_ranges,
+                component=component,
+            )
             nodules.append(
                 NoduleResult(
                     xyz_voxel=tuple(float(v) for v in xyz),  # type: ignore[arg-type]
@@ -315,9 +354,20 @@ class NoduleInferer:
                     quality_flags=flags,
                 )
             )
-        return StudyResult(study, nodules, self.backend, self.model_version, timing, self.executor, study_flags(study, self.training_ranges), self.training_ranges.source if self.training_ranges else None)
+        return StudyResult(
+            study,
+            nodules,
+            self.backend,
+            self.model_version,
+            timing,
+            self.executor,
+            study_flags(study, self.training_ranges),
+            self.training_ranges.source if self.training_ranges else None,
+        )
 
-    def _predictions(self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None, found: np.ndarray | None = None) -> list[NodulePrediction]:
+    def _predictions(
+        self, outputs: dict[str, np.ndarray], exclude_ids: set[str] | None, found: np.ndarray | None = None
+    ) -> list[NodulePrediction]:
         n = len(outputs["malignancy_probability"])
         bounded = self.spec.nodule_box is not None
         preds = []
@@ -342,14 +392,16 @@ class NoduleInferer:
         if self.index is not None and len(self.index) and n:
             from nodule_edge.index import vector_for
 
-            queries = np.stack([vector_for(self.index.kind, list(p.attributes.values()), p.malignancy_probability) for p in preds])
+            queries = np.stack(
+                [vector_for(self.index.kind, list(p.attributes.values()), p.malignancy_probability) for p in preds]
+            )
             try:
                 neighbours = self.index.query(queries, k=min(self.top_k, len(self.index)), exclude_ids=exclude_ids)
             except IndexError_:
                 raise
-            for pred, found in zip(preds, neighbours):
-                pred.similar = list(found)
-                pred.retrieval_score = self.index.retrieval_score(found)
+            for pred, similar in zip(preds, neighbours, strict=True):
+                pred.similar = list(similar)
+                pred.retrieval_score = self.index.retrieval_score(similar)
         return preds
 
 

@@ -230,7 +230,9 @@ def occlusion_map(
         grids = ((chosen, chosen if stride is None else stride),)
     for grid_block, grid_stride in grids:
         _check_options(size, grid_block, grid_stride)
-    if len(grids) > 1 and (isinstance(max_passes, bool) or not isinstance(max_passes, numbers.Integral) or max_passes < 1):
+    if len(grids) > 1 and (
+        isinstance(max_passes, bool) or not isinstance(max_passes, numbers.Integral) or max_passes < 1
+    ):
         raise OptionError(f"occlusion max_passes must be an integer >= 1, got {max_passes!r}")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise OptionError(f"occlusion batch must be an integer >= 1, got {batch!r}")
@@ -238,7 +240,9 @@ def occlusion_map(
     patch = np.asarray(patch, dtype=np.float32)
     expected = (channels, size, size, size)
     if patch.shape != expected:
-        raise OptionError(f"occlusion patch must have shape {list(expected)} (one nodule's cube), got {list(patch.shape)}")
+        raise OptionError(
+            f"occlusion patch must have shape {list(expected)} (one nodule's cube), got {list(patch.shape)}"
+        )
     if not np.isfinite(patch).all():
         raise OptionError("occlusion patch holds NaN or infinite values")
 
@@ -250,7 +254,11 @@ def occlusion_map(
     has_logit = "malignancy_logit" in outputs
     reference = float(_logits(outputs)[0])
     if not has_logit and not _P_LOW < probability < _P_HIGH:  # OcclusionResult.saturated
-        log.warning("occlusion: the malignancy probability %.8g is saturated in float32 (logit capped at %.1f): the map cannot show drops", probability, reference)
+        log.warning(
+            "occlusion: the malignancy probability %.8g is saturated in float32 (logit capped at %.1f): the map cannot show drops",
+            probability,
+            reference,
+        )
 
     fill_cube = fill_values[:, None, None, None]
     for used_block, used_stride in grids:
@@ -272,7 +280,12 @@ def occlusion_map(
     seconds = time.perf_counter() - t0
     log.info(
         "occlusion: %d of %d blocks run (block %d, stride %d), %d forward passes, %.2f s",
-        len(regions), len(starts) ** 3, used_block, used_stride, len(regions) + model_passes, seconds,
+        len(regions),
+        len(starts) ** 3,
+        used_block,
+        used_stride,
+        len(regions) + model_passes,
+        seconds,
     )
     return OcclusionResult(
         map=result_map,
@@ -292,7 +305,9 @@ def occlusion_map(
     )
 
 
-def _grid(bounded: np.ndarray, fill_cube: np.ndarray, size: int, block: int, stride: int) -> tuple[list[int], list[tuple[slice, slice, slice]], np.ndarray]:
+def _grid(
+    bounded: np.ndarray, fill_cube: np.ndarray, size: int, block: int, stride: int
+) -> tuple[list[int], list[tuple[slice, slice, slice]], np.ndarray]:
     """Block starts, the blocks that hide something, and how many blocks cover each voxel."""
     starts = block_starts(size, block, stride)
     regions: list[tuple[slice, slice, slice]] = []
@@ -320,7 +335,9 @@ def _check_options(size: int, block: int, stride: int) -> None:
     if stride < 1:
         raise OptionError(f"occlusion stride must be >= 1 voxel, got {stride}")
     if stride > block:
-        raise OptionError(f"occlusion stride {stride} exceeds block {block}: voxels between blocks would never be occluded")
+        raise OptionError(
+            f"occlusion stride {stride} exceeds block {block}: voxels between blocks would never be occluded"
+        )
 
 
 def _fill_values(fill: float | Sequence[float] | None, spec: PatchSpec) -> np.ndarray:

@@ -49,7 +49,14 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to {ancestor}: permission denied")
 
 
-def patch_to_study_grid(volume: np.ndarray, center_lps_mm: Any, spec: PatchSpec, study: Any, full_grid: bool = False, interpolator: int = sitk.sitkLinear) -> sitk.Image:
+def patch_to_study_grid(
+    volume: np.ndarray,
+    center_lps_mm: Any,
+    spec: PatchSpec,
+    study: Any,
+    full_grid: bool = False,
+    interpolator: int = sitk.sitkLinear,
+) -> sitk.Image:
     """Resample a patch-grid volume onto the study's own voxel lattice.
 
     By default only the part of the lattice the 32 mm cube covers is written (the study's own
@@ -145,7 +152,12 @@ def _explanations_report(i: int, n: NoduleResult) -> dict[str, Any] | None:
         "methods": methods,
         "agreement": None
         if agreement is None
-        else {"spearman": None if not np.isfinite(agreement.spearman) else round(agreement.spearman, 6), "threshold": agreement.threshold, "threshold_source": agreement.source, "agrees": agreement.agrees},
+        else {
+            "spearman": None if not np.isfinite(agreement.spearman) else round(agreement.spearman, 6),
+            "threshold": agreement.threshold,
+            "threshold_source": agreement.source,
+            "agrees": agreement.agrees,
+        },
     }
 
 
@@ -160,7 +172,12 @@ def build_report(result: StudyResult, index_kind: str | None = None) -> dict[str
         "schema_version": REPORT_SCHEMA_VERSION,
         "nodule_edge_version": __version__,
         "study": _study_summary(result),
-        "model": {"version": result.model_version, "backend": result.backend, "executor": result.executor, "index_kind": index_kind},
+        "model": {
+            "version": result.model_version,
+            "backend": result.backend,
+            "executor": result.executor,
+            "index_kind": index_kind,
+        },
         "nodules": [_nodule_report(i, n) for i, n in enumerate(result.nodules)],
         "quality": _quality(result),
         "timing_ms": dict(result.timing_ms),
@@ -196,21 +213,37 @@ def write_outputs(
     return report
 
 
-def _write_nodule(tmp: Path, i: int, n: NoduleResult, result: StudyResult, spec: PatchSpec, thumbnails: dict[str, np.ndarray], full_grid: bool) -> None:
+def _write_nodule(
+    tmp: Path,
+    i: int,
+    n: NoduleResult,
+    result: StudyResult,
+    spec: PatchSpec,
+    thumbnails: dict[str, np.ndarray],
+    full_grid: bool,
+) -> None:
     p = n.prediction
     seg = patch_to_study_grid(p.segmentation, n.world_lps_mm, spec, result.study, full_grid)
     seg_mask = sitk.Cast(sitk.BinaryThreshold(seg, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
     _write_image(seg_mask, tmp / f"nodule{i}_segmentation.nii.gz")
     sal = patch_to_study_grid(p.saliency, n.world_lps_mm, spec, result.study, full_grid)
     _write_image(sal, tmp / f"nodule{i}_saliency.nii.gz")
-    title = f"nodule {i}: p(malignant)={p.malignancy_probability:.2f}  attention in/out {p.nodule_attention:.2f}/{p.background_attention:.2f}" + ("" if p.trustworthy else "  [CHECK: attention off-nodule]")
-    overlay = render_overlay(n.patch[0], p.segmentation, p.saliency, "Grad-CAM  " + title if n.explanations is not None else title)
+    title = (
+        f"nodule {i}: p(malignant)={p.malignancy_probability:.2f}  attention in/out {p.nodule_attention:.2f}/{p.background_attention:.2f}"
+        + ("" if p.trustworthy else "  [CHECK: attention off-nodule]")
+    )
+    overlay = render_overlay(
+        n.patch[0], p.segmentation, p.saliency, "Grad-CAM  " + title if n.explanations is not None else title
+    )
     if n.explanations is not None:
         panels = [overlay]
         for method, exp in n.explanations.maps.items():
             if method == "gradcam":
                 continue
-            _write_image(patch_to_study_grid(exp.display, n.world_lps_mm, spec, result.study, full_grid), tmp / _explanation_file(i, method))
+            _write_image(
+                patch_to_study_grid(exp.display, n.world_lps_mm, spec, result.study, full_grid),
+                tmp / _explanation_file(i, method),
+            )
             metrics = "  ".join(f"{k} {v:.2f}" for k, v in exp.metrics.items() if isinstance(v, float))
             panels.append(render_overlay(n.patch[0], p.segmentation, exp.display, f"{method}  {metrics}"))
         overlay = _stack(panels)
@@ -218,11 +251,16 @@ def _write_nodule(tmp: Path, i: int, n: NoduleResult, result: StudyResult, spec:
     if p.similar:
         shown = p.similar[:8]
         captions = [
-            f"{'malignant' if nb.label == 1 else 'benign' if nb.label == 0 else 'unknown'}\nd={nb.distance:.2f}" + (f" {nb.diameter_mm:.0f}mm" if nb.diameter_mm else "")
+            f"{'malignant' if nb.label == 1 else 'benign' if nb.label == 0 else 'unknown'}\nd={nb.distance:.2f}"
+            + (f" {nb.diameter_mm:.0f}mm" if nb.diameter_mm else "")
             for nb in shown
         ]
         score = "n/a" if p.retrieval_score is None else f"{p.retrieval_score:.2f}"
-        render_similar_strip([thumbnails.get(nb.id) for nb in shown], captions, f"nodule {i}: most similar nodules (retrieval score {score})").save(tmp / f"nodule{i}_similar.png", compress_level=_PNG_COMPRESS_LEVEL)
+        render_similar_strip(
+            [thumbnails.get(nb.id) for nb in shown],
+            captions,
+            f"nodule {i}: most similar nodules (retrieval score {score})",
+        ).save(tmp / f"nodule{i}_similar.png", compress_level=_PNG_COMPRESS_LEVEL)
 
 
 def _stack(panels: list[Any]) -> Any:

@@ -48,7 +48,9 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def render_overlay(ct_lung_window: np.ndarray, segmentation: np.ndarray, saliency: np.ndarray, title: str) -> Image.Image:
+def render_overlay(
+    ct_lung_window: np.ndarray, segmentation: np.ndarray, saliency: np.ndarray, title: str
+) -> Image.Image:
     """Three planes side by side: CT (lung window) + saliency heat map + segmentation contour."""
     ct_planes = plane_views(ct_lung_window)
     seg_planes = plane_views(segmentation >= 0.5)

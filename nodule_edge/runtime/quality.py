@@ -103,7 +103,7 @@ class TrainingRanges:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any] | None) -> "TrainingRanges | None":
+    def from_json(cls, data: Mapping[str, Any] | None) -> TrainingRanges | None:
         """Parse the manifest section; None when absent (older bundles)."""
         if data is None:
             return None
@@ -136,20 +136,51 @@ def study_flags(study: Any, ranges: TrainingRanges | None) -> list[QualityFlag]:
     sx, sy, sz = (float(v) for v in study.spacing_mm)
     if ranges is not None:
         if _outside(sz, ranges.slice_spacing_mm, _SPACING_TOLERANCE):
-            flags.append(QualityFlag("slice_spacing_outside_training", f"slices are {sz:.3g} mm apart; the training data's range is {_range(ranges.slice_spacing_mm, ' mm')}", sz))
+            flags.append(
+                QualityFlag(
+                    "slice_spacing_outside_training",
+                    f"slices are {sz:.3g} mm apart; the training data's range is {_range(ranges.slice_spacing_mm, ' mm')}",
+                    sz,
+                )
+            )
         thickness = study.slice_thickness_mm
         if thickness is not None and _outside(float(thickness), ranges.slice_spacing_mm, _SPACING_TOLERANCE):
-            flags.append(QualityFlag("slice_thickness_outside_training", f"slices are {thickness:.3g} mm thick; the training slices were {_range(ranges.slice_spacing_mm, ' mm')} apart (thickness is not recorded in the training data)", float(thickness)))
+            flags.append(
+                QualityFlag(
+                    "slice_thickness_outside_training",
+                    f"slices are {thickness:.3g} mm thick; the training slices were {_range(ranges.slice_spacing_mm, ' mm')} apart (thickness is not recorded in the training data)",
+                    float(thickness),
+                )
+            )
         for value in {sx, sy}:
             if _outside(value, ranges.in_plane_spacing_mm, _SPACING_TOLERANCE):
-                flags.append(QualityFlag("in_plane_spacing_outside_training", f"pixels are {value:.3g} mm; the training data's range is {_range(ranges.in_plane_spacing_mm, ' mm')}", value))
+                flags.append(
+                    QualityFlag(
+                        "in_plane_spacing_outside_training",
+                        f"pixels are {value:.3g} mm; the training data's range is {_range(ranges.in_plane_spacing_mm, ' mm')}",
+                        value,
+                    )
+                )
                 break
     if study.geometry_notes:
-        flags.append(QualityFlag("irregular_slice_geometry", "; ".join(study.geometry_notes), len(study.geometry_notes)))
+        flags.append(
+            QualityFlag("irregular_slice_geometry", "; ".join(study.geometry_notes), len(study.geometry_notes))
+        )
     if study.kind == "dicom" and study.modality is None:
-        flags.append(QualityFlag("modality_missing", "the series has no Modality tag; it was read as CT because of its SOP class or rescale tags"))
+        flags.append(
+            QualityFlag(
+                "modality_missing",
+                "the series has no Modality tag; it was read as CT because of its SOP class or rescale tags",
+            )
+        )
     if study.contrast_agent:
-        flags.append(QualityFlag("contrast_agent", f"the header records a contrast agent ({study.contrast_agent!r}); enhancing nodules and vessels read brighter than on non-contrast CT", study.contrast_agent))
+        flags.append(
+            QualityFlag(
+                "contrast_agent",
+                f"the header records a contrast agent ({study.contrast_agent!r}); enhancing nodules and vessels read brighter than on non-contrast CT",
+                study.contrast_agent,
+            )
+        )
     return flags
 
 
@@ -184,18 +215,40 @@ def nodule_flags(
     flags: list[QualityFlag] = []
     outside = study.fraction_outside(_cube_points(center_lps_mm, spec))
     if outside > 0:
-        flags.append(QualityFlag("cube_outside_scan", f"{outside:.0%} of the 32 mm cube lies outside the scan and was read as air ({spec.outside_hu:g} HU)", outside))
+        flags.append(
+            QualityFlag(
+                "cube_outside_scan",
+                f"{outside:.0%} of the 32 mm cube lies outside the scan and was read as air ({spec.outside_hu:g} HU)",
+                outside,
+            )
+        )
     min_volume = ranges.nodule_volume_mm3[0] if ranges is not None else 0.0
     mask = segmentation >= (spec.nodule_box.threshold if spec.nodule_box is not None else 0.5)
     if not first_pass_found_nodule or volume_mm3 <= 0 or volume_mm3 < min_volume:
-        found = "nothing reached the segmentation threshold" if not first_pass_found_nodule or volume_mm3 <= 0 else f"the segmented nodule is {volume_mm3:.0f} mm³, smaller than any training nodule ({min_volume:.0f} mm³)"
-        flags.append(QualityFlag("no_nodule_found", f"no nodule found at this point: {found}; the probability describes the cube, not a nodule", volume_mm3))
+        found = (
+            "nothing reached the segmentation threshold"
+            if not first_pass_found_nodule or volume_mm3 <= 0
+            else f"the segmented nodule is {volume_mm3:.0f} mm³, smaller than any training nodule ({min_volume:.0f} mm³)"
+        )
+        flags.append(
+            QualityFlag(
+                "no_nodule_found",
+                f"no nodule found at this point: {found}; the probability describes the cube, not a nodule",
+                volume_mm3,
+            )
+        )
     if ranges is not None and mask.any():
         # The patch grid's centre falls between voxels: half a voxel diagonal is the closest a
         # segmented voxel can be.
         reach = _distance_to_mask_mm(mask, spec.spacing_mm) - math.sqrt(3) * spec.spacing_mm / 2
         if reach > ranges.center_to_mask_mm[1]:
-            flags.append(QualityFlag("no_nodule_at_point", f"the segmented finding is {reach:.1f} mm from the given point; every training nodule reached to within {ranges.center_to_mask_mm[1]:.1f} mm of its recorded centre (a vessel or other structure nearby, not a nodule at the point?)", reach))
+            flags.append(
+                QualityFlag(
+                    "no_nodule_at_point",
+                    f"the segmented finding is {reach:.1f} mm from the given point; every training nodule reached to within {ranges.center_to_mask_mm[1]:.1f} mm of its recorded centre (a vessel or other structure nearby, not a nodule at the point?)",
+                    reach,
+                )
+            )
     # The nodule's own component (the one volume and diameter are measured on): a stray blob
     # elsewhere in the cube touching a face says nothing about the nodule.
     if component is None:
@@ -203,16 +256,39 @@ def nodule_flags(
     faces = _face_fraction(component) if component.any() else 0.0
     if faces > 0:
         shown = f"{faces:.1%}" if faces >= 0.001 else "under 0.1%"
-        flags.append(QualityFlag("nodule_exceeds_cube", f"the segmented nodule reaches the cube's faces ({shown} of them): the finding extends beyond the 32 mm cube (a mass, consolidation or vessel rather than a nodule?)", faces))
+        flags.append(
+            QualityFlag(
+                "nodule_exceeds_cube",
+                f"the segmented nodule reaches the cube's faces ({shown} of them): the finding extends beyond the 32 mm cube (a mass, consolidation or vessel rather than a nodule?)",
+                faces,
+            )
+        )
     if ranges is not None and volume_mm3 > ranges.nodule_volume_mm3[1]:
-        flags.append(QualityFlag("nodule_volume_outside_training", f"segmented volume {volume_mm3:.0f} mm³ exceeds the largest training nodule ({ranges.nodule_volume_mm3[1]:.0f} mm³)", volume_mm3))
+        flags.append(
+            QualityFlag(
+                "nodule_volume_outside_training",
+                f"segmented volume {volume_mm3:.0f} mm³ exceeds the largest training nodule ({ranges.nodule_volume_mm3[1]:.0f} mm³)",
+                volume_mm3,
+            )
+        )
     if ranges is not None and patch.shape[0] >= 1:
         low, high = spec.windows[0]
         hu_p1 = float(np.percentile(patch[0], 1)) * (high - low) + low
         if hu_p1 > ranges.lung_hu_p1[1]:
-            flags.append(QualityFlag("lung_hu_outside_training", f"the darkest 1% of the cube reads {hu_p1:.0f} HU or more; in the training VOIs it was at most {ranges.lung_hu_p1[1]:.0f} HU (no aerated lung around the point, or a missing HU rescale)", hu_p1))
+            flags.append(
+                QualityFlag(
+                    "lung_hu_outside_training",
+                    f"the darkest 1% of the cube reads {hu_p1:.0f} HU or more; in the training VOIs it was at most {ranges.lung_hu_p1[1]:.0f} HU (no aerated lung around the point, or a missing HU rescale)",
+                    hu_p1,
+                )
+            )
     if not trustworthy:
-        flags.append(QualityFlag("attention_off_nodule", "Grad-CAM attention is not higher inside the segmented nodule than around it: review the saliency map"))
+        flags.append(
+            QualityFlag(
+                "attention_off_nodule",
+                "Grad-CAM attention is not higher inside the segmented nodule than around it: review the saliency map",
+            )
+        )
     return flags
 
 
@@ -281,7 +357,10 @@ def training_ranges_from_voi_dir(voi_dir: str | Path, progress: Callable[[str], 
         center_to_mask_mm=(min(reach), max(reach)),
     )
     if progress:
-        progress(f"training ranges from {ranges.source}: " + ", ".join(f"{k} {v[0]:.4g}–{v[1]:.4g}" for k, v in ranges.to_json().items() if isinstance(v, list)))
+        progress(
+            f"training ranges from {ranges.source}: "
+            + ", ".join(f"{k} {v[0]:.4g}–{v[1]:.4g}" for k, v in ranges.to_json().items() if isinstance(v, list))
+        )
     if not all(math.isfinite(v) for name in _RANGE_NAMES for v in getattr(ranges, name)):
         raise DataError(f"{voi_dir}: non-finite training ranges {ranges}")
     return ranges

@@ -41,7 +41,13 @@ from nodule_edge.errors import NoduleEdgeError, OutputError, require
 from nodule_edge.metrics import roc_auc
 from nodule_edge.runtime.evaluate import EvaluatedNodule, Evaluation
 
-__all__ = ["CALIBRATION_BINS", "REPORT_NAME", "expected_calibration_error", "confident_errors", "write_evaluation_report"]
+__all__ = [
+    "CALIBRATION_BINS",
+    "REPORT_NAME",
+    "expected_calibration_error",
+    "confident_errors",
+    "write_evaluation_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,9 @@ figure { display: inline-block; margin: 0.5em; } figcaption { font-size: 0.9em; 
 # ------------------------------------------------------------------------------------ numbers
 
 
-def expected_calibration_error(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, list[dict[str, float]]]:
+def expected_calibration_error(
+    labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray, bins: int = CALIBRATION_BINS
+) -> tuple[float, list[dict[str, float]]]:
     """Expected calibration error over ``bins`` equal-width probability bins on [0, 1].
 
     ECE = sum over bins of (bin count / n) * |fraction malignant - mean probability|; a
@@ -96,12 +104,21 @@ def expected_calibration_error(labels: Sequence[int] | np.ndarray, probabilities
         frac = float(y[sel].mean()) if count else float("nan")
         if count:
             ece += count / len(p) * abs(frac - mean_p)
-        table.append({"low": b / bins, "high": (b + 1) / bins, "count": count, "mean_probability": mean_p, "fraction_positive": frac})
+        table.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": count,
+                "mean_probability": mean_p,
+                "fraction_positive": frac,
+            }
+        )
     return (ece if len(p) else float("nan")), table
 
 
 def confident_errors(nodules: Sequence[EvaluatedNodule], n: int = _GALLERY_SIZE) -> list[EvaluatedNodule]:
     """The ``n`` labelled nodules on the wrong side of 0.5 with the largest ``|p - label|``."""
+
     def error(x: EvaluatedNodule) -> float:
         return -1.0 if x.record.label is None else abs(x.malignancy_probability - x.record.label)
 
@@ -149,7 +166,9 @@ def _roc_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, dict[str, tupl
     scores = {
         "model probability": [(x.record.label, x.malignancy_probability) for x in labelled],
         "retrieval score": [(x.record.label, x.retrieval_score) for x in labelled if x.retrieval_score is not None],
-        "diameter only (manifest diameter_mm)": [(x.record.label, x.record.diameter_mm) for x in labelled if x.record.diameter_mm is not None],
+        "diameter only (manifest diameter_mm)": [
+            (x.record.label, x.record.diameter_mm) for x in labelled if x.record.diameter_mm is not None
+        ],
     }
     aucs: dict[str, tuple[float, int]] = {}
     for name, pairs in scores.items():
@@ -163,7 +182,13 @@ def _roc_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, dict[str, tupl
             fpr, tpr = _roc_curve(y, s)
             ax.step(fpr, tpr, where="post", label=f"{name}: AUC {auc:.3f} (n={len(pairs)})")
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (benign called malignant)", ylabel="true positive rate (sensitivity)", title="ROC, LIDC proxy labels")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="false positive rate (benign called malignant)",
+        ylabel="true positive rate (sensitivity)",
+        title="ROC, LIDC proxy labels",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _fig_uri(fig), aucs
 
@@ -178,10 +203,28 @@ def _calibration_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, float,
     full = [b for b in table if b["count"]]
     centres = [(b["low"] + b["high"]) / 2 for b in table]
     width = 1.0 / CALIBRATION_BINS
-    top.bar([(b["low"] + b["high"]) / 2 for b in full], [b["fraction_positive"] for b in full], width=width * 0.9, color="#7aa6d6", edgecolor="#2a5a8a", label="fraction malignant in bin")
-    top.plot([b["mean_probability"] for b in full], [b["fraction_positive"] for b in full], "o", color="#c0392b", label="mean probability vs fraction (per bin)")
+    top.bar(
+        [(b["low"] + b["high"]) / 2 for b in full],
+        [b["fraction_positive"] for b in full],
+        width=width * 0.9,
+        color="#7aa6d6",
+        edgecolor="#2a5a8a",
+        label="fraction malignant in bin",
+    )
+    top.plot(
+        [b["mean_probability"] for b in full],
+        [b["fraction_positive"] for b in full],
+        "o",
+        color="#c0392b",
+        label="mean probability vs fraction (per bin)",
+    )
     top.plot([0, 1], [0, 1], color="0.4", linestyle=":", label="perfect calibration")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction malignant (proxy)", title=f"Reliability: ECE {ece:.3f} ({CALIBRATION_BINS} equal-width bins, n={len(p)})")
+    top.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        ylabel="fraction malignant (proxy)",
+        title=f"Reliability: ECE {ece:.3f} ({CALIBRATION_BINS} equal-width bins, n={len(p)})",
+    )
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, [b["count"] for b in table], width=width * 0.9, color="0.6")
     bottom.set(xlabel="predicted malignancy probability", ylabel="nodules")
@@ -200,7 +243,13 @@ def _attributes_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, dict[st
         maes[name] = mae
         ax.scatter(truth, pred, s=8, alpha=0.45, color="#2a5a8a", edgecolors="none")
         ax.plot([1, 5], [1, 5], color="0.5", linestyle=":")
-        ax.set(xlim=(0.8, 5.2), ylim=(0.8, 5.2), xlabel="reader-mean rating", ylabel="predicted", title=f"{name}: MAE {mae:.2f} (n={len(rated)})")
+        ax.set(
+            xlim=(0.8, 5.2),
+            ylim=(0.8, 5.2),
+            xlabel="reader-mean rating",
+            ylabel="predicted",
+            title=f"{name}: MAE {mae:.2f} (n={len(rated)})",
+        )
         ax.set_aspect("equal")
     return _fig_uri(fig), maes
 
@@ -218,11 +267,19 @@ def _dice_trust_figure(nodules: Sequence[EvaluatedNodule], trust_margin: float) 
     fig = _figure(12.0, 4.5)
     left, right = fig.subplots(1, 2)
     left.hist(dices, bins=np.linspace(0, 1, 21), color="#5b9e5b", edgecolor="white")
-    left.set(xlabel="Dice (prediction >= 0.5 vs reader mask)", ylabel="nodules", title=f"Dice: mean {facts['dice_mean']:.3f}, median {facts['dice_median']:.3f} (n={len(dices)})")
+    left.set(
+        xlabel="Dice (prediction >= 0.5 vs reader mask)",
+        ylabel="nodules",
+        title=f"Dice: mean {facts['dice_mean']:.3f}, median {facts['dice_median']:.3f} (n={len(dices)})",
+    )
     if len(diff):
         right.hist(diff, bins=30, color="#d69a3a", edgecolor="white")
     right.axvline(trust_margin, color="#a00", linestyle="--", label=f"trust margin {trust_margin:g}")
-    right.set(xlabel="nodule attention - background attention", ylabel="nodules", title=f"Saliency trust: {trusted:.1%} trustworthy (n={len(diff)})")
+    right.set(
+        xlabel="nodule attention - background attention",
+        ylabel="nodules",
+        title=f"Saliency trust: {trusted:.1%} trustworthy (n={len(diff)})",
+    )
     right.legend(fontsize=8)
     return _fig_uri(fig), facts
 
@@ -317,7 +374,9 @@ def _render_page(evaluation: Evaluation, inferer: Any | None = None, command: st
         _table(facts),
     ]
     if ev.errors:
-        parts.append(f'<p class="failed">{len(ev.errors)} of {ev.total} nodules failed and are not in any figure; the metrics are over the other {len(nodules)}.</p>')
+        parts.append(
+            f'<p class="failed">{len(ev.errors)} of {ev.total} nodules failed and are not in any figure; the metrics are over the other {len(nodules)}.</p>'
+        )
     parts += [
         "<h2>Malignancy: ROC</h2>",
         _table(auc_rows, ["score", "AUC", "labelled nodules"]),
@@ -340,10 +399,14 @@ def _render_page(evaluation: Evaluation, inferer: Any | None = None, command: st
     elif inferer is None:
         parts.append('<p class="note">Overlays not drawn (no inferer given).</p>')
     for caption, uri in gallery:
-        image = _img(uri, caption) if uri else "" if inferer is None else '<p class="failed">overlay could not be drawn</p>'
+        image = (
+            _img(uri, caption) if uri else "" if inferer is None else '<p class="failed">overlay could not be drawn</p>'
+        )
         parts.append(f"<figure>{image}<figcaption>{_e(caption)}</figcaption></figure>")
     if gallery:
-        parts.append('<p class="note">CT lung window, saliency heat map, predicted segmentation in green; axial, coronal, sagittal through the centre.</p>')
+        parts.append(
+            '<p class="note">CT lung window, saliency heat map, predicted segmentation in green; axial, coronal, sagittal through the centre.</p>'
+        )
     parts.append("<h2>Failed rows</h2>")
     if ev.errors:
         parts.append(_table([(f.id, f.error, f.reason) for f in ev.errors.failures], ["voi_id", "error", "reason"]))
@@ -353,7 +416,9 @@ def _render_page(evaluation: Evaluation, inferer: Any | None = None, command: st
     return "\n".join(parts)
 
 
-def write_evaluation_report(evaluation: Evaluation, path: str | Path, inferer: Any | None = None, command: str = "") -> Path:
+def write_evaluation_report(
+    evaluation: Evaluation, path: str | Path, inferer: Any | None = None, command: str = ""
+) -> Path:
     """Write the self-contained HTML report of an evaluation run, atomically.
 
     Args:

@@ -20,7 +20,17 @@ from typing import Any
 from nodule_edge.data_paths import lidc_voi_dir
 from nodule_edge.errors import ConfigError
 
-__all__ = ["DataConfig", "ModelSection", "LossSection", "TrainSection", "HeadSection", "CVSection", "TrainConfig", "load_config", "training_config_sha256"]
+__all__ = [
+    "DataConfig",
+    "ModelSection",
+    "LossSection",
+    "TrainSection",
+    "HeadSection",
+    "CVSection",
+    "TrainConfig",
+    "load_config",
+    "training_config_sha256",
+]
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,9 @@ class CVSection:
     val_fraction: float = 0.2
     fold_epochs: tuple[int, ...] = ()  # per-run-fold epoch cap (shorter folds when time is short)
     final: bool = True  # train the final model on all data with the CV-chosen epoch count
-    evaluate: str = "last"  # last (the checkpoint the final model's recipe gives) | best (by validation AUC, early stopping)
+    evaluate: str = (
+        "last"  # last (the checkpoint the final model's recipe gives) | best (by validation AUC, early stopping)
+    )
     export_dir: str = ""  # where each finished fold's summary is also written as foldK.json (e.g. docs/cv)
 
 
@@ -200,16 +212,37 @@ def _validate(cfg: TrainConfig) -> None:
         (t.batch_sure > 0 and t.batch_unsure >= 0, "train.batch_sure must be > 0 and batch_unsure >= 0"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.bf16 in ("auto", "on", "off"), f"train.bf16 must be auto, on or off, got {t.bf16!r}"),
-        (0 <= t.unbounded_probability <= 1, f"train.unbounded_probability must be in [0, 1], got {t.unbounded_probability}"),
-        (t.channels_last in ("auto", "on", "off"), f"train.channels_last must be auto, on or off, got {t.channels_last!r}"),
-        (cfg.model.decoder in ("unet64", "light16"), f"model.decoder must be unet64 or light16, got {cfg.model.decoder!r}"),
-        (len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths), f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}"),
+        (
+            0 <= t.unbounded_probability <= 1,
+            f"train.unbounded_probability must be in [0, 1], got {t.unbounded_probability}",
+        ),
+        (
+            t.channels_last in ("auto", "on", "off"),
+            f"train.channels_last must be auto, on or off, got {t.channels_last!r}",
+        ),
+        (
+            cfg.model.decoder in ("unet64", "light16"),
+            f"model.decoder must be unet64 or light16, got {cfg.model.decoder!r}",
+        ),
+        (
+            len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths),
+            f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}",
+        ),
         (cv.folds >= 2, f"cv.folds must be >= 2, got {cv.folds}"),
-        (all(0 <= f < cv.folds for f in cv.run_folds), f"cv.run_folds {list(cv.run_folds)} must lie in 0..{cv.folds - 1}"),
-        (cfg.head.refit in ("none", "full", "debugged"), f"head.refit must be none, full or debugged, got {cfg.head.refit!r}"),
+        (
+            all(0 <= f < cv.folds for f in cv.run_folds),
+            f"cv.run_folds {list(cv.run_folds)} must lie in 0..{cv.folds - 1}",
+        ),
+        (
+            cfg.head.refit in ("none", "full", "debugged"),
+            f"head.refit must be none, full or debugged, got {cfg.head.refit!r}",
+        ),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),
-        (not cv.fold_epochs or len(cv.fold_epochs) == len(cv.run_folds), "cv.fold_epochs must have one entry per run fold"),
+        (
+            not cv.fold_epochs or len(cv.fold_epochs) == len(cv.run_folds),
+            "cv.fold_epochs must have one entry per run fold",
+        ),
         (cfg.loss.delta >= 0, f"loss.delta must be >= 0, got {cfg.loss.delta}"),
     ]
     for ok, message in checks:
@@ -239,7 +272,13 @@ def _read_with_bases(path: Path, chain: list[Path]) -> dict[str, Any]:
 
 # Keys holding paths relative to their config file; a base's are re-expressed relative to the
 # file that extends it, so `extends` works across folders (configs/ablations/ -> configs/).
-_PATH_KEYS = (("output_dir",), ("data", "voi_dir"), ("data", "cache_dir"), ("data", "sure_manifest"), ("cv", "export_dir"))
+_PATH_KEYS = (
+    ("output_dir",),
+    ("data", "voi_dir"),
+    ("data", "cache_dir"),
+    ("data", "sure_manifest"),
+    ("cv", "export_dir"),
+)
 
 
 def _rebase_paths(raw: dict[str, Any], base_dir: Path, new_dir: Path) -> dict[str, Any]:
@@ -258,7 +297,9 @@ def _rebase_paths(raw: dict[str, Any], base_dir: Path, new_dir: Path) -> dict[st
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

@@ -88,7 +88,9 @@ def build_patch_cache(
     if cache_file is not None and cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as data:
             log.info("loaded %d cached patches from %s", len(records), cache_file)
-            return PatchCache([r.id for r in records], data["images"], data["masks"], data["has_mask"], data["z_extent_mm"])
+            return PatchCache(
+                [r.id for r in records], data["images"], data["masks"], data["has_mask"], data["z_extent_mm"]
+            )
     n, s = len(records), spec.size
     images = np.zeros((n, spec.channels, s, s, s), np.float16)
     masks = np.zeros((n, s, s, s), np.float16)

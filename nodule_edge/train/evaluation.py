@@ -14,14 +14,23 @@ from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.model import CollaborativeNet
 from nodule_edge.train.trainer import Dataset, predict, predict_runtime_path, reference_bounded
 
-__all__ = ["evaluate_model", "fit_diameter_baseline", "context_statistics", "pooled_metrics", "retrieval_comparison", "pool_fold_files"]
+__all__ = [
+    "evaluate_model",
+    "fit_diameter_baseline",
+    "context_statistics",
+    "pooled_metrics",
+    "retrieval_comparison",
+    "pool_fold_files",
+]
 
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
 
 
 def fit_diameter_baseline(diameters: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Logistic regression of the label on log-diameter (unpenalised); returns (a, b)."""
-    (b,), a = fit_logistic(np.log(np.asarray(diameters, dtype=np.float64))[:, None], np.asarray(labels, dtype=np.float64), l2=0.0)
+    (b,), a = fit_logistic(
+        np.log(np.asarray(diameters, dtype=np.float64))[:, None], np.asarray(labels, dtype=np.float64), l2=0.0
+    )
     return a, float(b)
 
 
@@ -114,7 +123,11 @@ def evaluate_model(
         mae = np.abs(pred_r - true_r).mean(0)
         const_mae = np.abs(const - true_r).mean(0)
         result["attributes"] = {
-            name: {"mae": float(mae[i]), "within_1": float(within_one_accuracy(pred_r, true_r)[i]), "baseline_constant_mae": float(const_mae[i])}
+            name: {
+                "mae": float(mae[i]),
+                "within_1": float(within_one_accuracy(pred_r, true_r)[i]),
+                "baseline_constant_mae": float(const_mae[i]),
+            }
             for i, name in enumerate(ATTRIBUTE_NAMES)
         }
         result["attributes_mean_mae"] = float(mae.mean())
@@ -129,7 +142,9 @@ def evaluate_model(
         mask16 = masks.reshape(len(masks), 16, 4, 16, 4, 16, 4).mean((2, 4, 6))
         inside, outside = _soft_inside_outside(pred["cam16"][has_m], mask16[has_m])
         result["cam_on_nodule_fraction_gt_mask"] = float((inside > outside).mean())
-    result["cam_on_nodule_fraction_predicted_mask"] = float((pred["nodule_attention"] > pred["background_attention"]).mean())
+    result["cam_on_nodule_fraction_predicted_mask"] = float(
+        (pred["nodule_attention"] > pred["background_attention"]).mean()
+    )
     # What the segmentation alone knows: the AUC of its soft volume (a probe, not a product output).
     result["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel]) if sel.any() else float("nan")
 
@@ -145,9 +160,17 @@ def evaluate_model(
             "max_abs_delta_probability": float(np.abs(delta).max()),
         }
     # Context stability with the nodule intact: z context cut to the nodule plus 2 mm, runtime path.
-    roomy = np.flatnonzero(has_m & (ds.cache.z_extent_mm[test_idx] >= np.nan_to_num(ds.diameters[test_idx], nan=np.inf) + 2 * context_extra_mm + 2.0))
+    roomy = np.flatnonzero(
+        has_m
+        & (
+            ds.cache.z_extent_mm[test_idx]
+            >= np.nan_to_num(ds.diameters[test_idx], nan=np.inf) + 2 * context_extra_mm + 2.0
+        )
+    )
     if len(roomy):
-        cut = _truncate_z_around_nodule(ds.cache.images[test_idx[roomy]].astype(np.float32), masks[roomy], context_extra_mm, spec.spacing_mm)
+        cut = _truncate_z_around_nodule(
+            ds.cache.images[test_idx[roomy]].astype(np.float32), masks[roomy], context_extra_mm, spec.spacing_mm
+        )
         short, _ = predict_runtime_path(model, ds, test_idx[roomy], device, spec, images=cut)
         delta = short["malignancy_probability"] - pred["malignancy_probability"][roomy]
         result["context_sensitivity_nodule_intact"] = {
@@ -178,7 +201,11 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
     prob = np.concatenate([np.asarray(f["predictions"]["probability"], np.float64) for f in per_fold])
     labels = ds.labels[idx]
     sel = labels >= 0
-    out: dict[str, Any] = {"n_folds": len(per_fold), "malignancy": binary_metrics(labels[sel], prob[sel]), "label_note": LABEL_NOTE}
+    out: dict[str, Any] = {
+        "n_folds": len(per_fold),
+        "malignancy": binary_metrics(labels[sel], prob[sel]),
+        "label_note": LABEL_NOTE,
+    }
     if np.isfinite(ds.diameters[idx][sel]).all():
         out["diameter_auc"] = roc_auc(labels[sel], ds.diameters[idx][sel])
     if all("volume_mm3" in f["predictions"] for f in per_fold):

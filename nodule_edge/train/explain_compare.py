@@ -36,7 +36,14 @@ import torch.nn.functional as F
 
 from nodule_edge._files import write_text_atomic
 from nodule_edge.errors import ConfigError, OutputError
-from nodule_edge.runtime.explain_metrics import deletion_curve, insertion_curve, pointing_game, randomisation_similarity, rank_correlation, relevance_mass_accuracy
+from nodule_edge.runtime.explain_metrics import (
+    deletion_curve,
+    insertion_curve,
+    pointing_game,
+    randomisation_similarity,
+    rank_correlation,
+    relevance_mass_accuracy,
+)
 from nodule_edge.runtime.occlusion import occlusion_map
 
 __all__ = ["ALL_METHODS", "AGREEMENT_PERCENTILE", "compare_explanations", "render_table"]
@@ -44,7 +51,17 @@ __all__ = ["ALL_METHODS", "AGREEMENT_PERCENTILE", "compare_explanations", "rende
 log = logging.getLogger(__name__)
 
 #: Methods compared, runtime ones first.
-ALL_METHODS: tuple[str, ...] = ("gradcam", "occlusion", "saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradient_shap", "lime", "lrp")
+ALL_METHODS: tuple[str, ...] = (
+    "gradcam",
+    "occlusion",
+    "saliency",
+    "gradient_x_input",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradient_shap",
+    "lime",
+    "lrp",
+)
 #: The agreement threshold is this percentile of the held-out Grad-CAM/occlusion Spearman.
 AGREEMENT_PERCENTILE = 5.0
 #: Stages re-initialised in turn by the randomisation check, output side first (attribute prefixes
@@ -79,7 +96,9 @@ def _torch_run(model: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np.nd
     return run
 
 
-def _maps(model: torch.nn.Module, patch: np.ndarray, spec: Any, methods: Sequence[str], options: dict[str, dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
+def _maps(
+    model: torch.nn.Module, patch: np.ndarray, spec: Any, methods: Sequence[str], options: dict[str, dict[str, Any]]
+) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
     """method → (signed map, explained input, seconds, probability) for one nodule."""
     from nodule_edge.patch import run_nodule_bounded_with_input
     from nodule_edge.train.explain import explain
@@ -160,7 +179,9 @@ def compare_explanations(
     if unknown:
         raise ConfigError(f"unknown explanation method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     if limit < 1 or curve_steps < 1 or randomisation_nodules < 0:
-        raise ConfigError(f"limit and curve_steps must be >= 1 and randomisation_nodules >= 0, got {limit}, {curve_steps}, {randomisation_nodules}")
+        raise ConfigError(
+            f"limit and curve_steps must be >= 1 and randomisation_nodules >= 0, got {limit}, {curve_steps}, {randomisation_nodules}"
+        )
     say = progress or log.info
     options = options or {}
     ds = load_dataset(cfg)
@@ -169,7 +190,9 @@ def compare_explanations(
     test = np.sort(test)[:limit]
     if checkpoint is None:
         folder = cfg.resolve(cfg.output_dir) / f"fold{fold}"
-        checkpoint = folder / "refit.safetensors" if (folder / "refit.safetensors").is_file() else folder / "last.safetensors"
+        checkpoint = (
+            folder / "refit.safetensors" if (folder / "refit.safetensors").is_file() else folder / "last.safetensors"
+        )
     model, meta = load_checkpoint(checkpoint)
     model.eval()
     run = _torch_run(model)
@@ -180,7 +203,13 @@ def compare_explanations(
         maps = _maps(model, patch, spec, methods, options)
         p = next(iter(maps.values()))[3]
         target = 1 if p >= 0.5 else 0
-        row: dict[str, Any] = {"row": int(i), "id": ds.cache.ids[i], "probability": round(p, 6), "label": None if int(ds.labels[i]) < 0 else int(ds.labels[i]), "methods": {}}
+        row: dict[str, Any] = {
+            "row": int(i),
+            "id": ds.cache.ids[i],
+            "probability": round(p, 6),
+            "label": None if int(ds.labels[i]) < 0 else int(ds.labels[i]),
+            "methods": {},
+        }
 
         def score(x: np.ndarray) -> np.ndarray:
             return run(x)["malignancy_probability"].astype(np.float64)
@@ -190,21 +219,36 @@ def compare_explanations(
             if bool(ds.cache.has_mask[i]) and mask.any():
                 metrics["pointing_game"] = _num(pointing_game(signed, mask))
                 metrics["mass_inside"] = _num(relevance_mass_accuracy(np.clip(signed, 0, None), mask))
-            metrics["deletion_auc"] = _num(deletion_curve(score, explained_input, signed, steps=curve_steps, target=target).auc)
-            metrics["insertion_auc"] = _num(insertion_curve(score, explained_input, signed, steps=curve_steps, target=target).auc)
+            metrics["deletion_auc"] = _num(
+                deletion_curve(score, explained_input, signed, steps=curve_steps, target=target).auc
+            )
+            metrics["insertion_auc"] = _num(
+                insertion_curve(score, explained_input, signed, steps=curve_steps, target=target).auc
+            )
             row["methods"][method] = metrics
         if "gradcam" in maps and "occlusion" in maps:
             row["agreement_spearman"] = _num(rank_correlation(maps["gradcam"][0], maps["occlusion"][0]))
         rows.append(row)
-        say(f"nodule {n + 1}/{len(test)} ({row['id']}): " + ", ".join(f"{m} {v['seconds']:.1f} s" for m, v in row["methods"].items()))
+        say(
+            f"nodule {n + 1}/{len(test)} ({row['id']}): "
+            + ", ".join(f"{m} {v['seconds']:.1f} s" for m, v in row["methods"].items())
+        )
 
     randomisation = []
     for i in test[:randomisation_nodules]:
         patch = np.asarray(ds.cache.images[i], np.float32)
         before = {m: v[0] for m, v in _maps(model, patch, spec, methods, options).items()}
         for stage in range(len(_STAGES)):
-            after = {m: v[0] for m, v in _maps(_randomised(model, stage, seed=stage), patch, spec, methods, options).items()}
-            randomisation.append({"id": ds.cache.ids[i], "randomised_up_to": _STAGES[stage][0], "spearman": {m: _num(randomisation_similarity(before[m], after[m])) for m in methods}})
+            after = {
+                m: v[0] for m, v in _maps(_randomised(model, stage, seed=stage), patch, spec, methods, options).items()
+            }
+            randomisation.append(
+                {
+                    "id": ds.cache.ids[i],
+                    "randomised_up_to": _STAGES[stage][0],
+                    "spearman": {m: _num(randomisation_similarity(before[m], after[m])) for m in methods},
+                }
+            )
         say(f"randomisation check on {ds.cache.ids[i]} done")
 
     agreements = [r["agreement_spearman"] for r in rows if r.get("agreement_spearman") is not None]
@@ -217,7 +261,11 @@ def compare_explanations(
         "curve_steps": curve_steps,
         "options": options,
         "method_defaults": _method_defaults(),
-        "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "cores": os.cpu_count()},
+        "hardware": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+        },
         "summary": _summary(rows, methods),
         "randomisation": randomisation,
         "randomisation_summary": _randomisation_summary(randomisation, methods),
@@ -235,7 +283,10 @@ def _method_defaults() -> dict[str, Any]:
     from nodule_edge.runtime.occlusion import AUTO_GRIDS, DEFAULT_MAX_PASSES
     from nodule_edge.train.explain import DEFAULT_OPTIONS
 
-    return {"occlusion": {"grids": [list(g) for g in AUTO_GRIDS], "max_passes": DEFAULT_MAX_PASSES}, **json.loads(json.dumps(DEFAULT_OPTIONS, default=str))}
+    return {
+        "occlusion": {"grids": [list(g) for g in AUTO_GRIDS], "max_passes": DEFAULT_MAX_PASSES},
+        **json.loads(json.dumps(DEFAULT_OPTIONS, default=str)),
+    }
 
 
 def _num(value: float) -> float | None:
@@ -249,7 +300,15 @@ def _summary(rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, di
         for metric in ("pointing_game", "mass_inside", "deletion_auc", "insertion_auc", "seconds"):
             values = [r["methods"][method].get(metric) for r in rows if method in r["methods"]]
             values = [v for v in values if v is not None]
-            stats[metric] = {"mean": _num(float(np.mean(values))), "sd": _num(float(np.std(values, ddof=1))) if len(values) > 1 else None, "n": len(values)} if values else None
+            stats[metric] = (
+                {
+                    "mean": _num(float(np.mean(values))),
+                    "sd": _num(float(np.std(values, ddof=1))) if len(values) > 1 else None,
+                    "n": len(values),
+                }
+                if values
+                else None
+            )
         out[method] = stats
     return out
 
@@ -258,7 +317,12 @@ def _randomisation_summary(entries: list[dict[str, Any]], methods: Sequence[str]
     out: dict[str, dict[str, float | None]] = {}
     for stage, _ in _STAGES:
         chosen = [e for e in entries if e["randomised_up_to"] == stage]
-        out[stage] = {m: _num(float(np.mean(vals))) if (vals := [e["spearman"][m] for e in chosen if e["spearman"].get(m) is not None]) else None for m in methods}
+        out[stage] = {
+            m: _num(float(np.mean(vals)))
+            if (vals := [e["spearman"][m] for e in chosen if e["spearman"].get(m) is not None])
+            else None
+            for m in methods
+        }
     return out
 
 
@@ -283,11 +347,17 @@ def render_table(result: dict[str, Any]) -> str:
         full = rand.get(_STAGES[-1][0], {}).get(method)
         lines.append(
             f"| {method} | {cell(stats['pointing_game'])} | {cell(stats['mass_inside'])} | {cell(stats['deletion_auc'])} | {cell(stats['insertion_auc'])} | {cell(stats['seconds'], 1)} | "
-            + ("–" if heads is None else f"{heads:.2f}") + " | " + ("–" if full is None else f"{full:.2f}") + " |"
+            + ("–" if heads is None else f"{heads:.2f}")
+            + " | "
+            + ("–" if full is None else f"{full:.2f}")
+            + " |"
         )
     agreement = result.get("agreement", {})
     if agreement.get("threshold") is not None:
-        lines += ["", f"Grad-CAM vs occlusion Spearman: mean {agreement['spearman_mean']:.2f} over {agreement['n']} nodules; {agreement['percentile']:g}th percentile {agreement['threshold']:.2f} (the runtime's agreement threshold)."]
+        lines += [
+            "",
+            f"Grad-CAM vs occlusion Spearman: mean {agreement['spearman_mean']:.2f} over {agreement['n']} nodules; {agreement['percentile']:g}th percentile {agreement['threshold']:.2f} (the runtime's agreement threshold).",
+        ]
     return "\n".join(lines) + "\n"
 
 

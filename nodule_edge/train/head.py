@@ -37,7 +37,15 @@ from nodule_edge.metrics import roc_auc
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
-__all__ = ["L2_GRID", "DEBUGGED_L2_GRID", "HeadInputs", "HeadObjective", "fit_logistic", "refit_classifier", "refit_heads"]
+__all__ = [
+    "L2_GRID",
+    "DEBUGGED_L2_GRID",
+    "HeadInputs",
+    "HeadObjective",
+    "fit_logistic",
+    "refit_classifier",
+    "refit_heads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +101,9 @@ def refit_classifier(
     x = np.asarray(features, np.float64)
     y = np.asarray(labels, np.float64)
     if x.ndim != 2 or len(x) != len(y) or x.shape[1] != model.cls.in_features:
-        raise ValueError(f"classifier inputs of shape {x.shape} do not fit a classifier of {model.cls.in_features} inputs and {len(y)} labels")
+        raise ValueError(
+            f"classifier inputs of shape {x.shape} do not fit a classifier of {model.cls.in_features} inputs and {len(y)} labels"
+        )
     if len(np.unique(y)) < 2:
         raise ValueError("refitting the classifier needs both classes among the labelled nodules")
     folds = np.asarray(patient_folds(patients, inner_folds, seed))
@@ -124,7 +134,13 @@ def refit_classifier(
         "training_auc_before": before_auc,
         "training_auc_after": roc_auc(y, x @ weight + bias),
     }
-    log.info("classifier refitted: L2 %g (inner-CV AUC %.3f), training AUC %.3f -> %.3f", best, scores[f"{best:g}"], before_auc, info["training_auc_after"])
+    log.info(
+        "classifier refitted: L2 %g (inner-CV AUC %.3f), training AUC %.3f -> %.3f",
+        best,
+        scores[f"{best:g}"],
+        before_auc,
+        info["training_auc_after"],
+    )
     return info
 
 
@@ -228,7 +244,9 @@ class _Heads:
             model.cls.bias.fill_(float(bc))
 
 
-def _cam_region_means(logit: torch.Tensor, omega: torch.Tensor, features: torch.Tensor, f_in: torch.Tensor, f_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cam_region_means(
+    logit: torch.Tensor, omega: torch.Tensor, features: torch.Tensor, f_in: torch.Tensor, f_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean min-max normalised Grad-CAM inside and outside the nodule, exactly as the model has it.
 
     The raw CAM (p − 0.5)·Σ_k ω_k F_k is linear in ω, so its region means are ω·F̄_in and
@@ -253,8 +271,12 @@ class _Data:
         self.x = (torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64)) - mean) / sd
         self.features = torch.from_numpy(np.ascontiguousarray(inputs.features[rows], np.float32))
         seg = torch.from_numpy(np.asarray(inputs.segmentation[rows], np.float32))
-        self.f_in = (torch.bmm(self.features, seg.unsqueeze(2)).squeeze(2) / seg.sum(1, keepdim=True).clamp_min(1e-6)).double()
-        self.f_out = (torch.bmm(self.features, (1 - seg).unsqueeze(2)).squeeze(2) / (1 - seg).sum(1, keepdim=True).clamp_min(1e-6)).double()
+        self.f_in = (
+            torch.bmm(self.features, seg.unsqueeze(2)).squeeze(2) / seg.sum(1, keepdim=True).clamp_min(1e-6)
+        ).double()
+        self.f_out = (
+            torch.bmm(self.features, (1 - seg).unsqueeze(2)).squeeze(2) / (1 - seg).sum(1, keepdim=True).clamp_min(1e-6)
+        ).double()
         self.y = torch.from_numpy(np.asarray(inputs.labels[rows], np.float64))
         self.labelled = self.y >= 0
         self.attributes = torch.from_numpy(np.asarray(inputs.attributes[rows], np.float64))
@@ -290,7 +312,11 @@ def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dic
         logit, attrs, omega = heads.forward(p, data.x)
         inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
     lab = data.labelled.numpy()
-    out = {"auc": roc_auc(data.y.numpy()[lab], logit.numpy()[lab]) if len(np.unique(data.y.numpy()[lab])) == 2 else float("nan")}
+    out = {
+        "auc": roc_auc(data.y.numpy()[lab], logit.numpy()[lab])
+        if len(np.unique(data.y.numpy()[lab])) == 2
+        else float("nan")
+    }
     out["cam_on_nodule_fraction"] = float((inside > outside).double().mean())
     m = data.has_attributes
     if bool(m.any()) and attrs.shape[1] == data.attributes.shape[1]:
@@ -319,14 +345,21 @@ def refit_heads(
         What was chosen and measured (JSON-serialisable), for the fold summary.
     """
     if inputs.head_in.shape[1] != model.feature_channels + model.n_seg_features:
-        raise ValueError(f"head inputs of width {inputs.head_in.shape[1]} do not fit a model whose heads read {model.feature_channels + model.n_seg_features}")
+        raise ValueError(
+            f"head inputs of width {inputs.head_in.shape[1]} do not fit a model whose heads read {model.feature_channels + model.n_seg_features}"
+        )
     if len(patients) != len(inputs):
         raise ValueError(f"{len(patients)} patients given for {len(inputs)} nodules")
     if len(np.unique(inputs.labels[inputs.labels >= 0])) < 2:
         raise ValueError("refitting the heads needs both classes among the labelled nodules")
     torch.manual_seed(seed)
     attributes = model.config.use_attributes
-    info: dict[str, Any] = {"method": "debugged", "objective": dict(objective.__dict__), "n_nodules": int(len(inputs)), "n_labelled": int((inputs.labels >= 0).sum())}
+    info: dict[str, Any] = {
+        "method": "debugged",
+        "objective": dict(objective.__dict__),
+        "n_nodules": int(len(inputs)),
+        "n_labelled": int((inputs.labels >= 0).sum()),
+    }
     folds = np.asarray(patient_folds(patients, inner_folds, seed))
     logits = {value: np.zeros(len(inputs)) for value in l2_grid}
     on_nodule = {value: np.zeros(len(inputs), bool) for value in l2_grid}
@@ -344,7 +377,13 @@ def refit_heads(
                 inside, outside = _cam_region_means(logit, omega, test_data.features, test_data.f_in, test_data.f_out)
             logits[value][test_rows], on_nodule[value][test_rows] = logit.numpy(), (inside > outside).numpy()
     lab = inputs.labels >= 0
-    scores = {f"{v:g}": {"auc": roc_auc(inputs.labels[lab], logits[v][lab]), "cam_on_nodule_fraction": float(on_nodule[v].mean())} for v in l2_grid}
+    scores = {
+        f"{v:g}": {
+            "auc": roc_auc(inputs.labels[lab], logits[v][lab]),
+            "cam_on_nodule_fraction": float(on_nodule[v].mean()),
+        }
+        for v in l2_grid
+    }
     log.info("head refit, inner CV by L2: %s", scores)
     allowed = [v for v in l2_grid if scores[f"{v:g}"]["cam_on_nodule_fraction"] >= min_cam_fraction]
     l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)

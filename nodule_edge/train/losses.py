@@ -79,7 +79,9 @@ def total_loss(
     parts: dict[str, torch.Tensor] = {}
     sel = label_mask.bool()
     parts["cls"] = (
-        F.binary_cross_entropy_with_logits(out.malignancy_logit.float()[sel], labels.float()[sel]) if sel.any() else zero
+        F.binary_cross_entropy_with_logits(out.malignancy_logit.float()[sel], labels.float()[sel])
+        if sel.any()
+        else zero
     )
     msel = mask_present.bool()
     if msel.any():

@@ -41,11 +41,25 @@ from torch import nn
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 
-__all__ = ["ModelConfig", "CollaborativeNet", "ModelOutput", "count_parameters", "LEGACY_MODEL_CONFIG", "SEG_FEATURE_NAMES"]
+__all__ = [
+    "ModelConfig",
+    "CollaborativeNet",
+    "ModelOutput",
+    "count_parameters",
+    "LEGACY_MODEL_CONFIG",
+    "SEG_FEATURE_NAMES",
+]
 
 _EPS = 1e-6
 #: Statistics of the nodule under the predicted segmentation that the size-aware heads read.
-SEG_FEATURE_NAMES = ("log_volume_mm3", "lung_window_mean", "lung_window_sd", "mediastinal_window_mean", "mediastinal_window_sd", "solid_fraction")
+SEG_FEATURE_NAMES = (
+    "log_volume_mm3",
+    "lung_window_mean",
+    "lung_window_sd",
+    "mediastinal_window_mean",
+    "mediastinal_window_sd",
+    "solid_fraction",
+)
 Decoder = Literal["unet64", "light16"]
 
 
@@ -81,7 +95,12 @@ class ModelConfig:
 
 
 #: The model shipped until the nodule-bounded input (checkpoints without the newer keys).
-LEGACY_MODEL_CONFIG = {"widths": (32, 64, 128, 256), "seg_widths": (32, 16), "decoder": "light16", "seg_features": False}
+LEGACY_MODEL_CONFIG = {
+    "widths": (32, 64, 128, 256),
+    "seg_widths": (32, 16),
+    "decoder": "light16",
+    "seg_features": False,
+}
 
 
 @dataclass
@@ -192,7 +211,14 @@ def segmentation_statistics(seg: torch.Tensor, x: torch.Tensor, voxel_mm: float)
     var = (weight * (xf - means[:, :, None, None, None]) ** 2).sum(dim=(2, 3, 4)) / denom[:, None]
     solid = (weight * (xf[:, 1:2] > 0).float()).sum(dim=(1, 2, 3, 4)) / denom
     log_volume = (torch.log1p(mass * voxel**3) - 5.0) / 2.0
-    stats = [log_volume, means[:, 0], var[:, 0].clamp_min(_EPS).sqrt() * 4, means[:, 1], var[:, 1].clamp_min(_EPS).sqrt() * 4, solid]
+    stats = [
+        log_volume,
+        means[:, 0],
+        var[:, 0].clamp_min(_EPS).sqrt() * 4,
+        means[:, 1],
+        var[:, 1].clamp_min(_EPS).sqrt() * 4,
+        solid,
+    ]
     return torch.stack(stats, dim=1)
 
 
@@ -258,12 +284,18 @@ class CollaborativeNet(nn.Module):
         """Segmentation statistics the heads read (0 without size-aware heads)."""
         return len(SEG_FEATURE_NAMES) if self.config.seg_features else 0
 
-    def _heads(self, pooled: torch.Tensor, stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, pooled: torch.Tensor, stats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         head_in = pooled if stats is None else torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
         pre_embedding = self.attr_embed(head_in)
         embedding = F.relu(pre_embedding)
         attributes = torch.sigmoid(self.attr_out(embedding))
-        cls_in = torch.cat([head_in, embedding], dim=1) if self.config.use_attributes and self.config.concat_embedding else head_in
+        cls_in = (
+            torch.cat([head_in, embedding], dim=1)
+            if self.config.use_attributes and self.config.concat_embedding
+            else head_in
+        )
         logit = self.cls(cls_in).squeeze(1)
         return logit, attributes, pre_embedding, cls_in
 
@@ -279,7 +311,9 @@ class CollaborativeNet(nn.Module):
             dz_dg = dz_dg + (relu_mask * w_e) @ self.attr_embed.weight[:, :c]  # [N, C]
         return dz_dg
 
-    def probability_gradient(self, pooled: torch.Tensor, logit: torch.Tensor, pre_embedding: torch.Tensor) -> torch.Tensor:
+    def probability_gradient(
+        self, pooled: torch.Tensor, logit: torch.Tensor, pre_embedding: torch.Tensor
+    ) -> torch.Tensor:
         """Closed-form ∂p/∂g = p(1 − p)·∂z/∂g for the pooled features g (shape [N, C])."""
         p = torch.sigmoid(logit)
         return (p * (1 - p)).unsqueeze(1) * self.logit_gradient(pooled, pre_embedding)

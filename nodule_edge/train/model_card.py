@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from nodule_edge._files import write_text_atomic
@@ -23,7 +23,13 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 # The targets of the model (README, "The model"), judged on the pooled patient-disjoint CV.
-TARGETS = {"pooled_auc": 0.92, "attribute_mae_reduction": 0.25, "dice": 0.75, "cam_on_nodule": 0.90, "context_delta_p": 0.03}
+TARGETS = {
+    "pooled_auc": 0.92,
+    "attribute_mae_reduction": 0.25,
+    "dice": 0.75,
+    "cam_on_nodule": 0.90,
+    "context_delta_p": 0.03,
+}
 
 EXPORT_COMMAND = "nodule-edge export runs/shipped/final/refit.safetensors --index-from ../shared/data/lidc_voi --cache-dir cache --summary runs/shipped/summary.json"
 
@@ -81,7 +87,11 @@ def _fold_table(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | None)
     ]
     for fold, r in sorted(folds.items()):
         cells = [_f(_get(r, key)) for _, key in _FOLD_COLUMNS]
-        lines.append(f"| {fold} | {r.get('n_nodules')} ({r.get('n_labelled')}) | " + " | ".join(cells) + f" | {r.get('epochs_run')} | {_f((r.get('train_seconds') or 0) / 60, 1)} |")
+        lines.append(
+            f"| {fold} | {r.get('n_nodules')} ({r.get('n_labelled')}) | "
+            + " | ".join(cells)
+            + f" | {r.get('epochs_run')} | {_f((r.get('train_seconds') or 0) / 60, 1)} |"
+        )
     if len(folds) > 1:
         cells = [_mean_sd([_get(r, key) for r in folds.values()]) for _, key in _FOLD_COLUMNS]
         lines.append("| mean ± sd | | " + " | ".join(cells) + " | | |")
@@ -145,12 +155,14 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
     refit = cfg.get("head", {}).get("refit", "none")
     if refit == "debugged":
         return [
-            "- Head refit (after training, `[head] refit = \"debugged\"`): the attribute embedding, attribute output and classifier are refitted on the training fold's runtime-path features "
+            '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             "under the training objective (BCE + adaptive debug loss + attribute MSE, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
         ]
     if refit == "full":
-        return ["- Classifier refit (after training, `[head] refit = \"full\"`): L2 logistic regression on the training fold's classifier inputs, L2 by inner patient-grouped CV."]
+        return [
+            '- Classifier refit (after training, `[head] refit = "full"`): L2 logistic regression on the training fold\'s classifier inputs, L2 by inner patient-grouped CV.'
+        ]
     return []
 
 
@@ -177,8 +189,16 @@ def render_model_card(
     box = (summary.get("patch_spec") or {}).get("nodule_box")
     folds = summary.get("folds", {})
     pooled = summary.get("pooled")
-    decoder = "a U-Net-style decoder that outlines the nodule at 0.5 mm (skips from the stem and the input, depth-to-space)" if model.get("decoder", "unet64") == "unet64" else "the papers' light 16³ segmentation head"
-    size_aware = " Size-aware heads: six statistics of the nodule under the predicted (detached) segmentation — log volume, mean and spread of both windows, solid fraction — enter the attribute embedding and the classifier." if model.get("seg_features") else ""
+    decoder = (
+        "a U-Net-style decoder that outlines the nodule at 0.5 mm (skips from the stem and the input, depth-to-space)"
+        if model.get("decoder", "unet64") == "unet64"
+        else "the papers' light 16³ segmentation head"
+    )
+    size_aware = (
+        " Size-aware heads: six statistics of the nodule under the predicted (detached) segmentation — log volume, mean and spread of both windows, solid fraction — enter the attribute embedding and the classifier."
+        if model.get("seg_features")
+        else ""
+    )
     lines = [
         "# nodule-edge model card",
         "",
@@ -210,7 +230,15 @@ def render_model_card(
         f"- Bundle: `{export_command}`.",
         *_head_refit_lines(cfg),
         f"- Schedule: {train['epochs']} epochs, batch {train['batch_sure']} sure + {train['batch_unsure']} unsure, AdamW lr {train['lr']} with cosine decay, bf16 autocast on CPU; augmentation: flips of every axis, in-plane 90° rotations and transposes (z never swapped, nothing cut).",
-        "- Training time (sum of epoch times): " + "; ".join([f"fold {k} {_f((v.get('train_seconds') or 0) / 60, 1)} min ({v.get('epochs_run')} epochs of {v.get('steps_per_epoch')} steps)" for k, v in sorted(folds.items())] + ([f"final model {_f(summary['final']['train_seconds'] / 60, 1)} min"] if summary.get("final") else [])) + ".",
+        "- Training time (sum of epoch times): "
+        + "; ".join(
+            [
+                f"fold {k} {_f((v.get('train_seconds') or 0) / 60, 1)} min ({v.get('epochs_run')} epochs of {v.get('steps_per_epoch')} steps)"
+                for k, v in sorted(folds.items())
+            ]
+            + ([f"final model {_f(summary['final']['train_seconds'] / 60, 1)} min"] if summary.get("final") else [])
+        )
+        + ".",
         "",
         "## Patient-disjoint cross-validation",
         "",
@@ -220,7 +248,9 @@ def render_model_card(
         "",
     ]
     if pooled and pooled.get("segmentation_volume_auc") is not None:
-        lines.append(f"- What the segmentation alone knows: the AUC of its predicted volume, pooled, is {_f(pooled['segmentation_volume_auc'])}.")
+        lines.append(
+            f"- What the segmentation alone knows: the AUC of its predicted volume, pooled, is {_f(pooled['segmentation_volume_auc'])}."
+        )
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
     lines += ["", *_targets(summary)]
@@ -240,7 +270,9 @@ def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | 
     """The per-fold table with mean ± sd and the pooled CV, as Markdown (``nodule-edge cv-report``)."""
     lines = [f"# {title}", "", *_fold_table(folds, pooled), ""]
     if pooled:
-        lines.append(f"Pooled out-of-fold AUC {_f(_get(pooled, 'malignancy.auc'))} on {_f(_get(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}.")
+        lines.append(
+            f"Pooled out-of-fold AUC {_f(_get(pooled, 'malignancy.auc'))} on {_f(_get(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}."
+        )
     return "\n".join(lines) + "\n"
 
 

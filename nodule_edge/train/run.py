@@ -51,7 +51,9 @@ def _finished_fold(path: Path, sha: str) -> dict[str, Any] | None:
     return result if result.get("fold_config_sha256") == sha else None
 
 
-def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None, folds_only: bool = False) -> dict[str, Any]:
+def run_training(
+    cfg: TrainConfig, progress: Callable[[str], None] | None = None, folds_only: bool = False
+) -> dict[str, Any]:
     """Run the configured CV folds and (optionally) the final model; writes ``summary.json``.
 
     Resumable fold by fold: a fold whose ``foldK/result.json`` was written by the same fold
@@ -93,12 +95,29 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
             continue
         train_idx, val_idx, test_idx = split_fold(ds, cfg, fold)
         max_epochs = cfg.cv.fold_epochs[i] if cfg.cv.fold_epochs else cfg.train.epochs
-        say(f"fold {fold}: train {len(train_idx)} / val {len(val_idx)} / test {len(test_idx)} nodules, up to {max_epochs} epochs")
-        fit = train_model(cfg, ds, train_idx, val_idx, out_dir / f"fold{fold}", max_epochs, progress=say, early_stopping=cfg.cv.evaluate == "best")
+        say(
+            f"fold {fold}: train {len(train_idx)} / val {len(val_idx)} / test {len(test_idx)} nodules, up to {max_epochs} epochs"
+        )
+        fit = train_model(
+            cfg,
+            ds,
+            train_idx,
+            val_idx,
+            out_dir / f"fold{fold}",
+            max_epochs,
+            progress=say,
+            early_stopping=cfg.cv.evaluate == "best",
+        )
         model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
         t_eval = time.perf_counter()
         # The refit sees the whole training fold (its validation patients too), never the test fold.
-        head = _refit_head(cfg, model, ds, np.concatenate([train_idx, val_idx]), device, spec, out_dir / f"fold{fold}", meta, say) if cfg.head.refit != "none" else None
+        head = (
+            _refit_head(
+                cfg, model, ds, np.concatenate([train_idx, val_idx]), device, spec, out_dir / f"fold{fold}", meta, say
+            )
+            if cfg.head.refit != "none"
+            else None
+        )
         result = evaluate_model(model, ds, test_idx, train_idx, device, spec)
         if head is not None:
             result["classifier_refit"] = head
@@ -133,7 +152,9 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
         results[fold] = result
         summary["folds"][str(fold)] = _without_predictions(result)
         summary["parameters"] = fit["parameters"]
-        say(f"fold {fold}: AUC {result['malignancy']['auc']:.3f} (diameter-only {result.get('baseline_diameter', {}).get('auc', float('nan')):.3f}), Dice {result.get('dice_mean', float('nan')):.3f}")
+        say(
+            f"fold {fold}: AUC {result['malignancy']['auc']:.3f} (diameter-only {result.get('baseline_diameter', {}).get('auc', float('nan')):.3f}), Dice {result.get('dice_mean', float('nan')):.3f}"
+        )
         _write(out_dir / "summary.json", summary)
     # Pool over every fold of the CV that has a result, this session's or an earlier one's.
     for fold in range(cfg.cv.folds):
@@ -149,12 +170,23 @@ def run_training(cfg: TrainConfig, progress: Callable[[str], None] | None = None
     if cfg.cv.final and not folds_only:
         all_idx = np.arange(len(ds))
         say(f"final model: all {len(ds)} nodules for {cfg.train.epochs} epochs")
-        fit = train_model(cfg, ds, all_idx, np.zeros(0, np.int64), out_dir / "final", cfg.train.epochs, progress=say, early_stopping=False)
+        fit = train_model(
+            cfg,
+            ds,
+            all_idx,
+            np.zeros(0, np.int64),
+            out_dir / "final",
+            cfg.train.epochs,
+            progress=say,
+            early_stopping=False,
+        )
         final = out_dir / "final" / "last.safetensors"
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
         if cfg.head.refit != "none":
             model, meta = load_checkpoint(final)
-            summary["final"]["classifier_refit"] = _refit_head(cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say)
+            summary["final"]["classifier_refit"] = _refit_head(
+                cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say
+            )
             summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write(out_dir / "summary.json", summary)
@@ -184,7 +216,9 @@ def _refit_head(
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
         features = predict_runtime_path(model, ds, labelled, device, spec)[0]["classifier_input"]
-        info = refit_classifier(model, features, ds.labels[labelled], [ds.patients[i] for i in labelled], seed=cfg.train.seed)
+        info = refit_classifier(
+            model, features, ds.labels[labelled], [ds.patients[i] for i in labelled], seed=cfg.train.seed
+        )
         chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]
         say(f"classifier refitted on {info['n_labelled']} nodules: L2 {info['l2']:g}, inner-CV AUC {chosen:.3f}")
     else:
@@ -198,10 +232,21 @@ def _refit_head(
             attributes=ds.attributes[idx],
             has_attributes=ds.has_attributes[idx],
         )
-        objective = HeadObjective(alpha=cfg.loss.alpha if cfg.loss.debug else 0.0, gamma=cfg.loss.gamma, delta=cfg.loss.delta, adaptive=cfg.loss.adaptive)
+        objective = HeadObjective(
+            alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
+            gamma=cfg.loss.gamma,
+            delta=cfg.loss.delta,
+            adaptive=cfg.loss.adaptive,
+        )
         info = refit_heads(model, inputs, [ds.patients[i] for i in idx], objective, seed=cfg.train.seed)
-        say(f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}")
-    save_checkpoint(folder / "refit.safetensors", model, {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info})
+        say(
+            f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"
+        )
+    save_checkpoint(
+        folder / "refit.safetensors",
+        model,
+        {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info},
+    )
     return info
 
 

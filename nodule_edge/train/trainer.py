@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nodule_edge._files import atomic_file, write_text_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
-from nodule_edge._files import atomic_file, write_text_atomic
 from nodule_edge.train.config import TrainConfig, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
@@ -78,7 +78,9 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         # External sure data replaces LIDC's proxy labels.
         records = [dataclasses.replace(r, label=None) for r in records] + sure
     # The cache holds whole cubes; the nodule box is applied per batch (training) or per pass.
-    cache = build_patch_cache(records, dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=None), cfg.resolve(cfg.data.cache_dir))
+    cache = build_patch_cache(
+        records, dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=None), cfg.resolve(cfg.data.cache_dir)
+    )
     attrs, has_attrs, labels, diameters = targets(records)
     return Dataset(records, cache, attrs, has_attrs, labels, diameters, [r.patient_id for r in records])
 
@@ -190,8 +192,12 @@ def bound_batch(
         other = tuple(a + 1 for a in range(3) if a != axis)
         profile = binary.any(dim=other)  # [N, size]
         first = torch.where(profile.any(1), profile.float().argmax(1), torch.zeros(n, dtype=torch.long)).float()
-        last = torch.where(profile.any(1), size - 1 - profile.flip(1).float().argmax(1), torch.full((n,), size - 1)).float()
-        inside = (index >= first[:, None] - lo_m[:, axis : axis + 1] - 1e-6) & (index <= last[:, None] + hi_m[:, axis : axis + 1] + 1e-6)
+        last = torch.where(
+            profile.any(1), size - 1 - profile.flip(1).float().argmax(1), torch.full((n,), size - 1)
+        ).float()
+        inside = (index >= first[:, None] - lo_m[:, axis : axis + 1] - 1e-6) & (
+            index <= last[:, None] + hi_m[:, axis : axis + 1] + 1e-6
+        )
         shape = [n, 1, 1, 1]
         shape[axis + 1] = size
         keep = keep & inside.view(shape)
@@ -230,8 +236,17 @@ def predict(
     features ``[N, C, 16³]`` (float32, 2 MB a nodule) that the head refit reads.
     """
     model.eval()
-    keys = ["malignancy_probability", "attributes", "nodule_attention", "background_attention", "embedding", "classifier_input"]
-    out: dict[str, list[np.ndarray]] = {k: [] for k in keys + ["segmentation64", "cam16", "seg16"] + (["features"] if with_features else [])}
+    keys = [
+        "malignancy_probability",
+        "attributes",
+        "nodule_attention",
+        "background_attention",
+        "embedding",
+        "classifier_input",
+    ]
+    out: dict[str, list[np.ndarray]] = {
+        k: [] for k in keys + ["segmentation64", "cam16", "seg16"] + (["features"] if with_features else [])
+    }
     for start in range(0, len(idx), batch_size):
         chunk = idx[start : start + batch_size]
         batch = ds.cache.images[chunk] if images is None else images[start : start + batch_size]
@@ -363,7 +378,9 @@ def train_model(
         History and the best epoch (by validation AUC when validation has both classes, else loss).
     """
     rank, world = _distributed()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     bf16 = bf16_enabled(cfg.train.bf16, device)
@@ -381,7 +398,9 @@ def train_model(
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     weights = LossWeights(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.delta, cfg.loss.adaptive)
     attr_cols: slice | list[int] = [MALIGNANCY_COLUMN] if cfg.model.malignancy_only else slice(None)
@@ -404,7 +423,13 @@ def train_model(
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
         start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
-    meta_base = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "training_config_sha256": training_config_sha256(cfg), "patch_spec": spec.to_json(), "attribute_names": list(ATTRIBUTE_NAMES)}
+    meta_base = {
+        "config": cfg.to_dict(),
+        "config_sha256": cfg.sha256(),
+        "training_config_sha256": training_config_sha256(cfg),
+        "patch_spec": spec.to_json(),
+        "attribute_names": list(ATTRIBUTE_NAMES),
+    }
     # Validation reads the training path (reference box at the runtime margins), built once.
     val_images = reference_bounded(ds, val_idx, spec) if len(val_idx) else None
 
@@ -417,19 +442,33 @@ def train_model(
         sure_order = order_rng.permutation(sure)
         sums: dict[str, float] = {}
         for step in range(steps):
-            s_idx = sure_order[((step * world + rank) * cfg.train.batch_sure) % len(sure_order):][: cfg.train.batch_sure]
+            s_idx = sure_order[((step * world + rank) * cfg.train.batch_sure) % len(sure_order) :][
+                : cfg.train.batch_sure
+            ]
             if len(s_idx) < cfg.train.batch_sure:
                 s_idx = np.concatenate([s_idx, rng.choice(sure, cfg.train.batch_sure - len(s_idx))])
-            u_idx = rng.choice(unsure, cfg.train.batch_unsure, replace=len(unsure) < cfg.train.batch_unsure) if cfg.train.batch_unsure else np.zeros(0, int)
+            u_idx = (
+                rng.choice(unsure, cfg.train.batch_unsure, replace=len(unsure) < cfg.train.batch_unsure)
+                if cfg.train.batch_unsure
+                else np.zeros(0, int)
+            )
             idx = np.concatenate([s_idx, u_idx]).astype(np.int64)
             b = _batch(ds, idx, device)
             # Unsure samples serve segmentation and attributes only.
-            b["label_mask"][len(s_idx):] = False
+            b["label_mask"][len(s_idx) :] = False
             images, masks = b["images"], b["masks"]
             if cfg.train.augment:
                 images, masks = augment(images, masks, gen)
             if spec.nodule_box is not None:
-                images = bound_batch(images, masks, b["mask_present"], spec.nodule_box, spec.spacing_mm, gen, cfg.train.unbounded_probability)
+                images = bound_batch(
+                    images,
+                    masks,
+                    b["mask_present"],
+                    spec.nodule_box,
+                    spec.spacing_mm,
+                    gen,
+                    cfg.train.unbounded_probability,
+                )
             images = images.to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)
@@ -464,13 +503,21 @@ def train_model(
             bad_epochs = 0
         else:
             bad_epochs += 1
-        record = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "train": train_parts, "val": val, "bad_epochs": bad_epochs}
+        record = {
+            "epoch": epoch,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "train": train_parts,
+            "val": val,
+            "bad_epochs": bad_epochs,
+        }
         history.append(record)
         if rank == 0:
             if improved:
                 save_checkpoint(out_dir / "best.safetensors", model, {**meta_base, "epoch": epoch, "val": val})
             _save_resume(last, model, opt, epoch, history, best, meta_base)
-            msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(f"{k}={v:.3f}" for k, v in train_parts.items())
+            msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(
+                f"{k}={v:.3f}" for k, v in train_parts.items()
+            )
             msg += " | val " + " ".join(f"{k}={v:.3f}" for k, v in val.items() if isinstance(v, float))
             (progress or log.info)(msg)
         if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
@@ -480,7 +527,14 @@ def train_model(
 
         # Only rank 0 writes checkpoints; the others must not read them before they exist.
         dist.barrier()
-    return {"history": history, "best_epoch": best["epoch"], "best_score": best["score"], "steps_per_epoch": steps, "bf16": bf16, "parameters": count_parameters(model)}
+    return {
+        "history": history,
+        "best_epoch": best["epoch"],
+        "best_score": best["score"],
+        "steps_per_epoch": steps,
+        "bf16": bf16,
+        "parameters": count_parameters(model),
+    }
 
 
 def _channels_last(setting: str, device: torch.device, bf16: bool) -> bool:
@@ -490,7 +544,14 @@ def _channels_last(setting: str, device: torch.device, bf16: bool) -> bool:
     return device.type == "cpu" and bf16
 
 
-def _validate(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: torch.device, bf16: bool, images: np.ndarray | None = None) -> dict[str, float]:
+def _validate(
+    model: CollaborativeNet,
+    ds: Dataset,
+    idx: np.ndarray,
+    device: torch.device,
+    bf16: bool,
+    images: np.ndarray | None = None,
+) -> dict[str, float]:
     from nodule_edge.metrics import roc_auc
 
     pred = predict(model, ds, idx, device, bf16, images=images)
@@ -508,13 +569,15 @@ def _validate(model: CollaborativeNet, ds: Dataset, idx: np.ndarray, device: tor
     return out
 
 
-def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, epoch: int, history: list, best: dict, meta: dict) -> None:
+def _save_resume(
+    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, epoch: int, history: list, best: dict, meta: dict
+) -> None:
     from safetensors.torch import save_file
 
     save_checkpoint(path, model, {**meta, "epoch": epoch, "history": history, "best": best})
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
+    for _i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() > 0:
                 tensors[f"{pid}.{k}"] = v.contiguous()
@@ -522,10 +585,15 @@ def _save_resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer
                 scalars[f"{pid}.{k}"] = float(v)
     with atomic_file(path.with_name("last_optim.safetensors")) as tmp:
         save_file(tensors, str(tmp))
-    write_text_atomic(path.with_name("last_optim.json"), json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}))
+    write_text_atomic(
+        path.with_name("last_optim.json"),
+        json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}),
+    )
 
 
-def _resume(path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str) -> tuple[int, list, dict]:
+def _resume(
+    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str
+) -> tuple[int, list, dict]:
     from safetensors.torch import load_file
 
     loaded, meta = load_checkpoint(path)

@@ -25,7 +25,11 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         model.cls.weight.mul_(20)
     root = tmp_path_factory.mktemp("export")
-    save_checkpoint(root / "model.safetensors", model, {"epoch": 1, "config_sha256": "abc", "patch_spec": DEFAULT_PATCH_SPEC.to_json()})
+    save_checkpoint(
+        root / "model.safetensors",
+        model,
+        {"epoch": 1, "config_sha256": "abc", "patch_spec": DEFAULT_PATCH_SPEC.to_json()},
+    )
     result = export_onnx(root / "model.safetensors", root / "model.onnx", extra_metadata={"metrics": {"auc": 0.5}})
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     return model, result, session
@@ -50,7 +54,11 @@ def _autograd_cam(model: CollaborativeNet, x: torch.Tensor) -> torch.Tensor:
     low = raw.amin(dim=(1, 2, 3, 4), keepdim=True)
     high = raw.amax(dim=(1, 2, 3, 4), keepdim=True)
     cam = (raw - low) / (high - low)
-    return torch.nn.functional.interpolate(cam, size=(64, 64, 64), mode="trilinear", align_corners=False)[:, 0].clamp(0, 1).float()
+    return (
+        torch.nn.functional.interpolate(cam, size=(64, 64, 64), mode="trilinear", align_corners=False)[:, 0]
+        .clamp(0, 1)
+        .float()
+    )
 
 
 def _patches(seed: int, n: int) -> np.ndarray:
@@ -135,4 +143,8 @@ def test_real_patch_parity(exported, lidc_voi_dir):
         ref = build_export_module(model)(torch.from_numpy(x))
     for name, got, expected in zip(OUTPUT_NAMES, onnx_out, ref):
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, err_msg=name)
-    np.testing.assert_allclose(session.run(["saliency"], {"patch": x})[0], _autograd_cam(model, torch.from_numpy(x)).detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        session.run(["saliency"], {"patch": x})[0],
+        _autograd_cam(model, torch.from_numpy(x)).detach().numpy(),
+        atol=1e-4,
+    )

@@ -30,7 +30,7 @@ def _tokens(text: str) -> list[str]:
         match = _TOKEN.match(text, pos)
         if match is None:
             if text[pos:].strip():
-                raise ValueError(f"unexpected text at {pos}: {text[pos:pos + 20]!r}")
+                raise ValueError(f"unexpected text at {pos}: {text[pos : pos + 20]!r}")
             break
         pos = match.end()
         if match.group(1) is None:
@@ -160,7 +160,14 @@ def test_config_dims_follow_the_graph_not_a_fixed_interface(tmp_path: Path) -> N
     )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    write_triton_repository(path, tmp_path / "repo", model_name="other", max_batch_size=4, instance_kind="KIND_CPU", max_queue_delay_microseconds=500)
+    write_triton_repository(
+        path,
+        tmp_path / "repo",
+        model_name="other",
+        max_batch_size=4,
+        instance_kind="KIND_CPU",
+        max_queue_delay_microseconds=500,
+    )
     config = parse_pbtxt((tmp_path / "repo" / "other" / "config.pbtxt").read_text())
     assert config["input"] == [{"name": ["x"], "data_type": ["TYPE_FP32"], "dims": [3, -1]}]
     assert config["output"] == [{"name": ["y"], "data_type": ["TYPE_FP16"], "dims": [3, -1]}]
@@ -227,7 +234,9 @@ def test_engine_gets_a_tensorrt_plan_model_with_the_same_tensors(tiny_onnx: Path
     assert onnx_config["instance_group"] == [{"kind": ["KIND_CPU"], "count": [1]}]
     assert trt_config["input"] == onnx_config["input"] and trt_config["output"] == onnx_config["output"]
     assert (repo.tensorrt_model / "1" / "model.plan").read_bytes() == engine.read_bytes()
-    assert EngineSidecar.read(repo.tensorrt_model / "1" / "model.plan.json") == EngineSidecar.read(sidecar_path_for(engine))
+    assert EngineSidecar.read(repo.tensorrt_model / "1" / "model.plan.json") == EngineSidecar.read(
+        sidecar_path_for(engine)
+    )
 
 
 def test_engine_from_another_model_is_refused_and_nothing_written(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -287,4 +296,3 @@ def test_missing_inputs_rejected(tmp_path: Path, tiny_onnx: Path) -> None:
         write_triton_repository(tmp_path / "absent.onnx", tmp_path / "repo")
     with pytest.raises(ConfigError, match="does not exist"):
         write_triton_repository(tiny_onnx, tmp_path / "repo", engine_path=tmp_path / "absent.plan")
-

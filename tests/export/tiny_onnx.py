@@ -57,12 +57,22 @@ def tiny_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["patch", "axes_space"], ["pooled"], keepdims=0, name="node_ReduceMean_2"),
         helper.make_node("MatMul", ["pooled", "w_attr"], ["attr_mm"], name="node_MatMul_3"),
         helper.make_node("Add", ["attr_mm", "b_attr"], ["attributes"], name="node_Add_4"),
-        helper.make_node("InstanceNormalization", ["patch", "in_scale", "in_bias"], ["normed"], epsilon=1e-5, name="node_InstanceNormalization_5"),
+        helper.make_node(
+            "InstanceNormalization",
+            ["patch", "in_scale", "in_bias"],
+            ["normed"],
+            epsilon=1e-5,
+            name="node_InstanceNormalization_5",
+        ),
         helper.make_node("ReduceMean", ["normed", "axes_channel"], ["seg_logit"], keepdims=0, name="node_ReduceMean_6"),
         helper.make_node("Sigmoid", ["seg_logit"], ["segmentation"], name="node_Sigmoid_7"),
         helper.make_node("ReduceMax", ["patch", "axes_channel"], ["saliency"], keepdims=0, name="node_ReduceMax_8"),
-        helper.make_node("ReduceMean", ["segmentation", "axes_map"], ["nodule_attention"], keepdims=0, name="node_ReduceMean_9"),
-        helper.make_node("ReduceMean", ["saliency", "axes_map"], ["background_attention"], keepdims=0, name="node_ReduceMean_10"),
+        helper.make_node(
+            "ReduceMean", ["segmentation", "axes_map"], ["nodule_attention"], keepdims=0, name="node_ReduceMean_9"
+        ),
+        helper.make_node(
+            "ReduceMean", ["saliency", "axes_map"], ["background_attention"], keepdims=0, name="node_ReduceMean_10"
+        ),
         helper.make_node("MatMul", ["pooled", "w_emb"], ["emb_mm"], name="node_MatMul_11"),
         helper.make_node("Relu", ["emb_mm"], ["embedding"], name="node_Relu_12"),
     ]

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 from PIL import Image
 
-import nodule_edge.runtime.evaluate as evaluate_mod
 import nodule_edge._files as files_mod
+import nodule_edge.runtime.evaluate as evaluate_mod
 from nodule_edge.cli import main
 from nodule_edge.errors import OutputError
 from nodule_edge.runtime.outputs import write_outputs
@@ -45,7 +45,9 @@ def fail_on_call(n: int, real, exc: BaseException | None = None):
 
 
 def _write(result, real_inferer, out: Path, **kwargs):
-    return write_outputs(result, out, real_inferer.spec, thumbnails=real_inferer.thumbnails, index_kind=real_inferer.index_kind, **kwargs)
+    return write_outputs(
+        result, out, real_inferer.spec, thumbnails=real_inferer.thumbnails, index_kind=real_inferer.index_kind, **kwargs
+    )
 
 
 def _assert_nothing_left(parent: Path, before: set[str]) -> None:
@@ -64,7 +66,9 @@ def test_nifti_write_fails(result, real_inferer, tmp_path, monkeypatch, nth):
 
 def test_nifti_writer_runtime_error_is_an_output_error(result, real_inferer, tmp_path, monkeypatch):
     """ITK reports a failed write as RuntimeError, not OSError."""
-    monkeypatch.setattr(sitk, "WriteImage", fail_on_call(2, sitk.WriteImage, RuntimeError("ITK ERROR: Could not write file")))
+    monkeypatch.setattr(
+        sitk, "WriteImage", fail_on_call(2, sitk.WriteImage, RuntimeError("ITK ERROR: Could not write file"))
+    )
     with pytest.raises(OutputError, match="Could not write"):
         _write(result, real_inferer, tmp_path / "out")
     _assert_nothing_left(tmp_path, set())
@@ -93,7 +97,9 @@ def test_report_write_fails(result, real_inferer, tmp_path, monkeypatch):
 
 
 def test_final_rename_fails(result, real_inferer, tmp_path, monkeypatch):
-    monkeypatch.setattr(files_mod.os, "rename", fail_on_call(1, os.rename, OSError(errno.EXDEV, "Invalid cross-device link")))
+    monkeypatch.setattr(
+        files_mod.os, "rename", fail_on_call(1, os.rename, OSError(errno.EXDEV, "Invalid cross-device link"))
+    )
     with pytest.raises(OutputError):
         _write(result, real_inferer, tmp_path / "out")
     _assert_nothing_left(tmp_path, set())
@@ -174,7 +180,9 @@ def test_unwritable_output_folder(result, real_inferer, tmp_path):
             pass
         else:
             probe.unlink()
-            pytest.skip("running with privileges that ignore folder permissions (root): chmod 0o500 does not block writes")
+            pytest.skip(
+                "running with privileges that ignore folder permissions (root): chmod 0o500 does not block writes"
+            )
         with pytest.raises(OutputError, match="permission denied|Permission denied"):
             _write(result, real_inferer, parent / "out")
         assert list(parent.iterdir()) == []

@@ -47,7 +47,13 @@ def _backtrace(pid: int) -> str:
     if gdb is None:
         return "(gdb not installed: no backtrace)"
     try:
-        done = subprocess.run([gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"], capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return "(gdb timed out)"
     return "\n".join(line for line in done.stdout.splitlines() if line.startswith(("#", "Thread")))[:6000]
@@ -56,7 +62,13 @@ def _backtrace(pid: int) -> str:
 def _run_once(k: int, script: Path, study: Path, root: Path, env: dict[str, str]) -> tuple[int, str]:
     """0 for a clean run; otherwise 1 with what went wrong."""
     out = root / f"run{k}"
-    proc = subprocess.Popen([sys.executable, str(script), str(study), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(study), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -86,5 +98,7 @@ def test_an_embedding_program_exits_normally_every_time(dicom_dir, tmp_path):
         outcomes = list(pool.map(lambda k: _run_once(k, script, study, tmp_path, env), range(RUNS)))
     elapsed = time.perf_counter() - start
     problems = [message for failed, message in outcomes if failed]
-    print(f"\n{RUNS} runs of a program embedding NoduleInferer, {PARALLEL} at a time: {len(problems)} failed, {elapsed:.0f} s")
+    print(
+        f"\n{RUNS} runs of a program embedding NoduleInferer, {PARALLEL} at a time: {len(problems)} failed, {elapsed:.0f} s"
+    )
     assert not problems, f"{len(problems)} of {RUNS} runs went wrong; first:\n{problems[0]}"

@@ -51,7 +51,13 @@ def test_runtime_makes_no_network_request(backend, tmp_path):
     if backend == "cpu-fast":
         pytest.importorskip("openvino")
     log = tmp_path / "attempts.txt"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, backend, str(tmp_path / "study"), str(log)], capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, backend, str(tmp_path / "study"), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["backend"] == backend and 0.0 <= info["p"] <= 1.0

@@ -96,7 +96,18 @@ def test_infer_at_debug_level_leaks_nothing(phi_study, tiny_bundle, tmp_path):
     folder, (x, y, z) = phi_study
     out = tmp_path / "out"
     dicom_out = ["--dicom-out"] if _have_highdicom() else []
-    proc = _run("infer", str(folder), "--xyz", f"{x},{y},{z}", "--world", "70,56,25", "--out", str(out), *dicom_out, bundle=tiny_bundle)
+    proc = _run(
+        "infer",
+        str(folder),
+        "--xyz",
+        f"{x},{y},{z}",
+        "--world",
+        "70,56,25",
+        "--out",
+        str(out),
+        *dicom_out,
+        bundle=tiny_bundle,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DEBUG" in proc.stderr  # debug logging really was on
     assert _leaks(proc.stdout) == [] and _leaks(proc.stderr) == [], "PHI in console output"
@@ -138,7 +149,13 @@ def test_python_api_logs_no_phi(phi_study, real_inferer, tmp_path, caplog):
     folder, voxel = phi_study
     caplog.set_level(logging.DEBUG)  # every logger: nodule_edge, pydicom, highdicom, ...
     result = real_inferer.infer(folder, voxels=[voxel])
-    write_outputs(result, tmp_path / "out", real_inferer.spec, thumbnails=real_inferer.thumbnails, index_kind=real_inferer.index_kind)
+    write_outputs(
+        result,
+        tmp_path / "out",
+        real_inferer.spec,
+        thumbnails=real_inferer.thumbnails,
+        index_kind=real_inferer.index_kind,
+    )
     with pytest.raises(Exception) as info:
         real_inferer.infer(folder, voxels=[(5000, 0, 0)])
     assert _leaks(str(info.value)) == []

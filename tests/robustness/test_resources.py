@@ -58,13 +58,17 @@ def test_peak_memory_of_infer_on_the_real_study(dicom_dir, demo_study, tiny_bund
     study = dicom_dir / "chest_ricord_jpeg_lossless"
     if not study.is_dir():
         pytest.skip(f"{study} not found")
-    real_mb, proc = peak_rss_mb(["infer", str(study), "--xyz", "256,256,128", "--out", str(tmp_path / "real")], tiny_bundle)
+    real_mb, proc = peak_rss_mb(
+        ["infer", str(study), "--xyz", "256,256,128", "--out", str(tmp_path / "real")], tiny_bundle
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "real" / "report.json").read_text())
     assert report["study"]["slice_count"] == 255 and report["study"]["size_voxels"] == [512, 512, 255]
 
     folder, (x, y, z) = demo_study
-    demo_mb, proc = peak_rss_mb(["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "demo")], tiny_bundle)
+    demo_mb, proc = peak_rss_mb(
+        ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "demo")], tiny_bundle
+    )
     assert proc.returncode == 0, proc.stderr
 
     print(f"\npeak RSS of `nodule-edge infer`: real 255-slice study {real_mb:.0f} MB, 48-slice demo {demo_mb:.0f} MB")

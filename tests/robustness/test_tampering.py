@@ -51,7 +51,9 @@ def reseal_index(index_dir: Path) -> None:
 def infer_cli(bundle: Path, demo_study, tmp_path: Path):
     folder, (x, y, z) = demo_study
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out), "--bundle", str(bundle)])
+    result = CliRunner().invoke(
+        main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out), "--bundle", str(bundle)]
+    )
     return result, out
 
 
@@ -153,7 +155,9 @@ def test_corrupted_index_is_an_index_error(tiny_bundle, tmp_path, victim, damage
     index = _index_copy(tiny_bundle, tmp_path)
     path = index / victim
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "flip": data[:-1] + bytes([data[-1] ^ 0xFF])}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "empty": b"", "flip": data[:-1] + bytes([data[-1] ^ 0xFF])}[damage]
+    )
     with pytest.raises(IndexError_, match=victim):
         AttributeIndex.load(index)
     result = CliRunner().invoke(main, ["index", "query", str(index), "--attributes", "3,3,3,3,3,3"])

@@ -9,22 +9,22 @@ test can compare what the reader returns against ground truth built without the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLossless,
     JPEGLosslessSV1,
     MRImageStorage,
-    UID,
     generate_uid,
 )
 
@@ -98,14 +98,7 @@ class SyntheticSeries:
 def phantom_hu(world_lps: np.ndarray, nodule_center: Sequence[float] | None = None) -> np.ndarray:
     """Deterministic HU field evaluated at LPS points ``[..., 3]`` (lung-like background + sphere)."""
     x, y, z = world_lps[..., 0], world_lps[..., 1], world_lps[..., 2]
-    hu = (
-        -800.0
-        + 150.0 * np.sin(x / 7.0)
-        + 120.0 * np.cos(y / 5.0)
-        + 100.0 * np.sin(z / 4.0 + 0.3)
-        + 2.0 * x
-        - 1.5 * z
-    )
+    hu = -800.0 + 150.0 * np.sin(x / 7.0) + 120.0 * np.cos(y / 5.0) + 100.0 * np.sin(z / 4.0 + 0.3) + 2.0 * x - 1.5 * z
     if nodule_center is not None:
         r = np.linalg.norm(world_lps - np.asarray(nodule_center, dtype=np.float64), axis=-1)
         hu = np.where(r < 6.0, 40.0 + 3.0 * r, hu)
@@ -247,11 +240,7 @@ def write_series(
     raw_volume = np.empty((n_slices, rows, cols), dtype=np.uint16 if unsigned_bits else np.int16)
     for k in range(n_slices):
         pos = origin_v + normal * (k * slice_spacing) + col_dir * (k * shift)
-        world = (
-            pos
-            + ii[..., None] * spacing[0] * row_dir
-            + jj[..., None] * spacing[1] * col_dir
-        )
+        world = pos + ii[..., None] * spacing[0] * row_dir + jj[..., None] * spacing[1] * col_dir
         hu = phantom_hu(world, nodule_center)
         raw_volume[k] = np.clip(np.round((hu - intercept) / slope), low, high).astype(raw_volume.dtype)
     hu_volume = (raw_volume.astype(np.float64) * slope + intercept).astype(np.float32)
@@ -303,7 +292,9 @@ def write_series(
         meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
         ds.file_meta = meta
         if transfer_syntax in _JPEG_LOSSLESS_PREDICTOR:
-            ds.PixelData = encapsulate([_jpeg_lossless(raw_volume[k], int(ds.BitsStored), _JPEG_LOSSLESS_PREDICTOR[transfer_syntax])])
+            ds.PixelData = encapsulate(
+                [_jpeg_lossless(raw_volume[k], int(ds.BitsStored), _JPEG_LOSSLESS_PREDICTOR[transfer_syntax])]
+            )
             ds["PixelData"].VR = "OB"
             ds["PixelData"].is_undefined_length = True
             meta.TransferSyntaxUID = transfer_syntax
@@ -334,7 +325,9 @@ def _jpeg_lossless(stored: np.ndarray, bits_stored: int, predictor: int) -> byte
     """One JPEG Lossless (process 14) frame; two's complement is encoded as its bit pattern."""
     import imagecodecs
 
-    return imagecodecs.jpeg8_encode(stored.view(np.uint16), lossless=True, predictor=predictor, bitspersample=bits_stored)
+    return imagecodecs.jpeg8_encode(
+        stored.view(np.uint16), lossless=True, predictor=predictor, bitspersample=bits_stored
+    )
 
 
 def write_mr_series(folder: Path, **kwargs) -> SyntheticSeries:
@@ -364,4 +357,3 @@ def write_non_dicom_files(folder: Path) -> list[Path]:
         p.write_bytes(data)
         paths.append(p)
     return paths
-

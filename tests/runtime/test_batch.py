@@ -50,7 +50,11 @@ def jobs_csv(tmp_path, demo_study):
         ([["a", "s", "", "voxel", 1, 2]], ("job_id", "study", "series_uid", "space", "x", "y"), "missing column(s) z"),
         ([["", "s", "", "voxel", 1, 2, 3]], JOB_COLUMNS, "jobs.csv:2: job_id ''"),
         ([["../up", "s", "", "voxel", 1, 2, 3]], JOB_COLUMNS, "job_id '../up'"),
-        ([["a", "s", "", "voxel", 1, 2, 3], ["a", "s", "", "voxel", 1, 2, 3]], JOB_COLUMNS, "jobs.csv:3: job_id 'a' repeats line 2"),
+        (
+            [["a", "s", "", "voxel", 1, 2, 3], ["a", "s", "", "voxel", 1, 2, 3]],
+            JOB_COLUMNS,
+            "jobs.csv:3: job_id 'a' repeats line 2",
+        ),
         ([["a", "s", "", "pixel", 1, 2, 3]], JOB_COLUMNS, "space must be 'voxel' or 'world'"),
         ([["a", "s", "", "voxel", 1, "two", 3]], JOB_COLUMNS, "jobs.csv:2: y is not a number: 'two'"),
         ([["a", "s", "", "voxel", 1, 2, "nan"]], JOB_COLUMNS, "z must be finite"),
@@ -66,7 +70,9 @@ def test_read_jobs_names_the_bad_line(tmp_path, rows, header, fragment):
 
 
 def test_read_jobs_resolves_relative_studies_and_optional_series(tmp_path):
-    path = _write_jobs(tmp_path / "jobs.csv", [["a", "studies/x", "World", 1, 2, 3]], ("job_id", "study", "space", "x", "y", "z"))
+    path = _write_jobs(
+        tmp_path / "jobs.csv", [["a", "studies/x", "World", 1, 2, 3]], ("job_id", "study", "space", "x", "y", "z")
+    )
     (job,) = read_jobs(path)
     assert job.study == tmp_path / "studies" / "x" and job.space == "world" and job.point == (1.0, 2.0, 3.0)
     assert job.series_uid is None and job.line == 2
@@ -76,14 +82,21 @@ def test_batch_opens_each_study_once_records_failures_and_resumes(inferer, jobs_
     jobs = read_jobs(jobs_csv)
     opened: list[Path] = []
     real_open = inferer.open
-    monkeypatch.setattr(inferer, "open", lambda path, series_uid=None: (opened.append(Path(path)), real_open(path, series_uid))[1])
+    monkeypatch.setattr(
+        inferer, "open", lambda path, series_uid=None: (opened.append(Path(path)), real_open(path, series_uid))[1]
+    )
     seen: list[tuple[int, int]] = []
     out = tmp_path / "out"
     outcome = run_batch(inferer, jobs, out, workers=2, progress=lambda done, total: seen.append((done, total)))
 
     assert (outcome.total, outcome.done, outcome.skipped) == (4, 2, 0)
-    assert sorted(map(str, opened)) == sorted([str(demo_study[0]), str(jobs_csv.parent / "no/such/study")])  # one open per study
-    assert [(f.id, f.error) for f in outcome.errors.failures] == [("outside", CoordinateError.__name__), ("missing", StudyError.__name__)]
+    assert sorted(map(str, opened)) == sorted(
+        [str(demo_study[0]), str(jobs_csv.parent / "no/such/study")]
+    )  # one open per study
+    assert [(f.id, f.error) for f in outcome.errors.failures] == [
+        ("outside", CoordinateError.__name__),
+        ("missing", StudyError.__name__),
+    ]
     assert seen[-1] == (4, 4)
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "errors.csv", "summary.csv"]  # no staging folders left
     with (out / "summary.csv").open(newline="") as fh:
@@ -94,7 +107,9 @@ def test_batch_opens_each_study_once_records_failures_and_resumes(inferer, jobs_
     for row in rows[:2]:
         report = json.loads((out / row["job_id"] / "report.json").read_text())
         assert len(report["nodules"]) == 1
-        assert float(row["malignancy_probability"]) == pytest.approx(report["nodules"][0]["malignancy_probability"], abs=1e-6)
+        assert float(row["malignancy_probability"]) == pytest.approx(
+            report["nodules"][0]["malignancy_probability"], abs=1e-6
+        )
     assert "outside the volume" in rows[2]["error"] and "does not exist" in rows[3]["error"]
     with (out / "errors.csv").open(newline="") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == ["outside", "missing"]
@@ -113,10 +128,16 @@ def test_batch_keeps_job_order_when_voxel_and_world_points_mix(inferer, tmp_path
     world = inferer.open(folder).voxel_to_world((x, y, z))
     path = _write_jobs(
         tmp_path / "jobs.csv",
-        [["w", str(folder), "", "world", *world], ["v", str(folder), "", "voxel", x + 5, y, z], ["same", str(folder), "", "voxel", x, y, z]],
+        [
+            ["w", str(folder), "", "world", *world],
+            ["v", str(folder), "", "voxel", x + 5, y, z],
+            ["same", str(folder), "", "voxel", x, y, z],
+        ],
     )
     run_batch(inferer, read_jobs(path), tmp_path / "out", workers=1)
-    reports = {j: json.loads((tmp_path / "out" / j / "report.json").read_text())["nodules"][0] for j in ("w", "v", "same")}
+    reports = {
+        j: json.loads((tmp_path / "out" / j / "report.json").read_text())["nodules"][0] for j in ("w", "v", "same")
+    }
     assert reports["w"]["xyz_voxel"] == pytest.approx([x, y, z], abs=1e-3)
     assert reports["v"]["xyz_voxel"] == pytest.approx([x + 5, y, z], abs=1e-3)
     assert reports["w"]["malignancy_probability"] == pytest.approx(reports["same"]["malignancy_probability"], abs=1e-5)

@@ -31,7 +31,8 @@ from nodule_edge.runtime.study import open_study
 from tests.runtime.dicom_factory import PATIENT_ID, PATIENT_NAME, SyntheticSeries, write_series
 
 needs_highdicom = pytest.mark.skipif(
-    importlib.util.find_spec("highdicom") is None, reason="highdicom not installed (pip install 'nodule-edge[dicom-out]')"
+    importlib.util.find_spec("highdicom") is None,
+    reason="highdicom not installed (pip install 'nodule-edge[dicom-out]')",
 )
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -50,7 +51,9 @@ def ellipsoid(semi_axes_lps_mm: tuple[float, float, float]) -> np.ndarray:
     return np.where(inside, 0.9, 0.1).astype(np.float32)
 
 
-def nodule(study: Any, xyz: tuple[float, float, float], segmentation: np.ndarray, probability: float = 0.73) -> NoduleResult:
+def nodule(
+    study: Any, xyz: tuple[float, float, float], segmentation: np.ndarray, probability: float = 0.73
+) -> NoduleResult:
     attributes = {name: 1.25 + 0.5 * i for i, name in enumerate(ATTRIBUTE_NAMES)}
     prediction = NodulePrediction(
         malignancy_probability=probability,
@@ -162,7 +165,10 @@ def test_seg_puts_the_nodule_where_it_is(tmp_path: Path, orientation: tuple[floa
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
     assert seg.FrameOfReferenceUID == pydicom.dcmread(series.paths[0], stop_before_pixels=True).FrameOfReferenceUID
     segment = seg.SegmentSequence[0]
-    assert (segment.SegmentedPropertyTypeCodeSequence[0].CodeValue, segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) == ("27925004", "SCT")
+    assert (
+        segment.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+        segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator,
+    ) == ("27925004", "SCT")
     algo = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "nodule-edge" and algo.AlgorithmVersion == "test-model-1"
     assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
@@ -231,13 +237,17 @@ def test_sr_carries_the_series_and_nodule_quality_flags(tmp_path: Path, series: 
     _, sr = write(tmp_path, result)
     (group,) = measurement_groups(sr)
     flags = [i for i in group.ContentSequence if code(i) == ("99NODULEEDGE", "QUALITY_FLAG")]
-    values = [getattr(i.ConceptCodeSequence[0], "LongCodeValue", None) or i.ConceptCodeSequence[0].CodeValue for i in flags]
+    values = [
+        getattr(i.ConceptCodeSequence[0], "LongCodeValue", None) or i.ConceptCodeSequence[0].CodeValue for i in flags
+    ]
     assert values == ["slice_thickness_outside_training", "nodule_volume_outside_training"]
     assert set(values) <= set(FLAG_CODES)
 
 
 @needs_highdicom
-def test_patient_and_study_come_from_the_source(tmp_path: Path, series: SyntheticSeries, caplog: pytest.LogCaptureFixture) -> None:
+def test_patient_and_study_come_from_the_source(
+    tmp_path: Path, series: SyntheticSeries, caplog: pytest.LogCaptureFixture
+) -> None:
     study = open_study(series.folder)
     source = pydicom.dcmread(series.paths[0], stop_before_pixels=True)
     with caplog.at_level(logging.DEBUG):
@@ -293,7 +303,9 @@ def test_two_nodules_one_empty(tmp_path: Path, series: SyntheticSeries) -> None:
 @needs_highdicom
 def test_all_empty_still_writes_a_valid_seg(tmp_path: Path, series: SyntheticSeries) -> None:
     study = open_study(series.folder)
-    seg, sr = write(tmp_path, result_for(study, [nodule(study, (32.0, 32.0, 20.0), np.zeros((SPEC.size,) * 3, np.float32))]))
+    seg, sr = write(
+        tmp_path, result_for(study, [nodule(study, (32.0, 32.0, 20.0), np.zeros((SPEC.size,) * 3, np.float32))])
+    )
     assert int(seg.NumberOfFrames) >= 1
     assert not np.any(seg.pixel_array)
     assert len(measurement_groups(sr)) == 1
@@ -330,7 +342,12 @@ def test_write_outputs_runs_the_writer_atomically(tmp_path: Path, series: Synthe
     sitk.WriteImage(series.image(), str(path))
     vol = open_study(path)
     with pytest.raises(OutputError, match="needs a DICOM study"):
-        write_outputs(result_for(vol, [nodule(vol, (32.0, 32.0, 20.0), ellipsoid((5.0, 5.0, 5.0)))]), tmp_path / "bad", SPEC, extra_writers=[writer])
+        write_outputs(
+            result_for(vol, [nodule(vol, (32.0, 32.0, 20.0), ellipsoid((5.0, 5.0, 5.0)))]),
+            tmp_path / "bad",
+            SPEC,
+            extra_writers=[writer],
+        )
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
 

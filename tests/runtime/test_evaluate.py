@@ -45,7 +45,9 @@ def evaluated(inferer, synthetic_voi_dir, tmp_path_factory):
     (voi / "mask" / "SYN-0001_R_1.nii.gz").unlink()
     spy = SpyInferer(inferer)
     progress: list[tuple[int, int]] = []
-    summary = evaluate_voi_dir(spy, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t))).summary
+    summary = evaluate_voi_dir(
+        spy, voi, root / "predictions.csv", progress=lambda d, t: progress.append((d, t))
+    ).summary
     with (root / "predictions.csv").open(newline="") as fh:
         rows = list(csv.reader(fh))
     return spy, summary, rows, progress
@@ -142,7 +144,10 @@ def test_bad_rows_are_recorded_and_the_others_predicted(with_failures):
     assert progress == [(i, 6) for i in range(1, 7)]  # failed rows count as done
     with (root / "errors.csv").open(newline="") as fh:
         errors = list(csv.DictReader(fh))
-    assert [(e["id"], e["error"]) for e in errors] == [("SYN-0002_R_1", "CoordinateError"), ("SYN-0004_R_1", "DataError")]
+    assert [(e["id"], e["error"]) for e in errors] == [
+        ("SYN-0002_R_1", "CoordinateError"),
+        ("SYN-0004_R_1", "DataError"),
+    ]
     assert "outside the volume" in errors[0]["reason"]
     assert "SYN-0004_R_1.nii.gz" in errors[1]["reason"] and "\n" not in errors[1]["reason"]
     assert ev.errors_csv == root / "errors.csv" and ev.total == 6
@@ -173,7 +178,9 @@ def test_fail_fast_stops_at_the_first_bad_row_and_writes_nothing(inferer, synthe
     out.mkdir()
     progress: list[tuple[int, int]] = []
     with pytest.raises(CoordinateError, match="SYN-0002_R_1: .*outside the volume"):
-        evaluate_voi_dir(inferer, voi, out / "predictions.csv", fail_fast=True, progress=lambda d, t: progress.append((d, t)))
+        evaluate_voi_dir(
+            inferer, voi, out / "predictions.csv", fail_fast=True, progress=lambda d, t: progress.append((d, t))
+        )
     assert progress == [(1, 6), (2, 6)]  # stopped at the third row
     assert list(out.iterdir()) == []
 

@@ -49,7 +49,9 @@ def diagnosed(inferer, demo_study):
 
 
 def test_explain_adds_maps_metrics_and_agreement(inferer, diagnosed):
-    result = dataclasses.replace(diagnosed, nodules=[dataclasses.replace(n, quality_flags=list(n.quality_flags)) for n in diagnosed.nodules])
+    result = dataclasses.replace(
+        diagnosed, nodules=[dataclasses.replace(n, quality_flags=list(n.quality_flags)) for n in diagnosed.nodules]
+    )
     inferer.explain(result, "gradcam,occlusion", occlusion_options={"block": 32}, faithfulness=True)
     explained = result.nodules[0].explanations
     assert list(explained.maps) == ["gradcam", "occlusion"]
@@ -67,13 +69,19 @@ def test_explain_adds_maps_metrics_and_agreement(inferer, diagnosed):
 
 def test_disagreement_beyond_the_bundles_threshold_makes_the_nodule_untrustworthy(inferer, diagnosed):
     manifest = {**inferer.bundle.manifest, "explanations": {"agreement_threshold": 1.01, "source": "a test"}}
-    strict = dataclasses.replace(inferer, bundle=dataclasses.replace(inferer.bundle, manifest=manifest)) if dataclasses.is_dataclass(inferer) else None
+    strict = (
+        dataclasses.replace(inferer, bundle=dataclasses.replace(inferer.bundle, manifest=manifest))
+        if dataclasses.is_dataclass(inferer)
+        else None
+    )
     if strict is None:  # NoduleInferer is a plain class: swap the bundle on a shallow copy
         import copy
 
         strict = copy.copy(inferer)
         strict.bundle = dataclasses.replace(inferer.bundle, manifest=manifest)
-    result = dataclasses.replace(diagnosed, nodules=[dataclasses.replace(n, quality_flags=list(n.quality_flags)) for n in diagnosed.nodules])
+    result = dataclasses.replace(
+        diagnosed, nodules=[dataclasses.replace(n, quality_flags=list(n.quality_flags)) for n in diagnosed.nodules]
+    )
     before = result.nodules[0].malignancy_probability
     strict.explain(result, ("gradcam", "occlusion"), occlusion_options={"block": 32})
     nodule = result.nodules[0]
@@ -93,17 +101,36 @@ def test_bad_occlusion_options_are_option_errors(inferer, diagnosed):
 def test_cli_infer_explain_writes_a_map_per_method(use_explain_bundle, demo_study, tmp_path):
     folder, (x, y, z) = demo_study
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out), "--explain", "gradcam,occlusion", "--occlusion-block", "32"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "infer",
+            str(folder),
+            "--xyz",
+            f"{x},{y},{z}",
+            "--out",
+            str(out),
+            "--explain",
+            "gradcam,occlusion",
+            "--occlusion-block",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "explanations: gradcam (" in result.stdout and "Grad-CAM vs occlusion: Spearman" in result.stdout
     report = json.loads((out / "report.json").read_text())
     methods = report["nodules"][0]["explanations"]["methods"]
-    assert [methods[m]["file"] for m in ("gradcam", "occlusion")] == ["nodule0_saliency.nii.gz", "nodule0_occlusion.nii.gz"]
+    assert [methods[m]["file"] for m in ("gradcam", "occlusion")] == [
+        "nodule0_saliency.nii.gz",
+        "nodule0_occlusion.nii.gz",
+    ]
     assert (out / "nodule0_occlusion.nii.gz").is_file()
     from PIL import Image
 
     with Image.open(out / "nodule0_overlay.png") as overlay:
-        single = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "plain")])
+        single = CliRunner().invoke(
+            main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "plain")]
+        )
         assert single.exit_code == 0
         with Image.open(tmp_path / "plain" / "nodule0_overlay.png") as plain:
             assert overlay.height == 2 * plain.height  # one panel per method
@@ -121,7 +148,9 @@ def test_cli_infer_explain_writes_a_map_per_method(use_explain_bundle, demo_stud
 )
 def test_cli_bad_explain_options_write_nothing(use_explain_bundle, demo_study, tmp_path, args, fragment):
     folder, (x, y, z) = demo_study
-    result = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), *args])
+    result = CliRunner().invoke(
+        main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(tmp_path / "o"), *args]
+    )
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()

@@ -153,7 +153,9 @@ def test_constant_map_scores_the_random_order_chance_level():
     """
     constant = deletion_curve(_score, _patch(), np.zeros((S, S, S)), steps=32, baseline=0.0)
     rng = np.random.default_rng(3)
-    random_maps = [deletion_curve(_score, _patch(), rng.random((S, S, S)), steps=32, baseline=0.0).auc for _ in range(5)]
+    random_maps = [
+        deletion_curve(_score, _patch(), rng.random((S, S, S)), steps=32, baseline=0.0).auc for _ in range(5)
+    ]
     assert constant.auc == pytest.approx(np.mean(random_maps), abs=0.02)
     assert constant.auc == pytest.approx(0.5, abs=0.02)
     # A different seed draws a different order with the same expectation.

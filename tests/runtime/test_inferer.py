@@ -95,7 +95,12 @@ def test_study_result_and_report_fields(inferer, voxel_result, demo_study):
     assert n.volume_mm3 >= 0 and n.longest_axial_diameter_mm >= 0
 
     report = build_report(r, inferer.index_kind)
-    assert report["model"] == {"version": r.model_version, "backend": "cpu", "executor": "CPUExecutionProvider", "index_kind": "attributes"}
+    assert report["model"] == {
+        "version": r.model_version,
+        "backend": "cpu",
+        "executor": "CPUExecutionProvider",
+        "index_kind": "attributes",
+    }
     assert report["study"]["slice_count"] == 48
     node = report["nodules"][0]
     assert node["malignancy_probability"] == pytest.approx(n.malignancy_probability, abs=1e-6)

@@ -27,14 +27,24 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def _toy_run(region=REGION, gain: float = 4.0, offset: float = -2.0, segmentation: np.ndarray | None = None, calls: list | None = None):
+def _toy_run(
+    region=REGION,
+    gain: float = 4.0,
+    offset: float = -2.0,
+    segmentation: np.ndarray | None = None,
+    calls: list | None = None,
+):
     """A model whose malignancy logit is ``gain · mean(channel 0 over region) + offset``."""
 
     def run(patches: np.ndarray) -> dict[str, np.ndarray]:
         if calls is not None:
             calls.append(patches.copy())
         logit = gain * patches[(slice(None), 0, *region)].mean(axis=(1, 2, 3)) + offset
-        seg = np.zeros((len(patches), S, S, S), np.float32) if segmentation is None else np.repeat(segmentation[None], len(patches), 0)
+        seg = (
+            np.zeros((len(patches), S, S, S), np.float32)
+            if segmentation is None
+            else np.repeat(segmentation[None], len(patches), 0)
+        )
         return {"malignancy_probability": _sigmoid(logit).astype(np.float32), "segmentation": seg}
 
     return run
@@ -108,7 +118,9 @@ def test_default_fill_is_the_windowed_air_of_the_spec():
     assert result.fill == pytest.approx(tuple(expected))
     # An occluded block holds exactly the fill, channel by channel.
     occluded = calls[1][0]
-    np.testing.assert_array_equal(occluded[:, :32, :32, :32], np.broadcast_to(expected[:, None, None, None], (2, 32, 32, 32)))
+    np.testing.assert_array_equal(
+        occluded[:, :32, :32, :32], np.broadcast_to(expected[:, None, None, None], (2, 32, 32, 32))
+    )
     # The default spec's air is 0 in both windows (−1000 HU is the bottom of the lung window).
     np.testing.assert_array_equal(air_fill(DEFAULT_PATCH_SPEC), [0.0, 0.0])
 
@@ -120,7 +132,9 @@ def test_occludes_the_nodule_bounded_input_with_the_box_fixed():
     patch = np.random.default_rng(0).uniform(0.1, 1.0, (2, S, S, S)).astype(np.float32)
     wide = (slice(16, 48), slice(16, 48), slice(16, 48))  # evidence reaching beyond the box
     calls: list[np.ndarray] = []
-    result = occlusion_map(_toy_run(region=wide, segmentation=segmentation, calls=calls), patch, spec, block=8, stride=8)
+    result = occlusion_map(
+        _toy_run(region=wide, segmentation=segmentation, calls=calls), patch, spec, block=8, stride=8
+    )
 
     bounded, found = bound_to_nodule(patch, segmentation, spec)
     assert found and result.first_pass_found_nodule
@@ -222,7 +236,9 @@ def test_end_to_end_through_an_onnx_runtime_engine(tiny_bundle):
     expected = inferer.predict_patches(patch[None])[0]
     assert result.probability == pytest.approx(expected.malignancy_probability, abs=1e-6)
     assert result.map.shape == (S, S, S) and result.map.dtype == np.float32 and np.isfinite(result.map).all()
-    assert result.blocks == 8 and result.forward_passes == result.occluded_passes + (2 if inferer.spec.nodule_box else 1)
+    assert result.blocks == 8 and result.forward_passes == result.occluded_passes + (
+        2 if inferer.spec.nodule_box else 1
+    )
     assert result.fill == pytest.approx(tuple(air_fill(inferer.spec)))
     # One block by hand (it holds part of the sphere, which no box leaves out): fill it in the
     # bounded cube, run the engine, compare the logit drop.

@@ -9,16 +9,21 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nodule_edge.errors import OutputError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC
 from nodule_edge.runtime.outputs import check_output_dir, patch_to_study_grid
-from nodule_edge.errors import OutputError
 
 
 class _Grid:
     """A study geometry; ``study()`` makes a real in-memory Study on it."""
 
     def __init__(self, size, spacing, origin, direction):
-        self.size, self.spacing_mm, self.origin, self.direction = size, spacing, origin, np.asarray(direction, float).reshape(3, 3)
+        self.size, self.spacing_mm, self.origin, self.direction = (
+            size,
+            spacing,
+            origin,
+            np.asarray(direction, float).reshape(3, 3),
+        )
 
     def study(self):
         from nodule_edge.runtime.study import study_from_image
@@ -75,7 +80,9 @@ def test_segmentation_lands_at_its_lps_position(tmp_path, grid_name):
 
 def test_full_grid_has_the_study_size():
     grid = GRIDS["axial_identity"]
-    image = patch_to_study_grid(np.zeros((64, 64, 64), np.float32), (-2.0, 38.0, -35.0), DEFAULT_PATCH_SPEC, grid.study(), full_grid=True)
+    image = patch_to_study_grid(
+        np.zeros((64, 64, 64), np.float32), (-2.0, 38.0, -35.0), DEFAULT_PATCH_SPEC, grid.study(), full_grid=True
+    )
     assert image.GetSize() == grid.size
     assert image.GetOrigin() == pytest.approx(grid.origin)
 

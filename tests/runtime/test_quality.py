@@ -9,7 +9,13 @@ import pytest
 
 from nodule_edge.errors import BundleError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC as SPEC
-from nodule_edge.runtime.quality import FLAG_CODES, TrainingRanges, nodule_flags, study_flags, training_ranges_from_voi_dir
+from nodule_edge.runtime.quality import (
+    FLAG_CODES,
+    TrainingRanges,
+    nodule_flags,
+    study_flags,
+    training_ranges_from_voi_dir,
+)
 
 RANGES = TrainingRanges(
     source="test",
@@ -22,7 +28,15 @@ RANGES = TrainingRanges(
 
 
 def _study(**changes):
-    base = dict(kind="dicom", spacing_mm=(0.7, 0.7, 1.25), slice_thickness_mm=1.25, geometry_notes=(), modality="CT", contrast_agent=None, outside=0.0)
+    base = dict(
+        kind="dicom",
+        spacing_mm=(0.7, 0.7, 1.25),
+        slice_thickness_mm=1.25,
+        geometry_notes=(),
+        modality="CT",
+        contrast_agent=None,
+        outside=0.0,
+    )
     base.update(changes)
     outside = base.pop("outside")
     return SimpleNamespace(**base, fraction_outside=lambda points: outside)

@@ -27,7 +27,15 @@ from nodule_edge.runtime.report_html import (  # noqa: E402 - after the skip
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -51,12 +59,30 @@ def test_ece_by_hand():
 
 
 def _nodule(i: int, label: int | None, p: float) -> EvaluatedNodule:
-    rec = NoduleRecord(id=f"N{i}", patient_id=f"P{i}", image_path=Path(f"N{i}.nii.gz"), center_lps_mm=(0.0, 0.0, 0.0), label=label)
-    return EvaluatedNodule(record=rec, malignancy_probability=p, attributes={}, dice=None, nodule_attention=0.5, background_attention=0.1, trustworthy=True, retrieval_score=None)
+    rec = NoduleRecord(
+        id=f"N{i}", patient_id=f"P{i}", image_path=Path(f"N{i}.nii.gz"), center_lps_mm=(0.0, 0.0, 0.0), label=label
+    )
+    return EvaluatedNodule(
+        record=rec,
+        malignancy_probability=p,
+        attributes={},
+        dice=None,
+        nodule_attention=0.5,
+        background_attention=0.1,
+        trustworthy=True,
+        retrieval_score=None,
+    )
 
 
 def test_confident_errors_are_the_wrong_side_of_half_most_confident_first():
-    nodules = [_nodule(0, 0, 0.9), _nodule(1, 1, 0.4), _nodule(2, 0, 0.2), _nodule(3, 1, 0.02), _nodule(4, None, 0.99), _nodule(5, 0, 0.55)]
+    nodules = [
+        _nodule(0, 0, 0.9),
+        _nodule(1, 1, 0.4),
+        _nodule(2, 0, 0.2),
+        _nodule(3, 1, 0.02),
+        _nodule(4, None, 0.99),
+        _nodule(5, 0, 0.55),
+    ]
     assert [n.record.id for n in confident_errors(nodules)] == ["N3", "N0", "N1", "N5"]
     assert [n.record.id for n in confident_errors(nodules, 2)] == ["N3", "N0"]
 
@@ -74,7 +100,9 @@ class _Sources(html.parser.HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
-        self.urls += [v for k, v in attrs if k in {"src", "href", "srcset", "action", "poster", "data"} and v is not None]
+        self.urls += [
+            v for k, v in attrs if k in {"src", "href", "srcset", "action", "poster", "data"} and v is not None
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +112,9 @@ def report(tiny_bundle, synthetic_voi_dir, break_voi_dir, tmp_path_factory):
     voi = break_voi_dir(synthetic_voi_dir, root / "voi", outside="SYN-0002_R_1")
     inferer = NoduleInferer(tiny_bundle, backend="cpu", top_k=20)
     ev = evaluate_voi_dir(inferer, voi, root / "predictions.csv")
-    path = write_evaluation_report(ev, root / "evaluation.html", inferer=inferer, command="nodule-edge evaluate voi --out predictions.csv --report")
+    path = write_evaluation_report(
+        ev, root / "evaluation.html", inferer=inferer, command="nodule-edge evaluate voi --out predictions.csv --report"
+    )
     return ev, path
 
 
@@ -100,12 +130,23 @@ def test_page_is_self_contained_with_every_section(report):
     assert not {"script", "link", "iframe", "object", "embed"} & set(parser.tags)
     assert "http://" not in text and "https://" not in text
     assert "default-src 'none'" in text  # the browser would refuse anything else too
-    for heading in ("Malignancy: ROC", "Calibration", "Attributes: predicted vs reader mean", "Segmentation and saliency trust", "Most confident errors", "Failed rows"):
+    for heading in (
+        "Malignancy: ROC",
+        "Calibration",
+        "Attributes: predicted vs reader mean",
+        "Segmentation and saliency trust",
+        "Most confident errors",
+        "Failed rows",
+    ):
         assert heading in text, heading
     assert "model probability" in text and "retrieval score" in text and "diameter only" in text
     assert f"{CALIBRATION_BINS} equal-width bins" in text
     # Facts of the run, and the failed row with its reason.
-    assert ev.model_version in text and ev.backend in text and "nodule-edge evaluate voi --out predictions.csv --report" in text
+    assert (
+        ev.model_version in text
+        and ev.backend in text
+        and "nodule-edge evaluate voi --out predictions.csv --report" in text
+    )
     assert "SYN-0002_R_1" in text and "CoordinateError" in text and "1 of 6 nodules failed" in text
     # ROC, calibration, attributes, Dice/trust, plus one overlay per confident error.
     assert len(parser.urls) == 4 + len(confident_errors(ev.nodules))
@@ -168,9 +209,14 @@ def _open_in_chromium(page_path: Path, screenshot: Path) -> tuple[list[str], dic
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda r: requests.append(r.url))
             # Record, but never send: no request leaves the machine even if the page asked for one.
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:")) else route.abort())
+            page.route(
+                "**/*",
+                lambda route: route.continue_() if route.request.url.startswith(("file:", "data:")) else route.abort(),
+            )
             page.goto(page_path.resolve().as_uri(), wait_until="load")
-            shown = page.evaluate("() => ({images: document.images.length, broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length, height: document.body.scrollHeight})")
+            shown = page.evaluate(
+                "() => ({images: document.images.length, broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length, height: document.body.scrollHeight})"
+            )
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -181,7 +227,9 @@ def _open_in_chromium(page_path: Path, screenshot: Path) -> tuple[list[str], dic
 def test_the_browser_sees_the_network_requests_of_a_page_that_makes_them(tmp_path):
     """Control: the recorder below does catch http(s) requests, so its silence on the report means something."""
     page = tmp_path / "leaky.html"
-    page.write_text('<html><body><p>leaky</p><img src="http://127.0.0.1:9/x.png"><link rel="stylesheet" href="https://127.0.0.1:9/s.css"></body></html>')
+    page.write_text(
+        '<html><body><p>leaky</p><img src="http://127.0.0.1:9/x.png"><link rel="stylesheet" href="https://127.0.0.1:9/s.css"></body></html>'
+    )
     requests, _ = _open_in_chromium(page, tmp_path / "leaky.png")
     assert any(u.startswith("http://127.0.0.1:9/") for u in requests), requests
     assert any(u.startswith("https://127.0.0.1:9/") for u in requests), requests
@@ -201,5 +249,5 @@ def test_report_renders_in_a_real_browser_without_network(report, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[0] >= 1500, pixels.shape  # the whole page, not the first screen only
     assert pixels.std() > 20, "screenshot is (nearly) blank"
-    colours = np.unique(pixels.reshape(-1, 3)[:: 7], axis=0)
+    colours = np.unique(pixels.reshape(-1, 3)[::7], axis=0)
     assert len(colours) > 200, f"only {len(colours)} distinct colours: plots and overlays did not render"

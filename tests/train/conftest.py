@@ -19,7 +19,9 @@ def synthetic_voi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_voi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 nodules of 3 patients; nodule 4 has no mask and nodule 5 no ratings."""
-    return write_voi_dir(tmp_path_factory.mktemp("small_voi"), n_nodules=6, n_patients=3, missing_masks=(4,), unrated=(5,))
+    return write_voi_dir(
+        tmp_path_factory.mktemp("small_voi"), n_nodules=6, n_patients=3, missing_masks=(4,), unrated=(5,)
+    )
 
 
 @pytest.fixture

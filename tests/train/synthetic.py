@@ -56,7 +56,10 @@ def write_voi_dir(
         inside = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= radius_mm**2
         hu = np.where(inside, 40.0, -1000.0) + rng.normal(0, 10, inside.shape)
         voi_id = f"SYN-{i:03d}"
-        for sub, array, pixel in (("image", hu.astype(np.int16), sitk.sitkInt16), ("mask", inside.astype(np.uint8), sitk.sitkUInt8)):
+        for sub, array, pixel in (
+            ("image", hu.astype(np.int16), sitk.sitkInt16),
+            ("mask", inside.astype(np.uint8), sitk.sitkUInt8),
+        ):
             if sub == "mask" and i in missing_masks:
                 continue
             img = sitk.GetImageFromArray(array)

@@ -56,7 +56,12 @@ def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
 def test_ablation_takes_one_optimisation_step(path: Path) -> None:
     cfg = load_config(path)
     use_attributes, concat, malignancy_only, debug = EXPECTED[path.stem]
-    assert (cfg.model.use_attributes, cfg.model.concat_embedding, cfg.model.malignancy_only, cfg.loss.debug) == EXPECTED[path.stem]
+    assert (
+        cfg.model.use_attributes,
+        cfg.model.concat_embedding,
+        cfg.model.malignancy_only,
+        cfg.loss.debug,
+    ) == EXPECTED[path.stem]
 
     torch.manual_seed(0)
     model = CollaborativeNet(model_config_from(cfg)).train()
@@ -114,4 +119,9 @@ def test_the_head_step_ablations_change_only_the_refit() -> None:
     for name, refit in (("head_refit_none", "none"), ("head_refit_full", "full")):
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
         assert cfg.head.refit == refit
-        assert (cfg.data, cfg.model, cfg.loss, cfg.train) == (dataclasses.replace(shipped.data, voi_dir=cfg.data.voi_dir, cache_dir=cfg.data.cache_dir), shipped.model, shipped.loss, shipped.train)
+        assert (cfg.data, cfg.model, cfg.loss, cfg.train) == (
+            dataclasses.replace(shipped.data, voi_dir=cfg.data.voi_dir, cache_dir=cfg.data.cache_dir),
+            shipped.model,
+            shipped.loss,
+            shipped.train,
+        )

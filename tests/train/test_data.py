@@ -184,7 +184,9 @@ def _empty_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_build_patch_cache_round_trips_through_npz(tmp_path: Path, small_voi_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_patch_cache_round_trips_through_npz(
+    tmp_path: Path, small_voi_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     records = read_unsure_manifest(small_voi_dir)
     cache = build_patch_cache(records, DEFAULT_PATCH_SPEC, tmp_path / "cache")
     n, s = len(records), DEFAULT_PATCH_SPEC.size

@@ -30,8 +30,19 @@ def seeded_checkpoint(tmp_path):
 def test_compare_scores_each_method_and_sets_the_threshold(tiny_config, seeded_checkpoint, tmp_path):
     cfg = load_config(tiny_config())
     methods = ("gradcam", "occlusion", "saliency")
-    result = compare_explanations(cfg, 0, seeded_checkpoint, limit=2, methods=methods, curve_steps=2, randomisation_nodules=1, options={"occlusion": {"block": 32}})
-    assert result["n_nodules"] == 2 and [r["row"] for r in result["nodules"]] == sorted(r["row"] for r in result["nodules"])
+    result = compare_explanations(
+        cfg,
+        0,
+        seeded_checkpoint,
+        limit=2,
+        methods=methods,
+        curve_steps=2,
+        randomisation_nodules=1,
+        options={"occlusion": {"block": 32}},
+    )
+    assert result["n_nodules"] == 2 and [r["row"] for r in result["nodules"]] == sorted(
+        r["row"] for r in result["nodules"]
+    )
     for row in result["nodules"]:
         assert list(row["methods"]) == list(methods)
         for metrics in row["methods"].values():

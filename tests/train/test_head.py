@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from nodule_edge.metrics import roc_auc
-from nodule_edge.train.head import L2_GRID, HeadInputs, HeadObjective, _cam_region_means, _prepare, fit_logistic, refit_classifier, refit_heads
+from nodule_edge.train.head import (
+    L2_GRID,
+    HeadInputs,
+    HeadObjective,
+    _cam_region_means,
+    _prepare,
+    fit_logistic,
+    refit_classifier,
+    refit_heads,
+)
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 
 
@@ -35,7 +44,11 @@ def test_refit_writes_the_standardised_fit_into_cls() -> None:
     x, y, patients = _data(dim=9)
     torch.manual_seed(0)
     # No attributes, no statistics: the classifier reads exactly the pooled features (C inputs).
-    model = CollaborativeNet(ModelConfig(widths=(8, 8, 8, 9 - 1 + 1), use_attributes=False, concat_embedding=False, seg_features=False, groups=1))
+    model = CollaborativeNet(
+        ModelConfig(
+            widths=(8, 8, 8, 9 - 1 + 1), use_attributes=False, concat_embedding=False, seg_features=False, groups=1
+        )
+    )
     assert model.cls.in_features == x.shape[1]
     info = refit_classifier(model, x, y, patients)
     assert info["l2"] in L2_GRID and set(info["inner_cv_auc_by_l2"]) == {f"{v:g}" for v in L2_GRID}
@@ -50,7 +63,9 @@ def test_refit_writes_the_standardised_fit_into_cls() -> None:
 
 
 def test_refit_refuses_inputs_that_do_not_fit_the_classifier() -> None:
-    model = CollaborativeNet(ModelConfig(widths=(8, 8, 8, 8), use_attributes=False, concat_embedding=False, seg_features=False, groups=1))
+    model = CollaborativeNet(
+        ModelConfig(widths=(8, 8, 8, 8), use_attributes=False, concat_embedding=False, seg_features=False, groups=1)
+    )
     x, y, patients = _data(dim=5)
     with pytest.raises(ValueError, match="do not fit a classifier of 8 inputs"):
         refit_classifier(model, x, y, patients)
@@ -121,7 +136,14 @@ def test_debugged_refit_refuses_inputs_that_do_not_fit() -> None:
     inputs, _ = _head_inputs(model, n=8)
     with pytest.raises(ValueError, match="8 nodules"):
         refit_heads(model, inputs, ["p"] * 3)
-    narrow = HeadInputs(inputs.head_in[:, :5], inputs.features, inputs.segmentation, inputs.labels, inputs.attributes, inputs.has_attributes)
+    narrow = HeadInputs(
+        inputs.head_in[:, :5],
+        inputs.features,
+        inputs.segmentation,
+        inputs.labels,
+        inputs.attributes,
+        inputs.has_attributes,
+    )
     with pytest.raises(ValueError, match="width 5"):
         refit_heads(model, narrow, ["p"] * 8)
     inputs.labels[:] = 1

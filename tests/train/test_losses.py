@@ -116,7 +116,9 @@ def _targets(n: int, labelled: list[bool], masks: bool = True, attrs: bool = Tru
 def test_total_loss_with_no_labelled_samples() -> None:
     seg = _ball(3) * 0.8
     out = _output(cam=1 - _ball(3), seg=seg.requires_grad_(True), logit=torch.tensor([0.3, -0.2, 1.0]))
-    loss, parts = total_loss(out, **_targets(3, [False] * 3), weights=LossWeights(), use_debug=True, use_attributes=True)
+    loss, parts = total_loss(
+        out, **_targets(3, [False] * 3), weights=LossWeights(), use_debug=True, use_attributes=True
+    )
     assert math.isfinite(loss.item())
     assert parts["cls"] == 0.0 and parts["debug"] == 0.0
     assert parts["seg"] > 0 and parts["reg"] > 0
@@ -126,7 +128,13 @@ def test_total_loss_with_no_labelled_samples() -> None:
 
 def test_total_loss_with_no_targets_at_all_is_zero_and_differentiable() -> None:
     out = _output(cam=_ball(2), seg=_ball(2), logit=torch.tensor([0.3, -0.2]))
-    loss, parts = total_loss(out, **_targets(2, [False, False], masks=False, attrs=False), weights=LossWeights(), use_debug=True, use_attributes=True)
+    loss, parts = total_loss(
+        out,
+        **_targets(2, [False, False], masks=False, attrs=False),
+        weights=LossWeights(),
+        use_debug=True,
+        use_attributes=True,
+    )
     assert loss.item() == 0.0
     assert set(parts) == {"cls", "seg", "reg", "debug"}
     assert all(v == 0.0 for v in parts.values())
@@ -139,7 +147,9 @@ def test_total_loss_reaches_every_head_even_when_a_part_is_missing() -> None:
     attrs = torch.full((2, 6), 0.5, requires_grad=True)
     seg = (_ball(2) * 0.5).requires_grad_(True)
     out = _output(cam=_ball(2), seg=seg, logit=torch.tensor([0.3, -0.2]), attributes=attrs)
-    loss, parts = total_loss(out, **_targets(2, [True, True], masks=False), weights=LossWeights(), use_debug=False, use_attributes=False)
+    loss, parts = total_loss(
+        out, **_targets(2, [True, True], masks=False), weights=LossWeights(), use_debug=False, use_attributes=False
+    )
     assert parts["reg"] == 0.0 and parts["seg"] == 0.0
     loss.backward()
     assert attrs.grad is not None and float(attrs.grad.abs().sum()) == 0.0

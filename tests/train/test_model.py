@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
-from nodule_edge.train.losses import csl_loss
-from nodule_edge.train.losses import total_loss, LossWeights
+from nodule_edge.train.losses import LossWeights, csl_loss, total_loss
 from nodule_edge.train.model import (
     LEGACY_MODEL_CONFIG,
     SEG_FEATURE_NAMES,
@@ -163,7 +162,12 @@ def test_debug_loss_alone_reaches_the_stem() -> None:
     # δ = 1 keeps the hinge active whatever the CAM (both means lie in [0, 1]).
     loss = csl_loss(out, delta=1.0, adaptive=False).mean()
     loss.backward()
-    for param in (model.stem[0].weight, model.block3.conv2[0].weight, model.seg_head.refine[0][0].weight, model.fusion.weight):
+    for param in (
+        model.stem[0].weight,
+        model.block3.conv2[0].weight,
+        model.seg_head.refine[0][0].weight,
+        model.fusion.weight,
+    ):
         assert param.grad is not None
         assert torch.isfinite(param.grad).all()
         assert float(param.grad.abs().sum()) > 0
@@ -239,4 +243,11 @@ def test_the_classifier_does_not_train_the_segmentation() -> None:
     loss.backward()
     assert float(model.seg_head.out.weight.grad.abs().sum()) == 0.0
     assert float(model.stem[0].weight.grad.abs().sum()) > 0
-    assert float(model.cls.weight.grad[0, model.feature_channels : model.feature_channels + len(SEG_FEATURE_NAMES)].abs().sum()) > 0
+    assert (
+        float(
+            model.cls.weight.grad[0, model.feature_channels : model.feature_channels + len(SEG_FEATURE_NAMES)]
+            .abs()
+            .sum()
+        )
+        > 0
+    )

@@ -28,15 +28,36 @@ def _fold(auc: float, diameter: float = 0.85, dice: float = 0.8, mae: float = 0.
     }
 
 
-def _summary(aucs: tuple[float, ...] = (0.95, 0.93, 0.94, 0.96, 0.92), pooled_auc: float = 0.94, dice: float = 0.8, mae: float = 0.4) -> dict:
+def _summary(
+    aucs: tuple[float, ...] = (0.95, 0.93, 0.94, 0.96, 0.92),
+    pooled_auc: float = 0.94,
+    dice: float = 0.8,
+    mae: float = 0.4,
+) -> dict:
     return {
-        "config": {"model": {"decoder": "unet64", "seg_features": True, "widths": [24, 48, 96, 128]}, "cv": {"folds": 5, "evaluate": "last"}, "train": {"epochs": 12, "seed": 0, "batch_sure": 8, "batch_unsure": 4, "lr": 1e-3, "unbounded_probability": 0.2}},
+        "config": {
+            "model": {"decoder": "unet64", "seg_features": True, "widths": [24, 48, 96, 128]},
+            "cv": {"folds": 5, "evaluate": "last"},
+            "train": {
+                "epochs": 12,
+                "seed": 0,
+                "batch_sure": 8,
+                "batch_unsure": 4,
+                "lr": 1e-3,
+                "unbounded_probability": 0.2,
+            },
+        },
         "config_sha256": "ab" * 32,
         "patch_spec": {"nodule_box": {"margin_mm": [0.0, 4.0, 4.0], "jitter_mm": 2.0, "threshold": 0.5}},
         "hardware": {"device": "cpu", "cpu": "x86_64", "threads": 2, "torch": "2.13.0"},
         "parameters": 1350125,
         "folds": {str(i): _fold(a, dice=dice, mae=mae) for i, a in enumerate(aucs)},
-        "pooled": {"n_folds": len(aucs), "malignancy": {"auc": pooled_auc, "n": 40}, "diameter_auc": 0.88, "segmentation_volume_auc": 0.86},
+        "pooled": {
+            "n_folds": len(aucs),
+            "malignancy": {"auc": pooled_auc, "n": 40},
+            "diameter_auc": 0.88,
+            "segmentation_volume_auc": 0.86,
+        },
         "final": {"train_seconds": 1200.0},
     }
 
@@ -45,7 +66,9 @@ def test_targets_are_judged_from_the_figures() -> None:
     good = render_model_card(_summary(), "nodule-edge train x.toml")
     assert "**not reached**" not in good
     assert "| mean ± sd | |" in good and "| pooled (5 folds) | 40 labelled | 0.940 |" in good
-    bad = render_model_card(_summary(aucs=(0.95, 0.80, 0.94, 0.96, 0.92), pooled_auc=0.90, dice=0.5, mae=0.55), "nodule-edge train x.toml")
+    bad = render_model_card(
+        _summary(aucs=(0.95, 0.80, 0.94, 0.96, 0.92), pooled_auc=0.90, dice=0.5, mae=0.55), "nodule-edge train x.toml"
+    )
     assert bad.count("**not reached**") == 3  # AUC (and one fold below diameter), Dice, MAE (8 % below)
     assert "0.900 (diameter-only 0.880); above on 4 of 5 folds" in bad
 
@@ -72,7 +95,16 @@ def test_other_runs_and_the_bundle_command(tmp_path: Path) -> None:
 
 
 def _fold_file(tmp_path: Path, fold: int, rows: list[int], sha: str = "s") -> Path:
-    result = {**_fold(0.9), "fold": fold, "fold_config_sha256": sha, "predictions": {"index": rows, "probability": [0.1 * (i % 10) for i in rows], "volume_mm3": [float(i) for i in rows]}}
+    result = {
+        **_fold(0.9),
+        "fold": fold,
+        "fold_config_sha256": sha,
+        "predictions": {
+            "index": rows,
+            "probability": [0.1 * (i % 10) for i in rows],
+            "volume_mm3": [float(i) for i in rows],
+        },
+    }
     path = tmp_path / f"fold{fold}.json"
     path.write_text(json.dumps(result))
     return path
@@ -85,7 +117,9 @@ def test_cv_report_pools_fold_files(tmp_path: Path, synthetic_voi_dir: Path) -> 
 
     a = _fold_file(tmp_path, 0, [0, 1, 2, 3, 4, 5])
     b = _fold_file(tmp_path, 1, [6, 7, 8, 9, 10, 11])
-    result = CliRunner().invoke(main, ["cv-report", str(a), str(b), "--voi-dir", str(synthetic_voi_dir), "--title", "T"])
+    result = CliRunner().invoke(
+        main, ["cv-report", str(a), str(b), "--voi-dir", str(synthetic_voi_dir), "--title", "T"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("# T\n")
     assert "| pooled (2 folds) |" in result.stdout and "| mean ± sd |" in result.stdout

@@ -17,7 +17,15 @@ from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.train.config import load_config
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 from nodule_edge.train.run import run_training
-from nodule_edge.train.trainer import augment, bf16_enabled, load_checkpoint, load_dataset, predict, save_checkpoint, train_model
+from nodule_edge.train.trainer import (
+    augment,
+    bf16_enabled,
+    load_checkpoint,
+    load_dataset,
+    predict,
+    save_checkpoint,
+    train_model,
+)
 
 TINY_OVERRIDES = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_sure=2", "train.batch_unsure=2"]
 
@@ -39,7 +47,14 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     assert "fold 0: AUC" in result.stdout
 
     fold = tmp_path / "out" / "fold0"
-    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "last_optim.safetensors", "last_optim.json"):
+    for name in (
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "last_optim.safetensors",
+        "last_optim.json",
+    ):
         assert (fold / name).is_file(), name
     assert not list(fold.glob("*.tmp")), "no temporary files are left behind"
     assert {p.suffix for p in (tmp_path / "out").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
@@ -57,10 +72,16 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     assert fold0["input"].startswith("nodule-bounded")
     assert 0 <= fold0["first_pass_found_nodule_fraction"] <= 1
     parity = fold0["path_parity"]
-    assert parity["n"] == fold0["n_nodules"] and 0 <= parity["mean_abs_delta_probability"] <= parity["max_abs_delta_probability"] <= 1
+    assert (
+        parity["n"] == fold0["n_nodules"]
+        and 0 <= parity["mean_abs_delta_probability"] <= parity["max_abs_delta_probability"] <= 1
+    )
     # The synthetic VOIs have 40 mm of z context: the nodule-intact context test ran.
     cs = fold0["context_sensitivity_nodule_intact"]
-    assert cs["n"] >= 1 and abs(cs["mean_delta_probability"]) <= cs["mean_abs_delta_probability"] <= cs["max_abs_delta_probability"]
+    assert (
+        cs["n"] >= 1
+        and abs(cs["mean_delta_probability"]) <= cs["mean_abs_delta_probability"] <= cs["max_abs_delta_probability"]
+    )
     assert summary["data_context"]["median_z_context_mm"] > 24
     # The shipped head step ran: heads refitted under the training objective, saved beside the fold.
     refit = fold0["classifier_refit"]
@@ -73,7 +94,9 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     assert len(result["predictions"]["index"]) == result["n_nodules"] == len(result["predictions"]["probability"])
 
     # Resume: the same run with a larger budget continues at epoch 2.
-    cfg = load_config(config, {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    cfg = load_config(
+        config, {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2}
+    )
     messages: list[str] = []
     run_training(cfg, progress=messages.append, folds_only=True)
     assert any(m.startswith("epoch 2/2") for m in messages)
@@ -116,7 +139,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     raw = path.read_bytes()
     # A pickle starts with PROTO (0x80) and a protocol number 2–5; a torch file is a zip ("PK").
     # (A safetensors header length can start with 0x80 too, hence the second byte.)
-    assert not (raw[:1] == b"\x80" and raw[1] in (2, 3, 4, 5)) and not raw.startswith(b"PK"), "not a pickle or torch zip"
+    assert not (raw[:1] == b"\x80" and raw[1] in (2, 3, 4, 5)) and not raw.startswith(b"PK"), (
+        "not a pickle or torch zip"
+    )
 
 
 def test_load_checkpoint_without_sidecar(tmp_path: Path) -> None:
@@ -145,7 +170,9 @@ def test_training_without_labelled_nodules_is_an_error(tiny_config: Callable[...
         ("", ["--set", "train.epochs=two"], "train.epochs"),
     ],
 )
-def test_cli_train_with_a_bad_config_is_one_line_without_traceback(tmp_path: Path, content: str | None, extra: list[str], needle: str) -> None:
+def test_cli_train_with_a_bad_config_is_one_line_without_traceback(
+    tmp_path: Path, content: str | None, extra: list[str], needle: str
+) -> None:
     config = tmp_path / "bad.toml"
     if content is not None:
         config.write_text(content)
@@ -180,15 +207,32 @@ def test_bf16_setting() -> None:
     assert isinstance(bf16_enabled("auto", cpu), bool)
 
 
-def test_a_checkpoint_of_another_training_config_is_not_resumed(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
-    cfg = load_config(tiny_config(), {"train.epochs": 1, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+def test_a_checkpoint_of_another_training_config_is_not_resumed(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = load_config(
+        tiny_config(),
+        {"train.epochs": 1, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2},
+    )
     ds = load_dataset(cfg)
     labelled = np.flatnonzero(ds.labels >= 0)
     train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 1)
     # A longer budget continues the same run...
-    longer = load_config(tiny_config(), {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    longer = load_config(
+        tiny_config(),
+        {"train.epochs": 2, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2},
+    )
     assert len(train_model(longer, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 2)["history"]) == 2
     # ...another learning rate is another model, and is refused with the folder named.
-    other = load_config(tiny_config(), {"train.epochs": 3, "train.lr": 0.5, "train.max_steps_per_epoch": 1, "train.batch_sure": 2, "train.batch_unsure": 2})
+    other = load_config(
+        tiny_config(),
+        {
+            "train.epochs": 3,
+            "train.lr": 0.5,
+            "train.max_steps_per_epoch": 1,
+            "train.batch_sure": 2,
+            "train.batch_unsure": 2,
+        },
+    )
     with pytest.raises(ConfigError, match=r"run holds a checkpoint trained with another configuration"):
         train_model(other, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 3)

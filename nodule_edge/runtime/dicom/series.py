@@ -81,6 +81,15 @@ class SeriesSummary:
 class DicomSeries:
     """A validated CT series: slices in order along the normal, one entry per position.
 
+    Holds headers only: no pixel data is read here. Pixels are decoded lazily, and only for the
+    slices and rows a nodule's cube needs (:func:`~nodule_edge.runtime.dicom.decode.decode_slices`).
+
+    Example:
+        >>> from nodule_edge.runtime.dicom import load_series
+        >>> series = load_series("study/", min_extent_mm=20.0)  # doctest: +SKIP
+        >>> len(series.slices), series.pixel_spacing_xy  # doctest: +SKIP
+        (255, (0.7, 0.7))
+
     Attributes:
         folder: Folder the series was found in.
         series_uid: SeriesInstanceUID (or synthetic key).

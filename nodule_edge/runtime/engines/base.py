@@ -98,6 +98,17 @@ def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
 class Engine(abc.ABC):
     """Interface of every backend.
 
+    An engine loads and compiles its artifact when constructed (an ONNX Runtime session, an
+    OpenVINO compiled model, a deserialised TensorRT plan) and reads the model's metadata from
+    the artifact itself; :meth:`run` is then cheap and thread-safe.
+
+    Example:
+        >>> from nodule_edge.runtime.bundle import load_bundle
+        >>> from nodule_edge.runtime.engines import create_engine
+        >>> engine = create_engine(load_bundle(), "cpu")
+        >>> engine.metadata.patch_spec.size
+        64
+
     Attributes:
         backend: The backend's name in the table (``cpu``, ``cpu-fast``, ``tensorrt``, ...).
         metadata: The model's metadata, read from the artifact.

@@ -19,9 +19,12 @@ from pydicom.uid import (
 )
 
 from nodule_edge.runtime.dicom import headers as dicom_headers
+
 from ..dicom_factory import write_series
 
-pytestmark = pytest.mark.skipif(dicom_headers._dicomsdl_module() is None, reason="dicomsdl is not installed (the dicomsdl extra)")
+pytestmark = pytest.mark.skipif(
+    dicom_headers._dicomsdl_module() is None, reason="dicomsdl is not installed (the dicomsdl extra)"
+)
 
 
 def _scan_both(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
@@ -51,7 +54,9 @@ def test_dicomsdl_and_pydicom_headers_agree(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("reader", ["dicomsdl", "pydicom"])
-def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+def test_non_ascii_description_is_decoded_by_its_character_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
     if reader == "pydicom":
         monkeypatch.setattr(dicom_headers, "_dicomsdl_module", lambda: None)
     import pydicom
@@ -68,7 +73,9 @@ def test_non_ascii_description_is_decoded_by_its_character_set(tmp_path: Path, m
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["chest_ricord_jpeg_lossless", "siemens_j2k_20_slices", "two_slices"])
-def test_dicomsdl_and_pydicom_headers_agree_on_real_series(dicom_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_dicomsdl_and_pydicom_headers_agree_on_real_series(
+    dicom_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     folder = dicom_dir / name
     fast, slow = _scan_both(folder, monkeypatch)
     assert fast and fast == slow
