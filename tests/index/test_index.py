@@ -175,10 +175,7 @@ def test_hnsw_recall_against_exact_is_at_least_95_percent() -> None:
     queries = rng.uniform(1, 5, size=(200, 6)).astype(np.float32)
     found = index.query(queries, k=20)
     exact_idx, _ = exact_search(vectors, queries, 20)
-    hits = sum(
-        len({n.id for n in row} & {f"r{i}" for i in truth})
-        for row, truth in zip(found, exact_idx, strict=True)
-    )
+    hits = sum(len({n.id for n in row} & {f"r{i}" for i in truth}) for row, truth in zip(found, exact_idx, strict=True))
     assert hits / exact_idx.size >= 0.95
 
 
@@ -350,7 +347,7 @@ def test_a_missing_directory_is_named(tmp_path: Path) -> None:
 
 def test_extra_files_are_ignored_with_a_warning(saved: Path, caplog) -> None:
     (saved / "README.txt").write_text("hello")
-    with caplog.at_level(logging.WARNING, logger="nodule_edge.index.store"):
+    with caplog.at_level(logging.WARNING, logger="nodule_edge.index.format"):
         loaded = AttributeIndex.load(saved)
     assert len(loaded) == 200
     assert "README.txt" in caplog.text
@@ -473,9 +470,7 @@ def test_evaluate_retrieval_separates_separable_clusters_and_excludes_groups() -
     twin_ids = [f"t{i}" for i in range(60)]
     patients = [f"p{i // 2}" for i in range(60)]
     by_nodule = evaluate_retrieval("machine_expert", twins, twin_labels, twin_ids, k=1)
-    by_patient = evaluate_retrieval(
-        "machine_expert", twins, twin_labels, twin_ids, k=1, groups=patients
-    )
+    by_patient = evaluate_retrieval("machine_expert", twins, twin_labels, twin_ids, k=1, groups=patients)
     assert by_nodule.auc == 0.0  # the twin always has the opposite label
     assert by_patient.auc != 0.0
 
