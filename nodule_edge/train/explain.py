@@ -21,8 +21,8 @@ Methods and their Captum classes (Kokhlikyan et al. 2020, arXiv:2009.07896):
   arXiv:1703.01365) from the air cube, the value every voxel outside the nodule's box gets
   (``spec.outside_hu`` after windowing), so the attribution is the evidence of the nodule and
   its margin against the model's own "nothing here" input. The path is the straight line, but
-  its quadrature nodes are crowded towards the baseline (``warp``, see :class:`_Warped`): the
-  stem is a convolution without bias followed by GroupNorm, which cancels the input's scale, and
+  its quadrature nodes are crowded towards the baseline (``warp``, see
+  :class:`~nodule_edge.train.explain_methods._Warped`): the stem is a convolution without bias followed by GroupNorm, which cancels the input's scale, and
   air windows to 0, so along ``α·x`` the backbone's output changes almost entirely at α < 10⁻⁴
   (a fold-0 test nodule: logit −1.3 at α = 10⁻⁶, +3.2 at 10⁻⁴, 8.9 at 1). With Captum's
   evenly spread Gauss–Legendre nodes the attributions of three fold-0 test nodules summed to 34,
@@ -43,7 +43,8 @@ Methods and their Captum classes (Kokhlikyan et al. 2020, arXiv:2009.07896):
 * ``lime``: ``Lime`` (Ribeiro et al. 2016, arXiv:1602.04938) over cubic super-voxels (``block``
   voxels on an edge, both channels together), an absent super-voxel being air. Captum's default
   surrogate, scikit-learn's Lasso, needs a package the ``explain`` extra does not carry; the
-  surrogate here is a closed-form weighted ridge regression in torch (:class:`_WeightedRidge`).
+  surrogate here is a closed-form weighted ridge regression in torch
+  (:class:`~nodule_edge.train.explain_methods._WeightedRidge`).
   Super-voxels in which every voxel already is air (all of those outside the nodule's box) are
   one inert feature: switching it off changes nothing, so its attribution is set to exactly 0.
   The box of a fold-0 test nodule held 32 to 448 of the 512 super-voxels of 8³ voxels: beyond
@@ -54,25 +55,27 @@ Methods and their Captum classes (Kokhlikyan et al. 2020, arXiv:2009.07896):
   rules for 2-D layers only; :data:`LRP_RULES` adds LRP-ε for ``Conv3d`` and ``Linear`` and the
   identity rule for ``GroupNorm``, and a model with a leaf layer no rule covers is refused with
   a :class:`~nodule_edge.errors.ConfigError` naming the layer types. It runs, but relevance is
-  not conserved on this model; :func:`_lrp` says why and by how much.
+  not conserved on this model; :func:`~nodule_edge.train.explain_methods._lrp` says why and by
+  how much.
 
 For a :class:`~nodule_edge.train.model.CollaborativeNet` every method differentiates the logit
 itself, not the forward's graph, which detaches the segmentation on its way to the size
 statistics (:func:`_collaborative_logit`).
 
-Every call records the options it ran with (defaults filled in) and its wall time.
+Every call records the options it ran with (defaults filled in) and its wall time. The methods'
+runners (Captum calls, the warped path, LIME's features and surrogate, the LRP rules) live in
+:mod:`nodule_edge.train.explain_methods`; this module checks the options and builds what they run on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +84,7 @@ from torch import nn
 
 from nodule_edge.errors import ConfigError, require
 from nodule_edge.patch import PatchSpec, bound_to_nodule, window_channels
+from nodule_edge.train.explain_methods import LRP_RULES, RUNNERS
 from nodule_edge.train.model import CollaborativeNet, segmentation_statistics
 
 __all__ = [
@@ -153,10 +157,9 @@ _OPTIONS: dict[str, dict[str, _Option]] = {
 #: The methods :func:`explain` runs.
 METHODS: tuple[str, ...] = tuple(_OPTIONS)
 #: Each method's options and their defaults.
-DEFAULT_OPTIONS: Mapping[str, Mapping[str, Any]] = {m: {k: o.default for k, o in opts.items()} for m, opts in _OPTIONS.items()}
-#: LRP rules this module assigns (with the defaults) to leaf layers: Captum has none for ``Conv3d``
-#: and ``GroupNorm`` and uses ε = 10⁻⁹ for ``Linear``.
-LRP_RULES: Mapping[str, str] = {"Conv3d": "EpsilonRule", "Linear": "EpsilonRule", "GroupNorm": "IdentityRule"}
+DEFAULT_OPTIONS: Mapping[str, Mapping[str, Any]] = {
+    m: {k: o.default for k, o in opts.items()} for m, opts in _OPTIONS.items()
+}
 
 _CAPTUM_CLASSES = {
     "integrated_gradients": "IntegratedGradients",
@@ -251,7 +254,9 @@ def _collaborative_logit(model: CollaborativeNet, x: torch.Tensor) -> torch.Tens
 def _logit_of(output: Any) -> torch.Tensor:
     logit = getattr(output, "malignancy_logit", output)
     if not isinstance(logit, torch.Tensor):
-        raise ConfigError(f"explain needs a model that returns a ModelOutput or a logit tensor [N], got {type(output).__name__}")
+        raise ConfigError(
+            f"explain needs a model that returns a ModelOutput or a logit tensor [N], got {type(output).__name__}"
+        )
     if logit.dim() == 2 and logit.shape[1] == 1:
         logit = logit[:, 0]
     if logit.dim() != 1:
@@ -259,7 +264,9 @@ def _logit_of(output: Any) -> torch.Tensor:
     return logit
 
 
-def explain(model: nn.Module, patch: np.ndarray | torch.Tensor, method: str, *, spec: PatchSpec, **options: Any) -> ExplanationMap:
+def explain(
+    model: nn.Module, patch: np.ndarray | torch.Tensor, method: str, *, spec: PatchSpec, **options: Any
+) -> ExplanationMap:
     """Attribution map of the malignancy logit of one nodule, by one of :data:`METHODS`.
 
     Args:
@@ -303,7 +310,9 @@ def explain(model: nn.Module, patch: np.ndarray | torch.Tensor, method: str, *, 
         raise ConfigError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     resolved = _resolve_options(method, options)
     if method == "lime" and resolved["block"] > spec.size:
-        raise ConfigError(f"lime option block must lie in [1, {spec.size}] voxels (the cube's edge), got {resolved['block']}")
+        raise ConfigError(
+            f"lime option block must lie in [1, {spec.size}] voxels (the cube's edge), got {resolved['block']}"
+        )
     cube = _check_patch(patch, spec)
     require("captum", "explain")
 
@@ -319,7 +328,7 @@ def explain(model: nn.Module, patch: np.ndarray | torch.Tensor, method: str, *, 
         with torch.no_grad():
             logit = float(forward(x)[0])
         air = torch.from_numpy(_air(spec)).to(device=device, dtype=dtype).view(1, -1, 1, 1, 1).expand_as(x).contiguous()
-        attributions, baseline_logit, delta = _RUNNERS[method](forward, x, air, spec, resolved)
+        attributions, baseline_logit, delta = RUNNERS[method](forward, x, air, spec, resolved)
     finally:
         model.train(was_training)
 
@@ -346,7 +355,9 @@ def _resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(spec))
     if unknown:
         known = ", ".join(spec) if spec else "none"
-        raise ConfigError(f"explanation method {method!r} has no option {', '.join(map(repr, unknown))}; its options: {known}")
+        raise ConfigError(
+            f"explanation method {method!r} has no option {', '.join(map(repr, unknown))}; its options: {known}"
+        )
     resolved = {}
     for name, opt in spec.items():
         value = options.get(name, opt.default)
@@ -387,7 +398,9 @@ def _check_patch(patch: np.ndarray | torch.Tensor, spec: PatchSpec) -> np.ndarra
     cube = np.asarray(patch, dtype=np.float32)
     expected = (spec.channels, spec.size, spec.size, spec.size)
     if cube.shape != expected:
-        raise ValueError(f"explain needs one patch of shape {list(expected)} (one nodule's cube), got {list(cube.shape)}")
+        raise ValueError(
+            f"explain needs one patch of shape {list(expected)} (one nodule's cube), got {list(cube.shape)}"
+        )
     if not np.isfinite(cube).all():
         raise ValueError("explain patch holds NaN or infinite values")
     return cube
@@ -398,7 +411,9 @@ def _air(spec: PatchSpec) -> np.ndarray:
     return window_channels(np.full((1, 1, 1), spec.outside_hu, np.float32), spec)[:, 0, 0, 0]
 
 
-def _second_pass_input(model: nn.Module, cube: np.ndarray, spec: PatchSpec, dtype: torch.dtype, device: torch.device) -> tuple[np.ndarray, bool]:
+def _second_pass_input(
+    model: nn.Module, cube: np.ndarray, spec: PatchSpec, dtype: torch.dtype, device: torch.device
+) -> tuple[np.ndarray, bool]:
     """The cube the runtime's second pass reads (the first pass's box applied) and whether it found a nodule."""
     if spec.nodule_box is None:
         return cube, True
@@ -415,271 +430,3 @@ def _second_pass_input(model: nn.Module, cube: np.ndarray, spec: PatchSpec, dtyp
         # The light16 decoder segments at 16³: up-sample as the evaluation does (trainer.predict).
         seg = F.interpolate(seg, size=(spec.size,) * 3, mode="trilinear", align_corners=False)
     return bound_to_nodule(cube, seg[0, 0].cpu().numpy(), spec)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's and NumPy's global generators for one call, restoring the caller's states.
-
-    Captum draws its noise and samples from torch, and GradientShap its interpolation points from
-    NumPy's global generator.
-    """
-    devices = [device.index or 0] if device.type == "cuda" else []
-    numpy_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            yield
-    finally:
-        np.random.set_state(numpy_state)
-
-
-_Result = tuple[torch.Tensor, float | None, float | None]
-
-
-class _Warped(nn.Module):
-    """``f(b + sign(d)·u^k)``: integrated gradients over ``u`` from 0 to ``|d|^(1/k)``, ``d = x − b``.
-
-    The straight line from 0 to ``|d|^(1/k)`` in ``u`` is the straight line from the baseline
-    ``b`` to the input ``x`` in the model's input, travelled as ``b + α^k·d``: the same path, so
-    the same attributions in the limit (a line integral does not depend on how its path is
-    parametrised), with the quadrature nodes crowded near the baseline by the power ``k``.
-    """
-
-    def __init__(self, forward: nn.Module, baseline: torch.Tensor, sign: torch.Tensor, power: float) -> None:
-        super().__init__()
-        self.forward_logit = forward
-        self.power = power
-        self.register_buffer("baseline", baseline)
-        self.register_buffer("sign", sign)
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        baseline, sign = cast(torch.Tensor, self.baseline), cast(torch.Tensor, self.sign)
-        return self.forward_logit(baseline + sign * u.pow(self.power))
-
-
-def _integrated_gradients(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import IntegratedGradients
-
-    power = opts["warp"]
-    difference = x - air
-    warped = _Warped(forward, air, torch.sign(difference), power)
-    end = difference.abs().pow(1.0 / power)
-    attributions, delta = IntegratedGradients(warped).attribute(
-        _grad_leaf(end),
-        baselines=torch.zeros_like(end),
-        n_steps=opts["steps"],
-        method=opts["integration"],
-        internal_batch_size=opts["batch"],
-        return_convergence_delta=True,
-    )
-    with torch.no_grad():
-        baseline_logit = float(forward(air)[0])
-    return attributions, baseline_logit, float(delta.detach().flatten()[0])
-
-
-def _grad_leaf(x: torch.Tensor) -> torch.Tensor:
-    """A leaf that requires grad (Captum warns when it has to switch that on itself)."""
-    return x.detach().clone().requires_grad_(True)
-
-
-def _gradient_x_input(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import InputXGradient
-
-    return InputXGradient(forward).attribute(_grad_leaf(x)), None, None
-
-
-def _saliency(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import Saliency
-
-    return Saliency(forward).attribute(_grad_leaf(x), abs=opts["absolute"]), None, None
-
-
-def _smoothgrad(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import NoiseTunnel, Saliency
-
-    with _seeded(opts["seed"], x.device):
-        attributions = NoiseTunnel(Saliency(forward)).attribute(
-            _grad_leaf(x),
-            nt_type="smoothgrad",
-            nt_samples=opts["samples"],
-            nt_samples_batch_size=opts["batch"],
-            stdevs=opts["noise_sd"],
-            abs=False,
-        )
-    return attributions, None, None
-
-
-def _noisy_air(spec: PatchSpec, count: int, noise_hu: float, seed: int) -> np.ndarray:
-    """``count`` cubes of air with Gaussian CT noise of ``noise_hu`` HU, windowed: ``[count, C, S, S, S]``."""
-    rng = np.random.default_rng(seed)
-    hu = spec.outside_hu + rng.normal(0.0, noise_hu, (count, spec.size, spec.size, spec.size)).astype(np.float32)
-    return window_channels(hu, spec)
-
-
-def _gradient_shap(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import GradientShap
-
-    noisy = torch.from_numpy(_noisy_air(spec, opts["noisy_baselines"], opts["baseline_noise_hu"], opts["seed"])).to(x)
-    baselines = torch.cat([air, noisy])
-    explainer = GradientShap(forward)
-    total = torch.zeros_like(x)
-    deltas = []
-    # GradientShap evaluates all its samples in one batch; chunks of ``batch`` bound the memory
-    # and, weighted by their size, average to the same expectation.
-    with _seeded(opts["seed"], x.device):
-        for done in range(0, opts["samples"], opts["batch"]):
-            n = min(opts["batch"], opts["samples"] - done)
-            attributions, delta = explainer.attribute(
-                _grad_leaf(x), baselines=baselines, n_samples=n, stdevs=opts["noise_sd"], return_convergence_delta=True
-            )
-            total += attributions.detach() * n
-            deltas.append(delta.detach().flatten())
-    return total / opts["samples"], None, float(torch.cat(deltas).mean())
-
-
-def _block_features(bounded: torch.Tensor, air: torch.Tensor, block: int) -> tuple[torch.Tensor, int, bool]:
-    """Super-voxel ids ``[1, 1, S, S, S]`` of ``block``³ cubes; all-air cubes share the inert id 0.
-
-    Returns:
-        The mask, the number of features, and whether id 0 is the inert (all-air) feature.
-    """
-    size = bounded.shape[-1]
-    per_axis = math.ceil(size / block)
-    index = torch.arange(size, device=bounded.device) // block
-    ids = (index.view(-1, 1, 1) * per_axis**2 + index.view(1, -1, 1) * per_axis + index.view(1, 1, -1)).flatten()
-    differs = (bounded[0] != air[0]).any(dim=0).flatten()  # [S³]
-    active = torch.zeros(per_axis**3, dtype=torch.bool, device=bounded.device)
-    active[ids[differs]] = True
-    inert = not bool(active.all())
-    # Active super-voxels keep their order, numbered after the inert one.
-    new_id = torch.cumsum(active.long(), 0) - (0 if inert else 1)
-    new_id[~active] = 0
-    mask = new_id[ids].view(1, 1, size, size, size)
-    return mask, int(active.sum()) + (1 if inert else 0), inert
-
-
-class _WeightedRidge:
-    """Closed-form weighted ridge regression, the LIME surrogate (captum ``Model`` protocol).
-
-    Minimises ``Σ wᵢ (yᵢ − b − xᵢ·β)² / Σ wᵢ + alpha·‖β‖²`` with an unpenalised intercept ``b``:
-    samples weighted by Captum's similarity kernel, as LIME's surrogate (Ribeiro et al. 2016).
-    """
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = alpha
-        self.coefficients: torch.Tensor | None = None
-
-    def fit(self, train_data: Any, **kwargs: Any) -> dict[str, float]:
-        xs, ys, ws = [], [], []
-        for batch in train_data:
-            xs.append(batch[0])
-            ys.append(batch[1])
-            ws.append(batch[2] if len(batch) > 2 else torch.ones(len(batch[0])))
-        features = torch.cat(xs).double()
-        target = torch.cat(ys).double().flatten()
-        weight = torch.cat(ws).double().flatten()
-        weight = weight / weight.sum()
-        x_mean = weight @ features
-        y_mean = weight @ target
-        centred = features - x_mean
-        gram = centred.T @ (weight[:, None] * centred) + self.alpha * torch.eye(features.shape[1], dtype=torch.float64)
-        self.coefficients = torch.linalg.solve(gram, centred.T @ (weight * (target - y_mean)))
-        return {}
-
-    def representation(self) -> torch.Tensor:
-        if self.coefficients is None:
-            raise ConfigError("the LIME surrogate was read before it was fitted")
-        return self.coefficients[None].float()
-
-
-def _lime(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    from captum.attr import Lime
-
-    mask, n_features, inert = _block_features(x, air, opts["block"])
-    with _seeded(opts["seed"], x.device):
-        coefficients = Lime(forward, interpretable_model=_WeightedRidge(opts["alpha"])).attribute(
-            x,
-            baselines=air,
-            feature_mask=mask,
-            n_samples=opts["samples"],
-            perturbations_per_eval=opts["batch"],
-            return_input_shape=False,
-        )
-    coefficients = coefficients.flatten().to(x.dtype)
-    if inert:
-        coefficients[0] = 0.0
-    voxels = torch.bincount(mask.flatten(), minlength=n_features).to(x.dtype) * x.shape[1]
-    per_voxel = (coefficients / voxels)[mask]  # [1, 1, S, S, S]
-    return per_voxel.expand_as(x).contiguous(), None, None
-
-
-def _lrp(forward: nn.Module, x: torch.Tensor, air: torch.Tensor, spec: PatchSpec, opts: dict[str, Any]) -> _Result:
-    """Captum's LRP with rules for the 3-D layers it has no default for.
-
-    Rules: LRP-ε (Captum's ``EpsilonRule``, ``epsilon`` option) for ``Conv3d`` and ``Linear``;
-    for ``GroupNorm`` the identity rule (``IdentityRule``, Captum's rule for BatchNorm) or, with
-    ``groupnorm_rule="epsilon"``, LRP-ε; Captum's defaults for the rest (``nn.ReLU`` passes
-    relevance on). LRP-ε conserves relevance through a layer without bias up to what ε absorbs
-    (Montavon et al. 2019, "Layer-Wise Relevance Propagation: An Overview", LNCS 11700); the
-    model's convolutions before a GroupNorm have no bias.
-
-    What GroupNorm does to conservation: the identity rule hands a GroupNorm's output relevance
-    unchanged to its input, so the sum is kept across the layer, but the layer is treated as the
-    identity: its centring (each output depends on the mean and spread of the whole channel group,
-    and can have the opposite sign of its input) and its affine shift, a bias that should absorb
-    relevance, are ignored, and the convolution below divides the relevance by its own output,
-    whose scale the GroupNorm removed. With Captum's default ε = 10⁻⁹ that division made the
-    relevance explode on a fold-0 test nodule (a sum of −2.3·10⁴ for a logit of 8.9, 2·10⁶ in one
-    voxel); ε = 1 keeps it on the logit's scale. LRP-ε on the GroupNorm itself is worse in
-    principle: the layer's output does not change when its input is scaled (mean and spread scale
-    along), so gradient × input through it sums to zero over each group. Beyond the layers,
-    Captum propagates relevance with hooks on the leaf modules only; the functional operations
-    between them (residual sums, concatenations, trilinear up-sampling, pooling, the sigmoid of
-    the segmentation, the segmentation statistics that also read the input) pass plain
-    gradients, so a residual sum hands its whole relevance to both branches. The relevance
-    therefore does not sum to the logit: with the defaults, sums of −10.4, −0.08 and −7.3 for
-    logits of 8.9, 0.27 and −4.4 (Captum's convergence delta 19.2, 0.34 and 2.9) on three fold-0
-    test nodules. :attr:`ExplanationMap.convergence_delta` reports it for every call.
-    """
-    from captum.attr import LRP
-    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
-
-    rules: dict[type, Callable[[], Any]] = {
-        nn.Conv3d: lambda: EpsilonRule(epsilon=opts["epsilon"]),
-        nn.Linear: lambda: EpsilonRule(epsilon=opts["epsilon"]),
-        nn.GroupNorm: IdentityRule if opts["groupnorm_rule"] == "identity" else (lambda: EpsilonRule(epsilon=opts["epsilon"])),
-    }
-    leaves = [m for m in forward.modules() if next(m.children(), None) is None and m is not forward]
-    missing = sorted({type(m).__name__ for m in leaves if type(m) not in rules and type(m) not in SUPPORTED_LAYERS_WITH_RULES and type(m) not in SUPPORTED_NON_LINEAR_LAYERS})
-    if missing:
-        covered = sorted({t.__name__ for t in SUPPORTED_LAYERS_WITH_RULES} | {t.__name__ for t in SUPPORTED_NON_LINEAR_LAYERS})
-        raise ConfigError(
-            f"LRP: no propagation rule for {', '.join(missing)} (Captum supports {', '.join(covered)}; "
-            f"this module adds {', '.join(f'{k} ({v})' for k, v in LRP_RULES.items())})"
-        )
-    try:
-        for module in leaves:
-            if type(module) in rules:
-                module.rule = rules[type(module)]()
-        attributions, delta = LRP(forward).attribute(_grad_leaf(x), return_convergence_delta=True)
-    finally:
-        # Captum removes the rules it attached; these cover a failure before it got there.
-        for module in leaves:
-            for name in ("rule", "activations"):
-                if hasattr(module, name):
-                    delattr(module, name)
-    return attributions, None, float(delta.detach().flatten()[0])
-
-
-_RUNNERS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor, PatchSpec, dict[str, Any]], _Result]] = {
-    "integrated_gradients": _integrated_gradients,
-    "gradient_x_input": _gradient_x_input,
-    "saliency": _saliency,
-    "smoothgrad": _smoothgrad,
-    "gradient_shap": _gradient_shap,
-    "lime": _lime,
-    "lrp": _lrp,
-}
