@@ -34,6 +34,7 @@ from nodule_edge.runtime.dicom import SliceHeader, decode_slice, decode_slices, 
 from nodule_edge.runtime.dicom import decoders as dicom_decoders
 from nodule_edge.runtime.dicom import headers as dicom_headers
 from nodule_edge.runtime.study import open_study, study_from_image
+
 from .dicom_factory import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -155,8 +156,9 @@ def test_only_a_scout_is_refused(tmp_path: Path) -> None:
 
 def test_scouts_next_to_an_axial_series_are_ignored(tmp_path: Path) -> None:
     axial = write_series(tmp_path / "axial")
-    write_series(tmp_path / "loc", n_slices=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-                 orientation=(1, 0, 0, 0, 0, -1))
+    write_series(
+        tmp_path / "loc", n_slices=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=(1, 0, 0, 0, 0, -1)
+    )
     # A scout that does not say so: one coronal image in its own series.
     write_series(tmp_path / "topo", n_slices=1, orientation=(1, 0, 0, 0, 0, -1))
     study = open_study(tmp_path)
@@ -298,7 +300,9 @@ def test_gdcm_decodes_exactly_as_pydicom(tmp_path: Path, kwargs: dict) -> None:
     ids=["sv1-signed-16", "process14-unsigned-12-fractional-rescale", "sv1-no-preamble", "sv1-monochrome1"],
 )
 @requires_imagecodecs
-def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(tmp_path: Path, kwargs: dict, photometric: str | None) -> None:
+def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(
+    tmp_path: Path, kwargs: dict, photometric: str | None
+) -> None:
     import pydicom
 
     series = write_series(tmp_path / "s", n_slices=6, rows=48, cols=40, **kwargs)
@@ -317,7 +321,9 @@ def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(tmp_path:
         np.testing.assert_array_equal(fast, decode_slices(headers, backend="gdcm"))
     for threads in (1, 2, 4):
         np.testing.assert_array_equal(decode_slices(headers, threads=threads), series.hu)
-    np.testing.assert_array_equal(decode_slices(headers, (3, 20), (5, 39), backend="imagecodecs"), series.hu[:, 3:20, 5:39])
+    np.testing.assert_array_equal(
+        decode_slices(headers, (3, 20), (5, 39), backend="imagecodecs"), series.hu[:, 3:20, 5:39]
+    )
     np.testing.assert_array_equal(decode_slice(headers[2], backend="imagecodecs"), series.hu[2])
 
 
@@ -330,7 +336,9 @@ def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) ->
     with pytest.raises(StudyError, match=re.escape(rle[0].path) + r" \(1\.2\.840\.10008\.1\.2\.5, MONOCHROME2"):
         decode_slices(rle, backend="imagecodecs")
     # Signed data narrower than 16 bits needs a sign extension: left to GDCM and pydicom.
-    narrow_signed = dataclasses.replace(rle[0], transfer_syntax_uid=JPEGLosslessSV1, bits_stored=12, pixel_representation=1)
+    narrow_signed = dataclasses.replace(
+        rle[0], transfer_syntax_uid=JPEGLosslessSV1, bits_stored=12, pixel_representation=1
+    )
     assert not dicom_decoders._imagecodecs_decodes(narrow_signed)
     assert dicom_decoders._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
 
@@ -424,7 +432,9 @@ def test_undecodable_slice_prints_nothing_and_warns_nothing(
         assert capfd.readouterr().err == ""
         own = [r for r in caplog.records if r.name.startswith("nodule_edge.runtime.dicom.")]
         assert [r.getMessage() for r in own if r.levelno >= logging.WARNING] == []
-        assert any("GDCM printed while decoding" in r.getMessage() and "Bogus marker length" in r.getMessage() for r in own)
+        assert any(
+            "GDCM printed while decoding" in r.getMessage() and "Bogus marker length" in r.getMessage() for r in own
+        )
         assert any("imagecodecs cannot decode 1 of 6" in r.getMessage() for r in own)
         caplog.clear()
 
@@ -626,12 +636,12 @@ def test_build_patches_decodes_each_slice_once(
         calls.extend(h.path for h in headers)
         return original(headers, *args, **kwargs)
 
-    monkeypatch.setattr("nodule_edge.runtime.study.decode_slices", counting)
+    monkeypatch.setattr("nodule_edge.runtime.study_sources.decode_slices", counting)
     centers = np.stack([off_center, off_center + [0, 0, 4.0], axial.center_world])
     patches = study.build_patches(centers)
     assert patches.shape == (3, 2, 64, 64, 64) and patches.dtype == np.float32
     assert len(calls) == len(set(calls)) < axial.hu.shape[0]
-    for c, p in zip(centers, patches):
+    for c, p in zip(centers, patches, strict=True):
         np.testing.assert_allclose(p, reference_patch(axial, c), atol=PATCH_TOL, rtol=0)
     assert study.build_patches(np.zeros((0, 3))).shape == (0, 2, 64, 64, 64)
 
@@ -710,7 +720,9 @@ def test_mixed_orientation_is_refused(tmp_path: Path) -> None:
 
 def test_non_orthogonal_orientation_is_refused_with_its_numbers(tmp_path: Path) -> None:
     write_series(tmp_path / "s", orientation=(1, 0, 0, 0.5, 1, 0))
-    with pytest.raises(GeometryError, match=r"ImageOrientationPatient \[1, 0, 0, 0.5, 1, 0\] is not two orthogonal unit vectors"):
+    with pytest.raises(
+        GeometryError, match=r"ImageOrientationPatient \[1, 0, 0, 0.5, 1, 0\] is not two orthogonal unit vectors"
+    ):
         open_study(tmp_path)
 
 
@@ -890,9 +902,7 @@ def test_volume_file_gives_the_dicom_patch(tmp_path: Path, suffix: str) -> None:
     assert vol_study.kind == "volume" and vol_study.size == dicom_study.size
     assert vol_study.slice_reference(3) is None and vol_study.transfer_syntax is None
     centers = np.stack([series.center_world + [0.3, -1.2, 2.1], series.voxel_to_world((5.5, 50.2, 35.1))])
-    np.testing.assert_allclose(
-        vol_study.build_patches(centers), dicom_study.build_patches(centers), atol=1e-4, rtol=0
-    )
+    np.testing.assert_allclose(vol_study.build_patches(centers), dicom_study.build_patches(centers), atol=1e-4, rtol=0)
     np.testing.assert_allclose(vol_study.world_to_voxel(centers), dicom_study.world_to_voxel(centers), atol=1e-4)
 
 
@@ -916,6 +926,45 @@ def test_volume_file_rejects_series_uid_and_2d(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- privacy
+
+
+def test_repr_shows_size_spacing_and_orientation(tmp_path: Path) -> None:
+    axial = open_study(write_series(tmp_path / "axial", pixel_spacing=(0.7, 0.8)).folder)
+    assert axial.orientation == "LPS"
+    assert repr(axial) == (
+        f"Study(kind='dicom', series_uid={axial.series_uid!r}, size=(64, 64, 40), spacing_mm=(0.7, 0.8, 1.0), "
+        f"orientation='LPS', path={str(tmp_path / 'axial')!r})"
+    )
+    # Coronal: columns run along +x (L), rows down the patient (-z, I), slices towards +y (P).
+    coronal = open_study(write_series(tmp_path / "coronal", orientation=(1, 0, 0, 0, 0, -1)).folder)
+    assert coronal.orientation == "LIP" and "orientation='LIP'" in repr(coronal)
+    image = sitk.Image([4, 5, 6], sitk.sitkFloat32)
+    image.SetSpacing((0.5, 0.75, 2.5))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # what a NIfTI in RAS storage order reads as
+    flipped = study_from_image(image)
+    assert repr(flipped) == (
+        "Study(kind='volume', series_uid=None, size=(4, 5, 6), spacing_mm=(0.5, 0.75, 2.5), "
+        "orientation='RAS', path=None)"
+    )
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+        (1, 0, 0, 0, 0, 1, 0, -1, 0),
+        (0, 0, -1, 1, 0, 0, 0, -1, 0),
+        (0.96, -0.28, 0, 0.28, 0.96, 0, 0, 0, 1),  # oblique: each axis takes its largest component
+    ],
+)
+def test_orientation_code_matches_simpleitk(direction: tuple[float, ...]) -> None:
+    from nodule_edge.runtime.study_geometry import orientation_code
+
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    u, _, vt = np.linalg.svd(matrix)  # SimpleITK needs an orthonormal matrix
+    orthonormal = tuple((u @ vt).ravel())
+    assert orientation_code(matrix) == sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(orthonormal)
 
 
 def test_patient_identity_never_reaches_logs_or_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -1005,7 +1054,6 @@ def test_real_chest_imagecodecs_decodes_exactly_as_gdcm(dicom_dir: Path) -> None
 def test_real_two_slices_is_refused_cleanly(dicom_dir: Path) -> None:
     with pytest.raises(GeometryError, match=r"2 slices covering"):
         open_study(dicom_dir / "two_slices")
-
 
 
 def test_an_empty_image_matrix_is_a_study_error(tmp_path: Path) -> None:
