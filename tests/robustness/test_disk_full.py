@@ -147,10 +147,10 @@ def test_overwrite_success_replaces_everything(result, real_inferer, tmp_path):
 
 
 def test_cli_disk_full_is_one_line_and_leaves_nothing(real_inferer, demo_study, tmp_path, monkeypatch):
-    import nodule_edge.cli as cli
+    from nodule_edge.cli import _common
 
     folder, (x, y, z) = demo_study
-    monkeypatch.setattr(cli, "_make_inferer", lambda *a, **k: real_inferer)
+    monkeypatch.setattr(_common, "_make_inferer", lambda *a, **k: real_inferer)
     monkeypatch.setattr(sitk, "WriteImage", fail_on_call(2, sitk.WriteImage))
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out)])
@@ -202,12 +202,12 @@ def test_folder_that_refuses_writes_even_to_root(result, real_inferer, parent):
 
 
 def test_cli_on_a_folder_that_refuses_writes(real_inferer, demo_study, monkeypatch):
-    import nodule_edge.cli as cli
+    from nodule_edge.cli import _common
 
     if not Path("/sys").is_dir():
         pytest.skip("/sys not mounted")
     folder, (x, y, z) = demo_study
-    monkeypatch.setattr(cli, "_make_inferer", lambda *a, **k: real_inferer)
+    monkeypatch.setattr(_common, "_make_inferer", lambda *a, **k: real_inferer)
     res = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", "/sys/nodule-edge-out"])
     assert res.exit_code == OutputError.exit_code, res.output
     assert "Traceback" not in res.output and "internal error" not in res.output

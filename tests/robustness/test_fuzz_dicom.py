@@ -339,8 +339,9 @@ CLI_CASES = {
 
 def _cli(folder: Path, centre, out: Path, inferer, monkeypatch):
     import nodule_edge.cli as cli
+    from nodule_edge.cli import _common
 
-    monkeypatch.setattr(cli, "_make_inferer", lambda *a, **k: inferer)
+    monkeypatch.setattr(_common, "_make_inferer", lambda *a, **k: inferer)
     point = ",".join(f"{v:.4f}" for v in centre)
     return CliRunner().invoke(cli.main, ["infer", str(folder), "--world", point, "--out", str(out)])
 

@@ -71,7 +71,7 @@ def test_unknown_method_and_bad_limits(tiny_config, seeded_checkpoint):
 
 
 def test_export_reads_the_threshold_or_names_the_bad_file(tmp_path):
-    from nodule_edge.cli import _explanation_threshold
+    from nodule_edge.cli.train import _explanation_threshold
 
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"fold": 0, "agreement": {"threshold": 0.12, "percentile": 5.0, "n": 20}}))

@@ -1,7 +1,7 @@
 """The backend table: every inference backend, in the order ``auto`` tries them, and how to make one.
 
 :data:`BACKEND_TABLE` is the one list of backends. ``--backend auto`` resolution
-(:func:`create_engine`), the CLI's ``--backend`` choices (``nodule_edge/cli.py``) and the README's
+(:func:`create_engine`), the CLI's ``--backend`` choices (``nodule_edge/cli/_common.py``) and the README's
 backend table ("Engines and deployment") all read it: the README table is
 :func:`backend_table_markdown`'s output, printed by ``python -m nodule_edge.runtime.engines``, and
 ``tests/runtime/engines/test_backends.py`` checks the two agree.

@@ -214,7 +214,7 @@ def test_readme_backend_table_is_generated_from_the_backend_table():
 
 
 def test_cli_backend_choices_are_the_backend_table():
-    from nodule_edge.cli import _BACKEND_CHOICE
+    from nodule_edge.cli._common import _BACKEND_CHOICE
     from nodule_edge.runtime.engines import ALL_BACKENDS
 
     assert tuple(_BACKEND_CHOICE.choices) == ("auto", *ALL_BACKENDS)
