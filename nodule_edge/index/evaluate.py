@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from nodule_edge.errors import DataError
-from nodule_edge.metrics import roc_auc
 from nodule_edge.index.store import DEFAULT_K, AttributeIndex, IndexEntry
+from nodule_edge.metrics import roc_auc
 
 __all__ = ["RetrievalEvaluation", "evaluate_retrieval"]
 
@@ -121,7 +121,11 @@ def evaluate_retrieval(
     accuracy = float(np.mean((s >= threshold) == (y == 1))) if s.size else None
     logger.info(
         "leave-one-out %s retrieval, k=%d: %d evaluated, AUC %s, accuracy %s",
-        index_kind, k, s.size, auc, accuracy,
+        index_kind,
+        k,
+        s.size,
+        auc,
+        accuracy,
     )
     return RetrievalEvaluation(
         kind=index_kind,

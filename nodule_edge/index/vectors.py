@@ -63,9 +63,7 @@ def vector_dim(kind: str) -> int:
     try:
         return VECTOR_KINDS[kind]
     except KeyError:
-        raise IndexError_(
-            f"unknown index vector kind {kind!r}; expected one of {sorted(VECTOR_KINDS)}"
-        ) from None
+        raise IndexError_(f"unknown index vector kind {kind!r}; expected one of {sorted(VECTOR_KINDS)}") from None
 
 
 def attribute_array(attributes: Sequence[float] | Mapping[str, float]) -> np.ndarray:
@@ -84,8 +82,7 @@ def attribute_array(attributes: Sequence[float] | Mapping[str, float]) -> np.nda
     if isinstance(attributes, Mapping):
         if set(attributes) != set(ATTRIBUTE_NAMES):
             raise IndexError_(
-                f"attributes must have exactly the keys {list(ATTRIBUTE_NAMES)}, "
-                f"got {sorted(attributes)}"
+                f"attributes must have exactly the keys {list(ATTRIBUTE_NAMES)}, got {sorted(attributes)}"
             )
         values = [attributes[name] for name in ATTRIBUTE_NAMES]
     else:
@@ -96,8 +93,7 @@ def attribute_array(attributes: Sequence[float] | Mapping[str, float]) -> np.nda
         raise IndexError_(f"attributes must be numbers, got {values!r}") from exc
     if array.shape != (len(ATTRIBUTE_NAMES),):
         raise IndexError_(
-            f"attributes must be {len(ATTRIBUTE_NAMES)} ratings ({', '.join(ATTRIBUTE_NAMES)}), "
-            f"got shape {array.shape}"
+            f"attributes must be {len(ATTRIBUTE_NAMES)} ratings ({', '.join(ATTRIBUTE_NAMES)}), got shape {array.shape}"
         )
     if not np.all(np.isfinite(array)) or array.min() < 1.0 or array.max() > 5.0:
         raise IndexError_(f"attribute ratings must be finite and within 1–5, got {array.tolist()}")
@@ -136,9 +132,7 @@ def vector_for(
     return np.array([probability, ratings_to_unit(ratings[_MALIGNANCY])], dtype=np.float32)
 
 
-def exact_search(
-    vectors_db: np.ndarray, queries: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(vectors_db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force k-nearest neighbours by Euclidean distance (the reference for the HNSW index).
 
     Distances are computed from explicit differences in float64 (not the ``|a|² + |b|² - 2ab``
@@ -159,9 +153,7 @@ def exact_search(
     db = np.asarray(vectors_db, dtype=np.float64)
     q = np.asarray(queries, dtype=np.float64)
     if db.ndim != 2 or q.ndim != 2 or db.shape[1] != q.shape[1]:
-        raise IndexError_(
-            f"exact_search needs [N, d] and [Q, d] arrays, got {db.shape} and {q.shape}"
-        )
+        raise IndexError_(f"exact_search needs [N, d] and [Q, d] arrays, got {db.shape} and {q.shape}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexError_(f"k must be a positive integer, got {k!r}")
     n = db.shape[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodule_edge._files import atomic_file, write_text_atomic
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
+from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
 from nodule_edge.train.config import TrainConfig, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
@@ -33,7 +32,7 @@ from nodule_edge.train.data import (
     targets,
 )
 from nodule_edge.train.losses import LossWeights, total_loss
-from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig, count_parameters
+from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters
 
 __all__ = [
     "Dataset",
@@ -313,45 +312,6 @@ def predict_runtime_path(
     return run_nodule_bounded(run, source, spec)
 
 
-def save_checkpoint(path: Path, model: CollaborativeNet, meta: dict[str, Any]) -> None:
-    """Weights as safetensors plus a JSON sidecar (model config, training config, metrics)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_file(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "nodule-edge-checkpoint-v1"})
-    meta = {**meta, "model_config": dataclasses.asdict(model.config)}
-    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, default=_json_default))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def load_checkpoint(path: str | Path) -> tuple[CollaborativeNet, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_checkpoint` (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise DataError(f"checkpoint {path} or its sidecar {meta_path} is missing")
-    meta = json.loads(meta_path.read_text())
-    mc = {**LEGACY_MODEL_CONFIG, **meta["model_config"]}
-    mc = {k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()}
-    model = CollaborativeNet(ModelConfig(**mc))
-    model.load_state_dict(load_file(str(path)))
-    model.eval()
-    return model, meta
-
-
 def _distributed() -> tuple[int, int]:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         import torch.distributed as dist
@@ -418,7 +378,7 @@ def train_model(
     start_epoch = 1
     last = out_dir / "last.safetensors"
     if last.is_file():
-        start_epoch, history, best = _resume(last, model, opt, training_config_sha256(cfg))
+        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg))
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
@@ -514,7 +474,7 @@ def train_model(
         if rank == 0:
             if improved:
                 save_checkpoint(out_dir / "best.safetensors", model, {**meta_base, "epoch": epoch, "val": val})
-            _save_resume(last, model, opt, epoch, history, best, meta_base)
+            save_resume_state(last, model, opt, epoch, history, best, meta_base)
             msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(
                 f"{k}={v:.3f}" for k, v in train_parts.items()
             )
@@ -567,54 +527,6 @@ def _validate(
     if has_a.any() and pred["attributes"].shape[1] == ds.attributes.shape[1]:
         out["attr_mae"] = float(np.abs(pred["attributes"][has_a] - ds.attributes[idx][has_a]).mean() * 4)
     return out
-
-
-def _save_resume(
-    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, epoch: int, history: list, best: dict, meta: dict
-) -> None:
-    from safetensors.torch import save_file
-
-    save_checkpoint(path, model, {**meta, "epoch": epoch, "history": history, "best": best})
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for _i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0:
-                tensors[f"{pid}.{k}"] = v.contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = float(v)
-    with atomic_file(path.with_name("last_optim.safetensors")) as tmp:
-        save_file(tensors, str(tmp))
-    write_text_atomic(
-        path.with_name("last_optim.json"),
-        json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}),
-    )
-
-
-def _resume(
-    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str
-) -> tuple[int, list, dict]:
-    from safetensors.torch import load_file
-
-    loaded, meta = load_checkpoint(path)
-    # Checkpoints written before the hash existed carry none and are resumed as before.
-    if meta.get("training_config_sha256", training_sha) != training_sha:
-        raise ConfigError(
-            f"{path.parent} holds a checkpoint trained with another configuration (data, model, loss or train "
-            "section differ): move that folder away or restore the config it was trained with"
-        )
-    model.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(path.with_name("last_optim.safetensors")))
-    extra = json.loads(path.with_name("last_optim.json").read_text())
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    for key, v in extra["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = torch.tensor(v)
-    opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
-    return int(meta["epoch"]) + 1, meta["history"], meta["best"]
 
 
 def split_fold(ds: Dataset, cfg: TrainConfig, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,13 +19,13 @@ from torch import nn
 
 from nodule_edge.errors import ConfigError, MissingDependencyError
 from nodule_edge.patch import NoduleBox, PatchSpec, bound_to_nodule, window_channels
-from nodule_edge.train.model import CollaborativeNet, ModelConfig
-
 from nodule_edge.train.explain import DEFAULT_OPTIONS, METHODS, ExplanationMap, _Logit, explain
+from nodule_edge.train.model import CollaborativeNet, ModelConfig
 
 # The argument checks and the missing-Captum error run without Captum; everything else needs it.
 requires_captum = pytest.mark.skipif(
-    importlib.util.find_spec("captum") is None, reason="the explain extra (captum) is not installed: pip install 'nodule-edge[explain]'"
+    importlib.util.find_spec("captum") is None,
+    reason="the explain extra (captum) is not installed: pip install 'nodule-edge[explain]'",
 )
 
 SIZE = 32
@@ -153,8 +153,13 @@ def test_every_method_gives_a_finite_map_on_the_patch_grid(method: str) -> None:
 def test_the_logit_it_explains_is_the_model_logit_with_its_true_gradient() -> None:
     """Same value as the forward for every head variant; the gradient matches finite differences."""
     x = torch.from_numpy(_patch())[None].double()
-    for config in (TINY, dataclasses.replace(TINY, decoder="light16"), dataclasses.replace(TINY, seg_features=False),
-                   dataclasses.replace(TINY, concat_embedding=False), dataclasses.replace(TINY, use_attributes=False)):
+    for config in (
+        TINY,
+        dataclasses.replace(TINY, decoder="light16"),
+        dataclasses.replace(TINY, seg_features=False),
+        dataclasses.replace(TINY, concat_embedding=False),
+        dataclasses.replace(TINY, use_attributes=False),
+    ):
         torch.manual_seed(0)
         model = CollaborativeNet(config).double().eval()
         with torch.no_grad():
@@ -194,7 +199,9 @@ def test_integrated_gradients_add_up_to_the_logit_difference(outside_hu: float) 
     assert float(result.map.sum()) == pytest.approx(difference, rel=1e-4)
     assert abs(result.convergence_delta) < 1e-4 * abs(difference)
     straight = explain(model, _patch(), "integrated_gradients", spec=spec, steps=32, warp=1.0)
-    np.testing.assert_allclose(result.attributions, straight.attributions, rtol=1e-3, atol=1e-6 * np.abs(straight.attributions).max())
+    np.testing.assert_allclose(
+        result.attributions, straight.attributions, rtol=1e-3, atol=1e-6 * np.abs(straight.attributions).max()
+    )
 
 
 @requires_captum
@@ -293,7 +300,11 @@ def test_unknown_method_lists_the_methods() -> None:
         ("smoothgrad", {"noise_sd": -0.1}, "smoothgrad option noise_sd must be >= 0, got -0.1"),
         ("smoothgrad", {"samples": 2.5}, "option samples must be an integer >= 1, got 2.5"),
         ("gradient_shap", {"noisy_baselines": -1}, "option noisy_baselines must be an integer >= 0, got -1"),
-        ("gradient_shap", {"baseline_noise_hu": float("nan")}, "option baseline_noise_hu must be a finite number, got nan"),
+        (
+            "gradient_shap",
+            {"baseline_noise_hu": float("nan")},
+            "option baseline_noise_hu must be a finite number, got nan",
+        ),
         ("lime", {"samples": 0}, "lime option samples must be an integer >= 1, got 0"),
         ("lime", {"block": 33}, "lime option block must lie in [1, 32]"),
         ("lime", {"alpha": 0}, "lime option alpha must be > 0, got 0"),
@@ -312,8 +323,13 @@ def test_bad_options_name_the_option_and_the_value(method: str, options: dict, f
 
 @requires_captum
 def test_lrp_names_the_layers_it_has_no_rule_for() -> None:
-    model = nn.Sequential(nn.Conv3d(2, 4, 1), nn.InstanceNorm3d(4), nn.Softplus(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1))
-    with pytest.raises(ConfigError, match=r"LRP: no propagation rule for AdaptiveAvgPool3d, Flatten, InstanceNorm3d, Softplus \(Captum supports .*GroupNorm \(IdentityRule\)"):
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 1), nn.InstanceNorm3d(4), nn.Softplus(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"LRP: no propagation rule for AdaptiveAvgPool3d, Flatten, InstanceNorm3d, Softplus \(Captum supports .*GroupNorm \(IdentityRule\)",
+    ):
         explain(model, _patch(), "lrp", spec=WHOLE)
     assert not any(hasattr(m, "rule") for m in model.modules())
 
