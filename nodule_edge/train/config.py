@@ -86,6 +86,10 @@ class TrainSection:
     augment: bool = True
     nodule_box: bool = True  # read the nodule-bounded input (nodule_edge.patch.NoduleBox)
     unbounded_probability: float = 0.2  # share of training samples shown the whole cube (the runtime's first pass)
+    # Share of bounded samples whose box comes from the model's own first pass, exactly as the
+    # runtime draws it (nodule_edge.patch.bound_to_nodule), instead of the readers' mask: the
+    # second pass then learns the box errors it meets at run time (docs/cv/README.md, path parity).
+    self_box_probability: float = 0.0
     threads: int = 2  # 0 = torch default
     max_steps_per_epoch: int = 0  # 0 = one pass over the sure training set
 
@@ -115,6 +119,10 @@ class CVSection:
     export_dir: str = ""  # where each finished fold's summary is also written as foldK.json (e.g. docs/cv)
 
 
+#: (section, key) -> the default that reproduces the behaviour from before the key existed.
+_ADDED_KEYS: dict[tuple[str, str], Any] = {("train", "self_box_probability"): 0.0}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The whole training configuration."""
@@ -141,6 +149,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("base_dir")
+        # Keys added after runs were recorded appear only when set: at their default they
+        # reproduce the earlier behaviour, and the config hashes of finished folds still match.
+        for (section, key), default in _ADDED_KEYS.items():
+            if data[section].get(key) == default:
+                data[section].pop(key)
         return data
 
     def sha256(self) -> str:
@@ -215,6 +228,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             0 <= t.unbounded_probability <= 1,
             f"train.unbounded_probability must be in [0, 1], got {t.unbounded_probability}",
+        ),
+        (
+            0 <= t.self_box_probability <= 1,
+            f"train.self_box_probability must be in [0, 1], got {t.self_box_probability}",
         ),
         (
             t.channels_last in ("auto", "on", "off"),

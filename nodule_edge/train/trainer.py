@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, run_nodule_bounded
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
 from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
 from nodule_edge.train.config import TrainConfig, training_config_sha256
 from nodule_edge.train.data import (
@@ -202,6 +202,27 @@ def bound_batch(
         keep = keep & inside.view(shape)
     keep = keep | ~present.view(n, 1, 1, 1)
     return images * keep.unsqueeze(1).to(images.dtype)
+
+
+def self_bounded(
+    model: CollaborativeNet, images: torch.Tensor, spec: PatchSpec, device: torch.device, bf16: bool
+) -> torch.Tensor:
+    """Whole cubes bounded by the model's own segmentation, as the runtime bounds them.
+
+    A no-grad first pass segments each cube; :func:`~nodule_edge.patch.bound_to_nodule` (the
+    runtime's function) draws the box at the runtime margins. A cube where the model finds no
+    nodule stays whole, as at run time.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device, bf16):
+        seg = model(images.to(device)).segmentation.float()
+    model.train(was_training)
+    if seg.shape[-1] != images.shape[-1]:
+        seg = F.interpolate(seg, size=images.shape[2:], mode="trilinear", align_corners=False)
+    seg_np = seg[:, 0].cpu().numpy()
+    cubes = images.numpy()
+    return torch.from_numpy(np.stack([bound_to_nodule(cubes[k], seg_np[k], spec)[0] for k in range(len(cubes))]))
 
 
 def _batch(ds: Dataset, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -420,6 +441,12 @@ def train_model(
             if cfg.train.augment:
                 images, masks = augment(images, masks, gen)
             if spec.nodule_box is not None:
+                own = (
+                    torch.rand(len(idx), generator=gen) < cfg.train.self_box_probability
+                    if cfg.train.self_box_probability > 0
+                    else torch.zeros(len(idx), dtype=torch.bool)
+                )
+                own_boxed = self_bounded(model, images[own], spec, device, bf16) if bool(own.any()) else None
                 images = bound_batch(
                     images,
                     masks,
@@ -429,6 +456,8 @@ def train_model(
                     gen,
                     cfg.train.unbounded_probability,
                 )
+                if own_boxed is not None:
+                    images[own] = own_boxed
             images = images.to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last_3d)

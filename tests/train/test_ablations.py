@@ -30,6 +30,7 @@ EXPECTED = {
     "head_refit_full": (True, True, False, True),
     "head_refit_none": (True, True, False, True),
     "light16_decoder": (True, True, False, True),
+    "self_box": (True, True, False, True),
 }
 
 

@@ -236,3 +236,60 @@ def test_a_checkpoint_of_another_training_config_is_not_resumed(
     )
     with pytest.raises(ConfigError, match=r"run holds a checkpoint trained with another configuration"):
         train_model(other, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 3)
+
+
+def test_self_bounded_draws_the_runtime_box_from_the_models_own_segmentation() -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC, bound_to_nodule
+    from nodule_edge.train.trainer import self_bounded
+
+    spec = dataclasses.replace(DEFAULT_PATCH_SPEC, size=32)
+
+    class Segmenter(torch.nn.Module):
+        """A 16³ segmentation: a block in the first cube, nothing in the second."""
+
+        def forward(self, x: torch.Tensor) -> SimpleNamespace:
+            seg = torch.zeros(x.shape[0], 1, 16, 16, 16)
+            seg[0, 0, 6:9, 5:11, 7:10] = 1.0
+            return SimpleNamespace(segmentation=seg)
+
+    model = Segmenter().train()
+    cubes = torch.rand(2, 2, 32, 32, 32)
+    out = self_bounded(model, cubes, spec, torch.device("cpu"), bf16=False)
+    assert model.training, "the training mode is restored"
+    seg = torch.nn.functional.interpolate(
+        model(cubes).segmentation, size=(32, 32, 32), mode="trilinear", align_corners=False
+    )
+    expected, found = bound_to_nodule(cubes[0].numpy(), seg[0, 0].numpy(), spec)
+    assert found and not np.array_equal(expected, cubes[0].numpy()), "the box cuts the cube"
+    np.testing.assert_array_equal(out[0].numpy(), expected)
+    np.testing.assert_array_equal(out[1].numpy(), cubes[1].numpy())  # no nodule found: whole cube
+
+
+def test_a_key_added_later_hashes_only_when_set(tmp_path: Path) -> None:
+    from nodule_edge.train.run import fold_config_sha256
+
+    base = tmp_path / "a.toml"
+    base.write_text("")
+    changed = tmp_path / "b.toml"
+    changed.write_text("[train]\nself_box_probability = 0.5\n")
+    default, set_ = load_config(base), load_config(changed)
+    assert "self_box_probability" not in default.to_dict()["train"]
+    assert set_.to_dict()["train"]["self_box_probability"] == 0.5
+    assert fold_config_sha256(default) != fold_config_sha256(set_)
+    bad = tmp_path / "c.toml"
+    bad.write_text("[train]\nself_box_probability = 1.5\n")
+    with pytest.raises(ConfigError, match="self_box_probability"):
+        load_config(bad)
+
+
+def test_tiny_run_with_self_boxes(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    args = ["train", str(tiny_config()), "--folds-only", "--set", "train.self_box_probability=1.0"]
+    for item in TINY_OVERRIDES:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    meta = json.loads((tmp_path / "out" / "fold0" / "last.json").read_text())
+    assert meta["config"]["train"]["self_box_probability"] == 1.0
