@@ -167,6 +167,15 @@ def swap_folder(staged: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (written with plain writes) before it is swapped in."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(folder)
+
+
 @contextlib.contextmanager
 def staged_folder(
     target: str | Path,
@@ -175,6 +184,9 @@ def staged_folder(
     what: str = "output folder",
 ) -> Iterator[Path]:
     """Yield a staging folder beside ``target`` that replaces ``target`` when the block succeeds.
+
+    The block writes files into the staging folder with plain writes; before the swap every file
+    is fsynced, so the folder that appears at ``target`` is complete on disk.
 
     Args:
         target: The folder to produce; its parent is created.
@@ -199,7 +211,7 @@ def staged_folder(
         raise OutputError(f"cannot create {what} {target}: {exc}") from exc
     try:
         yield staged
-        fsync_dir(staged)
+        _fsync_tree(staged)
         swap_folder(staged, target)
     except OSError as exc:
         shutil.rmtree(staged, ignore_errors=True)

@@ -114,3 +114,19 @@ def test_swap_folder_rolls_back_when_the_second_rename_fails(tmp_path, monkeypat
         _files.swap_folder(staged, target)
     assert (target / "old.txt").read_text() == "old"
     assert staged.is_dir()
+
+
+def test_staged_folder_fsyncs_every_file_before_the_swap(tmp_path, monkeypatch):
+    import os
+
+    from nodule_edge import _files
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(_files.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    with _files.staged_folder(tmp_path / "out", overwrite=False) as tmp:
+        (tmp / "a.txt").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("2")
+    # two files and two folders (the staging folder and sub/), then the parent after the swap
+    assert len(synced) >= 5

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,9 @@ def entries_payload(
 
 
 def write_data_files(folder: Path, hnsw: Any, vectors: np.ndarray, entries: dict[str, Any]) -> None:
-    """Write ``index.bin``, ``vectors.npy`` and ``entries.json`` into ``folder``, each fsynced.
+    """Write ``index.bin``, ``vectors.npy`` and ``entries.json`` into ``folder``.
+
+    :func:`nodule_edge._files.staged_folder` fsyncs them before the folder is swapped in.
 
     Args:
         folder: A staging directory (from :func:`nodule_edge._files.staged_folder`).
@@ -146,12 +147,7 @@ def write_data_files(folder: Path, hnsw: Any, vectors: np.ndarray, entries: dict
     hnsw.save_index(str(folder / INDEX_FILE))
     with open(folder / VECTORS_FILE, "wb") as fh:
         np.save(fh, np.ascontiguousarray(vectors), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
     _write_json(folder / ENTRIES_FILE, entries)
-    # hnswlib wrote index.bin with plain stdio; make it durable like the others.
-    with open(folder / INDEX_FILE, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def write_checksums(folder: Path) -> None:
@@ -163,8 +159,6 @@ def write_checksums(folder: Path) -> None:
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, allow_nan=False, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _check_replaceable(target: Path) -> None:

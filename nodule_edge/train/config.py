@@ -9,7 +9,6 @@ only what it changes. The dataclass defaults equal ``configs/shipped.toml``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tomllib
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodule_edge._files import sha256_bytes
 from nodule_edge.data_paths import lidc_voi_dir
 from nodule_edge.errors import ConfigError
 
@@ -157,7 +157,7 @@ class TrainConfig:
         return data
 
     def sha256(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return sha256_bytes(json.dumps(self.to_dict(), sort_keys=True).encode())
 
 
 def training_config_sha256(cfg: TrainConfig) -> str:
@@ -171,7 +171,7 @@ def training_config_sha256(cfg: TrainConfig) -> str:
     keep["data"] = {k: v for k, v in keep["data"].items() if k != "cache_dir"}
     # A longer budget (epochs, patience) continues a run; threads do not change what is learned.
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("threads", "epochs", "patience")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    return sha256_bytes(json.dumps(keep, sort_keys=True).encode())
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -15,7 +15,6 @@ out of classification. All patches come from :func:`nodule_edge.patch.build_patc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nodule_edge._files import atomic_file
+from nodule_edge._files import atomic_file, sha256_bytes
 from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import DataError
 from nodule_edge.manifest import NoduleRecord, lidc_proxy_label, read_sure_manifest, read_unsure_manifest
@@ -81,9 +80,9 @@ def build_patch_cache(
     cache_dir: str | Path | None = None,
 ) -> PatchCache:
     """Build (or load from ``cache_dir``) the patches of all records with the shared patch builder."""
-    key = hashlib.sha256(
+    key = sha256_bytes(
         (spec.to_json() + "|".join(f"{r.id}:{r.image_path}:{r.center_lps_mm}" for r in records)).encode()
-    ).hexdigest()[:16]
+    )[:16]
     cache_file = Path(cache_dir) / f"patches-{key}.npz" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         with np.load(cache_file, allow_pickle=False) as data:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nodule_edge._files import write_text_atomic
+from nodule_edge._files import sha256_bytes, write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
@@ -29,7 +28,7 @@ def fold_config_sha256(cfg: TrainConfig) -> str:
     data = cfg.to_dict()
     for key in ("run_folds", "final", "export_dir"):
         data["cv"].pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return sha256_bytes(json.dumps(data, sort_keys=True).encode())
 
 
 def _fold_result(out_dir: Path, export_dir: Path | None, fold: int, sha: str) -> dict[str, Any] | None:
