@@ -21,14 +21,15 @@ import pytest
 from benches.conftest import FULL
 
 torch = pytest.importorskip("torch", reason="training benchmarks need the train extra")
+# The imports below need torch: they follow the skip (E402 by design).
 
-import numpy as np  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np  # noqa: E402 - after the skip
+import torch.nn.functional as F  # noqa: E402 - after the skip
 
-from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402
-from nodule_edge.train.losses import LossWeights, total_loss  # noqa: E402
-from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig  # noqa: E402
-from nodule_edge.train.trainer import _channels_last, augment, bf16_enabled, bound_batch  # noqa: E402
+from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402 - after the skip
+from nodule_edge.train.losses import LossWeights, total_loss  # noqa: E402 - after the skip
+from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig  # noqa: E402 - after the skip
+from nodule_edge.train.trainer import _channels_last, augment, bf16_enabled, bound_batch  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.skipif(not FULL, reason="training benchmark: NODULE_EDGE_BENCH_FULL=1 (make bench-full)")
 

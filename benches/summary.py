@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benches.ratios import compute  # noqa: E402  (runs as a script too: path set above)
-from nodule_edge._files import write_text_atomic  # noqa: E402
+from nodule_edge._files import write_text_atomic  # noqa: E402  (as above)
 
 
 def render(runs: dict[str, dict]) -> str:

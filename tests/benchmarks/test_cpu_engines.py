@@ -9,11 +9,11 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from benches.cpu_engines import compare_engines  # noqa: E402
-from nodule_edge.attributes import ATTRIBUTE_NAMES  # noqa: E402
-from nodule_edge.errors import EngineError  # noqa: E402
-from nodule_edge.export.int8 import INT8_FILENAME, build_cpu_engine  # noqa: E402
-from tests.export.conv_onnx import blob_patches, conv_model  # noqa: E402
+from benches.cpu_engines import compare_engines
+from nodule_edge.attributes import ATTRIBUTE_NAMES
+from nodule_edge.errors import EngineError
+from nodule_edge.export.int8 import INT8_FILENAME, build_cpu_engine
+from tests.export.conv_onnx import blob_patches, conv_model
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto  # noqa: E402
+from onnx import TensorProto
 
-from nodule_edge.errors import EngineError  # noqa: E402
-from nodule_edge.export.int8 import INT8_FILENAME, build_cpu_engine, conv_nodes_to_exclude  # noqa: E402
-from nodule_edge.runtime.engines.openvino import load_cpu_engine  # noqa: E402
-from tests.export.conv_onnx import OUTPUTS, assert_close, blob_patches, conv_model  # noqa: E402
+from nodule_edge.errors import EngineError
+from nodule_edge.export.int8 import INT8_FILENAME, build_cpu_engine, conv_nodes_to_exclude
+from nodule_edge.runtime.engines.openvino import load_cpu_engine
+from tests.export.conv_onnx import OUTPUTS, assert_close, blob_patches, conv_model
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from nodule_edge.export.onnx_export import OUTPUT_NAMES, build_export_module, export_onnx  # noqa: E402
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec  # noqa: E402
-from nodule_edge.train.model import CollaborativeNet, ModelConfig  # noqa: E402
-from nodule_edge.train.trainer import save_checkpoint  # noqa: E402
+from nodule_edge.export.onnx_export import OUTPUT_NAMES, build_export_module, export_onnx
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+from nodule_edge.train.model import CollaborativeNet, ModelConfig
+from nodule_edge.train.trainer import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -284,7 +284,7 @@ def test_fake_build_for_bundle_adds_engine_to_manifest(fake_trt: FakeTrt, tmp_pa
 
 def _need_real_gpu() -> None:
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 - only whether it imports
     except Exception as exc:  # ImportError, or the libraries failing to load
         pytest.skip(f"TensorRT is not usable here: {exc}")
     try:

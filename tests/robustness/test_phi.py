@@ -80,7 +80,7 @@ def _run(*args: str, bundle: Path) -> subprocess.CompletedProcess:
 
 def _have_highdicom() -> bool:
     try:
-        import highdicom  # noqa: F401
+        import highdicom  # noqa: F401 - only whether it imports
     except ImportError:
         return False
     return True

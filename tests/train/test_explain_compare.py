@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("captum")
 
-from nodule_edge.errors import ConfigError, DataError  # noqa: E402
-from nodule_edge.train.config import load_config  # noqa: E402
-from nodule_edge.train.explain_compare import compare_explanations, render_table, write_result  # noqa: E402
+from nodule_edge.errors import ConfigError, DataError
+from nodule_edge.train.config import load_config
+from nodule_edge.train.explain_compare import compare_explanations, render_table, write_result
 
 
 @pytest.fixture

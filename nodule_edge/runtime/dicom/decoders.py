@@ -449,7 +449,7 @@ def _imagecodecs_decode(imagecodecs, header: SliceHeader, crop: Crop) -> np.ndar
     stored = stored[crop]
     if header.pixel_representation == 1:
         stored = stored.view(np.int16)
-    elif int(stored.max(initial=0)) >> header.bits_stored:  # type: ignore[operator]
+    elif int(stored.max(initial=0)) >> header.bits_stored:  # type: ignore[operator]  # set for every decodable slice
         raise NotDecoded(f"values beyond BitsStored {header.bits_stored}")
     return _rescale_to_hu(stored, header)
 

@@ -366,8 +366,8 @@ def _classify(path: str, tags: _Tags | _TextTags, forced: bool) -> FileInfo:
 
     try:
         info.iop = _floats(tags.strings(_IOP), 6, "ImageOrientationPatient", path)
-        info.ipp = _floats(tags.strings(_IPP), 3, "ImagePositionPatient", path)  # type: ignore[assignment]
-        info.pixel_spacing = _floats(tags.strings(_PIXEL_SPACING), 2, "PixelSpacing", path)  # type: ignore[assignment]
+        info.ipp = _floats(tags.strings(_IPP), 3, "ImagePositionPatient", path)  # type: ignore[assignment]  # _floats checked: 3 values
+        info.pixel_spacing = _floats(tags.strings(_PIXEL_SPACING), 2, "PixelSpacing", path)  # type: ignore[assignment]  # _floats checked: 2 values
     except ValueError as exc:
         info.problem = str(exc)
     slope = tags.number(_RESCALE_SLOPE)

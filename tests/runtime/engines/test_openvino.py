@@ -10,12 +10,12 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from nodule_edge.errors import EngineError  # noqa: E402
-from nodule_edge.export.int8 import build_cpu_engine  # noqa: E402
-from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402
-from nodule_edge.runtime.engines import openvino as ov_mod  # noqa: E402
-from nodule_edge.runtime.engines.openvino import load_cpu_engine, openvino_available  # noqa: E402
-from tests.export.conv_onnx import OUTPUTS, assert_close, blob_patches, conv_model  # noqa: E402
+from nodule_edge.errors import EngineError
+from nodule_edge.export.int8 import build_cpu_engine
+from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.runtime.engines import openvino as ov_mod
+from nodule_edge.runtime.engines.openvino import load_cpu_engine, openvino_available
+from tests.export.conv_onnx import OUTPUTS, assert_close, blob_patches, conv_model
 
 
 @pytest.fixture(scope="module")
