@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +43,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nodule_edge.data_paths import data_dir
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_grid, resample_hu, window_channels
 from nodule_edge.runtime.dicom import decode_slices
 from nodule_edge.runtime.study import open_study
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("NODULE_EDGE_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = data_dir(REPO_ROOT)
 CHEST = SHARED_DATA / "dicom" / "chest_ricord_jpeg_lossless"
 LIDC = SHARED_DATA / "lidc_voi"
 SPEC = DEFAULT_PATCH_SPEC

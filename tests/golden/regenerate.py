@@ -7,8 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nodule_edge.data_paths import lidc_voi_dir
+
 HERE = Path(__file__).parent
-DATA = HERE.parents[1].parent / "shared" / "data" / "lidc_voi"
+DATA = lidc_voi_dir(HERE.parents[1])
 VOI_IDS = ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0004_R_1", "LIDC-IDRI-0005_R_1"]
 
 
