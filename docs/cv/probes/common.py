@@ -1,0 +1,40 @@
+"""Shared loading for the issue-11 probes (reuses the repo's dataset, splits and checkpoints)."""
+from __future__ import annotations
+
+import os
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+from nodule_edge.train.config import load_config
+from nodule_edge.train.trainer import load_dataset, load_checkpoint, patch_spec_from, split_fold
+
+ROOT = Path(__file__).resolve().parents[3]
+OUT = ROOT / "runs/probes"
+DEVICE = torch.device("cpu")
+
+
+def setup():
+    cfg = load_config(ROOT / "configs/shipped.toml")
+    ds = load_dataset(cfg)
+    spec = patch_spec_from(cfg)
+    return cfg, ds, spec
+
+
+def fold_split(ds, cfg, fold):
+    return split_fold(ds, cfg, fold)
+
+
+def fold_model(fold):
+    model, meta = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.safetensors")
+    model.eval()
+    return model, meta
+
+
+def fold_json(fold):
+    return json.loads((ROOT / f"docs/cv/fold{fold}.json").read_text())
