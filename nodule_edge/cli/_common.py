@@ -70,6 +70,17 @@ def _backend_choice() -> click.Choice:
 
 _BACKEND_CHOICE = _backend_choice()
 
+#: The options several commands share, defined once.
+backend_option = click.option(
+    "--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine."
+)
+bundle_option = click.option(
+    "--bundle",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
+)
+
 
 def _make_inferer(bundle: str | None, backend: str, top_k: int, threads: int | None = None) -> Any:
     from nodule_edge.runtime import NoduleInferer

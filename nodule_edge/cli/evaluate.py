@@ -7,7 +7,7 @@ import sys
 import click
 
 from nodule_edge.cli import _common
-from nodule_edge.cli._common import _BACKEND_CHOICE, _handle_errors
+from nodule_edge.cli._common import _handle_errors, backend_option, bundle_option
 
 
 @click.command()
@@ -19,13 +19,8 @@ from nodule_edge.cli._common import _BACKEND_CHOICE, _handle_errors
     type=click.Path(dir_okay=False, path_type=str),
     help="Predictions CSV to write (errors.csv goes beside it).",
 )
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
-@click.option(
-    "--bundle",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
-)
+@backend_option
+@bundle_option
 @click.option("--limit", default=0, type=click.IntRange(0), help="Evaluate only the first N nodules (0 = all).")
 @click.option(
     "--fail-fast",

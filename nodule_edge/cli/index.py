@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from nodule_edge.cli import _common
-from nodule_edge.cli._common import _handle_errors
+from nodule_edge.cli._common import _handle_errors, bundle_option
 
 
 @click.group()
@@ -65,12 +65,7 @@ def _index_errors_csv(index_dir: str) -> str:
     show_default=True,
     help="Vector: six attribute scores, or probability + malignancy rating.",
 )
-@click.option(
-    "--bundle",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
-)
+@bundle_option
 @click.option(
     "--fail-fast",
     is_flag=True,
@@ -109,12 +104,7 @@ def index_build(voi_dir: str, out_dir: str, kind: str, bundle: str | None, fail_
 @index.command("add")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("voi_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option(
-    "--bundle",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
-)
+@bundle_option
 @click.option(
     "--fail-fast",
     is_flag=True,

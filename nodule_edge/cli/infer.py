@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from nodule_edge.cli import _common
-from nodule_edge.cli._common import _BACKEND_CHOICE, _handle_errors, _parse_point
+from nodule_edge.cli._common import _handle_errors, _parse_point, backend_option, bundle_option
 
 
 def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
@@ -89,13 +89,8 @@ def _summary_lines(report: dict[str, Any], out_dir: str) -> list[str]:
     help="Output folder (created; must be empty unless --overwrite).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
-@click.option(
-    "--bundle",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
-)
+@backend_option
+@bundle_option
 @click.option(
     "--top-k", default=20, show_default=True, type=click.IntRange(0, 1000), help="Similar nodules to retrieve."
 )
@@ -204,13 +199,8 @@ def infer(
     type=click.Path(file_okay=False, path_type=str),
     help="Output folder: one sub-folder per job, summary.csv, errors.csv (created).",
 )
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
-@click.option(
-    "--bundle",
-    default=None,
-    type=click.Path(path_type=str),
-    help="Model bundle folder (default: the shipped bundle, or $NODULE_EDGE_BUNDLE).",
-)
+@backend_option
+@bundle_option
 @click.option(
     "--top-k", default=20, show_default=True, type=click.IntRange(0, 1000), help="Similar nodules to retrieve."
 )
@@ -275,7 +265,7 @@ def infer_batch(
     type=click.Path(path_type=str),
     help="Where to write the demo study and the outputs.",
 )
-@click.option("--backend", type=_BACKEND_CHOICE, default="auto", show_default=True, help="Inference engine.")
+@backend_option
 @_handle_errors
 def demo(out_dir: str, backend: str) -> None:
     """Run infer end to end on the bundled (synthetic, plainly labelled) demo study."""

@@ -8,6 +8,7 @@ import click
 
 from nodule_edge.cli._common import _handle_errors
 from nodule_edge.data_paths import lidc_voi_dir
+from nodule_edge.explanation_methods import RUNTIME_METHODS, TORCH_METHODS
 
 
 @click.command()
@@ -267,19 +268,7 @@ def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
 )
 @click.option(
     "--methods",
-    default=",".join(
-        (
-            "gradcam",
-            "occlusion",
-            "saliency",
-            "gradient_x_input",
-            "integrated_gradients",
-            "smoothgrad",
-            "gradient_shap",
-            "lime",
-            "lrp",
-        )
-    ),
+    default=",".join(RUNTIME_METHODS + TORCH_METHODS),
     show_default=True,
     help="Comma-separated methods.",
 )

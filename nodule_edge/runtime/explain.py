@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from nodule_edge.errors import BundleError, OptionError
+from nodule_edge.explanation_methods import RUNTIME_METHODS, TORCH_METHODS
 from nodule_edge.runtime.explain_metrics import (
     deletion_curve,
     insertion_curve,
@@ -55,19 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Methods the runtime computes with the engine alone.
-RUNTIME_METHODS: tuple[str, ...] = ("gradcam", "occlusion")
-#: Methods that need the PyTorch model (``nodule-edge explain-compare``, extra ``explain``).
-TORCH_METHODS: tuple[str, ...] = (
-    "integrated_gradients",
-    "gradient_x_input",
-    "saliency",
-    "smoothgrad",
-    "gradient_shap",
-    "lime",
-    "lrp",
-)
 
 
 def parse_methods(text: str | Iterable[str]) -> tuple[str, ...]:

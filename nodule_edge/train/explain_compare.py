@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from nodule_edge._files import write_text_atomic
 from nodule_edge.errors import ConfigError, OutputError
+from nodule_edge.explanation_methods import RUNTIME_METHODS, TORCH_METHODS
 from nodule_edge.runtime.explain_metrics import (
     deletion_curve,
     insertion_curve,
@@ -50,18 +51,8 @@ __all__ = ["ALL_METHODS", "AGREEMENT_PERCENTILE", "compare_explanations", "rende
 
 log = logging.getLogger(__name__)
 
-#: Methods compared, runtime ones first.
-ALL_METHODS: tuple[str, ...] = (
-    "gradcam",
-    "occlusion",
-    "saliency",
-    "gradient_x_input",
-    "integrated_gradients",
-    "smoothgrad",
-    "gradient_shap",
-    "lime",
-    "lrp",
-)
+#: Methods compared, runtime ones first (the names are defined once, in the runtime).
+ALL_METHODS: tuple[str, ...] = RUNTIME_METHODS + TORCH_METHODS
 #: The agreement threshold is this percentile of the held-out Grad-CAM/occlusion Spearman.
 AGREEMENT_PERCENTILE = 5.0
 #: Stages re-initialised in turn by the randomisation check, output side first (attribute prefixes

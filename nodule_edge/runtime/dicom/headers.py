@@ -19,6 +19,7 @@ same :class:`FileInfo` (tests/runtime/dicom/test_header_readers.py).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import logging
@@ -193,11 +194,12 @@ _RESCALE_SLOPE = 0x00281053
 _BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"})
 
 
-class _TagValues:
+class _TagValues(abc.ABC):
     """What both header readers derive from their ``strings``: one string, one number."""
 
     __slots__ = ()
 
+    @abc.abstractmethod
     def strings(self, tag: int) -> list[str]:
         """The values of a text element, stripped; empty when absent or empty."""
         raise NotImplementedError
