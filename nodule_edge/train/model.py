@@ -140,6 +140,11 @@ class _ResidualBlock(nn.Module):
         return F.relu(self.conv2(out) + self.shortcut(x))
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when ``x`` is laid out that way (training on CPU with bf16), else NCDHW."""
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+
+
 def space_to_depth(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """``[N, C, D, H, W]`` → ``[N, C·f³, D/f, H/f, W/f]``: each f³ block becomes channels."""
     n, c, d, h, w = x.shape
@@ -181,9 +186,13 @@ class _UNetDecoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, stem: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = F.interpolate(self.reduce(feats), size=stem.shape[2:], mode="trilinear", align_corners=False)
-        # One dtype for the concatenation: under bf16 autocast the interpolation runs in fp32 and
-        # a mixed cat would be promoted to fp32 and cast back for the convolution.
-        y = self.refine(torch.cat([y.to(stem.dtype), stem, space_to_depth(x).to(stem.dtype)], dim=1))
+        # One dtype and one memory layout for the concatenation: under bf16 autocast the
+        # interpolation runs in fp32 (a mixed cat is promoted to fp32 and cast back), and a cat of
+        # mixed layouts comes out NCDHW, which the channels_last convolution then copies back in the
+        # forward and the backward pass (benches/bench_training.py).
+        fmt = _memory_format(stem)
+        parts = [y.to(stem.dtype), stem, space_to_depth(x).to(stem.dtype)]
+        y = self.refine(torch.cat([t.contiguous(memory_format=fmt) for t in parts], dim=1))
         return depth_to_space(self.out(y))
 
 

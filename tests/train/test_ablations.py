@@ -31,6 +31,7 @@ EXPECTED = {
     "head_refit_none": (True, True, False, True),
     "light16_decoder": (True, True, False, True),
     "self_box": (True, True, False, True),
+    "epochs20": (True, True, False, True),
 }
 
 

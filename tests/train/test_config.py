@@ -154,12 +154,13 @@ def test_shipped_config_loads() -> None:
 
 
 #: Recipe ablations: the train keys each one changes.
-RECIPE_ABLATION_KEYS = {"self_box": ("self_box_probability",)}
+RECIPE_ABLATION_KEYS = {"self_box": ("self_box_probability",), "epochs20": ("epochs",)}
 
 
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
     assert {p.stem for p in ABLATIONS} == {
         "self_box",
+        "epochs20",
         "head_refit_full",
         "head_refit_none",
         "papers_model",
