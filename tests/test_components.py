@@ -1,0 +1,48 @@
+"""numpy connected components (nodule_edge.components) against SimpleITK's ConnectedComponent.
+
+The nodule box (26-connectivity, nodule_edge.patch.nodule_extent) and the measured component
+(6-connectivity, nodule_edge.runtime.measure) used SimpleITK before issue 14; the labels, their
+numbering included, must be the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nodule_edge.components import connected_components
+
+
+def _sitk_labels(mask: np.ndarray, fully_connected: bool) -> np.ndarray:
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(image, fully_connected))
+
+
+@pytest.mark.parametrize("fully_connected", [False, True], ids=["6-connected", "26-connected"])
+def test_labels_equal_simpleitks_on_random_masks(fully_connected: bool) -> None:
+    rng = np.random.default_rng(int(fully_connected))
+    for _ in range(150):
+        shape = tuple(int(v) for v in rng.integers(1, 20, 3))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.7)
+        ours = connected_components(mask, fully_connected=fully_connected)
+        np.testing.assert_array_equal(ours, _sitk_labels(mask, fully_connected))
+
+
+@pytest.mark.parametrize("fully_connected", [False, True], ids=["6-connected", "26-connected"])
+def test_long_winding_component_and_full_cube(fully_connected: bool) -> None:
+    snake = np.zeros((16, 16, 16), bool)  # planes joined at alternate ends: one component
+    snake[::2] = True
+    snake[1::4, :, -1] = True
+    snake[3::4, :, 0] = True
+    for mask in (snake, np.ones((64, 64, 64), bool), np.zeros((5, 5, 5), bool)):
+        np.testing.assert_array_equal(
+            connected_components(mask, fully_connected=fully_connected), _sitk_labels(mask, fully_connected)
+        )
+
+
+def test_diagonal_neighbours_join_only_when_fully_connected() -> None:
+    mask = np.zeros((3, 3, 3), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = True
+    assert connected_components(mask).max() == 2
+    assert connected_components(mask, fully_connected=True).max() == 1
