@@ -13,6 +13,11 @@ there. The model therefore reads a cube in which everything outside the box of t
 fixed margins is air, in training (box of the reference mask) and at run time (box of the model's
 own first-pass segmentation) alike: the same input distribution on both paths, and context beyond
 the box cannot move the prediction (README, "The model and its patch").
+
+Images are :class:`~nodule_edge.volume.Volume` objects (numpy voxels with their LPS geometry);
+the functions that take one also take a SimpleITK image (the training data reads NIfTI VOIs with
+SimpleITK). Resampling is :func:`nodule_edge.volume.resample`, SimpleITK's ``Resample`` to float
+precision without importing it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
+
+from nodule_edge.components import connected_components
+from nodule_edge.volume import Grid, Interpolation, Volume, as_volume, resample
 
 __all__ = [
     "NoduleBox",
@@ -42,12 +49,7 @@ __all__ = [
     "run_nodule_bounded",
 ]
 
-Interpolation = Literal["linear", "bspline", "nearest"]
-_SITK_INTERPOLATORS = {
-    "linear": sitk.sitkLinear,
-    "bspline": sitk.sitkBSpline,
-    "nearest": sitk.sitkNearestNeighbor,
-}
+_INTERPOLATIONS = ("bspline", "linear", "nearest")
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,9 @@ class PatchSpec:
     def __post_init__(self) -> None:
         if self.size <= 0 or self.spacing_mm <= 0:
             raise ValueError(f"PatchSpec size and spacing must be positive, got {self.size}, {self.spacing_mm}")
-        if self.interpolation not in _SITK_INTERPOLATORS:
+        if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(
-                f"PatchSpec interpolation must be one of {sorted(_SITK_INTERPOLATORS)}, got {self.interpolation!r}"
+                f"PatchSpec interpolation must be one of {list(_INTERPOLATIONS)}, got {self.interpolation!r}"
             )
         for low, high in self.windows:
             if not high > low:
@@ -158,17 +160,16 @@ class PatchSpec:
 DEFAULT_PATCH_SPEC = PatchSpec(nodule_box=NoduleBox())
 
 
-def patch_grid(
-    center_lps_mm: np.ndarray | tuple[float, float, float], spec: PatchSpec = DEFAULT_PATCH_SPEC
-) -> sitk.Image:
-    """The cube's voxel grid as an (empty) SimpleITK image: LPS axes, centred on the point."""
+def patch_grid(center_lps_mm: np.ndarray | tuple[float, float, float], spec: PatchSpec = DEFAULT_PATCH_SPEC) -> Grid:
+    """The cube's voxel grid: LPS axes, centred on the point."""
     center = np.asarray(center_lps_mm, dtype=np.float64)
     origin = center - (spec.size / 2.0 - 0.5) * spec.spacing_mm
-    grid = sitk.Image([spec.size] * 3, sitk.sitkUInt8)
-    grid.SetSpacing([spec.spacing_mm] * 3)
-    grid.SetOrigin(tuple(float(v) for v in origin))
-    grid.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return grid
+    return Grid(
+        size=(spec.size, spec.size, spec.size),
+        spacing_mm=(spec.spacing_mm, spec.spacing_mm, spec.spacing_mm),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
 
 
 def patch_bounds_lps(
@@ -183,28 +184,23 @@ def patch_bounds_lps(
 
 
 def resample_hu(
-    image: sitk.Image,
+    image: Volume | Any,
     center_lps_mm: np.ndarray | tuple[float, float, float],
     spec: PatchSpec = DEFAULT_PATCH_SPEC,
 ) -> np.ndarray:
-    """Resample a HU image (any geometry) onto the cube; returns float32 ``[z, y, x]`` HU."""
-    if image.GetDimension() != 3:
-        raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    resampled = sitk.Resample(
-        image,
-        patch_grid(center_lps_mm, spec),
-        sitk.Transform(),
-        _SITK_INTERPOLATORS[spec.interpolation],
-        float(spec.outside_hu),
-        sitk.sitkFloat32,
-    )
-    return sitk.GetArrayFromImage(resampled)
+    """Resample a HU image (any geometry; a :class:`~nodule_edge.volume.Volume` or a 3-D SimpleITK
+    image) onto the cube; returns float32 ``[z, y, x]`` HU.
+
+    The voxels are taken as float32 first (as ``sitk.Cast(image, sitk.sitkFloat32)``); voxels of
+    the cube outside the image get ``spec.outside_hu``.
+    """
+    volume = as_volume(image)
+    voxels = np.asarray(volume.array, dtype=np.float32)
+    return resample(Volume(voxels, volume.grid), patch_grid(center_lps_mm, spec), spec.interpolation, spec.outside_hu)
 
 
 def resample_mask(
-    mask: sitk.Image,
+    mask: Volume | Any,
     center_lps_mm: np.ndarray | tuple[float, float, float],
     spec: PatchSpec = DEFAULT_PATCH_SPEC,
 ) -> np.ndarray:
@@ -225,16 +221,17 @@ def window_channels(hu: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.
 
 
 def build_patch(
-    image: sitk.Image,
+    image: Volume | Any,
     center_lps_mm: np.ndarray | tuple[float, float, float],
     spec: PatchSpec = DEFAULT_PATCH_SPEC,
 ) -> np.ndarray:
     """Build the model input for one nodule.
 
     Args:
-        image: CT in Hounsfield units with correct LPS geometry (origin, spacing, direction). A
-            region of interest is enough as long as it covers the cube; voxels the image does not
-            cover get ``spec.outside_hu``.
+        image: CT in Hounsfield units with correct LPS geometry (origin, spacing, direction): a
+            :class:`~nodule_edge.volume.Volume` or a 3-D SimpleITK image. A region of interest is
+            enough as long as it covers the cube; voxels the image does not cover get
+            ``spec.outside_hu``.
         center_lps_mm: Nodule centre in patient LPS millimetres.
         spec: Patch definition.
 
@@ -255,9 +252,7 @@ def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> tuple[np.
     binary = seg >= threshold
     if not binary.any():
         return None
-    # A copy, not GetArrayViewFromImage: a view does not keep the temporary image alive, and under
-    # threads its memory was reused before the labels were read (tests/robustness/test_concurrency.py).
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
+    labels = connected_components(binary, fully_connected=True)
     points = np.argwhere(labels > 0)
     centre = (np.asarray(seg.shape) - 1) / 2.0
     nearest = points[np.argmin(((points - centre) ** 2).sum(axis=1))]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import click
 
 from nodule_edge import __version__
+from nodule_edge._sitk import show_warnings
 from nodule_edge.cli import evaluate, index, infer, train
 from nodule_edge.cli._common import log
 
@@ -46,8 +47,6 @@ def main(verbose: int) -> None:
     Malignancy probability, six radiologist attributes, a 3D segmentation, a Grad-CAM saliency
     map with a trust check, and the most similar historical nodules.
     """
-    import SimpleITK as sitk  # already loaded by the package (nodule_edge.patch)
-
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -56,7 +55,8 @@ def main(verbose: int) -> None:
     # Libraries' Python warnings (pydicom on odd tag values, ...) pass the same filter.
     logging.captureWarnings(True)
     # ITK prints its warnings to stderr itself (no logger to filter); they are details as well.
-    sitk.ProcessObject.SetGlobalWarningDisplay(verbose > 0)
+    # SimpleITK is not imported for this: the setting applies whenever a command loads it.
+    show_warnings(verbose > 0)
 
 
 def entry_point() -> None:
@@ -68,9 +68,11 @@ def entry_point() -> None:
     decoded the slices on two threads, neither of which the default path does now; the hang has
     not been reproduced since (no hang in 450 runs of :func:`main` exiting normally, nor in 260 runs
     of the code of that time; tests/robustness/test_exit.py checks a program that embeds the
-    library). With its cause unknown the guard stays: every output is written, renamed into place
-    and closed before this point, so the process flushes its streams and ends with ``os._exit``,
-    which skips those destructors.
+    library). The default path (a DICOM study decoded by imagecodecs or pydicom) no longer loads
+    SimpleITK at all (:mod:`nodule_edge._sitk`); volume files and GDCM decoding still do. With the
+    cause unknown the guard stays: every output is written, renamed into place and closed before
+    this point, so the process flushes its streams and ends with ``os._exit``, which skips those
+    destructors.
     """
     try:
         main()

@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodule_edge import __version__
 from nodule_edge.errors import OutputError, require
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, patch_grid
 from nodule_edge.runtime.measure import largest_central_component
+from nodule_edge.volume import Volume, resample
 
 if TYPE_CHECKING:
     from nodule_edge.runtime.inferer import NoduleInferer, NoduleResult, StudyResult
@@ -243,11 +243,9 @@ def _mask_on_study(nodule: Any, spec: PatchSpec, study: Any) -> dict[int, np.nda
     mask = largest_central_component(probability >= _THRESHOLD)
     if not mask.any():
         return {}
-    src = sitk.GetImageFromArray(mask.astype(np.float32))
-    src.CopyInformation(patch_grid(nodule.world_lps_mm, spec))
+    src = Volume(mask.astype(np.float32), patch_grid(nodule.world_lps_mm, spec))
     grid = study.reference_geometry(nodule.world_lps_mm, spec)
-    roi = sitk.Resample(src, grid.to_image(sitk.sitkFloat32), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    block = sitk.GetArrayViewFromImage(roi) >= _THRESHOLD  # [slice, row, col] of the ROI
+    block = resample(src, grid, "linear", 0.0) >= _THRESHOLD  # [slice, row, col] of the ROI
     x0, y0, z0 = (int(v) for v in grid.index_offset)
     rows, cols = int(study.size[1]), int(study.size[0])
     planes: dict[int, np.ndarray] = {}

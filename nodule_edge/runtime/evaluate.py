@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodule_edge._files import write_csv_atomic
+from nodule_edge._sitk import simpleitk
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import DataError, OutputError
 from nodule_edge.manifest import NoduleRecord, read_unsure_manifest
@@ -132,7 +132,7 @@ def _evaluate_one(inferer: Any, rec: NoduleRecord) -> EvaluatedNodule:
     d = None
     if rec.mask_path is not None:
         try:
-            mask = sitk.ReadImage(str(rec.mask_path))
+            mask = simpleitk().ReadImage(str(rec.mask_path))  # a NIfTI mask: SimpleITK reads it
         except RuntimeError as exc:  # SimpleITK reports unreadable files as RuntimeError
             raise DataError(f"cannot read mask {rec.mask_path}: {exc}") from exc
         d = dice(p.segmentation >= 0.5, resample_mask(mask, rec.center_lps_mm, inferer.spec) >= 0.5)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
 from nodule_edge.patch import run_nodule_bounded
@@ -29,7 +28,8 @@ from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engines import Engine, create_engine
 from nodule_edge.runtime.measure import component_measurements, largest_central_component
 from nodule_edge.runtime.quality import QualityFlag, TrainingRanges, nodule_flags, study_flags
-from nodule_edge.runtime.study import Study, open_study
+from nodule_edge.runtime.study import Study, open_study, study_from_image
+from nodule_edge.volume import Grid, Volume
 
 __all__ = ["NoduleInferer", "NodulePrediction", "NoduleResult", "StudyResult"]
 
@@ -239,13 +239,13 @@ class NoduleInferer:
         hu = np.asarray(hu)
         if hu.ndim != 3:
             raise CoordinateError(f"expected a 3-D HU array [slice, row, column], got shape {hu.shape}")
-        image = sitk.GetImageFromArray(hu.astype(np.float32, copy=False))
-        image.SetSpacing(tuple(float(s) for s in spacing_mm))
-        image.SetOrigin(tuple(float(o) for o in origin_lps_mm))
-        image.SetDirection(tuple(float(d) for d in direction))
-        from nodule_edge.runtime.study import study_from_image
-
-        return self._infer_study(study_from_image(image), voxels, worlds, {})
+        grid = Grid(
+            size=(hu.shape[2], hu.shape[1], hu.shape[0]),
+            spacing_mm=tuple(float(s) for s in spacing_mm),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in origin_lps_mm),  # type: ignore[arg-type]
+            direction=tuple(float(d) for d in direction),
+        )
+        return self._infer_study(study_from_image(Volume(hu, grid)), voxels, worlds, {})
 
     def predict_patches(self, patches: np.ndarray, exclude_ids: set[str] | None = None) -> list[NodulePrediction]:
         """Run the model (and retrieval) on ready-made whole-cube patches ``[N, C, S, S, S]``.

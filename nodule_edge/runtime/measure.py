@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
+
+from nodule_edge.components import connected_components
 
 __all__ = ["component_measurements", "largest_central_component", "segmentation_measurements"]
 
 
 def largest_central_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the connected component nearest the patch centre (the nodule), drop stray blobs."""
+    """Keep the connected component nearest the patch centre (the nodule), drop stray blobs.
+
+    Components are face-connected (6-connectivity), as SimpleITK's ``ConnectedComponent`` default.
+    """
     if not mask.any():
         return mask
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    labels = connected_components(mask)
     centre = tuple(s // 2 for s in mask.shape)
     label = labels[centre]
     if label == 0:

@@ -1,5 +1,8 @@
 """Writing results: report.json, NIfTI volumes in the study's own geometry, PNG overlays.
 
+The maps are resampled onto the study's lattice with :func:`nodule_edge.volume.resample` and
+written by :mod:`nodule_edge.runtime.nifti`, without SimpleITK (see :mod:`nodule_edge._sitk`).
+
 Everything is written into a temporary folder beside the destination and moved into place in one
 rename, so a failure (unwritable folder, full disk) leaves nothing partial behind.
 """
@@ -14,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodule_edge import __version__
 from nodule_edge._files import staged_folder
 from nodule_edge.errors import OutputError
 from nodule_edge.patch import PatchSpec, patch_grid
 from nodule_edge.runtime.inferer import NoduleResult, StudyResult
+from nodule_edge.runtime.nifti import write_nifti
 from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
+from nodule_edge.volume import Interpolation, Volume, resample
 
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_outputs", "patch_to_study_grid", "check_output_dir"]
 
@@ -55,19 +59,21 @@ def patch_to_study_grid(
     spec: PatchSpec,
     study: Any,
     full_grid: bool = False,
-    interpolator: int = sitk.sitkLinear,
-) -> sitk.Image:
+    interpolation: Interpolation = "linear",
+) -> Volume:
     """Resample a patch-grid volume onto the study's own voxel lattice.
 
     By default only the part of the lattice the 32 mm cube covers is written (the study's own
     voxel positions, spacing and orientation; the grid the pixels were read from): viewers overlay
     by physical coordinates, and a full 512²×N grid would cost far more to write than the whole
     inference. ``full_grid`` writes the whole study grid (refused for unevenly spaced series).
+
+    Returns:
+        float32 values on that lattice (0 outside the cube).
     """
-    src = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
-    src.CopyInformation(patch_grid(center_lps_mm, spec))
-    reference = study.reference_geometry(None if full_grid else center_lps_mm, spec).to_image(sitk.sitkFloat32)
-    return sitk.Resample(src, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+    src = Volume(np.asarray(volume, dtype=np.float32), patch_grid(center_lps_mm, spec))
+    grid = study.reference_geometry(None if full_grid else center_lps_mm, spec)
+    return Volume(resample(src, grid, interpolation, 0.0), grid)
 
 
 def _study_summary(result: StudyResult) -> dict[str, Any]:
@@ -224,8 +230,8 @@ def _write_nodule(
 ) -> None:
     p = n.prediction
     seg = patch_to_study_grid(p.segmentation, n.world_lps_mm, spec, result.study, full_grid)
-    seg_mask = sitk.Cast(sitk.BinaryThreshold(seg, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
-    _write_image(seg_mask, tmp / f"nodule{i}_segmentation.nii.gz")
+    seg_mask = ((seg.array >= 0.5) & (seg.array <= 1e9)).astype(np.uint8)  # sitk.BinaryThreshold(seg, 0.5, 1e9)
+    _write_image(Volume(seg_mask, seg.grid), tmp / f"nodule{i}_segmentation.nii.gz")
     sal = patch_to_study_grid(p.saliency, n.world_lps_mm, spec, result.study, full_grid)
     _write_image(sal, tmp / f"nodule{i}_saliency.nii.gz")
     title = (
@@ -275,8 +281,8 @@ def _stack(panels: list[Any]) -> Any:
     return canvas
 
 
-def _write_image(image: sitk.Image, path: Path) -> None:
+def _write_image(image: Volume, path: Path) -> None:
     try:
-        sitk.WriteImage(image, str(path), useCompression=True)
-    except RuntimeError as exc:
-        raise OSError(f"cannot write {path.name}: {exc}") from exc
+        write_nifti(image, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path.name}: {exc.strerror or exc}") from exc

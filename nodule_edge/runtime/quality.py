@@ -319,10 +319,11 @@ def training_ranges_from_voi_dir(voi_dir: str | Path, progress: Callable[[str], 
     Raises:
         DataError: The manifest or a volume cannot be read.
     """
-    import SimpleITK as sitk
-
+    from nodule_edge._sitk import simpleitk
     from nodule_edge.errors import DataError
     from nodule_edge.manifest import read_unsure_manifest
+
+    sitk = simpleitk()  # the VOIs are NIfTI files
 
     records = read_unsure_manifest(voi_dir)
     in_plane, slices, volumes, hu_p1, reach = [], [], [], [], []

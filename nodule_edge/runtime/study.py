@@ -10,6 +10,10 @@ Coordinates:
       position along the slice normal (``row direction × column direction`` for DICOM, the third
       direction column for volume files). Fractional values are allowed.
     * world = patient LPS millimetres (DICOM's frame; SimpleITK converts NIfTI's RAS on read).
+
+Pixels come back as :class:`~nodule_edge.volume.Volume` objects (numpy voxels with their LPS
+geometry): a DICOM study is read, resampled and written without SimpleITK, which is imported only
+to read volume files (see :mod:`nodule_edge._sitk`).
     * Voxel ↔ world follows the slices' own positions, so a study with a gap still maps each
       slice index to where that slice really is.
 
@@ -32,11 +36,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import SimpleITK as sitk
 
+from nodule_edge._sitk import simpleitk
 from nodule_edge.errors import CoordinateError, GeometryError, StudyError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_bounds_lps
 from nodule_edge.runtime.dicom import (
@@ -57,6 +61,7 @@ from nodule_edge.runtime.study_geometry import (
     slice_position,
 )
 from nodule_edge.runtime.study_sources import ArraySource, DicomSource, PixelSource, VolumeSource
+from nodule_edge.volume import Volume
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -176,6 +181,7 @@ class Study:
 
     @classmethod
     def _from_volume(cls, path: Path) -> Study:
+        sitk = simpleitk()  # NIfTI, MetaImage and NRRD headers (the one reader of them here)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
@@ -443,12 +449,10 @@ class Study:
         return self._grid(np.zeros(3, dtype=int), np.asarray(self.size) - 1)
 
     # ---------------------------------------------------------------- pixels
-    def _image(self, block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
-        img = sitk.GetImageFromArray(block)
-        self._grid(lo, hi).apply_to(img)
-        return img
+    def _image(self, block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Volume:
+        return Volume(block, self._grid(lo, hi))
 
-    def read_roi(self, center_lps_mm, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> sitk.Image:
+    def read_roi(self, center_lps_mm, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> Volume:
         """Read the region a nodule's cube needs, in HU.
 
         Only the slices spanning the cube (plus an interpolation margin) are decoded, cropped to
@@ -460,8 +464,9 @@ class Study:
             spec: Patch definition.
 
         Returns:
-            float32 SimpleITK image in HU with the study's LPS geometry (see
-            :meth:`reference_geometry` with the same centre).
+            float32 HU ``[z, y, x]`` on the study's LPS lattice (its grid is
+            :meth:`reference_geometry` with the same centre); ``.to_sitk()`` makes it a
+            SimpleITK image.
 
         Raises:
             CoordinateError: Centre malformed or outside the volume.
@@ -514,35 +519,41 @@ class Study:
         return out
 
 
-def study_from_image(image: sitk.Image) -> Study:
+def study_from_image(image: Volume | Any) -> Study:
     """Wrap an in-memory HU image as a :class:`Study` (kind ``"volume"``, no path).
 
     Args:
-        image: 3-D scalar SimpleITK image in HU with LPS geometry. Its voxels are copied once.
+        image: 3-D HU image with LPS geometry: a :class:`~nodule_edge.volume.Volume` or a scalar
+            SimpleITK image. Its voxels are copied once (as float32).
 
     Returns:
         The study; reads crop from the copied array.
 
     Raises:
-        GeometryError: Not a 3-D scalar image, or non-positive spacing.
+        GeometryError: Not a 3-D scalar image, non-positive spacing, or a singular direction.
     """
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise GeometryError(
-            f"expected a 3-D scalar image, got {image.GetDimension()}-D with "
-            f"{image.GetNumberOfComponentsPerPixel()} components"
-        )
-    size = tuple(int(v) for v in image.GetSize())
-    spacing = tuple(float(v) for v in image.GetSpacing())
-    if min(spacing) <= 0:
-        raise GeometryError(f"image spacing {spacing} must be positive")
-    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    try:
+        volume = Volume.from_sitk(image) if not isinstance(image, Volume) else image
+    except ValueError as exc:
+        raise GeometryError(str(exc)) from exc
+    size = tuple(int(v) for v in volume.size)
+    spacing = tuple(float(v) for v in volume.spacing_mm)
+    direction = np.asarray(volume.direction, dtype=np.float64)
+    if len(spacing) != 3 or min(spacing) <= 0 or not all(np.isfinite(spacing)):
+        raise GeometryError(f"image spacing {spacing} must be three positive numbers")
+    if direction.size != 9 or not np.isfinite(direction).all() or abs(np.linalg.det(direction.reshape(3, 3))) < 1e-6:
+        raise GeometryError(f"image direction {tuple(direction.tolist())} is not a 3x3 matrix of independent axes")
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    if origin.shape != (3,) or not np.isfinite(origin).all():
+        raise GeometryError(f"image origin {tuple(origin.tolist())} must be three finite numbers")
+    hu = np.array(volume.array, dtype=np.float32)
     hu.flags.writeable = False
     return Study._volume(
         None,
         size,  # type: ignore[arg-type]
-        spacing,  # type: ignore[arg-type]
-        np.asarray(image.GetOrigin(), dtype=np.float64),
-        np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3),
+        spacing,
+        origin,
+        direction.reshape(3, 3),
         ArraySource(hu),
     )
 

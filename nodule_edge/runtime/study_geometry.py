@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 
 from nodule_edge.errors import CoordinateError, GeometryError
+from nodule_edge.volume import Grid
 
 __all__ = [
     "GridGeometry",
@@ -36,8 +36,8 @@ _UNIFORM_TOL_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
-class GridGeometry:
-    """A voxel grid without pixels: enough to resample onto it.
+class GridGeometry(Grid):
+    """A voxel grid of a study (the whole study's or a nodule's ROI), without pixels: enough to resample onto it.
 
     Attributes:
         size: Voxels (columns, rows, slices).
@@ -48,23 +48,7 @@ class GridGeometry:
         index_offset: Voxel index, in the study's own grid, of this grid's voxel (0, 0, 0).
     """
 
-    size: tuple[int, int, int]
-    spacing_mm: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
     index_offset: tuple[int, int, int] = (0, 0, 0)
-
-    def to_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
-        """Allocate an empty (zero) image on this grid, e.g. as a ``sitk.Resample`` reference."""
-        img = sitk.Image([int(v) for v in self.size], pixel_id)
-        self.apply_to(img)
-        return img
-
-    def apply_to(self, image: sitk.Image) -> None:
-        """Stamp origin, spacing and direction onto an image of this grid's size."""
-        image.SetOrigin(tuple(float(v) for v in self.origin))
-        image.SetSpacing(tuple(float(v) for v in self.spacing_mm))
-        image.SetDirection(tuple(float(v) for v in self.direction))
 
 
 def orientation_code(direction: np.ndarray | Sequence[float]) -> str:

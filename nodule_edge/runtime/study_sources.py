@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import SimpleITK as sitk
 
+from nodule_edge._sitk import simpleitk
 from nodule_edge.errors import StudyError
 from nodule_edge.runtime.dicom import SliceHeader, decode_slices
 
@@ -61,12 +61,13 @@ class DicomSource:
 
 @dataclass(frozen=True)
 class VolumeSource:
-    """A volume file, read region by region with SimpleITK."""
+    """A volume file, read region by region with SimpleITK (imported here, not on the DICOM path)."""
 
     path: str
 
     def read(self, slices: Sequence[int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         k0, k1 = min(slices), max(slices)
+        sitk = simpleitk()
         reader = sitk.ImageFileReader()
         reader.SetFileName(self.path)
         # MetaImage/NRRD stream just this region; compressed NIfTI is read whole, then cropped.

@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nodule_edge._files import atomic_file, sha256_bytes
+from nodule_edge._sitk import simpleitk
 from nodule_edge.attributes import ATTRIBUTE_NAMES, ratings_to_unit
 from nodule_edge.errors import DataError
 from nodule_edge.manifest import NoduleRecord, lidc_proxy_label, read_sure_manifest, read_unsure_manifest
@@ -95,6 +96,7 @@ def build_patch_cache(
     masks = np.zeros((n, s, s, s), np.float16)
     has_mask = np.zeros(n, bool)
     z_extent = np.zeros(n, np.float32)
+    simpleitk()  # applies the command line's ITK warning setting (nodule_edge._sitk) to the reads below
     for i, rec in enumerate(records):
         try:
             image = sitk.ReadImage(str(rec.image_path))

@@ -13,12 +13,13 @@ import stat
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 from click.testing import CliRunner
 from PIL import Image
 
 import nodule_edge._files as files_mod
 import nodule_edge.runtime.evaluate as evaluate_mod
+import nodule_edge.runtime.nifti as nifti_mod
+import nodule_edge.runtime.outputs as outputs_mod
 from nodule_edge.cli import main
 from nodule_edge.errors import OutputError
 from nodule_edge.runtime.outputs import write_outputs
@@ -56,20 +57,18 @@ def _assert_nothing_left(parent: Path, before: set[str]) -> None:
 
 @pytest.mark.parametrize("nth", [1, 2, 4])
 def test_nifti_write_fails(result, real_inferer, tmp_path, monkeypatch, nth):
-    wrapper = fail_on_call(nth, sitk.WriteImage)
-    monkeypatch.setattr(sitk, "WriteImage", wrapper)
+    wrapper = fail_on_call(nth, outputs_mod.write_nifti)
+    monkeypatch.setattr(outputs_mod, "write_nifti", wrapper)
     with pytest.raises(OutputError, match="No space left on device"):
         _write(result, real_inferer, tmp_path / "out")
     assert wrapper.calls["n"] == nth
     _assert_nothing_left(tmp_path, set())
 
 
-def test_nifti_writer_runtime_error_is_an_output_error(result, real_inferer, tmp_path, monkeypatch):
-    """ITK reports a failed write as RuntimeError, not OSError."""
-    monkeypatch.setattr(
-        sitk, "WriteImage", fail_on_call(2, sitk.WriteImage, RuntimeError("ITK ERROR: Could not write file"))
-    )
-    with pytest.raises(OutputError, match="Could not write"):
+def test_disk_full_half_way_through_a_nifti_file(result, real_inferer, tmp_path, monkeypatch):
+    """The compressed stream of a NIfTI file fails after its header: the file is named, nothing is left."""
+    monkeypatch.setattr(nifti_mod.gzip.GzipFile, "write", fail_on_call(2, nifti_mod.gzip.GzipFile.write))
+    with pytest.raises(OutputError, match=r"nodule0_segmentation\.nii\.gz: No space left on device"):
         _write(result, real_inferer, tmp_path / "out")
     _assert_nothing_left(tmp_path, set())
 
@@ -117,7 +116,7 @@ def test_overwrite_keeps_the_previous_outputs_when_writing_fails(result, real_in
     out = tmp_path / "out"
     previous = _previous_outputs(out)
     if where == "nifti":
-        monkeypatch.setattr(sitk, "WriteImage", fail_on_call(3, sitk.WriteImage))
+        monkeypatch.setattr(outputs_mod, "write_nifti", fail_on_call(3, outputs_mod.write_nifti))
     else:
         monkeypatch.setattr(Image.Image, "save", fail_on_call(2, Image.Image.save))
     with pytest.raises(OutputError):
@@ -151,7 +150,7 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing(real_inferer, demo_study, 
 
     folder, (x, y, z) = demo_study
     monkeypatch.setattr(_common, "_make_inferer", lambda *a, **k: real_inferer)
-    monkeypatch.setattr(sitk, "WriteImage", fail_on_call(2, sitk.WriteImage))
+    monkeypatch.setattr(outputs_mod, "write_nifti", fail_on_call(2, outputs_mod.write_nifti))
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["infer", str(folder), "--xyz", f"{x},{y},{z}", "--out", str(out)])
     assert res.exit_code == OutputError.exit_code, res.output

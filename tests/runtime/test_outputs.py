@@ -10,8 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from nodule_edge.errors import OutputError
-from nodule_edge.patch import DEFAULT_PATCH_SPEC
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, patch_grid
+from nodule_edge.runtime.nifti import write_nifti
 from nodule_edge.runtime.outputs import check_output_dir, patch_to_study_grid
+from nodule_edge.volume import Volume
 
 
 class _Grid:
@@ -69,13 +71,35 @@ def test_segmentation_lands_at_its_lps_position(tmp_path, grid_name):
 
     image = patch_to_study_grid(sphere, centre_lps, DEFAULT_PATCH_SPEC, grid.study())
     out = tmp_path / "seg.nii.gz"
-    sitk.WriteImage(sitk.Cast(image > 0.5, sitk.sitkUInt8), str(out))
+    write_nifti(Volume((image.array > 0.5).astype(np.uint8), image.grid), out)
 
     srow, data = _nifti_affine_and_data(out)
     idx = np.argwhere(data > 0).mean(0)[::-1]  # (i, j, k)
     ras = srow[:, :3] @ idx + srow[:, 3]
     lps = ras * np.array([-1, -1, 1])  # NIfTI is RAS; DICOM/ITK world is LPS
     np.testing.assert_allclose(lps, centre_lps + offset, atol=0.5)
+    # SimpleITK reads the same geometry and voxels back.
+    back = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), data)
+    np.testing.assert_allclose(back.GetOrigin(), image.origin, atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), image.direction, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
+def test_patch_to_study_grid_equals_simpleitk_resample(grid_name):
+    """The maps land on the study's lattice exactly as SimpleITK's Resample put them before."""
+    grid = GRIDS[grid_name]
+    rng = np.random.default_rng(3)
+    volume = rng.random((64, 64, 64), dtype=np.float32)
+    centre = np.asarray(grid.origin) + grid.direction @ (np.array([40.3, 38.9, 20.2]) * np.asarray(grid.spacing_mm))
+    study = grid.study()
+    for full_grid in (False, True):
+        ours = patch_to_study_grid(volume, centre, DEFAULT_PATCH_SPEC, study, full_grid)
+        src = sitk.GetImageFromArray(volume)
+        src.CopyInformation(patch_grid(centre, DEFAULT_PATCH_SPEC).to_image())
+        reference = study.reference_geometry(None if full_grid else centre).to_image(sitk.sitkFloat32)
+        theirs = sitk.Resample(src, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        np.testing.assert_array_equal(ours.array, sitk.GetArrayFromImage(theirs))
 
 
 def test_full_grid_has_the_study_size():
@@ -83,8 +107,8 @@ def test_full_grid_has_the_study_size():
     image = patch_to_study_grid(
         np.zeros((64, 64, 64), np.float32), (-2.0, 38.0, -35.0), DEFAULT_PATCH_SPEC, grid.study(), full_grid=True
     )
-    assert image.GetSize() == grid.size
-    assert image.GetOrigin() == pytest.approx(grid.origin)
+    assert image.size == grid.size
+    assert image.origin == pytest.approx(grid.origin)
 
 
 def test_check_output_dir(tmp_path):

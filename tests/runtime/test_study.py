@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from nodule_edge.errors import ConfigError, CoordinateError, GeometryError, SeriesSelectionError, StudyError
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_grid, window_channels
 from nodule_edge.runtime.dicom import SliceHeader, decode_slice, decode_slices, list_series
 from nodule_edge.runtime.dicom import decoders as dicom_decoders
 from nodule_edge.runtime.dicom import headers as dicom_headers
@@ -61,9 +61,25 @@ def header_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return request.param
 
 
+SITK_INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
+
+
+def sitk_patch(image: sitk.Image, center, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.ndarray:
+    """The patch SimpleITK's own ``Resample`` gives, independent of :mod:`nodule_edge.volume`."""
+    cube = sitk.Resample(
+        sitk.Cast(image, sitk.sitkFloat32),
+        patch_grid(center, spec).to_image(sitk.sitkFloat32),
+        sitk.Transform(),
+        SITK_INTERPOLATORS[spec.interpolation],
+        spec.outside_hu,
+        sitk.sitkFloat32,
+    )
+    return window_channels(sitk.GetArrayFromImage(cube), spec)
+
+
 def reference_patch(series: SyntheticSeries, center, spec: PatchSpec = DEFAULT_PATCH_SPEC) -> np.ndarray:
-    """The patch from the whole ground-truth volume, built without the reader."""
-    return build_patch(series.image(), center, spec)
+    """The patch from the whole ground-truth volume, built by SimpleITK without the reader."""
+    return sitk_patch(series.image(), center, spec)
 
 
 @pytest.fixture()
@@ -236,12 +252,11 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     series = write_series(tmp_path / "s", slope=2.0, intercept=-1000.0)
     study = open_study(tmp_path)
     roi = study.read_roi(series.center_world)
-    x0, y0, k0 = roi.TransformPhysicalPointToIndex(tuple(roi.GetOrigin()))
-    off = study.world_to_voxel(roi.GetOrigin()).round().astype(int)
-    nx, ny, nz = roi.GetSize()
+    off = study.world_to_voxel(roi.origin).round().astype(int)
+    nx, ny, nz = roi.size
     expected = series.hu[off[2] : off[2] + nz, off[1] : off[1] + ny, off[0] : off[0] + nx]
-    got = sitk.GetArrayFromImage(roi)
-    assert (x0, y0, k0) == (0, 0, 0)
+    got = roi.array
+    np.testing.assert_allclose(roi.grid.physical_to_index([roi.origin])[0], 0, atol=1e-9)
     np.testing.assert_array_equal(got, expected)
     # Stored values are (HU + 1000) / 2, so without the rescale these would be far apart.
     assert got.min() < -500 and got.max() > 0
@@ -620,8 +635,8 @@ def test_roi_patch_equals_whole_volume_patch(tmp_path: Path, orientation) -> Non
     centers.append(series.voxel_to_world((2.2, 60.4, 1.6)))  # near a corner: cube partly outside
     for c in centers:
         roi = study.read_roi(c)
-        assert roi.GetPixelID() == sitk.sitkFloat32
-        assert np.prod(roi.GetSize()) < series.hu.size  # an ROI, not the volume
+        assert roi.array.dtype == np.float32
+        assert np.prod(roi.size) < series.hu.size  # an ROI, not the volume
         np.testing.assert_allclose(build_patch(roi, c), reference_patch(series, c), atol=PATCH_TOL, rtol=0)
 
 
@@ -859,10 +874,10 @@ def test_reference_geometry_matches_roi_and_full_grid(axial: SyntheticSeries, of
     study = open_study(axial.folder)
     roi = study.read_roi(off_center)
     grid = study.reference_geometry(off_center)
-    assert grid.size == roi.GetSize()
-    np.testing.assert_allclose(grid.origin, roi.GetOrigin())
-    np.testing.assert_allclose(grid.spacing_mm, roi.GetSpacing())
-    np.testing.assert_allclose(study.voxel_to_world(grid.index_offset), roi.GetOrigin(), atol=1e-9)
+    assert grid.size == roi.size
+    np.testing.assert_allclose(grid.origin, roi.origin)
+    np.testing.assert_allclose(grid.spacing_mm, roi.spacing_mm)
+    np.testing.assert_allclose(study.voxel_to_world(grid.index_offset), roi.origin, atol=1e-9)
     full = study.reference_geometry().to_image()
     truth = axial.image()
     assert full.GetSize() == truth.GetSize()
@@ -1000,8 +1015,8 @@ def test_real_chest_jpeg_lossless(dicom_dir: Path) -> None:
     assert study.modality == "CT"
     center = study.voxel_to_world((200.0, 260.0, 120.0))
     roi = study.read_roi(center)
-    assert roi.GetSize()[2] < 40  # 32 mm / 1.25 mm plus margins, not 255
-    hu = sitk.GetArrayFromImage(roi)
+    assert roi.size[2] < 40  # 32 mm / 1.25 mm plus margins, not 255
+    hu = roi.array
     assert -1100 <= hu.min() < -500 and hu.max() > 0
     sop, number = study.slice_reference(120)
     assert sop.startswith("1.2.") and isinstance(number, int)
@@ -1011,7 +1026,7 @@ def test_real_chest_jpeg_lossless(dicom_dir: Path) -> None:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
     whole = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-    np.testing.assert_allclose(build_patch(roi, center), build_patch(whole, center), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(build_patch(roi, center), sitk_patch(whole, center), atol=1e-4, rtol=0)
 
 
 @pytest.mark.realdata
@@ -1028,7 +1043,7 @@ def test_real_siemens_j2k_matches_gdcm_whole_series(dicom_dir: Path) -> None:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
     whole = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-    np.testing.assert_allclose(patch, build_patch(whole, center), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(patch, sitk_patch(whole, center), atol=1e-4, rtol=0)
 
 
 @pytest.mark.realdata

@@ -305,8 +305,13 @@ def _gdcm_stderr_logged(what: str) -> Iterator[list[str]]:
 
 
 def _gdcm_read(headers: Sequence[SliceHeader], crop: Crop) -> np.ndarray:
-    """float32 HU ``[n, rows, cols]`` (cropped) through SimpleITK's GDCM reader, one call for all files."""
-    import SimpleITK as sitk
+    """float32 HU ``[n, rows, cols]`` (cropped) through SimpleITK's GDCM reader, one call for all files.
+
+    SimpleITK is imported here, when a slice needs GDCM (see :mod:`nodule_edge._sitk`).
+    """
+    from nodule_edge._sitk import simpleitk
+
+    sitk = simpleitk()
 
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
