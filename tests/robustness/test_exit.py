@@ -6,6 +6,9 @@ static destructor of SimpleITK's library (the CLI has left with ``os._exit`` sin
 library's exit handlers, so it is checked here the way it hung: the same program many times, each
 under a timeout. A run that finished its work and then timed out is an exit hang; its threads'
 backtraces (gdb, when installed) go into the failure message.
+
+Since issue 14 the DICOM path loads no SimpleITK at all (nodule_edge._sitk): each run also
+checks that the library was never imported, so that no SimpleITK destructor runs at its exit.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ SCRIPT = textwrap.dedent(
     inferer = NoduleInferer(threads=1)
     result = inferer.infer(study, voxels=[(256, 256, 128)])
     write_outputs(result, out, inferer.spec)
-    (out / "done").write_text("done")
+    (out / "done").write_text("SimpleITK loaded" if "SimpleITK" in sys.modules else "done")
     """
 )
 
@@ -80,6 +83,8 @@ def _run_once(k: int, script: Path, study: Path, root: Path, env: dict[str, str]
         return 1, f"run {k} {what} within {RUN_TIMEOUT_S:.0f} s:\n{trace}"
     if proc.returncode != 0 or not (out / "done").exists():
         return 1, f"run {k} failed with exit code {proc.returncode}: {stderr[-2000:]}"
+    if (out / "done").read_text() != "done":
+        return 1, f"run {k} imported SimpleITK on the DICOM path"
     return 0, ""
 
 
