@@ -116,3 +116,30 @@ def test_the_infer_command_never_imports_simpleitk(tmp_path):
     )
     assert (out / "report.json").is_file() and (out / "nodule0_segmentation.nii.gz").is_file()
     assert loaded == {"SimpleITK": False, "itk": False}
+
+
+def test_the_infer_command_on_the_jpeg2000_study_never_imports_simpleitk(tmp_path):
+    """With imagecodecs installed, the real JPEG 2000 study decodes through OpenJPEG in imagecodecs,
+    not GDCM: `nodule-edge infer` on it loads no SimpleITK either (issue 14)."""
+    import importlib.util
+
+    import pytest
+
+    from tests.conftest import SHARED_DATA
+
+    study = SHARED_DATA / "dicom" / "siemens_j2k_20_slices"
+    if not study.is_dir():
+        pytest.skip(f"the real JPEG 2000 study is not at {study}")
+    if importlib.util.find_spec("imagecodecs") is None:
+        pytest.skip("imagecodecs is not installed (the imagecodecs extra): GDCM decodes JPEG 2000")
+    out = tmp_path / "out"
+    loaded = _run(
+        f"""
+        import json, sys
+        from nodule_edge.cli import main
+        main(["infer", {str(study)!r}, "--xyz", "256,300,10", "--out", {str(out)!r}], standalone_mode=False)
+        print(json.dumps({{"SimpleITK": "SimpleITK" in sys.modules, "itk": any(m.startswith("SimpleITK") for m in sys.modules)}}))
+        """
+    )
+    assert (out / "report.json").is_file() and (out / "nodule0_segmentation.nii.gz").is_file()
+    assert loaded == {"SimpleITK": False, "itk": False}

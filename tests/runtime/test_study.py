@@ -311,13 +311,32 @@ def test_gdcm_decodes_exactly_as_pydicom(tmp_path: Path, kwargs: dict) -> None:
         ({"transfer_syntax": JPEGLosslessSV1, "preamble": False}, None),
         # Stored values, not inverted ones, are what the rescale turns into HU.
         ({"transfer_syntax": JPEGLosslessSV1}, "MONOCHROME1"),
+        # JPEG-LS (CharLS), JPEG 2000 Lossless (OpenJPEG, a signed codestream for signed data)
+        # and RLE Lossless, each signed 16-bit and unsigned 12-bit with a rescale not exact in binary.
+        ({"transfer_syntax": JPEGLSLossless}, None),
+        ({"transfer_syntax": JPEGLSLossless, "unsigned_bits": 12, "slope": 0.3, "intercept": -1024.1}, None),
+        ({"transfer_syntax": JPEG2000Lossless}, None),
+        ({"transfer_syntax": JPEG2000Lossless, "unsigned_bits": 12, "slope": 0.3, "intercept": -1024.1}, None),
+        ({"transfer_syntax": RLELossless}, None),
+        ({"transfer_syntax": RLELossless, "unsigned_bits": 12, "slope": 0.3, "intercept": -1024.1}, None),
+        ({"transfer_syntax": RLELossless, "preamble": False}, "MONOCHROME1"),
     ],
-    ids=["sv1-signed-16", "process14-unsigned-12-fractional-rescale", "sv1-no-preamble", "sv1-monochrome1"],
+    ids=[
+        "sv1-signed-16",
+        "process14-unsigned-12-fractional-rescale",
+        "sv1-no-preamble",
+        "sv1-monochrome1",
+        "jpeg-ls-signed-16",
+        "jpeg-ls-unsigned-12-fractional-rescale",
+        "j2k-signed-16",
+        "j2k-unsigned-12-fractional-rescale",
+        "rle-signed-16",
+        "rle-unsigned-12-fractional-rescale",
+        "rle-no-preamble-monochrome1",
+    ],
 )
 @requires_imagecodecs
-def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(
-    tmp_path: Path, kwargs: dict, photometric: str | None
-) -> None:
+def test_imagecodecs_decodes_exactly_as_gdcm_and_pydicom(tmp_path: Path, kwargs: dict, photometric: str | None) -> None:
     import pydicom
 
     series = write_series(tmp_path / "s", n_slices=6, rows=48, cols=40, **kwargs)
@@ -346,16 +365,54 @@ def test_imagecodecs_decodes_jpeg_lossless_exactly_as_gdcm_and_pydicom(
 def test_imagecodecs_takes_only_what_it_decodes_unambiguously(tmp_path: Path) -> None:
     import dataclasses
 
-    write_series(tmp_path / "s", n_slices=4, transfer_syntax=RLELossless)
-    rle = _slices(tmp_path)
-    with pytest.raises(StudyError, match=re.escape(rle[0].path) + r" \(1\.2\.840\.10008\.1\.2\.5, MONOCHROME2"):
-        decode_slices(rle, backend="imagecodecs")
+    write_series(tmp_path / "s", n_slices=4, transfer_syntax=ExplicitVRLittleEndian)
+    plain = _slices(tmp_path)
+    with pytest.raises(StudyError, match=re.escape(plain[0].path) + r" \(1\.2\.840\.10008\.1\.2\.1, MONOCHROME2"):
+        decode_slices(plain, backend="imagecodecs")
     # Signed data narrower than 16 bits needs a sign extension: left to GDCM and pydicom.
-    narrow_signed = dataclasses.replace(
-        rle[0], transfer_syntax_uid=JPEGLosslessSV1, bits_stored=12, pixel_representation=1
-    )
-    assert not dicom_decoders._imagecodecs_decodes(narrow_signed)
-    assert dicom_decoders._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
+    for syntax in (JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless):
+        narrow_signed = dataclasses.replace(
+            plain[0], transfer_syntax_uid=syntax, bits_stored=12, pixel_representation=1
+        )
+        assert not dicom_decoders._imagecodecs_decodes(narrow_signed)
+        assert dicom_decoders._imagecodecs_decodes(dataclasses.replace(narrow_signed, pixel_representation=0))
+
+
+@requires_imagecodecs
+def test_imagecodecs_leaves_a_j2k_codestream_whose_sign_disagrees_with_the_header(tmp_path: Path) -> None:
+    """An unsigned JPEG 2000 codestream under PixelRepresentation 1: GDCM and pydicom decide."""
+    import pydicom
+
+    series = write_series(tmp_path / "s", n_slices=4, transfer_syntax=JPEG2000Lossless, unsigned_bits=16)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.PixelRepresentation = 1
+        ds.save_as(path)
+    headers = _slices(tmp_path)
+    with pytest.raises(StudyError, match=r"decoded uint16 \(64, 64\), the header says int16"):
+        decode_slices(headers, backend="imagecodecs")
+    np.testing.assert_array_equal(decode_slices(headers), decode_slices(headers, backend="gdcm"))
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless], ids=["jpeg-ls", "j2k", "rle"])
+@requires_imagecodecs
+def test_truncated_slice_is_left_to_the_other_decoders(
+    tmp_path: Path, syntax: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CharLS, OpenJPEG and the RLE decoder refuse a truncated stream: the file goes on, named."""
+    write_series(tmp_path / "s", n_slices=6, transfer_syntax=syntax)
+    headers = _slices(tmp_path)
+    victim = Path(headers[2].path)
+    victim.write_bytes(victim.read_bytes()[:-300])
+    with pytest.raises(StudyError, match=re.escape(str(victim))):
+        decode_slices(headers, backend="imagecodecs")
+    with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom"):
+        try:
+            decode_slices(headers)
+        except StudyError as exc:  # GDCM and pydicom may refuse it too
+            assert str(victim) in str(exc)
+    assert f"imagecodecs cannot decode 1 of 6 {dicom_decoders._IMAGECODECS_SYNTAXES[syntax][1]} files" in caplog.text
 
 
 @pytest.mark.parametrize("decoy", ["icon_before", "padding_after"])
@@ -534,6 +591,7 @@ def test_gdcm_failure_falls_back_to_pydicom(
         raise StudyError(f"GDCM cannot decode {batch[0].path}: simulated")
 
     monkeypatch.setattr(dicom_decoders, "_gdcm_read", refuse)
+    monkeypatch.setattr(dicom_decoders, "_imagecodecs_module", lambda: None)  # else imagecodecs takes RLE
     with caplog.at_level(logging.DEBUG, logger="nodule_edge.runtime.dicom"):
         got = decode_slices(headers)
     np.testing.assert_array_equal(got, series.hu)
@@ -1057,12 +1115,39 @@ def test_real_series_gdcm_decodes_exactly_as_pydicom(dicom_dir: Path, name: str,
 
 
 @pytest.mark.realdata
+@pytest.mark.parametrize("name, every", [("chest_ricord_jpeg_lossless", 5), ("siemens_j2k_20_slices", 1)])
 @requires_imagecodecs
-def test_real_chest_imagecodecs_decodes_exactly_as_gdcm(dicom_dir: Path) -> None:
-    headers = open_study(dicom_dir / "chest_ricord_jpeg_lossless").slices[::5]
+def test_real_series_imagecodecs_decodes_exactly_as_gdcm(dicom_dir: Path, name: str, every: int) -> None:
+    headers = open_study(dicom_dir / name).slices[::every]
+    decoder = dicom_decoders.ImagecodecsDecoder.load()
+    assert decoder is not None and all(decoder.can_decode(h) for h in headers)
     fast = decode_slices(headers, backend="imagecodecs", threads=2)
     assert fast.shape == (len(headers), 512, 512)
     np.testing.assert_array_equal(fast, decode_slices(headers, backend="gdcm", threads=2))
+    if every == 1:  # pydicom (pylibjpeg-openjpeg) on the short JPEG 2000 series, every slice
+        np.testing.assert_array_equal(fast, decode_slices(headers, backend="pydicom"))
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, RLELossless], ids=["jpeg-ls", "rle"])
+@requires_imagecodecs
+def test_real_slices_reencoded_imagecodecs_decodes_exactly_as_gdcm_and_pydicom(
+    dicom_dir: Path, tmp_path: Path, syntax: str
+) -> None:
+    """No real JPEG-LS or RLE series here: real J2K slices re-encoded losslessly by pydicom."""
+    import pydicom
+
+    sources = open_study(dicom_dir / "siemens_j2k_20_slices").slices[::4]
+    for k, header in enumerate(sources):
+        ds = pydicom.dcmread(header.path)
+        ds.compress(syntax, ds.pixel_array, generate_instance_uid=False)
+        ds.save_as(tmp_path / f"IM{k:04d}")
+    headers = open_study(tmp_path, min_extent_mm=1).slices
+    assert {h.transfer_syntax_uid for h in headers} == {syntax} and len(headers) == len(sources)
+    fast = decode_slices(headers, backend="imagecodecs", threads=2)
+    np.testing.assert_array_equal(fast, decode_slices(sources, backend="pydicom"))
+    np.testing.assert_array_equal(fast, decode_slices(headers, backend="pydicom"))
+    np.testing.assert_array_equal(fast, decode_slices(headers, backend="gdcm"))
 
 
 @pytest.mark.realdata

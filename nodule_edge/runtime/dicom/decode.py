@@ -1,8 +1,8 @@
 """Decode slices of one series to HU: :func:`decode_slices` over the decoders of :mod:`.decoders`.
 
-:data:`_DECODERS` is the order ``backend="auto"`` offers the slices to the decoders: JPEG Lossless
-to imagecodecs (libjpeg-turbo 3), other lossless compressed MONOCHROME2 to GDCM, the rest to
-pydicom. A file imagecodecs cannot decode goes on to the next decoders; a file GDCM refuses as
+:data:`_DECODERS` is the order ``backend="auto"`` offers the slices to the decoders: JPEG Lossless,
+JPEG-LS, JPEG 2000 Lossless and RLE Lossless to imagecodecs when installed, other lossless
+compressed MONOCHROME2 (all of it without imagecodecs) to GDCM, the rest to pydicom. A file imagecodecs cannot decode goes on to the next decoders; a file GDCM refuses as
 damaged goes to pydicom with a warning. A named backend uses that decoder alone, strictly.
 """
 
@@ -94,16 +94,16 @@ def decode_slices(
         headers: Slices as kept by :func:`~nodule_edge.runtime.dicom.series.load_series`, all with the same matrix.
         rows: Half-open row range to keep (all rows when None).
         cols: Half-open column range to keep (all columns when None).
-        backend: ``"auto"``: libjpeg-turbo through imagecodecs (``imagecodecs`` extra) for
-            JPEG Lossless with 16 bits allocated; GDCM (through SimpleITK, all slices in one
-            call) where it decodes exactly as pydicom does, i.e. lossless compressed syntaxes
-            and MONOCHROME2; pydicom for the rest. A file imagecodecs cannot decode goes to GDCM
+        backend: ``"auto"``: imagecodecs (``imagecodecs`` extra) for monochrome JPEG Lossless,
+            JPEG-LS, JPEG 2000 Lossless and RLE Lossless with 16 bits allocated; GDCM (through
+            SimpleITK, all slices in one call) for the other slices where it decodes exactly as
+            pydicom does, i.e. lossless compressed syntaxes and MONOCHROME2; pydicom for the rest. A file imagecodecs cannot decode goes to GDCM
             or pydicom (logged once they have read it). When GDCM fails on the batch, each of its
             files is retried alone and a file GDCM refuses goes to pydicom (logged: GDCM refusing a
             lossless stream usually means damaged data). What GDCM prints to stderr goes to the
             debug log instead (and to a warning when it decoded the slices all the same).
             ``"imagecodecs"``, ``"gdcm"`` or ``"pydicom"`` use that decoder alone (tests,
-            benchmarks); imagecodecs for JPEG Lossless only.
+            benchmarks); imagecodecs for those four syntaxes only.
         threads: Threads the imagecodecs and GDCM work is split across (both run with the GIL
             released; pydicom decoding stays on the calling thread, where it is bound by the GIL).
 

@@ -5,11 +5,12 @@ slices it decodes exactly as pydicom does (:meth:`SliceDecoder.can_decode`) and 
 them to HU (:meth:`SliceDecoder.decode`). ``decode_slices`` offers the slices to them in this order,
 each taking those it can decode of what is left:
 
-* :class:`ImagecodecsDecoder`: JPEG Lossless slices through libjpeg-turbo 3 (the ``imagecodecs``
-  extra), split across threads with the GIL released;
-* :class:`GdcmDecoder`: other lossless compressed slices (RLE, JPEG-LS, JPEG 2000 Lossless;
-  MONOCHROME2), and JPEG Lossless without imagecodecs, through SimpleITK's GDCM reader in one call
-  (or one per thread); value for value the same as pydicom;
+* :class:`ImagecodecsDecoder`: lossless compressed monochrome slices through the ``imagecodecs``
+  extra (JPEG Lossless through libjpeg-turbo 3, JPEG-LS through CharLS, JPEG 2000 Lossless through
+  OpenJPEG, RLE Lossless through its own decoder), split across threads with the GIL released;
+* :class:`GdcmDecoder`: lossless compressed MONOCHROME2 slices imagecodecs does not take (all of
+  them without imagecodecs), through SimpleITK's GDCM reader in one call (or one per thread);
+  value for value the same as pydicom;
 * :class:`PydicomDecoder`: uncompressed slices, other syntaxes, and files both refuse, one at a
   time (the pylibjpeg / pyjpegls plugins for the compressed ones).
 
@@ -53,21 +54,29 @@ logger = logging.getLogger(__name__)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-#: JPEG Lossless (process 14), which libjpeg-turbo >= 3 decodes (through imagecodecs, the
-#: ``imagecodecs`` extra) about 2x faster than GDCM on the real chest study (README, Performance).
-#: Checked value for value against pydicom and GDCM in tests/runtime/test_study.py.
-_IMAGECODECS_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, process 14
-        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, process 14, selection value 1
-    }
-)
+#: Syntaxes imagecodecs (the ``imagecodecs`` extra) decodes, with the codec of each and its short
+#: name. JPEG Lossless (process 14) goes through libjpeg-turbo >= 3, about 2x faster than GDCM on
+#: the real chest study (README, Performance); JPEG 2000 Lossless through OpenJPEG, JPEG-LS
+#: through CharLS and RLE through imagecodecs' own DICOM RLE decoder, none slower than GDCM on the
+#: real JPEG 2000 study or its slices re-encoded (README, Usage), and without loading SimpleITK.
+#: Checked value for value against pydicom and GDCM in tests/runtime/test_study.py, on the real
+#: JPEG Lossless and JPEG 2000 series included.
+_IMAGECODECS_SYNTAXES: dict[str, tuple[str, str]] = {
+    "1.2.840.10008.1.2.4.57": ("jpeg8", "JPEG Lossless"),  # process 14
+    "1.2.840.10008.1.2.4.70": ("jpeg8", "JPEG Lossless"),  # process 14, selection value 1
+    "1.2.840.10008.1.2.4.80": ("jpegls", "JPEG-LS Lossless"),
+    "1.2.840.10008.1.2.4.90": ("jpeg2k", "JPEG 2000 Lossless"),
+    "1.2.840.10008.1.2.5": ("dicomrle", "RLE Lossless"),
+}
+#: The ``imagecodecs`` attribute that says whether a codec was built in.
+_IMAGECODECS_FLAGS = {"jpeg8": "JPEG8", "jpegls": "JPEGLS", "jpeg2k": "JPEG2K", "dicomrle": "DICOMRLE"}
 # Explicit VR little endian PixelData (7FE0,0010) OB with undefined length: encapsulated pixel
-# data as every JPEG transfer syntax stores it.
+# data as every JPEG (JPEG-LS, JPEG 2000) and the RLE transfer syntax store it.
 _ENCAPSULATED_PIXEL_DATA = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
 
 #: Compressed syntaxes GDCM decodes to the same values as pydicom, faster: lossless only (lossy
-#: JPEG and JPEG 2000 decoders may round differently). Checked value for value in
+#: JPEG and JPEG 2000 decoders may round differently). With imagecodecs installed, GDCM only gets
+#: what imagecodecs does not take or cannot decode. Checked value for value in
 #: tests/runtime/test_study.py, on the real JPEG Lossless and JPEG 2000 series included.
 #: Uncompressed data stays with pydicom: it is faster there, and GDCM fills pixel data shorter
 #: than the matrix with garbage where pydicom refuses it.
@@ -428,29 +437,60 @@ class NotDecoded(Exception):
     """This decoder cannot decode the file; the next decoders get it."""
 
 
+def _imagecodecs_stored(imagecodecs, codec: str, frame: bytes, header: SliceHeader) -> np.ndarray:
+    """The stored values of one frame, ``[rows, cols]`` uint16 (int16 for a signed JPEG 2000 codestream).
+
+    Raises:
+        NotDecoded: The frame is not what this decoder takes (the codec's own errors pass through).
+    """
+    if codec == "jpeg8":
+        # libjpeg-turbo pads a truncated stream and only warns; GDCM and pydicom refuse it. Real
+        # encoders pad after the end-of-image marker (0x00, 0x0F seen), hence a search at the end.
+        # (CharLS, OpenJPEG and the RLE decoder refuse a truncated stream themselves.)
+        if b"\xff\xd9" not in frame[-16:]:
+            raise NotDecoded("the JPEG stream has no end-of-image marker (truncated?)")
+        return imagecodecs.jpeg8_decode(frame)
+    if codec == "jpegls":
+        return imagecodecs.jpegls_decode(frame)
+    if codec == "jpeg2k":
+        # One OpenJPEG thread: the slices are already split across the decode threads.
+        return imagecodecs.jpeg2k_decode(frame, numthreads=1)
+    # DICOM RLE: a 64-byte header whose first little-endian uint32 counts the byte segments, two
+    # (high bytes, then low bytes) for one 16-bit sample; the decoder interleaves them.
+    segments = int.from_bytes(frame[:4], "little")
+    if segments != 2:
+        raise NotDecoded(f"the RLE frame has {segments} segments, 16-bit monochrome needs 2")
+    raw = imagecodecs.dicomrle_decode(frame, "<u2")
+    if len(raw) != 2 * header.rows * header.cols:
+        raise NotDecoded(f"the RLE frame decodes to {len(raw)} bytes, the header says {header.rows}x{header.cols}x2")
+    return np.frombuffer(raw, dtype="<u2").reshape(header.rows, header.cols)
+
+
 def _imagecodecs_decode(imagecodecs, header: SliceHeader, crop: Crop) -> np.ndarray:
-    """float32 HU ``[rows, cols]`` (cropped) of one JPEG Lossless file through libjpeg-turbo.
+    """float32 HU ``[rows, cols]`` (cropped) of one file through its codec in imagecodecs.
 
     The file is read once; its pixel data element is found by its byte signature (see
     :func:`_encapsulated_frame`), pydicom splits the encapsulated frame, and the codec and the
     file read run with the GIL released.
     """
+    codec = _IMAGECODECS_SYNTAXES[header.transfer_syntax_uid][0]
     try:
         with open(header.path, "rb") as fh:
             data = fh.read()
         frame = _encapsulated_frame(data, header.forced)
-        # libjpeg-turbo pads a truncated stream and only warns; GDCM and pydicom refuse it. Real
-        # encoders pad after the end-of-image marker (0x00, 0x0F seen), hence a search at the end.
-        if b"\xff\xd9" not in frame[-16:]:
-            raise NotDecoded("the JPEG stream has no end-of-image marker (truncated?)")
-        stored = imagecodecs.jpeg8_decode(frame)
+        stored = _imagecodecs_stored(imagecodecs, codec, frame, header)
     except NotDecoded:
         raise
     # The file may be gone or damaged; the other decoders name the problem in their own words.
     except Exception as exc:  # noqa: BLE001
         raise NotDecoded(str(exc)) from exc
-    if stored.shape != (header.rows, header.cols) or stored.dtype != np.uint16:
-        raise NotDecoded(f"decoded {stored.dtype} {stored.shape}, the header says uint16 {header.rows}x{header.cols}")
+    # A JPEG 2000 codestream says itself whether its samples are signed; when that disagrees
+    # with PixelRepresentation, GDCM and pydicom decide what the values are.
+    expected = np.int16 if codec == "jpeg2k" and header.pixel_representation == 1 else np.uint16
+    if stored.shape != (header.rows, header.cols) or stored.dtype != expected:
+        raise NotDecoded(
+            f"decoded {stored.dtype} {stored.shape}, the header says {np.dtype(expected)} {header.rows}x{header.cols}"
+        )
     stored = stored[crop]
     if header.pixel_representation == 1:
         stored = stored.view(np.int16)
@@ -466,9 +506,9 @@ def _encapsulated_frame(data: bytes, forced: bool) -> bytes:
     its element header is searched from the end of the file (an icon image inside the header
     carries the same signature earlier): pydicom parsing the ~80 header elements of a CT slice
     to find it took a third of the decode time. When what follows does not parse as DICOM items,
-    pydicom parses the header to find the element. The caller then checks that the frame ends
-    in a JPEG end-of-image marker and decodes to the header's matrix, and hands the file to
-    another decoder otherwise.
+    pydicom parses the header to find the element. The caller then checks that the frame
+    decodes to the header's matrix (and that a JPEG Lossless frame ends in an end-of-image
+    marker), and hands the file to another decoder otherwise.
     """
     import io
 
@@ -498,7 +538,7 @@ def _encapsulated_frame(data: bytes, forced: bool) -> bytes:
 def _imagecodecs_read(
     imagecodecs, headers: Sequence[SliceHeader], crop: Crop, threads: int
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode JPEG Lossless files across ``threads`` threads (the calling thread one of them).
+    """Decode files imagecodecs takes across ``threads`` threads (the calling thread one of them).
 
     Returns:
         float32 HU ``[n, rows, cols]`` (cropped) and, by position, why a file was not decoded
@@ -520,7 +560,11 @@ def _imagecodecs_read(
 
 
 class ImagecodecsDecoder(SliceDecoder):
-    """libjpeg-turbo >= 3 through imagecodecs (the ``imagecodecs`` extra), for JPEG Lossless.
+    """imagecodecs (the ``imagecodecs`` extra) for lossless compressed monochrome slices.
+
+    JPEG Lossless through libjpeg-turbo >= 3, JPEG-LS through CharLS, JPEG 2000 Lossless through
+    OpenJPEG, RLE Lossless through imagecodecs' DICOM RLE decoder (each syntax where its codec
+    was built in).
 
     A file it cannot decode is left to the next decoders, and said in a warning once they have
     read it (when they cannot either, the error alone speaks: bad input ends with one line,
@@ -534,6 +578,11 @@ class ImagecodecsDecoder(SliceDecoder):
 
     def __init__(self, module) -> None:
         self._module = module
+        self._syntaxes = frozenset(
+            uid
+            for uid, (codec, _) in _IMAGECODECS_SYNTAXES.items()
+            if getattr(getattr(module, _IMAGECODECS_FLAGS[codec], None), "available", False)
+        )
 
     @classmethod
     def load(cls) -> ImagecodecsDecoder | None:
@@ -541,13 +590,14 @@ class ImagecodecsDecoder(SliceDecoder):
         return None if module is None else cls(module)
 
     def can_decode(self, header: SliceHeader) -> bool:
-        return _imagecodecs_decodes(header)
+        return header.transfer_syntax_uid in self._syntaxes and _imagecodecs_decodes(header)
 
     def decode(self, headers: Sequence[SliceHeader], crop: Crop, *, threads: int, strict: bool) -> Decoded:
-        h = next((h for h in headers if not _imagecodecs_decodes(h)), None) if strict else None
+        h = next((h for h in headers if not self.can_decode(h)), None) if strict else None
         if h is not None:
+            names = ", ".join(dict.fromkeys(_IMAGECODECS_SYNTAXES[uid][1] for uid in sorted(self._syntaxes)))
             raise StudyError(
-                "the imagecodecs decoder takes monochrome JPEG Lossless with 16 bits allocated, unsigned or "
+                f"the imagecodecs decoder takes monochrome {names} with 16 bits allocated, unsigned or "
                 f"16 bits stored; not {h.path} ({h.transfer_syntax_uid}, {h.photometric}, BitsAllocated "
                 f"{h.bits_allocated}, BitsStored {h.bits_stored}, PixelRepresentation {h.pixel_representation})"
             )
@@ -557,6 +607,9 @@ class ImagecodecsDecoder(SliceDecoder):
         k, reason = min(failed.items())
         if strict:
             raise StudyError(f"imagecodecs cannot decode {headers[k].path}: {reason}")
-        note = f"imagecodecs cannot decode {len(failed)} of {len(headers)} JPEG Lossless files (first {headers[k].path}: {reason})"
+        kinds = " / ".join(
+            dict.fromkeys(_IMAGECODECS_SYNTAXES[headers[i].transfer_syntax_uid][1] for i in sorted(failed))
+        )
+        note = f"imagecodecs cannot decode {len(failed)} of {len(headers)} {kinds} files (first {headers[k].path}: {reason})"
         logger.debug("%s; trying GDCM or pydicom", note)
         return Decoded(out, {i: NotDecoded(why) for i, why in failed.items()}, f"{note}; GDCM or pydicom read them")
