@@ -601,6 +601,28 @@ def test_gdcm_failure_falls_back_to_pydicom(
         decode_slices(headers, backend="gdcm")
 
 
+def test_a_panicking_pydicom_plugin_is_a_study_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pylibjpeg-rle panics on some damaged RLE frames with pyo3's PanicException, a BaseException."""
+    import pydicom
+
+    write_series(tmp_path / "s", n_slices=2, transfer_syntax=RLELossless)
+    headers = _slices(tmp_path)
+
+    class PanicException(BaseException):  # what pyo3 raises: not an Exception subclass
+        pass
+
+    def panic(self: object) -> None:
+        raise PanicException("index out of bounds")
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(panic))
+    with pytest.raises(
+        StudyError, match=rf"cannot decode pixel data of {re.escape(headers[0].path)}.*index out of bounds"
+    ):
+        decode_slices(headers[:1], backend="pydicom")
+
+
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
 def test_damaged_compressed_slice_in_a_batch_names_the_file(tmp_path: Path) -> None:
     series = write_series(tmp_path / "s", n_slices=6, transfer_syntax=JPEG2000Lossless)

@@ -195,8 +195,12 @@ def _pydicom_decode(header: SliceHeader, crop: Crop) -> np.ndarray:
         arr = ds.pixel_array
     except StudyError:
         raise
-    # Decoder plugins raise whatever their C library reports; name the file either way.
-    except Exception as exc:  # noqa: BLE001
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    # Decoder plugins raise whatever their C library reports; name the file either way. Rust
+    # plugins (pylibjpeg-rle) panic on some damaged frames with pyo3's PanicException, which
+    # derives from BaseException, not Exception: a damaged file, not a reason to crash.
+    except BaseException as exc:  # noqa: BLE001
         name = UID(header.transfer_syntax_uid).name
         raise StudyError(f"cannot decode pixel data of {header.path} ({name}): {exc}") from exc
     if arr.shape != (header.rows, header.cols):
