@@ -159,7 +159,10 @@ def test_engine(benchmark, bundle_dir, patches, backend, batch):
     except EngineError as exc:
         pytest.skip(str(exc))
     x = patches[:batch]
-    benchmark.pedantic(engine.run, args=(x,), rounds=ROUNDS, warmup_rounds=2)
+    # Batch 1 is gated (benches/ratios.py) and takes 40-120 ms a round: three rounds let one
+    # stalled round of a noisy machine fail the gate (ratio 0.69 against 0.34 on a rerun, 2026-12-03).
+    rounds = max(ROUNDS, 15) if batch == 1 else ROUNDS
+    benchmark.pedantic(engine.run, args=(x,), rounds=rounds, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("outputs", ["all", "without_gradcam"])
