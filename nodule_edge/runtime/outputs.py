@@ -230,7 +230,7 @@ def _write_nodule(
 ) -> None:
     p = n.prediction
     seg = patch_to_study_grid(p.segmentation, n.world_lps_mm, spec, result.study, full_grid)
-    seg_mask = ((seg.array >= 0.5) & (seg.array <= 1e9)).astype(np.uint8)  # sitk.BinaryThreshold(seg, 0.5, 1e9)
+    seg_mask = (seg.array >= 0.5).astype(np.uint8)
     _write_image(Volume(seg_mask, seg.grid), tmp / f"nodule{i}_segmentation.nii.gz")
     sal = patch_to_study_grid(p.saliency, n.world_lps_mm, spec, result.study, full_grid)
     _write_image(sal, tmp / f"nodule{i}_saliency.nii.gz")

@@ -10,12 +10,12 @@ Coordinates:
       position along the slice normal (``row direction × column direction`` for DICOM, the third
       direction column for volume files). Fractional values are allowed.
     * world = patient LPS millimetres (DICOM's frame; SimpleITK converts NIfTI's RAS on read).
+    * Voxel ↔ world follows the slices' own positions, so a study with a gap still maps each
+      slice index to where that slice really is.
 
 Pixels come back as :class:`~nodule_edge.volume.Volume` objects (numpy voxels with their LPS
 geometry): a DICOM study is read, resampled and written without SimpleITK, which is imported only
 to read volume files (see :mod:`nodule_edge._sitk`).
-    * Voxel ↔ world follows the slices' own positions, so a study with a gap still maps each
-      slice index to where that slice really is.
 
 Geometry rules (DICOM): mixed orientation, gantry tilt, a single slice or a stack shorter than
 ``min_extent_mm`` refuse the study at open time (:class:`GeometryError`). Missing slices, uneven

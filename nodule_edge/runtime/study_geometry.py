@@ -39,12 +39,9 @@ _UNIFORM_TOL_FRACTION = 0.05
 class GridGeometry(Grid):
     """A voxel grid of a study (the whole study's or a nodule's ROI), without pixels: enough to resample onto it.
 
+    The fields of :class:`nodule_edge.volume.Grid` (size, spacing, origin, direction), plus:
+
     Attributes:
-        size: Voxels (columns, rows, slices).
-        spacing_mm: (x, y, z) spacing in mm.
-        origin: LPS position of voxel (0, 0, 0) in mm.
-        direction: 3×3 direction matrix flattened row-major (SimpleITK's convention; the columns
-            are the column-index, row-index and slice directions).
         index_offset: Voxel index, in the study's own grid, of this grid's voxel (0, 0, 0).
     """
 
