@@ -2,7 +2,7 @@
 
 This module holds the ``main`` group (logging setup), the console script :func:`entry_point` and
 the registration of the commands; the commands live in the sibling modules ``infer`` (infer,
-infer-batch, demo), ``evaluate``, ``train`` (train, cv-report, explain-compare, export) and
+infer-batch, demo), ``evaluate``, ``train`` (train, cv-report, cv-compare, explain-compare, export) and
 ``index`` (index build/add/query), and what they share (error handler and exit codes, point
 parsing, backend choice, the inferer factory) in ``_common``.
 """
@@ -100,5 +100,6 @@ main.add_command(infer.demo)
 main.add_command(train.export)
 main.add_command(train.train)
 main.add_command(train.cv_report)
+main.add_command(train.cv_compare)
 main.add_command(train.explain_compare)
 main.add_command(index.index)

@@ -244,6 +244,39 @@ def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
     click.echo(render_cv_report(folds, pooled, title), nl=False)
 
 
+@click.command("cv-compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option(
+    "--voi-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=lambda: str(lidc_voi_dir()),
+    show_default="$NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi",
+    help="The manifest the folds' row indices refer to.",
+)
+@click.option(
+    "--draws",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(100),
+    help="Bootstrap resamples for the Δ AUC interval.",
+)
+@click.option("--title", default="Cross-validated runs", show_default=True, help="Heading of the table.")
+@_handle_errors
+def cv_compare(run_dirs: tuple[str, ...], voi_dir: str, draws: int, title: str) -> None:
+    """Print one table of cross-validated RUN_DIRS (docs/cv, docs/ablations/NAME), the first the reference.
+
+    Each run is pooled over its own folds; its Δ AUC against the first run pairs the two runs'
+    predictions of the same nodules on the folds both have, with a paired bootstrap interval.
+    """
+    from nodule_edge.errors import require
+
+    require("torch", "train")
+    from nodule_edge.train.evaluation import compare_runs
+    from nodule_edge.train.model_card import render_run_comparison
+
+    click.echo(render_run_comparison(compare_runs(list(run_dirs), voi_dir, draws=draws), title), nl=False)
+
+
 @click.command("explain-compare")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option(

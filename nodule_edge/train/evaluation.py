@@ -21,6 +21,7 @@ __all__ = [
     "pooled_metrics",
     "retrieval_comparison",
     "pool_fold_files",
+    "compare_runs",
 ]
 
 LABEL_NOTE = "LIDC proxy labels: reader-mean malignancy > 3 malignant, < 3 benign, = 3 excluded"
@@ -249,6 +250,118 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
             raise DataError(f"fold {fold} refers to manifest row {top}, but {voi_dir} has {n} rows: another manifest?")
     pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]  # duck-typed: the two fields pooled_metrics reads of a Dataset
     return folds, pooled
+
+
+def _paired_auc_delta(
+    labels: np.ndarray, run: np.ndarray, reference: np.ndarray, folds: np.ndarray, draws: int, seed: int
+) -> tuple[float, float, float]:
+    """Pooled AUC of ``run`` minus ``reference`` on the same nodules, with a 95 % bootstrap interval.
+
+    Nodules are resampled within their fold (the folds are fixed by the patient split), the same
+    draw for both scores, so the interval is of the paired difference.
+    """
+    delta = roc_auc(labels, run) - roc_auc(labels, reference)
+    rng = np.random.default_rng(seed)
+    rows_by_fold = [np.flatnonzero(folds == k) for k in np.unique(folds)]
+    deltas = np.empty(draws)
+    for i in range(draws):
+        s = np.concatenate([rng.choice(rows, len(rows)) for rows in rows_by_fold])
+        deltas[i] = roc_auc(labels[s], run[s]) - roc_auc(labels[s], reference[s])
+    low, high = np.nanpercentile(deltas, [2.5, 97.5])
+    return float(delta), float(low), float(high)
+
+
+def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Summarise several cross-validated runs against the first one, on the same nodules.
+
+    Each directory holds one run's ``foldK.json`` files (``docs/cv``, ``docs/ablations/NAME``).
+    Every run is pooled over the folds it has; its difference from the first run (the reference)
+    is the pooled AUC on the folds both have, with a paired bootstrap interval
+    (``draws`` resamples of nodules within folds).
+
+    Returns:
+        One JSON-serialisable dict per run, in the given order.
+
+    Raises:
+        DataError: A directory without fold files, or two runs whose same fold holds different
+            nodules (another split: their predictions cannot be paired).
+    """
+    from pathlib import Path
+
+    from nodule_edge.errors import DataError
+    from nodule_edge.train.data import read_unsure_manifest, targets
+
+    _, _, labels, _ = targets(read_unsure_manifest(voi_dir))
+    runs: list[tuple[str, dict[str, dict[str, Any]], dict[str, Any]]] = []
+    for run_dir in run_dirs:
+        files = sorted(Path(run_dir).glob("fold*.json"))
+        if not files:
+            raise DataError(f"{run_dir} holds no foldK.json files")
+        folds, pooled = pool_fold_files(files, voi_dir)
+        runs.append((str(run_dir), folds, pooled))
+
+    def scores(folds: dict[str, dict[str, Any]], keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.concatenate([np.asarray(folds[k]["predictions"]["index"], np.int64) for k in keys])
+        prob = np.concatenate([np.asarray(folds[k]["predictions"]["probability"], np.float64) for k in keys])
+        fold = np.concatenate([np.full(len(folds[k]["predictions"]["index"]), int(k)) for k in keys])
+        order = np.argsort(idx, kind="stable")
+        return idx[order], prob[order], fold[order]
+
+    def mean(folds: dict[str, dict[str, Any]], *path: str) -> float | None:
+        values = []
+        for r in folds.values():
+            node: Any = r
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is not None:
+                values.append(float(node))
+        return float(np.mean(values)) if values else None
+
+    ref_name, ref_folds, _ = runs[0]
+    out: list[dict[str, Any]] = []
+    for name, folds, pooled in runs:
+        above = [
+            r["malignancy"]["auc"] > r["baseline_diameter"]["auc"] for r in folds.values() if "baseline_diameter" in r
+        ]
+        mae, const = mean(folds, "attributes_mean_mae"), mean(folds, "attributes_baseline_constant_mean_mae")
+        row: dict[str, Any] = {
+            "run": name,
+            "folds": sorted(int(k) for k in folds),
+            "n_labelled": int(pooled["malignancy"]["n"]),
+            "pooled_auc": pooled["malignancy"]["auc"],
+            "pooled_diameter_auc": pooled.get("diameter_auc"),
+            "folds_above_diameter": int(sum(above)),
+            "reference_box_auc_mean": mean(folds, "malignancy_reference_box", "auc"),
+            "path_parity_mean": mean(folds, "path_parity", "mean_abs_delta_probability"),
+            "dice_mean": mean(folds, "dice_mean"),
+            "cam_on_nodule_mean": mean(folds, "cam_on_nodule_fraction_gt_mask"),
+            "attribute_mae_mean": mae,
+            "attribute_mae_below_constant": None if mae is None or not const else 1 - mae / const,
+            "epochs": sorted({int(r["epochs_run"]) for r in folds.values() if "epochs_run" in r}),
+            "seconds_per_epoch_mean": mean(folds, "seconds_per_epoch"),
+        }
+        shared = sorted(set(folds) & set(ref_folds), key=int)
+        if name != ref_name and shared:
+            for k in shared:
+                if sorted(folds[k]["predictions"]["index"]) != sorted(ref_folds[k]["predictions"]["index"]):
+                    raise DataError(
+                        f"fold {k} of {name} holds other nodules than fold {k} of {ref_name}: another split"
+                    )
+            idx, prob, fold = scores(folds, shared)
+            _, ref_prob, _ = scores(ref_folds, shared)
+            sel = labels[idx] >= 0
+            delta, low, high = _paired_auc_delta(labels[idx][sel], prob[sel], ref_prob[sel], fold[sel], draws, seed)
+            row["versus_reference"] = {
+                "reference": ref_name,
+                "folds": [int(k) for k in shared],
+                "n_labelled": int(sel.sum()),
+                "auc": roc_auc(labels[idx][sel], prob[sel]),
+                "reference_auc": roc_auc(labels[idx][sel], ref_prob[sel]),
+                "delta_auc": delta,
+                "delta_auc_ci95": [low, high],
+            }
+        out.append(row)
+    return out
 
 
 def retrieval_comparison(ds: Dataset, result: dict[str, Any], k: int = 20) -> dict[str, Any]:

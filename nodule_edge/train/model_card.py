@@ -9,7 +9,7 @@ from typing import Any
 
 from nodule_edge._files import write_text_atomic
 
-__all__ = ["render_model_card", "write_model_card", "render_cv_report"]
+__all__ = ["render_model_card", "write_model_card", "render_cv_report", "render_run_comparison"]
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -273,6 +273,41 @@ def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | 
         lines.append(
             f"Pooled out-of-fold AUC {_f(_get(pooled, 'malignancy.auc'))} on {_f(_get(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}."
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_run_comparison(rows: list[dict[str, Any]], title: str) -> str:
+    """One row per cross-validated run (``compare_runs``), the first run the reference, as Markdown."""
+    lines = [
+        f"# {title}",
+        "",
+        "| run | folds | pooled AUC, runtime path (labelled) | Δ AUC vs the reference on the same folds [95 % CI] "
+        "| diameter AUC, pooled | folds above diameter | readers'-box AUC | path parity | Dice | CAM on nodule "
+        "| attribute MAE (below constant) | epochs | s / epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        versus = row.get("versus_reference")
+        if versus is None:
+            delta = "reference"
+        else:
+            low, high = versus["delta_auc_ci95"]
+            shared = "" if versus["folds"] == rows[0]["folds"] else f" (folds {', '.join(map(str, versus['folds']))})"
+            delta = f"{versus['delta_auc']:+.3f} [{low:+.3f}, {high:+.3f}]{shared}"
+        below = row.get("attribute_mae_below_constant")
+        mae = _f(row.get("attribute_mae_mean")) + ("" if below is None else f" ({below * 100:.0f} %)")
+        lines.append(
+            f"| {row['run']} | {', '.join(map(str, row['folds']))} | {_f(row['pooled_auc'])} ({row['n_labelled']}) | {delta} "
+            f"| {_f(row.get('pooled_diameter_auc'))} | {row['folds_above_diameter']} of {len(row['folds'])} "
+            f"| {_f(row.get('reference_box_auc_mean'))} | {_f(row.get('path_parity_mean'))} | {_f(row.get('dice_mean'))} "
+            f"| {_f(row.get('cam_on_nodule_mean'))} | {mae} | {', '.join(map(str, row['epochs']))} "
+            f"| {_f(row.get('seconds_per_epoch_mean'), 1)} |"
+        )
+    lines += [
+        "",
+        "Metrics other than the pooled AUC are means over each run's folds. The Δ pairs each nodule's "
+        "two predictions; its interval resamples nodules within folds (paired bootstrap).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from nodule_edge.train.model_card import render_model_card, write_model_card
 
@@ -131,3 +134,60 @@ def test_cv_report_pools_fold_files(tmp_path: Path, synthetic_voi_dir: Path) -> 
     junk.write_text("{}")
     bad = CliRunner().invoke(main, ["cv-report", str(junk), "--voi-dir", str(synthetic_voi_dir)])
     assert bad.exit_code != 0 and "not a fold result" in bad.stderr
+
+
+def test_cv_compare_pairs_runs_on_the_same_nodules(tmp_path: Path, synthetic_voi_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from nodule_edge.cli import main
+    from nodule_edge.train.data import read_unsure_manifest, targets
+    from nodule_edge.train.evaluation import compare_runs
+
+    _, _, labels, _ = targets(read_unsure_manifest(synthetic_voi_dir))
+    split = {0: [0, 1, 2, 3, 4, 5], 1: [6, 7, 8, 9, 10, 11]}
+    rng = np.random.default_rng(0)
+
+    def run(
+        name: str, probability: Callable[[int], float], folds: tuple[int, ...] = (0, 1), rows: dict | None = None
+    ) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for k in folds:
+            path = _fold_file(folder, k, (rows or split)[k], sha=name)
+            result = json.loads(path.read_text())
+            result["predictions"]["probability"] = [float(probability(i)) for i in (rows or split)[k]]
+            path.write_text(json.dumps(result))
+        return folder
+
+    noisy = rng.random(12)
+    reference = run("reference", lambda i: noisy[i])
+    perfect = run("perfect", lambda i: float(labels[i] > 0))
+    half = run("half", lambda i: float(labels[i] > 0), folds=(1,))
+    rows = compare_runs([reference, perfect, half], synthetic_voi_dir, draws=200)
+    assert "versus_reference" not in rows[0]
+    versus = rows[1]["versus_reference"]
+    assert rows[1]["pooled_auc"] == 1.0 and versus["auc"] == 1.0
+    assert versus["delta_auc"] == 1.0 - rows[0]["pooled_auc"] > 0
+    low, high = versus["delta_auc_ci95"]
+    assert low <= versus["delta_auc"] <= high
+    # A run with fewer folds is compared on the folds both runs have.
+    assert rows[2]["folds"] == [1] and rows[2]["versus_reference"]["folds"] == [1]
+    assert rows[2]["versus_reference"]["n_labelled"] == int((labels[split[1]] >= 0).sum())
+
+    printed = CliRunner().invoke(
+        main,
+        ["cv-compare", str(reference), str(perfect), str(half), "--voi-dir", str(synthetic_voi_dir), "--draws", "100"],
+    )
+    assert printed.exit_code == 0, printed.output
+    table = printed.stdout.splitlines()
+    assert table[4].startswith(f"| {reference} | 0, 1 |") and "| reference |" in table[4]
+    assert f"| {half} | 1 |" in table[6] and "(folds 1)" in table[6]
+
+    # Another split cannot be paired; a folder without fold files is no run: one line, exit 3 (bad data).
+    other = run("other", lambda i: 0.5, rows={0: [0, 1, 2, 3, 4, 6], 1: [5, 7, 8, 9, 10, 11]})
+    mixed = CliRunner().invoke(main, ["cv-compare", str(reference), str(other), "--voi-dir", str(synthetic_voi_dir)])
+    assert mixed.exit_code == 3 and "another split" in mixed.stderr and "Traceback" not in mixed.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = CliRunner().invoke(main, ["cv-compare", str(empty), "--voi-dir", str(synthetic_voi_dir)])
+    assert none.exit_code == 3 and "holds no foldK.json files" in none.stderr
