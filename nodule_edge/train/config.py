@@ -102,6 +102,10 @@ class HeadSection:
     # alone by logistic regression, "debugged" the attribute and malignancy heads under the
     # training objective with the debug loss.
     refit: str = "debugged"
+    # Weight of the attribute MSE in the "debugged" refit, as a multiple of loss.gamma. The
+    # attributes are scaled to [0, 1] (rating r -> (r - 1) / 4), so 16 makes the refit's attribute
+    # loss the MSE in rating points, the unit their MAE is reported in (docs/cv/README.md).
+    attribute_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,10 @@ class CVSection:
 
 
 #: (section, key) -> the default that reproduces the behaviour from before the key existed.
-_ADDED_KEYS: dict[tuple[str, str], Any] = {("train", "self_box_probability"): 0.0}
+_ADDED_KEYS: dict[tuple[str, str], Any] = {
+    ("train", "self_box_probability"): 0.0,
+    ("head", "attribute_weight"): 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.refit in ("none", "full", "debugged"),
             f"head.refit must be none, full or debugged, got {cfg.head.refit!r}",
+        ),
+        (
+            cfg.head.attribute_weight >= 0,
+            f"head.attribute_weight must be >= 0, got {cfg.head.attribute_weight}",
         ),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),

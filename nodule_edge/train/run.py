@@ -16,9 +16,10 @@ import torch
 from nodule_edge._files import sha256_bytes, write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
+from nodule_edge.train.head import HeadObjective
 from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
 
-__all__ = ["run_training"]
+__all__ = ["run_training", "head_objective"]
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def _refit_head(
     malignancy heads under the training objective (:mod:`nodule_edge.train.head`); each chooses its
     L2 strength by inner patient-grouped CV over these nodules.
     """
-    from nodule_edge.train.head import HeadInputs, HeadObjective, refit_classifier, refit_heads
+    from nodule_edge.train.head import HeadInputs, refit_classifier, refit_heads
     from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
 
     if cfg.head.refit == "full":
@@ -231,13 +232,7 @@ def _refit_head(
             attributes=ds.attributes[idx],
             has_attributes=ds.has_attributes[idx],
         )
-        objective = HeadObjective(
-            alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
-            gamma=cfg.loss.gamma,
-            delta=cfg.loss.delta,
-            adaptive=cfg.loss.adaptive,
-        )
-        info = refit_heads(model, inputs, [ds.patients[i] for i in idx], objective, seed=cfg.train.seed)
+        info = refit_heads(model, inputs, [ds.patients[i] for i in idx], head_objective(cfg), seed=cfg.train.seed)
         say(
             f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"
         )
@@ -247,6 +242,19 @@ def _refit_head(
         {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info},
     )
     return info
+
+
+def head_objective(cfg: TrainConfig) -> HeadObjective:
+    """The training objective restricted to the heads, as the "debugged" refit optimises it.
+
+    The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more.
+    """
+    return HeadObjective(
+        alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
+        gamma=cfg.loss.gamma * cfg.head.attribute_weight,
+        delta=cfg.loss.delta,
+        adaptive=cfg.loss.adaptive,
+    )
 
 
 def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:

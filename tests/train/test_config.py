@@ -153,6 +153,9 @@ def test_shipped_config_loads() -> None:
     assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / "shipped").resolve()
 
 
+#: Head-step ablations: the shipped networks, another refit after training.
+HEAD_STEP_ABLATIONS = ("head_refit_full", "head_refit_none", "attribute_weight16")
+
 #: Recipe ablations: the train keys each one changes.
 RECIPE_ABLATION_KEYS = {"self_box": ("self_box_probability",), "epochs20": ("epochs",)}
 
@@ -163,6 +166,7 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
         "epochs20",
         "head_refit_full",
         "head_refit_none",
+        "attribute_weight16",
         "papers_model",
         "light16_decoder",
         "no_extras",
@@ -179,8 +183,8 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
 def test_ablation_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.name == path.stem
-    # The classifier-step ablations re-evaluate the shipped run's checkpoints; the others train their own.
-    run = "shipped" if path.stem.startswith("head_refit") else f"ablations/{path.stem}"
+    # The head-step ablations re-evaluate the shipped run's checkpoints; the others train their own.
+    run = "shipped" if path.stem in HEAD_STEP_ABLATIONS else f"ablations/{path.stem}"
     assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / run).resolve()
     shipped = load_config(SHIPPED)
     # Only the model and loss switches (and a recipe ablation's own train keys) differ from the

@@ -7,17 +7,21 @@ import pytest
 import torch
 
 from nodule_edge.metrics import roc_auc
+from nodule_edge.train.config import HeadSection, TrainConfig
 from nodule_edge.train.head import (
     L2_GRID,
     HeadInputs,
     HeadObjective,
     _cam_region_means,
+    _fit,
+    _head_metrics,
     _prepare,
     fit_logistic,
     refit_classifier,
     refit_heads,
 )
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
+from nodule_edge.train.run import head_objective
 
 
 def _data(n: int = 240, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -149,3 +153,22 @@ def test_debugged_refit_refuses_inputs_that_do_not_fit() -> None:
     inputs.labels[:] = 1
     with pytest.raises(ValueError, match="both classes"):
         refit_heads(model, inputs, ["p"] * 8)
+
+
+def test_the_attribute_weight_reaches_the_refit_and_fits_the_attributes_closer() -> None:
+    shipped, weighted = TrainConfig(), TrainConfig(head=HeadSection(attribute_weight=16.0))
+    assert head_objective(shipped).gamma == shipped.loss.gamma
+    assert head_objective(weighted).gamma == 16.0 * shipped.loss.gamma
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=40)
+    # Ratings that two head inputs predict: the heavier attribute term must fit them closer.
+    lo, hi = inputs.head_in.min(0), inputs.head_in.max(0)
+    scaled = (inputs.head_in - lo) / np.where(hi > lo, hi - lo, 1)
+    inputs.attributes = np.repeat((0.2 + 0.6 * scaled[:, [1, 4]].mean(1))[:, None], inputs.attributes.shape[1], 1)
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    maes = [
+        _head_metrics(heads, _fit(heads, data, 0.01, head_objective(cfg), True), data)["attribute_mae"]
+        for cfg in (shipped, weighted)
+    ]
+    assert maes[1] < 0.8 * maes[0]
