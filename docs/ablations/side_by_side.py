@@ -1,7 +1,10 @@
-"""An ablation's folds next to the shipped run's same folds (Markdown; shipped in brackets).
+"""An ablation's folds next to a reference run's same folds (Markdown; reference in brackets).
 
-Run from the repository root: ``python docs/ablations/side_by_side.py ABLATION``, e.g. ``self_box``
-or ``epochs20`` (reads ``docs/ablations/ABLATION/foldK.json`` and ``docs/cv/foldK.json``).
+Run from the repository root: ``python docs/ablations/side_by_side.py ABLATION [REFERENCE]``, e.g.
+``self_box no_attribute_readout`` (reads ``docs/ablations/ABLATION/foldK.json`` and
+``docs/ablations/REFERENCE/foldK.json``; without REFERENCE the shipped run's ``docs/cv/foldK.json``).
+Runs recorded before the attribute readout step compare with ``no_attribute_readout``, the shipped
+recipe of their time.
 """
 
 import json
@@ -15,7 +18,7 @@ def _value(result: dict, *keys: str) -> str:
     return f"{result:.3f}"
 
 
-def main(name: str) -> None:
+def main(name: str, reference: str | None = None) -> None:
     columns = (
         ("malignancy", "auc"),
         ("malignancy_reference_box", "auc"),
@@ -33,7 +36,7 @@ def main(name: str) -> None:
         path = Path(f"docs/ablations/{name}/fold{k}.json")
         if not path.is_file():
             continue
-        ablation, shipped = json.loads(path.read_text()), json.loads(Path(f"docs/cv/fold{k}.json").read_text())
+        ablation, shipped = json.loads(path.read_text()), json.loads(Path(f"docs/ablations/{reference}/fold{k}.json" if reference else f"docs/cv/fold{k}.json").read_text())
         cells = [f"{_value(ablation, *keys)} ({_value(shipped, *keys)})" for keys in columns]
         cells += [
             _value(shipped, "baseline_diameter", "auc"),
@@ -44,4 +47,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -104,8 +104,11 @@ class HeadSection:
     refit: str = "debugged"
     # Weight of the attribute MSE in the "debugged" refit, as a multiple of loss.gamma. The
     # attributes are scaled to [0, 1] (rating r -> (r - 1) / 4), so 16 makes the refit's attribute
-    # loss the MSE in rating points, the unit their MAE is reported in (docs/cv/README.md).
+    # loss the MSE in rating points (an ablation: docs/ablations/README.md).
     attribute_weight: float = 1.0
+    # After the "debugged" refit, refit the attribute output layer alone to the L1 error in rating
+    # points; the malignancy outputs and Grad-CAM do not read it (nodule_edge/train/head.py).
+    attribute_readout: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class CVSection:
 _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "self_box_probability"): 0.0,
     ("head", "attribute_weight"): 1.0,
+    ("head", "attribute_readout"): False,
 }
 
 

@@ -154,9 +154,16 @@ def _other_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
 def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
     refit = cfg.get("head", {}).get("refit", "none")
     if refit == "debugged":
+        # A summary without the key was written before it existed, when the weight was 1.
+        weight = float(cfg.get("head", {}).get("attribute_weight", 1.0))
+        attribute = (
+            "attribute MSE"
+            if weight == 1
+            else f"attribute MSE × {weight:g}" + (", i.e. in rating points" if weight == 16 else "")
+        )
         return [
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
-            "under the training objective (BCE + adaptive debug loss + attribute MSE, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
+            f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
         ]
     if refit == "full":

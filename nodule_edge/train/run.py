@@ -247,13 +247,15 @@ def _refit_head(
 def head_objective(cfg: TrainConfig) -> HeadObjective:
     """The training objective restricted to the heads, as the "debugged" refit optimises it.
 
-    The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more.
+    The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more,
+    and the attribute readout step when ``head.attribute_readout``.
     """
     return HeadObjective(
         alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
         gamma=cfg.loss.gamma * cfg.head.attribute_weight,
         delta=cfg.loss.delta,
         adaptive=cfg.loss.adaptive,
+        attribute_readout=cfg.head.attribute_readout,
     )
 
 

@@ -172,3 +172,35 @@ def test_the_attribute_weight_reaches_the_refit_and_fits_the_attributes_closer()
         for cfg in (shipped, weighted)
     ]
     assert maes[1] < 0.8 * maes[0]
+
+
+def test_the_attribute_readout_lowers_the_attribute_error_and_leaves_the_malignancy_alone() -> None:
+    assert head_objective(TrainConfig()).attribute_readout
+    assert not head_objective(TrainConfig(head=HeadSection(attribute_readout=False))).attribute_readout
+    models, infos = [], []
+    for readout in (False, True):
+        torch.manual_seed(0)
+        model = CollaborativeNet(SMALL)
+        inputs, _ = _head_inputs(model, n=40)
+        score = inputs.head_in[:, 3] - inputs.head_in[:, 3].mean()
+        inputs.labels = (score > np.median(score)).astype(np.int64)
+        lo, hi = inputs.head_in.min(0), inputs.head_in.max(0)
+        scaled = (inputs.head_in - lo) / np.where(hi > lo, hi - lo, 1)
+        inputs.attributes = np.repeat(scaled[:, [1]] * 0.6 + 0.2, inputs.attributes.shape[1], 1)
+        objective = HeadObjective(steps=100, attribute_readout=readout)
+        patients = [f"p{i // 2}" for i in range(len(inputs))]
+        infos.append(refit_heads(model, inputs, patients, objective, l2_grid=(0.03,), inner_folds=2))
+        models.append(model)
+    plain, readout_info = infos
+    assert "attribute_readout" not in plain
+    step = readout_info["attribute_readout"]
+    assert (
+        step["training_mae_after"]
+        < step["training_mae_before"]
+        == pytest.approx(plain["training_after"]["attribute_mae"])
+    )
+    assert readout_info["training_after"]["attribute_mae"] == pytest.approx(step["training_mae_after"])
+    # Only the attribute output layer differs: the classifier (and so Grad-CAM) is the same.
+    for name, a in models[0].state_dict().items():
+        b = models[1].state_dict()[name]
+        assert torch.equal(a, b) == (not name.startswith("attr_out")), name

@@ -191,3 +191,12 @@ def test_cv_compare_pairs_runs_on_the_same_nodules(tmp_path: Path, synthetic_voi
     empty.mkdir()
     none = CliRunner().invoke(main, ["cv-compare", str(empty), "--voi-dir", str(synthetic_voi_dir)])
     assert none.exit_code == 3 and "holds no foldK.json files" in none.stderr
+
+
+def test_the_head_refit_line_names_the_attribute_weight() -> None:
+    summary = _summary()
+    summary["config"]["head"] = {"refit": "debugged", "attribute_weight": 16.0}
+    assert "BCE + adaptive debug loss + attribute MSE × 16, i.e. in rating points," in render_model_card(summary, "c")
+    # A summary written before the key existed had the weight 1.
+    summary["config"]["head"] = {"refit": "debugged"}
+    assert "BCE + adaptive debug loss + attribute MSE," in render_model_card(summary, "c")
