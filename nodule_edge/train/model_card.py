@@ -165,6 +165,11 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
+            + (
+                " Then the attribute output layer alone is refitted to the L1 error in rating points (`[head] attribute_readout = true`); probability, logit and Grad-CAM do not read it."
+                if cfg.get("head", {}).get("attribute_readout", False)
+                else ""
+            )
         ]
     if refit == "full":
         return [

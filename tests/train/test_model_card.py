@@ -196,7 +196,11 @@ def test_cv_compare_pairs_runs_on_the_same_nodules(tmp_path: Path, synthetic_voi
 def test_the_head_refit_line_names_the_attribute_weight() -> None:
     summary = _summary()
     summary["config"]["head"] = {"refit": "debugged", "attribute_weight": 16.0}
-    assert "BCE + adaptive debug loss + attribute MSE × 16, i.e. in rating points," in render_model_card(summary, "c")
+    card = render_model_card(summary, "c")
+    assert "BCE + adaptive debug loss + attribute MSE × 16, i.e. in rating points," in card
+    assert "attribute_readout" not in card
+    summary["config"]["head"] = {"refit": "debugged", "attribute_readout": True}
+    assert "the attribute output layer alone is refitted to the L1 error" in render_model_card(summary, "c")
     # A summary written before the key existed had the weight 1.
     summary["config"]["head"] = {"refit": "debugged"}
     assert "BCE + adaptive debug loss + attribute MSE," in render_model_card(summary, "c")
