@@ -221,15 +221,19 @@ def train(config: str, overrides: tuple[str, ...], folds_only: bool) -> None:
         click.echo(f"final checkpoint: {summary['final']['checkpoint']}")
 
 
-@click.command("cv-report")
-@click.argument("fold_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option(
+# The manifest whose rows the fold files' per-nodule predictions index (cv-report, cv-compare).
+_manifest_option = click.option(
     "--voi-dir",
     type=click.Path(exists=True, file_okay=False, path_type=str),
     default=lambda: str(lidc_voi_dir()),
     show_default="$NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi",
     help="The manifest the folds' row indices refer to.",
 )
+
+
+@click.command("cv-report")
+@click.argument("fold_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str))
+@_manifest_option
 @click.option("--title", default="Cross-validation", show_default=True, help="Heading of the report.")
 @_handle_errors
 def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
@@ -246,13 +250,7 @@ def cv_report(fold_files: tuple[str, ...], voi_dir: str, title: str) -> None:
 
 @click.command("cv-compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option(
-    "--voi-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=str),
-    default=lambda: str(lidc_voi_dir()),
-    show_default="$NODULE_EDGE_DATA/lidc_voi, else ../shared/data/lidc_voi",
-    help="The manifest the folds' row indices refer to.",
-)
+@_manifest_option
 @click.option(
     "--draws",
     default=2000,
