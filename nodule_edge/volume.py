@@ -26,13 +26,37 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Grid", "Interpolation", "Volume", "resample"]
+__all__ = ["Grid", "Interpolation", "Volume", "float3", "int3", "resample"]
 
 Interpolation = Literal["linear", "bspline", "nearest"]
 
 # Output slices resampled per step: bounds the float64 temporaries (about 15 arrays of this many
 # points) to a few MB whatever the grid's size.
 _POINTS_PER_STEP = 1 << 16
+
+
+def float3(values: Any) -> tuple[float, float, float]:
+    """Three floats from any sequence or array of three numbers (a spacing, an origin).
+
+    Raises:
+        ValueError: Not exactly three values.
+    """
+    items = [float(v) for v in values]
+    if len(items) != 3:
+        raise ValueError(f"expected three values, got {len(items)}: {items}")
+    return (items[0], items[1], items[2])
+
+
+def int3(values: Any) -> tuple[int, int, int]:
+    """Three ints from any sequence or array of three integers (a size, a voxel index).
+
+    Raises:
+        ValueError: Not exactly three values.
+    """
+    items = [int(v) for v in values]
+    if len(items) != 3:
+        raise ValueError(f"expected three values, got {len(items)}: {items}")
+    return (items[0], items[1], items[2])
 
 
 @dataclass(frozen=True)
@@ -148,9 +172,9 @@ class Volume:
                 f"{image.GetNumberOfComponentsPerPixel()} components"
             )
         grid = Grid(
-            size=tuple(int(v) for v in image.GetSize()),  # type: ignore[arg-type]
-            spacing_mm=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
-            origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+            size=int3(image.GetSize()),
+            spacing_mm=float3(image.GetSpacing()),
+            origin=float3(image.GetOrigin()),
             direction=tuple(float(v) for v in image.GetDirection()),
         )
         return cls(sitk.GetArrayFromImage(image), grid)

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, build_patch, patch_grid, resample_hu, window_channels
-from nodule_edge.volume import Grid, Volume, resample
+from nodule_edge.volume import Grid, Volume, float3, int3, resample
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -158,3 +158,12 @@ def test_default_patch_spec_grid_is_the_cube() -> None:
     assert grid.size == (DEFAULT_PATCH_SPEC.size,) * 3 and grid.direction == IDENTITY
     centre = grid.index_to_physical([np.full(3, (DEFAULT_PATCH_SPEC.size - 1) / 2.0)])[0]
     np.testing.assert_allclose(centre, (10.0, -5.0, 3.0))
+
+
+def test_float3_and_int3_take_any_three_numbers_and_name_a_wrong_count() -> None:
+    assert float3(np.array([1, 2.5, -3])) == (1.0, 2.5, -3.0)
+    assert int3([4.0, 5, np.int64(6)]) == (4, 5, 6)
+    with pytest.raises(ValueError, match="expected three values, got 2"):
+        float3([1.0, 2.0])
+    with pytest.raises(ValueError, match="expected three values, got 4"):
+        int3(range(4))

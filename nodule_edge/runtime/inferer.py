@@ -29,7 +29,7 @@ from nodule_edge.runtime.engines import Engine, create_engine
 from nodule_edge.runtime.measure import component_measurements, largest_central_component
 from nodule_edge.runtime.quality import QualityFlag, TrainingRanges, nodule_flags, study_flags
 from nodule_edge.runtime.study import Study, open_study, study_from_image
-from nodule_edge.volume import Grid, Volume
+from nodule_edge.volume import Grid, Volume, float3
 
 __all__ = ["NoduleInferer", "NodulePrediction", "NoduleResult", "StudyResult"]
 
@@ -241,8 +241,8 @@ class NoduleInferer:
             raise CoordinateError(f"expected a 3-D HU array [slice, row, column], got shape {hu.shape}")
         grid = Grid(
             size=(hu.shape[2], hu.shape[1], hu.shape[0]),
-            spacing_mm=tuple(float(s) for s in spacing_mm),  # type: ignore[arg-type]
-            origin=tuple(float(o) for o in origin_lps_mm),  # type: ignore[arg-type]
+            spacing_mm=float3(spacing_mm),
+            origin=float3(origin_lps_mm),
             direction=tuple(float(d) for d in direction),
         )
         return self._infer_study(study_from_image(Volume(hu, grid)), voxels, worlds, {})
@@ -344,8 +344,8 @@ class NoduleInferer:
             )
             nodules.append(
                 NoduleResult(
-                    xyz_voxel=tuple(float(v) for v in xyz),  # type: ignore[arg-type]
-                    world_lps_mm=tuple(float(v) for v in lps),  # type: ignore[arg-type]
+                    xyz_voxel=float3(xyz),
+                    world_lps_mm=float3(lps),
                     center_slice=_slice_reference(study, float(xyz[2])),
                     prediction=pred,
                     patch=patch,

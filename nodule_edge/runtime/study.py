@@ -61,7 +61,7 @@ from nodule_edge.runtime.study_geometry import (
     slice_position,
 )
 from nodule_edge.runtime.study_sources import ArraySource, DicomSource, PixelSource, VolumeSource
-from nodule_edge.volume import Volume
+from nodule_edge.volume import Volume, float3, int3
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -163,7 +163,7 @@ class Study:
             modality=series.modality,
             size=(first.cols, first.rows, len(series.slices)),
             spacing_mm=(sx, sy, nominal),
-            origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
+            origin=float3(positions[0]),
             direction=readonly(np.column_stack([series.row_dir, series.col_dir, series.normal])),
             transfer_syntax=series.transfer_syntax_uid,
             transfer_syntax_name=UID(series.transfer_syntax_uid).name,
@@ -194,13 +194,13 @@ class Study:
             raise StudyError(
                 f"{path} has {reader.GetNumberOfComponents()} components per voxel; a scalar CT volume is needed"
             )
-        size = tuple(int(v) for v in reader.GetSize())
-        spacing = tuple(float(v) for v in reader.GetSpacing())
+        size = int3(reader.GetSize())
+        spacing = float3(reader.GetSpacing())
         origin = np.asarray(reader.GetOrigin(), dtype=np.float64)
         direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
         if min(size) < 1 or min(spacing) <= 0:
             raise GeometryError(f"{path} has size {size} and spacing {spacing}; both must be positive")
-        return cls._volume(path, size, spacing, origin, direction, VolumeSource(str(path)))  # type: ignore[arg-type]
+        return cls._volume(path, size, spacing, origin, direction, VolumeSource(str(path)))
 
     @classmethod
     def _volume(
@@ -222,7 +222,7 @@ class Study:
             modality=None,
             size=size,
             spacing_mm=spacing,
-            origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+            origin=float3(origin),
             direction=readonly(direction),
             transfer_syntax=None,
             transfer_syntax_name=None,
@@ -401,11 +401,11 @@ class Study:
         sz = (self._steps[k1] - self._steps[k0]) / (k1 - k0) if k1 > k0 else nominal
         origin = self._positions[k0] + lo[0] * sx * self.direction[:, 0] + lo[1] * sy * self.direction[:, 1]
         return GridGeometry(
-            size=tuple(int(v) for v in (hi - lo + 1)),  # type: ignore[arg-type]
+            size=int3(hi - lo + 1),
             spacing_mm=(float(sx), float(sy), float(sz)),
-            origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+            origin=float3(origin),
             direction=tuple(float(v) for v in self.direction.ravel()),
-            index_offset=tuple(int(v) for v in lo),  # type: ignore[arg-type]
+            index_offset=int3(lo),
         )
 
     def _plan(self, center: np.ndarray, spec: PatchSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -550,8 +550,8 @@ def study_from_image(image: Volume | Any) -> Study:
     hu.flags.writeable = False
     return Study._volume(
         None,
-        size,  # type: ignore[arg-type]
-        spacing,
+        int3(size),
+        float3(spacing),
         origin,
         direction.reshape(3, 3),
         ArraySource(hu),
