@@ -20,9 +20,9 @@ still goes through SimpleITK, imported then.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -35,16 +35,23 @@ Interpolation = Literal["linear", "bspline", "nearest"]
 _POINTS_PER_STEP = 1 << 16
 
 
+_T = TypeVar("_T")
+
+
+def _three(values: Any, cast: Callable[[Any], _T]) -> tuple[_T, _T, _T]:
+    items = [cast(v) for v in values]
+    if len(items) != 3:
+        raise ValueError(f"expected three values, got {len(items)}: {items}")
+    return (items[0], items[1], items[2])
+
+
 def float3(values: Any) -> tuple[float, float, float]:
     """Three floats from any sequence or array of three numbers (a spacing, an origin).
 
     Raises:
         ValueError: Not exactly three values.
     """
-    items = [float(v) for v in values]
-    if len(items) != 3:
-        raise ValueError(f"expected three values, got {len(items)}: {items}")
-    return (items[0], items[1], items[2])
+    return _three(values, float)
 
 
 def int3(values: Any) -> tuple[int, int, int]:
@@ -53,10 +60,7 @@ def int3(values: Any) -> tuple[int, int, int]:
     Raises:
         ValueError: Not exactly three values.
     """
-    items = [int(v) for v in values]
-    if len(items) != 3:
-        raise ValueError(f"expected three values, got {len(items)}: {items}")
-    return (items[0], items[1], items[2])
+    return _three(values, int)
 
 
 @dataclass(frozen=True)

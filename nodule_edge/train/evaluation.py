@@ -252,15 +252,14 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
     return folds, pooled
 
 
-def _paired_auc_delta(
+def _paired_auc_interval(
     labels: np.ndarray, run: np.ndarray, reference: np.ndarray, folds: np.ndarray, draws: int, seed: int
-) -> tuple[float, float, float]:
-    """Pooled AUC of ``run`` minus ``reference`` on the same nodules, with a 95 % bootstrap interval.
+) -> tuple[float, float]:
+    """95 % bootstrap interval of the pooled AUC of ``run`` minus ``reference`` on the same nodules.
 
     Nodules are resampled within their fold (the folds are fixed by the patient split), the same
     draw for both scores, so the interval is of the paired difference.
     """
-    delta = roc_auc(labels, run) - roc_auc(labels, reference)
     rng = np.random.default_rng(seed)
     rows_by_fold = [np.flatnonzero(folds == k) for k in np.unique(folds)]
     deltas = np.empty(draws)
@@ -268,7 +267,7 @@ def _paired_auc_delta(
         s = np.concatenate([rng.choice(rows, len(rows)) for rows in rows_by_fold])
         deltas[i] = roc_auc(labels[s], run[s]) - roc_auc(labels[s], reference[s])
     low, high = np.nanpercentile(deltas, [2.5, 97.5])
-    return float(delta), float(low), float(high)
+    return float(low), float(high)
 
 
 def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
@@ -350,15 +349,16 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
             idx, prob, fold = scores(folds, shared)
             _, ref_prob, _ = scores(ref_folds, shared)
             sel = labels[idx] >= 0
-            delta, low, high = _paired_auc_delta(labels[idx][sel], prob[sel], ref_prob[sel], fold[sel], draws, seed)
+            y, run_p, ref_p = labels[idx][sel], prob[sel], ref_prob[sel]
+            auc, ref_auc = roc_auc(y, run_p), roc_auc(y, ref_p)
             row["versus_reference"] = {
                 "reference": ref_name,
                 "folds": [int(k) for k in shared],
                 "n_labelled": int(sel.sum()),
-                "auc": roc_auc(labels[idx][sel], prob[sel]),
-                "reference_auc": roc_auc(labels[idx][sel], ref_prob[sel]),
-                "delta_auc": delta,
-                "delta_auc_ci95": [low, high],
+                "auc": auc,
+                "reference_auc": ref_auc,
+                "delta_auc": auc - ref_auc,
+                "delta_auc_ci95": list(_paired_auc_interval(y, run_p, ref_p, fold[sel], draws, seed)),
             }
         out.append(row)
     return out

@@ -429,17 +429,19 @@ def refit_heads(
     heads, data = _prepare(model, inputs, np.arange(len(inputs)))
     before = _head_metrics(heads, heads.params, data)
     params = _fit(heads, data, l2, objective, attributes)
-    if objective.attribute_readout and attributes and bool(data.has_attributes.any()):
-        joint = _head_metrics(heads, params, data)
+    readout = objective.attribute_readout and attributes and bool(data.has_attributes.any())
+    joint_mae = _head_metrics(heads, params, data).get("attribute_mae") if readout else None
+    if readout:
         params = _fit_attribute_readout(heads, params, data, objective)
+    heads.write_back(model, params)
+    info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
+    if readout:
         info["attribute_readout"] = {
             "loss": "L1 in rating points",
             "steps": ATTRIBUTE_READOUT_STEPS,
-            "training_mae_before": joint.get("attribute_mae"),
-            "training_mae_after": _head_metrics(heads, params, data).get("attribute_mae"),
+            "training_mae_before": joint_mae,
+            "training_mae_after": info["training_after"].get("attribute_mae"),
         }
-    heads.write_back(model, params)
-    info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     log.info("heads refitted with L2 %g: training %s -> %s", l2, before, info["training_after"])
     return info
 
