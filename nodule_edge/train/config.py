@@ -109,6 +109,9 @@ class HeadSection:
     # After the "debugged" refit, refit the attribute output layer alone to the L1 error in rating
     # points; the malignancy outputs and Grad-CAM do not read it (nodule_edge/train/head.py).
     attribute_readout: bool = True
+    # With the readout, also fit a linear skip from the head input to the attribute logits
+    # (CollaborativeNet.add_attribute_skip); nothing else reads it.
+    attribute_skip: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "self_box_probability"): 0.0,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
+    ("head", "attribute_skip"): False,
 }
 
 
@@ -268,6 +272,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.attribute_weight >= 0,
             f"head.attribute_weight must be >= 0, got {cfg.head.attribute_weight}",
+        ),
+        (
+            cfg.head.attribute_readout or not cfg.head.attribute_skip,
+            "head.attribute_skip = true needs head.attribute_readout = true (the skip is fitted by the readout step)",
         ),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),

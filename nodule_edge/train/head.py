@@ -29,6 +29,10 @@ also the malignancy AUC (the classifier reads the shared embedding; docs/ablatio
 ``attribute_weight16``). So with ``attribute_readout`` a last step refits the attribute output
 layer alone, embedding and classifier fixed, to the L1 error in rating points — the MAE the
 model card reports. Nothing else reads that layer: probability, logit and Grad-CAM are unchanged.
+With ``attribute_skip`` the readout also fits a linear path from the head input straight to the
+attribute logits (:meth:`CollaborativeNet.add_attribute_skip`): the embedding serves the
+classifier too, and the ratings read the pooled features and statistics better directly
+(docs/cv/probes/probe_attribute_direct.py). The classifier does not read the skip either.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "HeadInputs",
     "HeadObjective",
     "ATTRIBUTE_READOUT_STEPS",
+    "ATTRIBUTE_SKIP_L2",
     "fit_logistic",
     "refit_classifier",
     "refit_heads",
@@ -61,6 +66,10 @@ log = logging.getLogger(__name__)
 #: Full-batch Adam steps of the attribute readout refit (a 64 → 6 layer: converged well before;
 #: docs/cv/probes/probe_attribute_output.py).
 ATTRIBUTE_READOUT_STEPS = 1000
+
+#: L2 of the attribute skip (standardised inputs, summed loss): the middle of the plateau of fold
+#: 0's test MAE over 0-0.003 (docs/cv/probes/attribute_direct_fold0.txt); folds 1-4 are clean of it.
+ATTRIBUTE_SKIP_L2 = 0.003
 
 #: Ratings r in 1..5 are scaled to [0, 1] as (r − 1) / 4: errors in rating points are 4× larger.
 RATING_SPAN = 4.0
@@ -202,6 +211,8 @@ class HeadObjective:
         lr: Adam learning rate.
         attribute_readout: After the joint refit, refit the attribute output layer alone to the
             L1 error in rating points (``ATTRIBUTE_READOUT_STEPS`` steps, ``attribute_l2``).
+        attribute_skip: With the readout, add and fit the attribute skip path too (L2
+            ``ATTRIBUTE_SKIP_L2``).
     """
 
     alpha: float = 1.0
@@ -212,6 +223,7 @@ class HeadObjective:
     steps: int = 300
     lr: float = 0.01
     attribute_readout: bool = False
+    attribute_skip: bool = False
 
 
 class _Heads:
@@ -235,12 +247,16 @@ class _Heads:
             "wc": wc,
             "bc": bc.reshape(1),
         }
+        if model.attr_skip is not None:
+            ws = model.attr_skip.weight.detach().double()
+            self.params["Ws"] = ws * sd
+            self.params["bo"] = self.params["bo"] + ws @ mean
 
     def forward(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logit ``[N]``, attributes ``[N, A]`` and Grad-CAM channel weights ``[N, C]`` (raw units)."""
         pre = x @ p["We"].T + p["be"]
         emb = F.relu(pre)
-        attributes = torch.sigmoid(emb @ p["Wo"].T + p["bo"])
+        attributes = torch.sigmoid(_attribute_logits(p, x, emb))
         cls_in = torch.cat([x, emb], 1) if self.concat else x
         logit = cls_in @ p["wc"] + p["bc"]
         omega = p["wc"][: self.c].expand(len(x), -1)
@@ -254,13 +270,28 @@ class _Heads:
         wc = p["wc"].clone()
         bc = p["bc"][0] - (wc[: self.h] / sd) @ mean
         wc[: self.h] = wc[: self.h] / sd
+        bo = p["bo"]
+        if "Ws" in p:
+            model.add_attribute_skip()
+            skip = model.attr_skip
+            if skip is None:  # add_attribute_skip guarantees it; this narrows the type
+                raise RuntimeError("attribute skip missing after add_attribute_skip")
+            bo = bo - (p["Ws"] / sd) @ mean
+            with torch.no_grad():
+                skip.weight.copy_((p["Ws"] / sd).to(skip.weight.dtype))
         with torch.no_grad():
             model.attr_embed.weight.copy_((p["We"] / sd).to(model.attr_embed.weight.dtype))
             model.attr_embed.bias.copy_((p["be"] - (p["We"] / sd) @ mean).to(model.attr_embed.bias.dtype))
             model.attr_out.weight.copy_(p["Wo"].to(model.attr_out.weight.dtype))
-            model.attr_out.bias.copy_(p["bo"].to(model.attr_out.bias.dtype))
+            model.attr_out.bias.copy_(bo.to(model.attr_out.bias.dtype))
             model.cls.weight.copy_(wc.unsqueeze(0).to(model.cls.weight.dtype))
             model.cls.bias.fill_(float(bc))
+
+
+def _attribute_logits(p: dict[str, torch.Tensor], x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Attribute logits from the embedding and, when fitted, the skip from the head input ``x``."""
+    logits = embedding @ p["Wo"].T + p["bo"]
+    return logits + x @ p["Ws"].T if "Ws" in p else logits
 
 
 def _cam_region_means(
@@ -318,7 +349,8 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
         if attributes and objective.gamma and bool(data.has_attributes.any()):
             m = data.has_attributes
             loss = loss + objective.gamma * F.mse_loss(attrs[m], data.attributes[m][:, : attrs.shape[1]])
-        loss = loss + l2 * (p["wc"] ** 2).sum() + objective.attribute_l2 * ((p["We"] ** 2).sum() + (p["Wo"] ** 2).sum())
+        attribute_weights = [p[k] for k in ("We", "Wo", "Ws") if k in p]
+        loss = loss + l2 * (p["wc"] ** 2).sum() + objective.attribute_l2 * sum((w**2).sum() for w in attribute_weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -328,20 +360,27 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
 def _fit_attribute_readout(
     heads: _Heads, params: dict[str, torch.Tensor], data: _Data, objective: HeadObjective
 ) -> dict[str, torch.Tensor]:
-    """Refit the attribute output layer of ``params`` alone to the L1 error in rating points."""
+    """Refit the attribute output layer of ``params`` (and the skip, with ``attribute_skip``) alone
+    to the L1 error in rating points."""
     m = data.has_attributes
+    x = data.x[m]
     with torch.no_grad():
-        embedding = F.relu(data.x[m] @ params["We"].T + params["be"])
+        embedding = F.relu(x @ params["We"].T + params["be"])
     target = data.attributes[m][:, : params["Wo"].shape[0]]
-    wo, bo = params["Wo"].clone().requires_grad_(True), params["bo"].clone().requires_grad_(True)
-    opt = torch.optim.Adam([wo, bo], lr=objective.lr)
+    fitted = {k: params[k].clone().requires_grad_(True) for k in ("Wo", "bo")}
+    if objective.attribute_skip or "Ws" in params:
+        skip = params.get("Ws", torch.zeros(params["Wo"].shape[0], x.shape[1], dtype=x.dtype))
+        fitted["Ws"] = skip.clone().requires_grad_(True)
+    opt = torch.optim.Adam(list(fitted.values()), lr=objective.lr)
     for _ in range(ATTRIBUTE_READOUT_STEPS):
-        attributes = torch.sigmoid(embedding @ wo.T + bo)
-        loss = RATING_SPAN * F.l1_loss(attributes, target) + objective.attribute_l2 * (wo**2).sum()
+        attributes = torch.sigmoid(_attribute_logits(fitted, x, embedding))
+        loss = RATING_SPAN * F.l1_loss(attributes, target) + objective.attribute_l2 * (fitted["Wo"] ** 2).sum()
+        if "Ws" in fitted:
+            loss = loss + ATTRIBUTE_SKIP_L2 * (fitted["Ws"] ** 2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {**params, "Wo": wo.detach(), "bo": bo.detach()}
+    return {**params, **{k: v.detach() for k, v in fitted.items()}}
 
 
 def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dict[str, float]:
@@ -439,6 +478,7 @@ def refit_heads(
         info["attribute_readout"] = {
             "loss": "L1 in rating points",
             "steps": ATTRIBUTE_READOUT_STEPS,
+            "skip_l2": ATTRIBUTE_SKIP_L2 if "Ws" in params else None,
             "training_mae_before": joint_mae,
             "training_mae_after": info["training_after"].get("attribute_mae"),
         }

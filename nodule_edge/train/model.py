@@ -22,6 +22,12 @@ appended to the inputs of the attribute embedding and the classifier. The segmen
 there: the classifier cannot make the outline bigger or smaller to suit its statistics (the
 papers' fusion path still passes the classification gradient into the decoder).
 
+Attribute skip (``ModelConfig.attribute_skip``, added after training by the head step's attribute
+readout): a linear path from the head input straight to the six attribute logits, beside the
+embedding. The embedding is shaped by the malignancy as much as by the ratings (the classifier
+reads it), so the ratings gain from reading the pooled features and statistics directly; neither
+the classifier nor Grad-CAM reads the skip (docs/cv/README.md, item 6).
+
 Grad-CAM: the fusion features F reach the heads only through global average pooling g = mean(F), so
 ∂p/∂F_k(v) = (1/N)·∂p/∂g_k for every voxel v, and ω_k (the spatial mean of ∂p/∂F_k) is the same
 expression. ∂p/∂g follows in closed form from the two small fully connected heads, so the CAM is an
@@ -32,7 +38,7 @@ leave the closed form unchanged: they add to the logit, not to ∂z/∂F.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -79,6 +85,9 @@ class ModelConfig:
         decoder: ``"unet64"`` (segmentation at the patch resolution) or ``"light16"`` (papers').
         seg_features: Feed the segmentation statistics (``SEG_FEATURE_NAMES``) to both heads.
         voxel_mm: Patch voxel spacing, for the volume statistic.
+        attribute_skip: A linear path from the head input (pooled features + statistics) straight
+            to the attribute logits, beside the embedding. Added and fitted by the head step's
+            attribute readout (:meth:`CollaborativeNet.add_attribute_skip`); nothing else reads it.
     """
 
     in_channels: int = 2
@@ -92,6 +101,7 @@ class ModelConfig:
     decoder: Decoder = "unet64"
     seg_features: bool = True
     voxel_mm: float = 0.5
+    attribute_skip: bool = False
 
 
 #: The model shipped until the nodule-bounded input (checkpoints without the newer keys).
@@ -281,6 +291,9 @@ class CollaborativeNet(nn.Module):
         n_stats = len(SEG_FEATURE_NAMES) if config.seg_features else 0
         self.attr_embed = nn.Linear(w3 + n_stats, config.embedding_dim)
         self.attr_out = nn.Linear(config.embedding_dim, config.num_attributes)
+        self.attr_skip: nn.Linear | None = (
+            nn.Linear(w3 + n_stats, config.num_attributes, bias=False) if config.attribute_skip else None
+        )
         cls_in = w3 + n_stats + (config.embedding_dim if config.use_attributes and config.concat_embedding else 0)
         self.cls = nn.Linear(cls_in, 1)
 
@@ -293,13 +306,25 @@ class CollaborativeNet(nn.Module):
         """Segmentation statistics the heads read (0 without size-aware heads)."""
         return len(SEG_FEATURE_NAMES) if self.config.seg_features else 0
 
+    def add_attribute_skip(self) -> None:
+        """Add the attribute skip path (``ModelConfig.attribute_skip``) as zeros: outputs unchanged."""
+        if self.attr_skip is not None:
+            return
+        self.attr_skip = nn.Linear(self.attr_embed.in_features, self.attr_out.out_features, bias=False)
+        nn.init.zeros_(self.attr_skip.weight)
+        self.attr_skip.to(self.attr_out.weight)
+        self.config = replace(self.config, attribute_skip=True)
+
     def _heads(
         self, pooled: torch.Tensor, stats: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         head_in = pooled if stats is None else torch.cat([pooled, stats.to(pooled.dtype)], dim=1)
         pre_embedding = self.attr_embed(head_in)
         embedding = F.relu(pre_embedding)
-        attributes = torch.sigmoid(self.attr_out(embedding))
+        attribute_logits = self.attr_out(embedding)
+        if self.attr_skip is not None:
+            attribute_logits = attribute_logits + self.attr_skip(head_in)
+        attributes = torch.sigmoid(attribute_logits)
         cls_in = (
             torch.cat([head_in, embedding], dim=1)
             if self.config.use_attributes and self.config.concat_embedding

@@ -165,17 +165,29 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
-            + (
-                " Then the attribute output layer alone is refitted to the L1 error in rating points (`[head] attribute_readout = true`); probability, logit and Grad-CAM do not read it."
-                if cfg.get("head", {}).get("attribute_readout", False)
-                else ""
-            )
+            + _readout_sentence(cfg.get("head", {}))
         ]
     if refit == "full":
         return [
             '- Classifier refit (after training, `[head] refit = "full"`): L2 logistic regression on the training fold\'s classifier inputs, L2 by inner patient-grouped CV.'
         ]
     return []
+
+
+def _readout_sentence(head: dict[str, Any]) -> str:
+    """The attribute readout step of the head section (absent keys: before they existed, off)."""
+    if not head.get("attribute_readout", False):
+        return ""
+    if head.get("attribute_skip", False):
+        return (
+            " Then the attribute output layer and a linear skip from the pooled features and statistics to the attribute logits"
+            " (`[head] attribute_readout = true`, `attribute_skip = true`) are refitted to the L1 error in rating points;"
+            " probability, logit and Grad-CAM do not read them."
+        )
+    return (
+        " Then the attribute output layer alone is refitted to the L1 error in rating points"
+        " (`[head] attribute_readout = true`); probability, logit and Grad-CAM do not read it."
+    )
 
 
 def render_model_card(

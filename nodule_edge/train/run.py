@@ -248,7 +248,7 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
     """The training objective restricted to the heads, as the "debugged" refit optimises it.
 
     The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more,
-    and the attribute readout step when ``head.attribute_readout``.
+    and the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``).
     """
     return HeadObjective(
         alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
@@ -256,6 +256,7 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
         delta=cfg.loss.delta,
         adaptive=cfg.loss.adaptive,
         attribute_readout=cfg.head.attribute_readout,
+        attribute_skip=cfg.head.attribute_skip,
     )
 
 

@@ -22,8 +22,11 @@ def exported(tmp_path_factory):
     torch.manual_seed(3)
     model = CollaborativeNet(ModelConfig()).eval()
     # Non-trivial heads: an untrained model's probability sits near 0.5 and hides CAM errors.
+    # The shipped model carries the attribute skip (added by the head step): export it too.
+    model.add_attribute_skip()
     with torch.no_grad():
         model.cls.weight.mul_(20)
+        model.attr_skip.weight.normal_(0, 0.1)
     root = tmp_path_factory.mktemp("export")
     save_checkpoint(
         root / "model.safetensors",

@@ -13,6 +13,7 @@ from nodule_edge.train.config import load_config
 from nodule_edge.train.losses import LossWeights, total_loss
 from nodule_edge.train.model import SEG_FEATURE_NAMES, CollaborativeNet
 from nodule_edge.train.trainer import MALIGNANCY_COLUMN, model_config_from
+from tests.train.test_config import HEAD_STEP_ABLATIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = sorted((REPO_ROOT / "configs" / "ablations").glob("*.toml"))
@@ -34,6 +35,7 @@ EXPECTED = {
     "epochs20": (True, True, False, True),
     "attribute_weight16": (True, True, False, True),
     "no_attribute_readout": (True, True, False, True),
+    "no_attribute_skip": (True, True, False, True),
 }
 
 
@@ -58,14 +60,18 @@ def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
 
 def test_head_step_ablations_reuse_the_shipped_networks() -> None:
     shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
-    for name in ("head_refit_full", "head_refit_none", "attribute_weight16", "no_attribute_readout"):
+    for name in HEAD_STEP_ABLATIONS:
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
         # What shapes the network's weights is the shipped run's, in the same output folder.
         assert (cfg.model, cfg.loss, cfg.train) == (shipped.model, shipped.loss, shipped.train), name
         assert cfg.resolve(cfg.data.voi_dir).resolve() == shipped.resolve(shipped.data.voi_dir).resolve(), name
         assert cfg.resolve(cfg.output_dir).resolve() == shipped.resolve(shipped.output_dir).resolve(), name
     weighted = load_config(REPO_ROOT / "configs" / "ablations" / "attribute_weight16.toml")
-    assert weighted.head == dataclasses.replace(shipped.head, attribute_weight=16.0, attribute_readout=False)
+    assert weighted.head == dataclasses.replace(
+        shipped.head, attribute_weight=16.0, attribute_readout=False, attribute_skip=False
+    )
+    no_skip = load_config(REPO_ROOT / "configs" / "ablations" / "no_attribute_skip.toml")
+    assert no_skip.head == dataclasses.replace(shipped.head, attribute_skip=False)
     # A key at its default leaves the hashes of folds recorded before it existed unchanged.
     assert "attribute_weight" not in shipped.to_dict()["head"]
 

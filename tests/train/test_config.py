@@ -154,7 +154,13 @@ def test_shipped_config_loads() -> None:
 
 
 #: Head-step ablations: the shipped networks, another refit after training.
-HEAD_STEP_ABLATIONS = ("head_refit_full", "head_refit_none", "attribute_weight16", "no_attribute_readout")
+HEAD_STEP_ABLATIONS = (
+    "head_refit_full",
+    "head_refit_none",
+    "attribute_weight16",
+    "no_attribute_readout",
+    "no_attribute_skip",
+)
 
 #: Recipe ablations: the train keys each one changes.
 RECIPE_ABLATION_KEYS = {"self_box": ("self_box_probability",), "epochs20": ("epochs",)}
@@ -168,6 +174,7 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
         "head_refit_none",
         "attribute_weight16",
         "no_attribute_readout",
+        "no_attribute_skip",
         "papers_model",
         "light16_decoder",
         "no_extras",
@@ -241,6 +248,7 @@ def test_an_empty_voi_dir_uses_the_one_data_rule(tmp_path: Path, monkeypatch: py
 MOVED_RESULTS = {
     "head_refit_none": "docs/cv before the debugged refit (commit 7c5f1cf)",
     "no_attribute_readout": "docs/cv before the attribute readout step",
+    "no_attribute_skip": "docs/cv before the attribute skip",
 }
 
 

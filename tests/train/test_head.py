@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from nodule_edge.metrics import roc_auc
+from nodule_edge.train.checkpoints import load_checkpoint, save_checkpoint
 from nodule_edge.train.config import HeadSection, TrainConfig
 from nodule_edge.train.head import (
     L2_GRID,
@@ -204,3 +207,39 @@ def test_the_attribute_readout_lowers_the_attribute_error_and_leaves_the_maligna
     for name, a in models[0].state_dict().items():
         b = models[1].state_dict()[name]
         assert torch.equal(a, b) == (not name.startswith("attr_out")), name
+
+
+def test_the_attribute_skip_lowers_the_error_further_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    assert head_objective(TrainConfig()).attribute_skip
+    models, infos = [], []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = CollaborativeNet(SMALL)
+        inputs, _ = _head_inputs(model, n=40)
+        inputs.labels = (inputs.head_in[:, 3] > np.median(inputs.head_in[:, 3])).astype(np.int64)
+        lo, hi = inputs.head_in.min(0), inputs.head_in.max(0)
+        scaled = (inputs.head_in - lo) / np.where(hi > lo, hi - lo, 1)
+        # Each rating follows another head input: more than the small embedding passes on.
+        inputs.attributes = 0.2 + 0.6 * scaled[:, : inputs.attributes.shape[1]]
+        objective = HeadObjective(steps=100, attribute_readout=True, attribute_skip=skip)
+        patients = [f"p{i // 2}" for i in range(len(inputs))]
+        infos.append(refit_heads(model, inputs, patients, objective, l2_grid=(0.03,), inner_folds=2))
+        models.append(model)
+    plain, skipped = infos
+    assert plain["attribute_readout"]["skip_l2"] is None and skipped["attribute_readout"]["skip_l2"] > 0
+    assert skipped["training_after"]["attribute_mae"] < 0.9 * plain["training_after"]["attribute_mae"]
+    assert models[0].attr_skip is None and models[1].config.attribute_skip
+    # Only the attribute output differs (and the skip is new): the classifier and Grad-CAM are the same.
+    a, b = models[0].state_dict(), models[1].state_dict()
+    assert set(b) - set(a) == {"attr_skip.weight"}
+    for name, value in a.items():
+        assert torch.equal(value, b[name]) == (not name.startswith("attr_out")), name
+    # What the refit measured is what the model computes, also after a checkpoint round trip.
+    save_checkpoint(tmp_path / "refit.safetensors", models[1], {})
+    loaded, _ = load_checkpoint(tmp_path / "refit.safetensors")
+    width = loaded.feature_channels + loaded.n_seg_features
+    x = torch.from_numpy(inputs.head_in).float()
+    with torch.no_grad():
+        attributes = loaded._heads(x[:, : loaded.feature_channels], x[:, loaded.feature_channels : width])[1]
+    mae = float(np.abs(attributes.double().numpy() - inputs.attributes).mean() * 4)
+    assert mae == pytest.approx(skipped["training_after"]["attribute_mae"], abs=1e-4)

@@ -201,6 +201,8 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     assert "attribute_readout" not in card
     summary["config"]["head"] = {"refit": "debugged", "attribute_readout": True}
     assert "the attribute output layer alone is refitted to the L1 error" in render_model_card(summary, "c")
+    summary["config"]["head"] = {"refit": "debugged", "attribute_readout": True, "attribute_skip": True}
+    assert "and a linear skip from the pooled features and statistics" in render_model_card(summary, "c")
     # A summary written before the key existed had the weight 1.
     summary["config"]["head"] = {"refit": "debugged"}
     assert "BCE + adaptive debug loss + attribute MSE," in render_model_card(summary, "c")
