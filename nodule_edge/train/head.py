@@ -272,10 +272,7 @@ class _Heads:
         wc[: self.h] = wc[: self.h] / sd
         bo = p["bo"]
         if "Ws" in p:
-            model.add_attribute_skip()
-            skip = model.attr_skip
-            if skip is None:  # add_attribute_skip guarantees it; this narrows the type
-                raise RuntimeError("attribute skip missing after add_attribute_skip")
+            skip = model.add_attribute_skip()
             bo = bo - (p["Ws"] / sd) @ mean
             with torch.no_grad():
                 skip.weight.copy_((p["Ws"] / sd).to(skip.weight.dtype))

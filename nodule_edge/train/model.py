@@ -306,14 +306,17 @@ class CollaborativeNet(nn.Module):
         """Segmentation statistics the heads read (0 without size-aware heads)."""
         return len(SEG_FEATURE_NAMES) if self.config.seg_features else 0
 
-    def add_attribute_skip(self) -> None:
-        """Add the attribute skip path (``ModelConfig.attribute_skip``) as zeros: outputs unchanged."""
-        if self.attr_skip is not None:
-            return
-        self.attr_skip = nn.Linear(self.attr_embed.in_features, self.attr_out.out_features, bias=False)
-        nn.init.zeros_(self.attr_skip.weight)
-        self.attr_skip.to(self.attr_out.weight)
-        self.config = replace(self.config, attribute_skip=True)
+    def add_attribute_skip(self) -> nn.Linear:
+        """The attribute skip path (``ModelConfig.attribute_skip``), added as zeros (outputs unchanged)
+        when the model has none yet."""
+        skip = self.attr_skip
+        if skip is None:
+            skip = nn.Linear(self.attr_embed.in_features, self.attr_out.out_features, bias=False)
+            nn.init.zeros_(skip.weight)
+            skip.to(self.attr_out.weight)
+            self.attr_skip = skip
+            self.config = replace(self.config, attribute_skip=True)
+        return skip
 
     def _heads(
         self, pooled: torch.Tensor, stats: torch.Tensor | None = None
