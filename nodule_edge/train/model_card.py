@@ -174,6 +174,16 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
     return []
 
 
+def _parameters(summary: dict[str, Any]) -> str:
+    """The shipped model's parameter count, and the trained network's when the head step added some."""
+    trained, shipped = summary.get("parameters"), summary.get("final", {}).get("parameters")
+    if shipped is None or shipped == trained:
+        return f"{_count(trained)} parameters"
+    return (
+        f"{_count(shipped)} parameters ({_count(trained)} trained, {_count(shipped - trained)} added by the head step)"
+    )
+
+
 def _readout_sentence(head: dict[str, Any]) -> str:
     """The attribute readout step of the head section (absent keys: before they existed, off)."""
     if not head.get("attribute_readout", False):
@@ -227,7 +237,7 @@ def render_model_card(
         "# nodule-edge model card",
         "",
         "## Model",
-        f"Collaborative 3D CNN (Zhang et al.): dilated residual backbone (widths {model.get('widths')}) with GroupNorm, {decoder}, fusion module, attribute branch whose embedding feeds the benign/malignant branch (concatenation), trained with the adaptive contrastive-saliency (debug) loss.{size_aware} {_count(summary.get('parameters'))} parameters. Grad-CAM in closed form in the graph.",
+        f"Collaborative 3D CNN (Zhang et al.): dilated residual backbone (widths {model.get('widths')}) with GroupNorm, {decoder}, fusion module, attribute branch whose embedding feeds the benign/malignant branch (concatenation), trained with the adaptive contrastive-saliency (debug) loss.{size_aware} {_parameters(summary)}. Grad-CAM in closed form in the graph.",
         "",
         "## Model input",
         "A 32 mm cube at 0.5 mm (64³), two channels: lung window [-1000, 400] HU and mediastinal window [-160, 240] HU.",

@@ -17,6 +17,7 @@ from nodule_edge._files import sha256_bytes, write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.head import HeadObjective
+from nodule_edge.train.model import count_parameters
 from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
 
 __all__ = ["run_training", "head_objective"]
@@ -188,6 +189,8 @@ def run_training(
                 cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say
             )
             summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
+            # The head step may add a layer (the attribute skip): count what ships.
+            summary["final"]["parameters"] = count_parameters(model)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write(out_dir / "summary.json", summary)
     return summary

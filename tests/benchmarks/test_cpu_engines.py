@@ -74,3 +74,41 @@ def test_compare_builds_int8_when_not_given(fp32_path, eval_patches, tmp_path):
 def test_unknown_candidate_is_refused(int8_path):
     with pytest.raises(EngineError, match="unknown CPU engine candidates"):
         compare_engines(int8_path, np.zeros((1, 2, 64, 64, 64), np.float32), candidates=["gpu-magic"])
+
+
+def test_each_engine_is_compared_on_the_runtime_path(eval_patches):
+    """A nodule-bounded model answers from its second pass, on the cube its first pass bounded."""
+    import json
+
+    from benches.cpu_engines import _run_all
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC
+
+    size = DEFAULT_PATCH_SPEC.size
+    z, y, x = np.mgrid[:size, :size, :size] - size / 2 + 0.5
+    sphere = ((z**2 + y**2 + x**2) <= 6**2).astype(np.float32)  # a 3 mm nodule at the centre
+
+    class RecordingEngine:
+        metadata = {
+            "patch_spec": DEFAULT_PATCH_SPEC.to_json(),
+            "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
+            "output_names": json.dumps(["segmentation", "malignancy_probability"]),
+            "input_name": "patch",
+        }
+
+        def __init__(self) -> None:
+            self.inputs: list[np.ndarray] = []
+
+        def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
+            self.inputs.append(patches.copy())
+            n = len(patches)
+            return {"segmentation": np.repeat(sphere[None], n, 0), "malignancy_probability": patches.mean((1, 2, 3, 4))}
+
+    engine = RecordingEngine()
+    patches = eval_patches.astype(np.float32)
+    outputs = _run_all(engine, patches, batch=3)
+    assert len(engine.inputs) == 4  # two batches, two passes each
+    first, second = engine.inputs[0], engine.inputs[1]
+    np.testing.assert_array_equal(first, patches[:3])
+    # The second pass read the bounded cube (air beyond the box), and its answer is reported.
+    assert (second != first).any() and (second[:, :, 0] == second[0, 0, 0, 0, 0]).all()
+    np.testing.assert_allclose(outputs["malignancy_probability"][:3], second.mean((1, 2, 3, 4)))

@@ -206,3 +206,11 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     # A summary written before the key existed had the weight 1.
     summary["config"]["head"] = {"refit": "debugged"}
     assert "BCE + adaptive debug loss + attribute MSE," in render_model_card(summary, "c")
+
+
+def test_the_card_counts_the_parameters_that_ship() -> None:
+    summary = _summary()
+    assert "1,350,125 parameters." in render_model_card(summary, "c")
+    # The head step added the attribute skip to the final model: the card says what ships.
+    summary["final"] = {**summary.get("final", {}), "parameters": 1350929}
+    assert "1,350,929 parameters (1,350,125 trained, 804 added by the head step)." in render_model_card(summary, "c")
