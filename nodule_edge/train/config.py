@@ -112,6 +112,9 @@ class HeadSection:
     # With the readout, also fit a linear skip from the head input to the attribute logits
     # (CollaborativeNet.add_attribute_skip); nothing else reads it.
     attribute_skip: bool = True
+    # Weight of a path-parity penalty in the "debugged" refit: mean |p(runtime path) - p(readers'
+    # box)| over the training fold (an ablation: docs/ablations/README.md); 0 = off.
+    parity_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
+    ("head", "parity_weight"): 0.0,
 }
 
 
@@ -272,6 +276,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.attribute_weight >= 0,
             f"head.attribute_weight must be >= 0, got {cfg.head.attribute_weight}",
+        ),
+        (
+            cfg.head.parity_weight >= 0,
+            f"head.parity_weight must be >= 0, got {cfg.head.parity_weight}",
         ),
         (
             cfg.head.attribute_readout or not cfg.head.attribute_skip,

@@ -184,6 +184,8 @@ class HeadInputs:
         labels: ``[N]`` 1 malignant, 0 benign, -1 unlabelled.
         attributes: ``[N, A]`` reader attributes scaled to [0, 1].
         has_attributes: ``[N]`` which nodules have attribute ratings.
+        reference_head_in: ``[N, C + S]`` the same on the training path (box of the readers'
+            mask), for the path-parity penalty; None without it.
     """
 
     head_in: np.ndarray
@@ -192,6 +194,7 @@ class HeadInputs:
     labels: np.ndarray
     attributes: np.ndarray
     has_attributes: np.ndarray
+    reference_head_in: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -213,6 +216,8 @@ class HeadObjective:
             L1 error in rating points (``ATTRIBUTE_READOUT_STEPS`` steps, ``attribute_l2``).
         attribute_skip: With the readout, add and fit the attribute skip path too (L2
             ``ATTRIBUTE_SKIP_L2``).
+        parity_weight: Weight of the path-parity penalty, the mean |p(runtime path) − p(training
+            path)| over the nodules (needs ``HeadInputs.reference_head_in``); 0 = off.
     """
 
     alpha: float = 1.0
@@ -224,6 +229,7 @@ class HeadObjective:
     lr: float = 0.01
     attribute_readout: bool = False
     attribute_skip: bool = False
+    parity_weight: float = 0.0
 
 
 class _Heads:
@@ -328,6 +334,11 @@ class _Data:
         self.labelled = self.y >= 0
         self.attributes = torch.from_numpy(np.asarray(inputs.attributes[rows], np.float64))
         self.has_attributes = torch.from_numpy(np.asarray(inputs.has_attributes[rows], bool))
+        self.x_reference = (
+            None
+            if inputs.reference_head_in is None
+            else (torch.from_numpy(np.asarray(inputs.reference_head_in[rows], np.float64)) - mean) / sd
+        )
 
 
 def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attributes: bool) -> dict[str, torch.Tensor]:
@@ -346,6 +357,9 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
         if attributes and objective.gamma and bool(data.has_attributes.any()):
             m = data.has_attributes
             loss = loss + objective.gamma * F.mse_loss(attrs[m], data.attributes[m][:, : attrs.shape[1]])
+        if objective.parity_weight and data.x_reference is not None:
+            reference_logit = heads.forward(p, data.x_reference)[0]
+            loss = loss + objective.parity_weight * (torch.sigmoid(logit) - torch.sigmoid(reference_logit)).abs().mean()
         attribute_weights = [p[k] for k in ("We", "Wo", "Ws") if k in p]
         loss = loss + l2 * (p["wc"] ** 2).sum() + objective.attribute_l2 * sum((w**2).sum() for w in attribute_weights)
         opt.zero_grad()
@@ -395,6 +409,10 @@ def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dic
     m = data.has_attributes
     if bool(m.any()) and attrs.shape[1] == data.attributes.shape[1]:
         out["attribute_mae"] = float((attrs[m] - data.attributes[m]).abs().mean() * 4)
+    if data.x_reference is not None:
+        with torch.no_grad():
+            reference_logit = heads.forward(p, data.x_reference)[0]
+        out["path_parity"] = float((torch.sigmoid(logit) - torch.sigmoid(reference_logit)).abs().mean())
     return out
 
 

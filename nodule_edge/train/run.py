@@ -214,7 +214,7 @@ def _refit_head(
     L2 strength by inner patient-grouped CV over these nodules.
     """
     from nodule_edge.train.head import HeadInputs, refit_classifier, refit_heads
-    from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
+    from nodule_edge.train.trainer import predict, predict_runtime_path, reference_bounded, save_checkpoint
 
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
@@ -234,6 +234,13 @@ def _refit_head(
             labels=ds.labels[idx],
             attributes=ds.attributes[idx],
             has_attributes=ds.has_attributes[idx],
+            reference_head_in=(
+                predict(model, ds, idx, device, False, images=reference_bounded(ds, idx, spec))["classifier_input"][
+                    :, :width
+                ]
+                if cfg.head.parity_weight > 0
+                else None
+            ),
         )
         info = refit_heads(model, inputs, [ds.patients[i] for i in idx], head_objective(cfg), seed=cfg.train.seed)
         say(
@@ -251,7 +258,8 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
     """The training objective restricted to the heads, as the "debugged" refit optimises it.
 
     The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more,
-    and the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``).
+    the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``),
+    and the path-parity penalty at ``head.parity_weight``.
     """
     return HeadObjective(
         alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
@@ -260,6 +268,7 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
         adaptive=cfg.loss.adaptive,
         attribute_readout=cfg.head.attribute_readout,
         attribute_skip=cfg.head.attribute_skip,
+        parity_weight=cfg.head.parity_weight,
     )
 
 

@@ -36,6 +36,7 @@ EXPECTED = {
     "attribute_weight16": (True, True, False, True),
     "no_attribute_readout": (True, True, False, True),
     "no_attribute_skip": (True, True, False, True),
+    "parity_penalty": (True, True, False, True),
 }
 
 

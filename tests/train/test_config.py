@@ -160,6 +160,7 @@ HEAD_STEP_ABLATIONS = (
     "attribute_weight16",
     "no_attribute_readout",
     "no_attribute_skip",
+    "parity_penalty",
 )
 
 #: Recipe ablations: the train keys each one changes.
@@ -175,6 +176,7 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
         "attribute_weight16",
         "no_attribute_readout",
         "no_attribute_skip",
+        "parity_penalty",
         "papers_model",
         "light16_decoder",
         "no_extras",

@@ -243,3 +243,26 @@ def test_the_attribute_skip_lowers_the_error_further_and_survives_a_checkpoint(t
         attributes = loaded._heads(x[:, : loaded.feature_channels], x[:, loaded.feature_channels : width])[1]
     mae = float(np.abs(attributes.double().numpy() - inputs.attributes).mean() * 4)
     assert mae == pytest.approx(skipped["training_after"]["attribute_mae"], abs=1e-4)
+
+
+def test_the_parity_penalty_pulls_the_two_paths_together() -> None:
+    assert head_objective(TrainConfig(head=HeadSection(parity_weight=2.0))).parity_weight == 2.0
+    infos = []
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = CollaborativeNet(SMALL)
+        inputs, _ = _head_inputs(model, n=40)
+        inputs.labels = (inputs.head_in[:, 3] > np.median(inputs.head_in[:, 3])).astype(np.int64)
+        # The training path sees the same nodules with other statistics (another box).
+        rng = np.random.default_rng(1)
+        inputs.reference_head_in = inputs.head_in.copy()
+        stats = slice(model.feature_channels, None)
+        inputs.reference_head_in[:, stats] += rng.normal(size=inputs.head_in[:, stats].shape) * inputs.head_in[
+            :, stats
+        ].std(0)
+        objective = HeadObjective(steps=150, parity_weight=weight)
+        patients = [f"p{i // 2}" for i in range(len(inputs))]
+        infos.append(refit_heads(model, inputs, patients, objective, l2_grid=(0.01,), inner_folds=2))
+    plain, penalised = (info["training_after"] for info in infos)
+    assert penalised["path_parity"] < 0.7 * plain["path_parity"]
+    assert penalised["auc"] > 0.8
