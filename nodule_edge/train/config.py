@@ -113,8 +113,8 @@ class HeadSection:
     # (CollaborativeNet.add_attribute_skip); nothing else reads it.
     attribute_skip: bool = True
     # Weight of a path-parity penalty in the "debugged" refit: mean |p(runtime path) - p(readers'
-    # box)| over the training fold (an ablation: docs/ablations/README.md); 0 = off.
-    parity_weight: float = 0.0
+    # box)| over the training fold (docs/cv/README.md, item 8); 0 = off.
+    parity_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +280,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.parity_weight >= 0,
             f"head.parity_weight must be >= 0, got {cfg.head.parity_weight}",
+        ),
+        (
+            cfg.head.refit == "debugged" or cfg.head.parity_weight == 0,
+            f'head.parity_weight = {cfg.head.parity_weight} needs head.refit = "debugged" (the penalty is part of that refit)',
         ),
         (
             cfg.head.attribute_readout or not cfg.head.attribute_skip,

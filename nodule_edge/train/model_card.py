@@ -161,6 +161,10 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             if weight == 1
             else f"attribute MSE × {weight:g}" + (", i.e. in rating points" if weight == 16 else "")
         )
+        # A summary without the key was written before it existed, when there was no penalty.
+        parity = float(cfg.get("head", {}).get("parity_weight", 0.0))
+        if parity:
+            attribute += f" + {parity:g} × the mean |p(runtime path) − p(readers' box)| over the training fold (path-parity penalty)"
         return [
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "

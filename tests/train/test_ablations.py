@@ -37,6 +37,7 @@ EXPECTED = {
     "no_attribute_readout": (True, True, False, True),
     "no_attribute_skip": (True, True, False, True),
     "parity_penalty": (True, True, False, True),
+    "no_parity_penalty": (True, True, False, True),
 }
 
 
@@ -69,10 +70,12 @@ def test_head_step_ablations_reuse_the_shipped_networks() -> None:
         assert cfg.resolve(cfg.output_dir).resolve() == shipped.resolve(shipped.output_dir).resolve(), name
     weighted = load_config(REPO_ROOT / "configs" / "ablations" / "attribute_weight16.toml")
     assert weighted.head == dataclasses.replace(
-        shipped.head, attribute_weight=16.0, attribute_readout=False, attribute_skip=False
+        shipped.head, attribute_weight=16.0, attribute_readout=False, attribute_skip=False, parity_weight=0.0
     )
     no_skip = load_config(REPO_ROOT / "configs" / "ablations" / "no_attribute_skip.toml")
-    assert no_skip.head == dataclasses.replace(shipped.head, attribute_skip=False)
+    assert no_skip.head == dataclasses.replace(shipped.head, attribute_skip=False, parity_weight=0.0)
+    no_parity = load_config(REPO_ROOT / "configs" / "ablations" / "no_parity_penalty.toml")
+    assert no_parity.head == dataclasses.replace(shipped.head, parity_weight=0.0)
     # A key at its default leaves the hashes of folds recorded before it existed unchanged.
     assert "attribute_weight" not in shipped.to_dict()["head"]
 

@@ -161,6 +161,7 @@ HEAD_STEP_ABLATIONS = (
     "no_attribute_readout",
     "no_attribute_skip",
     "parity_penalty",
+    "no_parity_penalty",
 )
 
 #: Recipe ablations: the train keys each one changes.
@@ -177,6 +178,7 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
         "no_attribute_readout",
         "no_attribute_skip",
         "parity_penalty",
+        "no_parity_penalty",
         "papers_model",
         "light16_decoder",
         "no_extras",
@@ -251,6 +253,7 @@ MOVED_RESULTS = {
     "head_refit_none": "docs/cv before the debugged refit (commit 7c5f1cf)",
     "no_attribute_readout": "docs/cv before the attribute readout step",
     "no_attribute_skip": "docs/cv before the attribute skip",
+    "no_parity_penalty": "docs/cv before the path-parity penalty",
 }
 
 

@@ -203,6 +203,11 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     assert "the attribute output layer alone is refitted to the L1 error" in render_model_card(summary, "c")
     summary["config"]["head"] = {"refit": "debugged", "attribute_readout": True, "attribute_skip": True}
     assert "and a linear skip from the pooled features and statistics" in render_model_card(summary, "c")
+    assert "path-parity penalty" not in render_model_card(summary, "c")
+    summary["config"]["head"] = {"refit": "debugged", "parity_weight": 1.0}
+    assert "+ 1 × the mean |p(runtime path) − p(readers' box)| over the training fold" in render_model_card(
+        summary, "c"
+    )
     # A summary written before the key existed had the weight 1.
     summary["config"]["head"] = {"refit": "debugged"}
     assert "BCE + adaptive debug loss + attribute MSE," in render_model_card(summary, "c")
