@@ -125,7 +125,7 @@ BACKEND_TABLE: tuple[BackendSpec, ...] = (
         True,
         _cpu_fast_unavailable,
     ),
-    # cpu-int8 is faster still without OpenVINO but moves probabilities by up to 0.23 and ratings by
+    # cpu-int8 is faster still without OpenVINO but moves probabilities by up to 0.26 and ratings by
     # up to 1.4 points, and can invert the (p - 0.5)-signed saliency near p = 0.5 (README, Performance): asked for only.
     BackendSpec(
         "cpu-int8",
