@@ -33,6 +33,11 @@ With ``attribute_skip`` the readout also fits a linear path from the head input 
 attribute logits (:meth:`CollaborativeNet.add_attribute_skip`): the embedding serves the
 classifier too, and the ratings read the pooled features and statistics better directly
 (docs/cv/probes/probe_attribute_direct.py). The classifier does not read the skip either.
+
+With ``parity_weight`` > 0 the refit's objective also carries the mean |p(runtime path) −
+p(readers' box)| over the training nodules (``HeadInputs.reference_head_in``): the refitted
+classifier leaned on segmentation statistics that the first pass's box and the readers' box
+measure differently, and path parity (docs/cv/README.md, item 8) is what the runtime's user pays.
 """
 
 from __future__ import annotations
