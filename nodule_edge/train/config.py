@@ -110,10 +110,11 @@ class HeadSection:
     # points; the malignancy outputs and Grad-CAM do not read it (nodule_edge/train/head.py).
     attribute_readout: bool = True
     # With the readout, also fit a linear skip from the head input to the attribute logits
-    # (CollaborativeNet.add_attribute_skip); nothing else reads it.
+    # (CollaborativeNet.add_attribute_skip); nothing else reads it. Ignored without the readout,
+    # as the readout is without the "debugged" refit.
     attribute_skip: bool = True
     # Weight of a path-parity penalty in the "debugged" refit: mean |p(runtime path) - p(readers'
-    # box)| over the training fold (docs/cv/README.md, item 8); 0 = off.
+    # box)| over the training fold (docs/cv/README.md, item 8); 0 = off. Ignored by the other refits.
     parity_weight: float = 1.0
 
 
@@ -280,14 +281,6 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.parity_weight >= 0,
             f"head.parity_weight must be >= 0, got {cfg.head.parity_weight}",
-        ),
-        (
-            cfg.head.refit == "debugged" or cfg.head.parity_weight == 0,
-            f'head.parity_weight = {cfg.head.parity_weight} needs head.refit = "debugged" (the penalty is part of that refit)',
-        ),
-        (
-            cfg.head.attribute_readout or not cfg.head.attribute_skip,
-            "head.attribute_skip = true needs head.attribute_readout = true (the skip is fitted by the readout step)",
         ),
         (cv.evaluate in ("last", "best"), f"cv.evaluate must be last or best, got {cv.evaluate!r}"),
         (0 < cv.val_fraction < 1, f"cv.val_fraction must be in (0, 1), got {cv.val_fraction}"),
