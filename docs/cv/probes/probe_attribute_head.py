@@ -52,7 +52,9 @@ def head_inputs(prefix, idx):
 
 
 fit_in, test_in = head_inputs("fit", refit_idx), head_inputs("test", test_idx)
-l2 = fold_json(fold)["classifier_refit"]["l2"]
+# The classifier L2 the head step chose before the parity penalty (docs/cv now holds the penalised
+# refit's choice); the recorded outputs of this probe and the ones that reuse it were computed with it.
+l2 = json.loads((ROOT / f"docs/ablations/no_parity_penalty/fold{fold}.json").read_text())["classifier_refit"]["l2"]
 base = HeadObjective(alpha=cfg.loss.alpha, gamma=cfg.loss.gamma, delta=cfg.loss.delta, adaptive=cfg.loss.adaptive)
 heads, fit_data = _prepare(model, fit_in, np.arange(len(fit_in)))
 test_data = _Data(test_in, np.arange(len(test_in)), heads.mean, heads.sd)

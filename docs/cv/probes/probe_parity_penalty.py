@@ -17,7 +17,6 @@ _src = open(__file__.replace("probe_parity_penalty", "probe_attribute_head")).re
 exec(compile(_src.split("variants = {")[0], "probe_attribute_head.py", "exec"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from nodule_edge.metrics import roc_auc  # noqa: E402
 from nodule_edge.train.head import _cam_region_means  # noqa: E402
@@ -34,24 +33,10 @@ x_ref_fit = (torch.from_numpy(ref["fit"].astype(np.float64)) - heads.mean) / hea
 x_ref_test = (torch.from_numpy(ref["test"].astype(np.float64)) - heads.mean) / heads.sd
 
 
-def fit_with_parity(weight, objective=base):
-    p = {k: v.clone().requires_grad_(True) for k, v in heads.params.items()}
-    opt = torch.optim.Adam(list(p.values()), lr=objective.lr)
-    lab = fit_data.labelled
-    for _ in range(objective.steps):
-        logit, attrs, omega = heads.forward(p, fit_data.x)
-        loss = F.binary_cross_entropy_with_logits(logit[lab], fit_data.y[lab])
-        inside, outside = _cam_region_means(logit, omega, fit_data.features, fit_data.f_in, fit_data.f_out)
-        csl = F.relu(outside - inside + objective.delta) * 2 * (torch.sigmoid(logit).detach() - 0.5).abs()
-        loss = loss + objective.alpha * csl[lab].mean()
-        m = fit_data.has_attributes
-        loss = loss + objective.gamma * F.mse_loss(attrs[m], fit_data.attributes[m][:, : attrs.shape[1]])
-        if weight:
-            logit_ref = heads.forward(p, x_ref_fit)[0]
-            loss = loss + weight * (torch.sigmoid(logit) - torch.sigmoid(logit_ref)).abs().mean()
-        loss = loss + l2 * (p["wc"] ** 2).sum() + objective.attribute_l2 * ((p["We"] ** 2).sum() + (p["Wo"] ** 2).sum())
-        opt.zero_grad(); loss.backward(); opt.step()
-    return {k: v.detach() for k, v in p.items()}
+def fit_with_parity(weight):
+    # The refit itself (nodule_edge/train/head.py::_fit) with the penalty on the readers'-box inputs.
+    fit_data.x_reference = x_ref_fit
+    return _fit(heads, fit_data, l2, replace(base, parity_weight=weight), True)
 
 
 def report(name, p):
