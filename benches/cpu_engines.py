@@ -92,7 +92,10 @@ class Candidate:
         if self.backend == "onnxruntime":
             options = session_options_for(self.threads, optimization=self.optimization, spinning=self.spinning)
             return load_ort_model(Path(model_path), options)
-        return load_cpu_engine(model_path, backend=self.backend, threads=self.threads, precision=self.precision)
+        # The runtime's first pass runs the graph cut to the segmentation (CpuFastEngine).
+        return load_cpu_engine(
+            model_path, backend=self.backend, threads=self.threads, precision=self.precision, segmentation_pass=True
+        )
 
 
 def _load_ort_openvino_ep(path: Path, threads: int | None, precision: Precision) -> CpuEngine:
@@ -167,7 +170,9 @@ def _run_all(engine: CpuEngine, patches: np.ndarray, batch: int) -> dict[str, np
     spec = metadata_from_props(engine.metadata).patch_spec
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(patches), batch):
-        out, _ = run_nodule_bounded(engine.run, np.asarray(patches[start : start + batch], dtype=np.float32), spec)
+        out, _ = run_nodule_bounded(
+            engine.run, np.asarray(patches[start : start + batch], dtype=np.float32), spec, segment=engine.segment
+        )
         for key, value in out.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(value) for key, value in parts.items()}

@@ -72,6 +72,16 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ("engine batch 1: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-1"), ("test_engine", "cpu-1")),
     ("engine batch 8: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-8"), ("test_engine", "cpu-8")),
     (
+        "engine, runtime path (two passes) / one pass (cpu-fast, batch 1)",
+        ("test_engine_runtime_path", "segmentation_graph"),
+        ("test_engine", "cpu-fast-1"),
+    ),
+    (
+        "engine, runtime path: segmentation-graph first pass / full-graph first pass",
+        ("test_engine_runtime_path", "segmentation_graph"),
+        ("test_engine_runtime_path", "full_graph"),
+    ),
+    (
         "Grad-CAM outputs: all / without saliency (fp32)",
         ("test_gradcam_extra_cost", "all"),
         ("test_gradcam_extra_cost", "without_gradcam"),

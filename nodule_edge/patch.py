@@ -303,6 +303,8 @@ def run_nodule_bounded(
     run: Callable[[np.ndarray], dict[str, np.ndarray]],
     patches: np.ndarray,
     spec: PatchSpec,
+    *,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The runtime's model path: first pass on whole cubes, box of its segmentation, second pass.
 
@@ -310,10 +312,18 @@ def run_nodule_bounded(
     patch grid among them). Without a nodule box in the spec this is one pass. Where the first
     pass finds no nodule the second pass reads the whole cube again.
 
+    Args:
+        run: The model, every output.
+        patches: Whole cubes ``[N, C, S, S, S]``.
+        spec: The model's patch spec; its nodule box decides whether there is a first pass.
+        segment: The first pass, ``patches -> segmentation [N, S, S, S]``: an engine's
+            :meth:`~nodule_edge.runtime.engines.Engine.segment`, which computes the segmentation
+            without the rest of the graph. None: ``run(patches)["segmentation"]``.
+
     Returns:
         The second pass's outputs and, per patch, whether the first pass found a nodule.
     """
-    outputs, found, _ = run_nodule_bounded_with_input(run, patches, spec)
+    outputs, found, _ = run_nodule_bounded_with_input(run, patches, spec, segment=segment)
     return outputs, found
 
 
@@ -321,17 +331,19 @@ def run_nodule_bounded_with_input(
     run: Callable[[np.ndarray], dict[str, np.ndarray]],
     patches: np.ndarray,
     spec: PatchSpec,
+    *,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """:func:`run_nodule_bounded`, also returning the cubes the answering pass read.
 
     Explanations perturb exactly that input (occlusion, deletion curves, Captum maps): the
     nodule-bounded cubes, or the whole cubes without a nodule box.
     """
-    first = run(patches)
     if spec.nodule_box is None:
-        return first, np.ones(len(patches), bool), patches
+        return run(patches), np.ones(len(patches), bool), patches
+    segmentation = segment(patches) if segment is not None else run(patches)["segmentation"]
     bounded = np.empty_like(patches)
     found = np.zeros(len(patches), bool)
     for i, patch in enumerate(patches):
-        bounded[i], found[i] = bound_to_nodule(patch, first["segmentation"][i], spec)
+        bounded[i], found[i] = bound_to_nodule(patch, segmentation[i], spec)
     return run(bounded), found, bounded

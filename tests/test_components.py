@@ -46,3 +46,19 @@ def test_diagonal_neighbours_join_only_when_fully_connected() -> None:
     mask[0, 0, 0] = mask[1, 1, 1] = True
     assert connected_components(mask).max() == 2
     assert connected_components(mask, fully_connected=True).max() == 1
+
+
+@pytest.mark.parametrize("fully_connected", [False, True], ids=["6-connected", "26-connected"])
+def test_labels_equal_simpleitks_on_sparse_blobs_in_a_large_cube(fully_connected: bool) -> None:
+    """Only the box around the foreground is labelled; labels and numbering must not change."""
+    rng = np.random.default_rng(7 + int(fully_connected))
+    for _ in range(20):
+        mask = np.zeros((40, 40, 40), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            low = rng.integers(0, 34, 3)
+            size = rng.integers(1, 7, 3)
+            block = tuple(slice(int(lo), int(lo + n)) for lo, n in zip(low, size, strict=True))
+            mask[block] = rng.random(tuple(int(n) for n in size)) < 0.6
+        np.testing.assert_array_equal(
+            connected_components(mask, fully_connected=fully_connected), _sitk_labels(mask, fully_connected)
+        )

@@ -189,7 +189,13 @@ def explain_nodule(
     occluded = None
     if "occlusion" in methods:
         try:
-            occluded = occlusion_map(inferer.engine.run, nodule.patch, spec, **dict(occlusion_options or {}))
+            occluded = occlusion_map(
+                inferer.engine.run,
+                nodule.patch,
+                spec,
+                segment=inferer.engine.segment,
+                **dict(occlusion_options or {}),
+            )
         except OptionError:
             raise
         except ValueError as exc:
@@ -249,7 +255,9 @@ def _bounded(inferer: Any, patch: np.ndarray) -> np.ndarray:
     """The cube the second pass reads (the first pass's box), as occlusion records it."""
     from nodule_edge.patch import run_nodule_bounded_with_input
 
-    _, _, answered = run_nodule_bounded_with_input(inferer.engine.run, patch[None], inferer.spec)
+    _, _, answered = run_nodule_bounded_with_input(
+        inferer.engine.run, patch[None], inferer.spec, segment=inferer.engine.segment
+    )
     return np.asarray(answered[0], np.float32)
 
 

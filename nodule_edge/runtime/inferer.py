@@ -253,7 +253,7 @@ class NoduleInferer:
         A model with a nodule box in its patch spec runs twice: the first pass's segmentation
         bounds the cube as the training VOIs were bounded, the second pass gives the answer.
         """
-        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec)
+        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec, segment=self.engine.segment)
         return self._predictions(outputs, exclude_ids, found)
 
     def explain(
@@ -320,7 +320,7 @@ class NoduleInferer:
                     "(NaN or infinite HU: check RescaleSlope/RescaleIntercept, or the array passed in)"
                 )
         t0 = time.perf_counter()
-        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec)
+        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec, segment=self.engine.segment)
         timing["engine"] = _ms(t0)
         t0 = time.perf_counter()
         predictions = self._predictions(outputs, exclude_ids, found)

@@ -192,6 +192,7 @@ def occlusion_map(
     fill: float | Sequence[float] | None = None,
     batch: int = DEFAULT_BATCH,
     max_passes: int = DEFAULT_MAX_PASSES,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> OcclusionResult:
     """Occlusion sensitivity of the malignancy logit on the nodule-bounded input of one nodule.
 
@@ -213,6 +214,8 @@ def occlusion_map(
         fill: Value of occluded voxels: one number for every channel or one per channel.
             Default: :func:`air_fill`, the windowed air of ``spec.outside_hu``.
         batch: Occluded cubes per engine call, ≥ 1.
+        segment: The engine's first pass (``NoduleInferer().engine.segment``), so that the box is
+            the one the runtime draws; None: the segmentation of ``run``.
 
     Returns:
         The map on the patch grid and what it cost (:class:`OcclusionResult`).
@@ -247,7 +250,7 @@ def occlusion_map(
         raise OptionError("occlusion patch holds NaN or infinite values")
 
     # The runtime's own two-pass path, keeping the cube its second pass reads.
-    outputs, found, answered = run_nodule_bounded_with_input(run, patch[None], spec)
+    outputs, found, answered = run_nodule_bounded_with_input(run, patch[None], spec, segment=segment)
     bounded = np.array(answered[0], dtype=np.float32)
     model_passes = 1 if spec.nodule_box is None else 2
     probability = float(np.asarray(outputs["malignancy_probability"]).reshape(-1)[0])

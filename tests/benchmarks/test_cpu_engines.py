@@ -97,17 +97,23 @@ def test_each_engine_is_compared_on_the_runtime_path(eval_patches):
 
         def __init__(self) -> None:
             self.inputs: list[np.ndarray] = []
+            self.segmented: list[np.ndarray] = []
 
         def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
             self.inputs.append(patches.copy())
             n = len(patches)
             return {"segmentation": np.repeat(sphere[None], n, 0), "malignancy_probability": patches.mean((1, 2, 3, 4))}
 
+        def segment(self, patches: np.ndarray) -> np.ndarray:
+            self.segmented.append(patches.copy())
+            return np.repeat(sphere[None], len(patches), 0)
+
     engine = RecordingEngine()
     patches = eval_patches.astype(np.float32)
     outputs = _run_all(engine, patches, batch=3)
-    assert len(engine.inputs) == 4  # two batches, two passes each
-    first, second = engine.inputs[0], engine.inputs[1]
+    # Two batches: each a first pass through the engine's segmentation pass, then a full pass.
+    assert len(engine.segmented) == 2 and len(engine.inputs) == 2
+    first, second = engine.segmented[0], engine.inputs[0]
     np.testing.assert_array_equal(first, patches[:3])
     # The second pass read the bounded cube (air beyond the box), and its answer is reported.
     assert (second != first).any() and (second[:, :, 0] == second[0, 0, 0, 0, 0]).all()

@@ -38,6 +38,9 @@ class FakeEngine:
             "embedding": np.repeat(mean[:, None], 8, axis=1).astype(np.float32),
         }
 
+    def segment(self, patches: np.ndarray) -> np.ndarray:
+        return self.run(patches)["segmentation"]
+
 
 @pytest.fixture(scope="session")
 def real_inferer(tiny_bundle):

@@ -141,6 +141,16 @@ class Engine(abc.ABC):
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""
 
+    def segment(self, patches: np.ndarray) -> np.ndarray:
+        """The ``segmentation`` output alone ``[N, S, S, S]``: the runtime's first pass.
+
+        The first pass only draws the nodule's box (:func:`nodule_edge.patch.run_nodule_bounded`).
+        This default runs the whole graph; an engine that can compile the graph cut to the
+        segmentation (``cpu-fast``, ``cpu-int8`` on OpenVINO) overrides it and skips the heads
+        and the in-graph Grad-CAM.
+        """
+        return self.run(patches)["segmentation"]
+
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: most engines hold nothing to free
         """Free what the engine holds outside Python's memory (GPU buffers); a no-op by default."""
 
@@ -187,6 +197,7 @@ class CpuEngine:
     metadata: dict[str, str]
     output_names: tuple[str, ...]
     _run: Callable[[np.ndarray], dict[str, np.ndarray]] = field(repr=False)
+    _segment: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch of patches.
@@ -207,3 +218,24 @@ class CpuEngine:
             return self._run(patches)
         except Exception as exc:  # ORT's and OpenVINO's errors share no base class but Exception
             raise EngineError(f"{self.backend} failed on {self.path.name} with input {patches.shape}: {exc}") from exc
+
+    def segment(self, patches: np.ndarray) -> np.ndarray:
+        """The ``segmentation`` output alone (:meth:`Engine.segment`).
+
+        Runs the graph cut to the segmentation where the library compiled one
+        (``load_cpu_engine(..., segmentation_pass=True)`` on OpenVINO), else the whole graph.
+
+        Raises:
+            EngineError: Not a 5-D batch, or the library failed.
+        """
+        if self._segment is None:
+            return self.run(patches)["segmentation"]
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        if patches.ndim != 5:
+            raise EngineError(f"patches must be [N, C, S, S, S], got shape {patches.shape}")
+        try:
+            return self._segment(patches)
+        except Exception as exc:  # as in run()
+            raise EngineError(
+                f"{self.backend} failed on the segmentation pass of {self.path.name} with input {patches.shape}: {exc}"
+            ) from exc

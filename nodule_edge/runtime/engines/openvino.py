@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -73,13 +74,19 @@ def openvino_available() -> bool:
     return True
 
 
-def load_openvino_model(path: Path, threads: int | None, precision: Precision) -> CpuEngine:
+def load_openvino_model(
+    path: Path, threads: int | None, precision: Precision, *, segmentation_pass: bool = False
+) -> CpuEngine:
     """Compile an ONNX model (fp32 or INT8 QDQ) for OpenVINO's CPU plugin.
 
     Args:
         path: The model file.
         threads: Inference threads; default one per available core.
         precision: Precision of the layers left in floating point (``"auto"``: OpenVINO's choice).
+        segmentation_pass: Also compile the graph cut to its ``segmentation`` output (OpenVINO
+            drops every node that output does not need: the heads, the Grad-CAM and its
+            upsampling), which :meth:`CpuEngine.segment` then runs. The runtime's first pass only
+            needs the segmentation (README, Performance).
 
     Returns:
         The loaded model; its ``precision`` is what OpenVINO reports it compiled.
@@ -119,7 +126,35 @@ def load_openvino_model(path: Path, threads: int | None, precision: Precision) -
         result = request.infer({input_name: x}, share_outputs=False)
         return {name: np.asarray(result[port]) for name, port in zip(names, ports, strict=True)}
 
-    return CpuEngine(path, "openvino", actual, metadata, names, run)
+    segment = _compile_segmentation_pass(core, path, config, names) if segmentation_pass else None
+    return CpuEngine(path, "openvino", actual, metadata, names, run, segment)
+
+
+def _compile_segmentation_pass(
+    core: Any, path: Path, config: dict[str, Any], names: tuple[str, ...]
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The model read again with every result but ``segmentation`` removed, compiled alike.
+
+    None when the model has no ``segmentation`` output (the caller then runs the whole graph).
+    """
+    if "segmentation" not in names:
+        return None
+    model = core.read_model(str(path))
+    # Results in the same order as model.outputs, whose names were matched above.
+    for name, result in zip(names, list(model.get_results()), strict=True):
+        if name != "segmentation":
+            model.remove_result(result)
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except RuntimeError as exc:
+        raise EngineError(f"OpenVINO cannot compile the segmentation pass of {path}: {exc}") from exc
+    request = compiled.create_infer_request()
+    input_name = compiled.inputs[0].get_any_name()
+
+    def segment(x: np.ndarray) -> np.ndarray:
+        return np.asarray(request.infer({input_name: x}, share_outputs=False)[0])
+
+    return segment
 
 
 def load_cpu_engine(
@@ -129,6 +164,7 @@ def load_cpu_engine(
     threads: int | None = None,
     precision: Precision = "auto",
     optimization: Literal["basic", "extended", "all"] = "all",
+    segmentation_pass: bool = False,
 ) -> CpuEngine:
     """Load an ONNX model (fp32 or the INT8 artifact) on a CPU library.
 
@@ -140,6 +176,9 @@ def load_cpu_engine(
             OpenVINO's own choice: bf16 on CPUs with native bf16 (avx512_bf16 or AMX), else f32
             (measured fastest here, with the accuracy in the README); ``"f32"`` forces fp32.
         optimization: ONNX Runtime only: graph optimisation level.
+        segmentation_pass: OpenVINO only: also compile the graph cut to the segmentation, which
+            :meth:`CpuEngine.segment` runs (ONNX Runtime computes every node whatever outputs
+            are asked for, so there ``segment`` runs the whole graph).
 
     Returns:
         The loaded model.
@@ -157,7 +196,7 @@ def load_cpu_engine(
     if backend == "auto":
         backend = "openvino" if openvino_available() else "onnxruntime"
     if backend == "openvino":
-        engine = load_openvino_model(path, threads, precision)
+        engine = load_openvino_model(path, threads, precision, segmentation_pass=segmentation_pass)
     elif backend == "onnxruntime":
         engine = load_ort_model(path, session_options_for(threads, optimization=optimization))
     else:
@@ -191,9 +230,11 @@ class CpuFastEngine(Engine):
                 raise EngineError(
                     "backend 'cpu-fast' runs on OpenVINO, which is not installed (pip install 'nodule-edge[openvino]')"
                 )
-            self._engine = load_cpu_engine(path, backend="openvino", threads=threads, precision="bf16")
+            self._engine = load_cpu_engine(
+                path, backend="openvino", threads=threads, precision="bf16", segmentation_pass=True
+            )
         else:
-            self._engine = load_cpu_engine(path, threads=threads)
+            self._engine = load_cpu_engine(path, threads=threads, segmentation_pass=True)
         self.backend = backend
         self.path = path
         self.providers = (self._engine.backend,)
@@ -212,6 +253,11 @@ class CpuFastEngine(Engine):
         Raises:
             EngineError: The batch does not have the model's patch shape, or the library failed.
         """
+        patches = self._checked(patches)
+        with self._lock:
+            return self._engine.run(patches)
+
+    def _checked(self, patches: np.ndarray) -> np.ndarray:
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         size = self.metadata.patch_spec.size
         expected = (self.metadata.patch_spec.channels, size, size, size)
@@ -219,5 +265,14 @@ class CpuFastEngine(Engine):
             raise EngineError(
                 f"engine expects patches of shape [N, {', '.join(map(str, expected))}], got {list(patches.shape)}"
             )
+        return patches
+
+    def segment(self, patches: np.ndarray) -> np.ndarray:
+        """The segmentation alone, from the graph cut to it on OpenVINO (:meth:`Engine.segment`).
+
+        Raises:
+            EngineError: The batch does not have the model's patch shape, or the library failed.
+        """
+        patches = self._checked(patches)
         with self._lock:
-            return self._engine.run(patches)
+            return self._engine.segment(patches)

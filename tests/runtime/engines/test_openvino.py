@@ -74,3 +74,32 @@ def test_openvino_is_imported_with_its_telemetry_masked(monkeypatch):
     ov_mod.import_openvino()
     assert seen == {"module": "openvino", "telemetry": None}  # None: `import openvino_telemetry` fails
     assert "openvino_telemetry" not in sys.modules
+
+
+@pytest.mark.skipif(not openvino_available(), reason="openvino not installed (pip install 'nodule-edge[openvino]')")
+def test_the_segmentation_pass_is_the_full_graphs_segmentation(tiny_bundle):
+    """The runtime's first pass runs the exported graph cut to ``segmentation`` (README, Performance)."""
+    from nodule_edge.runtime import load_bundle
+    from nodule_edge.runtime.engines import create_engine
+
+    x = np.random.default_rng(3).random((2, 2, 64, 64, 64), dtype=np.float32)
+    exact = load_cpu_engine(tiny_bundle / "model.onnx", backend="openvino", precision="f32", segmentation_pass=True)
+    assert exact._segment is not None
+    full = exact.run(x)["segmentation"]
+    np.testing.assert_allclose(exact.segment(x), full, atol=1e-5)
+    # Without the cut, segment() runs the whole graph.
+    plain = load_cpu_engine(tiny_bundle / "model.onnx", backend="openvino", precision="f32")
+    assert plain._segment is None
+    np.testing.assert_allclose(plain.segment(x), full, atol=1e-5)
+    # The shipped engine compiles the cut in bf16, like its full graph, and checks the shape.
+    fast = create_engine(load_bundle(tiny_bundle), "cpu-fast")
+    np.testing.assert_allclose(fast.segment(x), fast.run(x)["segmentation"], atol=0.03)
+    with pytest.raises(EngineError, match="expects patches of shape"):
+        fast.segment(x[:, :1])
+
+
+def test_without_a_segmentation_cut_the_engine_runs_the_whole_graph(fp32_path):
+    """ONNX Runtime computes every node whatever outputs are fetched, so it keeps the default."""
+    engine = load_cpu_engine(fp32_path, backend="onnxruntime", segmentation_pass=True)
+    x = blob_patches(2, seed=4)
+    np.testing.assert_array_equal(engine.segment(x), engine.run(x)["segmentation"])
