@@ -289,6 +289,7 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
 
     from nodule_edge.errors import DataError
     from nodule_edge.train.data import read_unsure_manifest, targets
+    from nodule_edge.train.model_card import mean_of, result_value
 
     _, _, labels, _ = targets(read_unsure_manifest(voi_dir))
     runs: list[tuple[str, dict[str, dict[str, Any]], dict[str, Any]]] = []
@@ -307,14 +308,7 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
         return idx[order], prob[order], fold[order]
 
     def mean(folds: dict[str, dict[str, Any]], *path: str) -> float | None:
-        values = []
-        for r in folds.values():
-            node: Any = r
-            for key in path:
-                node = node.get(key) if isinstance(node, dict) else None
-            if node is not None:
-                values.append(float(node))
-        return float(np.mean(values)) if values else None
+        return mean_of([result_value(r, ".".join(path)) for r in folds.values()])
 
     ref_name, ref_folds, _ = runs[0]
     out: list[dict[str, Any]] = []

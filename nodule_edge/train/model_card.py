@@ -9,7 +9,14 @@ from typing import Any
 
 from nodule_edge._files import write_text_atomic
 
-__all__ = ["render_model_card", "write_model_card", "render_cv_report", "render_run_comparison"]
+__all__ = [
+    "mean_of",
+    "render_cv_report",
+    "render_model_card",
+    "render_run_comparison",
+    "result_value",
+    "write_model_card",
+]
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -42,7 +49,8 @@ def _reached(ok: bool) -> str:
     return "reached" if ok else "**not reached**"
 
 
-def _get(r: dict[str, Any], dotted: str) -> Any:
+def result_value(r: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` (``"malignancy.auc"``) in a fold result, or None where it is missing."""
     node: Any = r
     for key in dotted.split("."):
         if not isinstance(node, dict) or key not in node:
@@ -51,7 +59,8 @@ def _get(r: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _mean(values: list[Any]) -> float | None:
+def mean_of(values: list[Any]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
     clean = [float(v) for v in values if v is not None]
     return sum(clean) / len(clean) if clean else None
 
@@ -86,18 +95,18 @@ def _fold_table(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | None)
         "|---|---:|" + "---:|" * len(_FOLD_COLUMNS) + "---:|---:|",
     ]
     for fold, r in sorted(folds.items()):
-        cells = [_f(_get(r, key)) for _, key in _FOLD_COLUMNS]
+        cells = [_f(result_value(r, key)) for _, key in _FOLD_COLUMNS]
         lines.append(
             f"| {fold} | {r.get('n_nodules')} ({r.get('n_labelled')}) | "
             + " | ".join(cells)
             + f" | {r.get('epochs_run')} | {_f((r.get('train_seconds') or 0) / 60, 1)} |"
         )
     if len(folds) > 1:
-        cells = [_mean_sd([_get(r, key) for r in folds.values()]) for _, key in _FOLD_COLUMNS]
+        cells = [_mean_sd([result_value(r, key) for r in folds.values()]) for _, key in _FOLD_COLUMNS]
         lines.append("| mean ± sd | | " + " | ".join(cells) + " | | |")
     if pooled:
         lines.append(
-            f"| pooled ({pooled.get('n_folds')} folds) | {_f(_get(pooled, 'malignancy.n'), 0)} labelled | {_f(_get(pooled, 'malignancy.auc'))} | | {_f(pooled.get('diameter_auc'))} | | | | | | | | |"
+            f"| pooled ({pooled.get('n_folds')} folds) | {_f(result_value(pooled, 'malignancy.n'), 0)} labelled | {_f(result_value(pooled, 'malignancy.auc'))} | | {_f(pooled.get('diameter_auc'))} | | | | | | | | |"
         )
     return lines
 
@@ -106,15 +115,20 @@ def _targets(summary: dict[str, Any]) -> list[str]:
     folds = summary.get("folds", {})
     pooled = summary.get("pooled") or {}
     complete = pooled.get("n_folds") == summary["config"]["cv"]["folds"]
-    auc, diam = _get(pooled, "malignancy.auc"), pooled.get("diameter_auc")
-    above = [(_get(r, "malignancy.auc") or 0) > (_get(r, "baseline_diameter.auc") or 1) for r in folds.values()]
-    mae = _mean([r.get("attributes_mean_mae") for r in folds.values()])
-    const = _mean([r.get("attributes_baseline_constant_mean_mae") for r in folds.values()])
+    auc, diam = result_value(pooled, "malignancy.auc"), pooled.get("diameter_auc")
+    above = [
+        (result_value(r, "malignancy.auc") or 0) > (result_value(r, "baseline_diameter.auc") or 1)
+        for r in folds.values()
+    ]
+    mae = mean_of([r.get("attributes_mean_mae") for r in folds.values()])
+    const = mean_of([r.get("attributes_baseline_constant_mean_mae") for r in folds.values()])
     reduction = 1 - mae / const if mae is not None and const else None
-    dice_v = _mean([r.get("dice_mean") for r in folds.values()])
-    cam = _mean([r.get("cam_on_nodule_fraction_gt_mask") for r in folds.values()])
-    parity = _mean([_get(r, "path_parity.mean_abs_delta_probability") for r in folds.values()])
-    context = _mean([_get(r, "context_sensitivity_nodule_intact.mean_abs_delta_probability") for r in folds.values()])
+    dice_v = mean_of([r.get("dice_mean") for r in folds.values()])
+    cam = mean_of([r.get("cam_on_nodule_fraction_gt_mask") for r in folds.values()])
+    parity = mean_of([result_value(r, "path_parity.mean_abs_delta_probability") for r in folds.values()])
+    context = mean_of(
+        [result_value(r, "context_sensitivity_nodule_intact.mean_abs_delta_probability") for r in folds.values()]
+    )
     scope = "" if complete else f" (only {pooled.get('n_folds', 0)} of {summary['config']['cv']['folds']} folds so far)"
     return [
         f"## Targets vs reached{scope}",
@@ -142,10 +156,10 @@ def _other_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
         folds = summary.get("folds", {})
         pooled = summary.get("pooled") or {}
         lines.append(
-            f"| {name} | {', '.join(sorted(folds))} | {_f(_get(pooled, 'malignancy.auc'))} ({_f(pooled.get('diameter_auc'))}) "
-            f"| {_mean_sd([_get(r, 'malignancy.auc') for r in folds.values()])} "
-            f"| {_f(_mean([r.get('attributes_mean_mae') for r in folds.values()]))} ({_f(_mean([r.get('attributes_baseline_constant_mean_mae') for r in folds.values()]))}) "
-            f"| {_f(_mean([r.get('dice_mean') for r in folds.values()]))} | {_f(_mean([r.get('cam_on_nodule_fraction_gt_mask') for r in folds.values()]))} "
+            f"| {name} | {', '.join(sorted(folds))} | {_f(result_value(pooled, 'malignancy.auc'))} ({_f(pooled.get('diameter_auc'))}) "
+            f"| {_mean_sd([result_value(r, 'malignancy.auc') for r in folds.values()])} "
+            f"| {_f(mean_of([r.get('attributes_mean_mae') for r in folds.values()]))} ({_f(mean_of([r.get('attributes_baseline_constant_mean_mae') for r in folds.values()]))}) "
+            f"| {_f(mean_of([r.get('dice_mean') for r in folds.values()]))} | {_f(mean_of([r.get('cam_on_nodule_fraction_gt_mask') for r in folds.values()]))} "
             f"| {summary['config']['train'].get('epochs')} |"
         )
     return lines + [""]
@@ -309,7 +323,7 @@ def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | 
     lines = [f"# {title}", "", *_fold_table(folds, pooled), ""]
     if pooled:
         lines.append(
-            f"Pooled out-of-fold AUC {_f(_get(pooled, 'malignancy.auc'))} on {_f(_get(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}."
+            f"Pooled out-of-fold AUC {_f(result_value(pooled, 'malignancy.auc'))} on {_f(result_value(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}."
         )
     return "\n".join(lines) + "\n"
 
