@@ -62,3 +62,20 @@ def test_labels_equal_simpleitks_on_sparse_blobs_in_a_large_cube(fully_connected
         np.testing.assert_array_equal(
             connected_components(mask, fully_connected=fully_connected), _sitk_labels(mask, fully_connected)
         )
+
+
+@pytest.mark.parametrize("fully_connected", [False, True], ids=["4-connected", "8-connected"])
+def test_labels_equal_simpleitks_in_two_dimensions(fully_connected: bool) -> None:
+    """Runs along the last axis are the nodes in any dimension, not only in 3-D."""
+    rng = np.random.default_rng(11 + int(fully_connected))
+    for _ in range(100):
+        shape = tuple(int(v) for v in rng.integers(1, 30, 2))
+        mask = rng.random(shape) < rng.uniform(0.1, 0.7)
+        np.testing.assert_array_equal(
+            connected_components(mask, fully_connected=fully_connected), _sitk_labels(mask, fully_connected)
+        )
+
+
+def test_one_dimension_has_one_label_per_run() -> None:
+    mask = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1], bool)
+    np.testing.assert_array_equal(connected_components(mask), [0, 1, 1, 0, 2, 0, 0, 3, 3, 3])
