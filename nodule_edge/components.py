@@ -69,8 +69,6 @@ def _label_box(m: np.ndarray, fully_connected: bool) -> np.ndarray:
     starts = m.copy()
     starts[..., 1:] &= ~m[..., :-1]
     n_runs = int(np.count_nonzero(starts))
-    if n_runs == 0:
-        return labels
     dtype = np.int32 if m.size < 2**31 else np.int64
     run = np.cumsum(starts, axis=None, dtype=dtype).reshape(m.shape) - 1  # run id of each foreground voxel
     # Union-find, one neighbour offset at a time (bounded memory): hook the larger root of every

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -211,13 +213,7 @@ class CpuEngine:
         Raises:
             EngineError: Not a 5-D batch, or the library failed.
         """
-        patches = np.ascontiguousarray(patches, dtype=np.float32)
-        if patches.ndim != 5:
-            raise EngineError(f"patches must be [N, C, S, S, S], got shape {patches.shape}")
-        try:
-            return self._run(patches)
-        except Exception as exc:  # ORT's and OpenVINO's errors share no base class but Exception
-            raise EngineError(f"{self.backend} failed on {self.path.name} with input {patches.shape}: {exc}") from exc
+        return self._call(self._run, patches, "")
 
     def segment(self, patches: np.ndarray) -> np.ndarray:
         """The ``segmentation`` output alone (:meth:`Engine.segment`).
@@ -230,12 +226,16 @@ class CpuEngine:
         """
         if self._segment is None:
             return self.run(patches)["segmentation"]
+        return self._call(self._segment, patches, "the segmentation pass of ")
+
+    def _call(self, fn: Callable[[np.ndarray], _T], patches: np.ndarray, what: str) -> _T:
+        """``fn`` on a float32 5-D batch, the library's errors as :class:`EngineError` naming ``what``."""
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         if patches.ndim != 5:
             raise EngineError(f"patches must be [N, C, S, S, S], got shape {patches.shape}")
         try:
-            return self._segment(patches)
-        except Exception as exc:  # as in run()
+            return fn(patches)
+        except Exception as exc:  # ORT's and OpenVINO's errors share no base class but Exception
             raise EngineError(
-                f"{self.backend} failed on the segmentation pass of {self.path.name} with input {patches.shape}: {exc}"
+                f"{self.backend} failed on {what}{self.path.name} with input {patches.shape}: {exc}"
             ) from exc

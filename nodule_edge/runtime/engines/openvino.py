@@ -126,26 +126,26 @@ def load_openvino_model(
         result = request.infer({input_name: x}, share_outputs=False)
         return {name: np.asarray(result[port]) for name, port in zip(names, ports, strict=True)}
 
-    segment = _compile_segmentation_pass(core, path, config, names) if segmentation_pass else None
+    segment = _compile_segmentation_pass(core, model, path, config, names) if segmentation_pass else None
     return CpuEngine(path, "openvino", actual, metadata, names, run, segment)
 
 
 def _compile_segmentation_pass(
-    core: Any, path: Path, config: dict[str, Any], names: tuple[str, ...]
+    core: Any, model: Any, path: Path, config: dict[str, Any], names: tuple[str, ...]
 ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The model read again with every result but ``segmentation`` removed, compiled alike.
+    """A copy of the read ``model`` with every result but ``segmentation`` removed, compiled alike.
 
     None when the model has no ``segmentation`` output (the caller then runs the whole graph).
     """
     if "segmentation" not in names:
         return None
-    model = core.read_model(str(path))
+    cut = model.clone()
     # Results in the same order as model.outputs, whose names were matched above.
-    for name, result in zip(names, list(model.get_results()), strict=True):
+    for name, result in zip(names, list(cut.get_results()), strict=True):
         if name != "segmentation":
-            model.remove_result(result)
+            cut.remove_result(result)
     try:
-        compiled = core.compile_model(model, "CPU", config)
+        compiled = core.compile_model(cut, "CPU", config)
     except RuntimeError as exc:
         raise EngineError(f"OpenVINO cannot compile the segmentation pass of {path}: {exc}") from exc
     request = compiled.create_infer_request()
