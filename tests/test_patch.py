@@ -12,6 +12,7 @@ from nodule_edge.patch import (
     NoduleBox,
     PatchSpec,
     bound_to_nodule,
+    box_keep_mask,
     nodule_extent,
     run_nodule_bounded,
     window_channels,
@@ -79,6 +80,30 @@ def test_bound_to_nodule_keeps_the_box_plus_runtime_margins_and_sets_air_elsewhe
     assert kept.max(axis=0).tolist() == [38, 46, 46]
     inside = (slice(None), slice(25, 39), slice(17, 47), slice(17, 47))
     np.testing.assert_array_equal(bounded[inside], patch[inside])
+
+
+def test_box_keeps_voxels_within_the_margin_and_clips_at_the_cube_edge() -> None:
+    rng = np.random.default_rng(1)
+    index = np.arange(SIZE)
+    for _ in range(200):
+        low = rng.integers(0, SIZE, 3)
+        high = np.minimum(SIZE - 1, low + rng.integers(0, SIZE, 3))
+        margin = rng.uniform(0, 12, 3) * rng.integers(0, 2, 3)  # fractional voxels, or none
+        keep = box_keep_mask((SIZE,) * 3, low, high, margin)
+        for axis in range(3):
+            expected = (index >= low[axis] - margin[axis] - 1e-6) & (index <= high[axis] + margin[axis] + 1e-6)
+            other = tuple(a for a in range(3) if a != axis)
+            np.testing.assert_array_equal(keep.any(axis=other), expected)
+        assert keep.sum() == np.prod([keep.any(axis=tuple(a for a in range(3) if a != ax)).sum() for ax in range(3)])
+
+
+def test_off_centre_foreground_far_from_the_nodule_does_not_widen_the_box() -> None:
+    # Foreground in a far corner makes the region above the threshold span the whole cube.
+    seg = _ball((31.5, 31.5, 31.5), 5) + _ball((1, 1, 1), 1) + _ball((62, 62, 62), 1)
+    low, high = nodule_extent(seg)
+    assert low.tolist() == [27, 27, 27] and high.tolist() == [36, 36, 36]
+    low, high = nodule_extent(_ball((62, 62, 62), 1) + _ball((50, 10, 12), 3))
+    assert low.tolist() == [47, 7, 9] and high.tolist() == [53, 13, 15]
 
 
 def test_empty_segmentation_leaves_the_cube_whole_and_says_so() -> None:

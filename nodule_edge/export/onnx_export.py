@@ -20,6 +20,7 @@ from nodule_edge._files import atomic_file
 from nodule_edge._files import sha256_file as file_sha256
 from nodule_edge.attributes import ATTRIBUTE_NAMES, RATING_MAX, RATING_MIN
 from nodule_edge.errors import require
+from nodule_edge.export.graph_rewrites import REWRITES
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
 
 __all__ = ["OUTPUT_NAMES", "INPUT_NAME", "ExportResult", "export_onnx", "file_sha256", "build_export_module"]
@@ -138,6 +139,8 @@ def export_onnx(
                 dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
             )
         proto = onnx.load(str(tmp))
+        for rewrite in REWRITES:
+            proto = rewrite(proto)
         metadata: dict[str, str] = {
             "format": "nodule-edge-onnx-v1",
             "nodule_edge_version": __version__,

@@ -107,6 +107,8 @@ def test_graph_has_no_autograd_ops(exported):
     _, result, _ = exported
     ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
     assert not any("Grad" in op for op in ops), ops
+    # The decoder's and the Grad-CAM's trilinear upsamplings are matrices (graph_rewrites).
+    assert "Resize" not in ops, ops
 
 
 def test_metadata_is_self_describing(exported):
