@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402 - after the skip
 from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402 - after the skip
 from nodule_edge.train.losses import LossWeights, total_loss  # noqa: E402 - after the skip
 from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig  # noqa: E402 - after the skip
-from nodule_edge.train.trainer import _channels_last, augment, bf16_enabled, bound_batch  # noqa: E402 - after the skip
+from nodule_edge.train.trainer import augment, bf16_enabled, bound_batch, channels_last_enabled  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.skipif(not FULL, reason="training benchmark: NODULE_EDGE_BENCH_FULL=1 (make bench-full)")
 
@@ -82,7 +82,7 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
         channels_last = False
     else:
         model = CollaborativeNet(ModelConfig())
-        channels_last = _channels_last("auto", device, bf16)
+        channels_last = channels_last_enabled("auto", device, bf16)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
     model.train()

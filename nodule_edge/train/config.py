@@ -26,6 +26,7 @@ __all__ = [
     "LossSection",
     "TrainSection",
     "HeadSection",
+    "FirstPassSection",
     "CVSection",
     "TrainConfig",
     "load_config",
@@ -119,6 +120,19 @@ class HeadSection:
 
 
 @dataclass(frozen=True)
+class FirstPassSection:
+    """The runtime's first pass, which only draws the nodule's box (:mod:`nodule_edge.train.first_pass`)."""
+
+    # model: the network's own segmentation | box_net: a small segmentation-only network
+    # (nodule_edge.train.model.BoxNet), trained after the network on the same nodules.
+    network: str = "model"
+    widths: tuple[int, ...] = (8, 16, 32, 32)  # box_net: stem and residual blocks 1-3
+    epochs: int = 20
+    lr: float = 2e-3
+    batch: int = 8
+
+
+@dataclass(frozen=True)
 class CVSection:
     """Patient-disjoint cross-validation."""
 
@@ -143,6 +157,10 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
 }
 
 
+#: section -> its defaults, which reproduce the behaviour from before the section existed.
+_ADDED_SECTIONS: dict[str, Any] = {"first_pass": FirstPassSection()}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The whole training configuration."""
@@ -154,6 +172,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     head: HeadSection = field(default_factory=HeadSection)
+    first_pass: FirstPassSection = field(default_factory=FirstPassSection)
     cv: CVSection = field(default_factory=CVSection)
     base_dir: str = "."  # folder of the config file (set by load_config)
 
@@ -174,6 +193,9 @@ class TrainConfig:
         for (section, key), default in _ADDED_KEYS.items():
             if data[section].get(key) == default:
                 data[section].pop(key)
+        for section, default_section in _ADDED_SECTIONS.items():
+            if data[section] == dataclasses.asdict(default_section):
+                data.pop(section)
         return data
 
     def sha256(self) -> str:
@@ -289,6 +311,20 @@ def _validate(cfg: TrainConfig) -> None:
             "cv.fold_epochs must have one entry per run fold",
         ),
         (cfg.loss.delta >= 0, f"loss.delta must be >= 0, got {cfg.loss.delta}"),
+        (
+            cfg.first_pass.network in ("model", "box_net"),
+            f"first_pass.network must be model or box_net, got {cfg.first_pass.network!r}",
+        ),
+        (
+            len(cfg.first_pass.widths) == 4
+            and min(cfg.first_pass.widths) > 0
+            and all(w % 4 == 0 for w in cfg.first_pass.widths),
+            f"first_pass.widths must be four positive multiples of 4 (GroupNorm groups), got {list(cfg.first_pass.widths)}",
+        ),
+        (
+            cfg.first_pass.epochs > 0 and cfg.first_pass.lr > 0 and cfg.first_pass.batch > 0,
+            "first_pass.epochs, lr and batch must be > 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,13 +10,14 @@ import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import binary_metrics, dice, roc_auc, within_one_accuracy
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, nodule_extent
 from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.model import CollaborativeNet
 from nodule_edge.train.trainer import Dataset, predict, predict_runtime_path, reference_bounded
 
 __all__ = [
     "evaluate_model",
+    "first_pass_quality",
     "fit_diameter_baseline",
     "context_statistics",
     "pooled_metrics",
@@ -82,6 +84,7 @@ def evaluate_model(
     device: torch.device,
     spec: PatchSpec | None = None,
     context_extra_mm: float = 2.0,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """All reported metrics for one held-out set, with the diameter-only and constant baselines.
 
@@ -92,11 +95,15 @@ def evaluate_model(
     nodule left whole). Predictions are made in fp32: bf16 rounds probabilities to steps of about
     0.003, which creates ties that distort the AUC.
 
+    ``segment`` is the runtime's first pass when it is not the model's own segmentation (a box
+    net, :mod:`nodule_edge.train.first_pass`); its Dice and box error against the readers' mask
+    are reported under ``first_pass``.
+
     Returns:
         A JSON-serialisable dict, plus ``_predictions`` (per-nodule arrays) for pooling.
     """
     spec = spec or DEFAULT_PATCH_SPEC
-    pred, found = predict_runtime_path(model, ds, test_idx, device, spec)
+    pred, found = predict_runtime_path(model, ds, test_idx, device, spec, segment=segment)
     labels = ds.labels[test_idx]
     sel = labels >= 0
     result: dict[str, Any] = {
@@ -172,7 +179,7 @@ def evaluate_model(
         cut = _truncate_z_around_nodule(
             ds.cache.images[test_idx[roomy]].astype(np.float32), masks[roomy], context_extra_mm, spec.spacing_mm
         )
-        short, _ = predict_runtime_path(model, ds, test_idx[roomy], device, spec, images=cut)
+        short, _ = predict_runtime_path(model, ds, test_idx[roomy], device, spec, images=cut, segment=segment)
         delta = short["malignancy_probability"] - pred["malignancy_probability"][roomy]
         result["context_sensitivity_nodule_intact"] = {
             "n": int(len(roomy)),
@@ -182,6 +189,14 @@ def evaluate_model(
             "mean_delta_probability": float(delta.mean()),
             "max_abs_delta_probability": float(np.abs(delta).max()),
         }
+    if spec.nodule_box is not None and has_m.any():
+        result["first_pass"] = first_pass_quality(
+            segment or (lambda x: predict(model, ds, np.arange(len(x)), device, False, images=x)["segmentation64"]),
+            ds.cache.images[test_idx[has_m]],
+            masks[has_m],
+            spec.nodule_box.threshold,
+        )
+        result["first_pass"]["network"] = "model" if segment is None else "box_net"
     result["_predictions"] = {
         "index": test_idx,
         "probability": pred["malignancy_probability"],
@@ -190,6 +205,38 @@ def evaluate_model(
         "volume_mm3": volume,
     }
     return result
+
+
+def first_pass_quality(
+    segment: Callable[[np.ndarray], np.ndarray], cubes: np.ndarray, masks: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """How well a first pass outlines the nodules of whole cubes, against the readers' masks.
+
+    Dice of the segmentation at 0.5, and the error of the box the runtime draws from it
+    (:func:`nodule_edge.patch.nodule_extent`) against the readers' mask's box, in voxels per side.
+    """
+    dices, errors = [], []
+    for start in range(0, len(cubes), 16):
+        segs = np.asarray(segment(np.asarray(cubes[start : start + 16], np.float32)), np.float32)
+        for seg, mask in zip(segs, masks[start : start + 16], strict=True):
+            dices.append(dice(seg > 0.5, mask > 0.5))
+            ref, got = nodule_extent(mask, 0.5), nodule_extent(seg, threshold)
+            if ref is None:
+                continue
+            # No nodule found: every side counts as off by the whole cube.
+            errors.append(
+                np.full(6, float(len(seg)))
+                if got is None
+                else np.abs(np.concatenate([got[0] - ref[0], got[1] - ref[1]])).astype(float)
+            )
+    err = np.asarray(errors).reshape(-1, 6)
+    return {
+        "dice_mean": float(np.mean(dices)) if dices else float("nan"),
+        "box_error_voxels_z_mean": float(err[:, [0, 3]].mean()) if len(err) else float("nan"),
+        "box_error_voxels_inplane_mean": float(err[:, [1, 2, 4, 5]].mean()) if len(err) else float("nan"),
+        "boxes_within_one_voxel_fraction": float((err.max(axis=1) <= 1).mean()) if len(err) else float("nan"),
+        "n": len(dices),
+    }
 
 
 def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any]:

@@ -48,6 +48,8 @@ from torch import nn
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 
 __all__ = [
+    "BoxNet",
+    "BoxNetConfig",
     "ModelConfig",
     "CollaborativeNet",
     "ModelOutput",
@@ -388,6 +390,49 @@ class CollaborativeNet(nn.Module):
             nodule_attention=inside,
             background_attention=outside,
         )
+
+
+@dataclass(frozen=True)
+class BoxNetConfig:
+    """A segmentation-only network for the runtime's first pass (:class:`BoxNet`).
+
+    Attributes:
+        in_channels: Patch channels (one per HU window).
+        widths: Output channels of the stem and of residual blocks 1–3; the decoder reuses the
+            first two as its widths.
+        groups: GroupNorm groups.
+    """
+
+    in_channels: int = 2
+    widths: tuple[int, int, int, int] = (8, 16, 32, 32)
+    groups: int = 4
+
+
+class BoxNet(nn.Module):
+    """The collaborative network's backbone and 0.5 mm decoder, thin, without the heads.
+
+    The runtime's first pass only draws the nodule's box (:func:`nodule_edge.patch.run_nodule_bounded`),
+    so it needs a segmentation, not a diagnosis. With the full network it cost two thirds of the
+    second pass; this one, trained on segmentation alone, is a fraction of that
+    (docs/measurements/runtime_path_latency.md). Its forward returns the probability map
+    ``[N, 1, S, S, S]`` at the patch's resolution.
+    """
+
+    def __init__(self, config: BoxNetConfig = BoxNetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w0, w1, w2, w3 = config.widths
+        g = config.groups
+        self.stem = _conv_gn(config.in_channels, w0, 7, g, stride=2)
+        self.block1 = _ResidualBlock(w0, w1, g, stride=2, dilation=1)
+        self.block2 = _ResidualBlock(w1, w2, g, stride=1, dilation=2)
+        self.block3 = _ResidualBlock(w2, w3, g, stride=1, dilation=4)
+        self.seg_head = _UNetDecoder(w3, w0, config.in_channels, (w0, w1), g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = F.relu(self.stem(x))
+        feats = self.block3(self.block2(self.block1(stem)))
+        return torch.sigmoid(self.seg_head(feats, stem, x))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -110,16 +110,19 @@ def run_training(
             early_stopping=cfg.cv.evaluate == "best",
         )
         model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
+        # The box net, the refit and the evaluation see the whole training fold (its validation
+        # patients too), never the test fold.
+        fit_idx = np.concatenate([train_idx, val_idx])
+        segment, box_net = _first_pass(cfg, ds, fit_idx, out_dir / f"fold{fold}", say)
         t_eval = time.perf_counter()
-        # The refit sees the whole training fold (its validation patients too), never the test fold.
         head = (
-            _refit_head(
-                cfg, model, ds, np.concatenate([train_idx, val_idx]), device, spec, out_dir / f"fold{fold}", meta, say
-            )
+            _refit_head(cfg, model, ds, fit_idx, device, spec, out_dir / f"fold{fold}", meta, say, segment)
             if cfg.head.refit != "none"
             else None
         )
-        result = evaluate_model(model, ds, test_idx, train_idx, device, spec)
+        result = evaluate_model(model, ds, test_idx, train_idx, device, spec, segment=segment)
+        if box_net is not None:
+            result.setdefault("first_pass", {"network": "box_net"})["box_net"] = box_net
         if head is not None:
             result["classifier_refit"] = head
         result["retrieval"] = retrieval_comparison(ds, result)
@@ -183,10 +186,13 @@ def run_training(
         )
         final = out_dir / "final" / "last.safetensors"
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
+        segment, box_net = _first_pass(cfg, ds, all_idx, out_dir / "final", say)
+        if box_net is not None:
+            summary["final"]["box_net"] = {**box_net, "checkpoint": str(out_dir / "final" / "box_net.safetensors")}
         if cfg.head.refit != "none":
             model, meta = load_checkpoint(final)
             summary["final"]["classifier_refit"] = _refit_head(
-                cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say
+                cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say, segment
             )
             summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
             # The head step may add a layer (the attribute skip): count what ships.
@@ -206,8 +212,12 @@ def _refit_head(
     folder: Path,
     meta: dict[str, Any],
     say: Callable[[str], None],
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Refit the heads on the nodules ``idx`` (a whole training fold); saves ``folder/refit.safetensors``.
+
+    The runtime path's features come from boxes drawn by ``segment`` (a box net) when given, else
+    by the model's own first pass.
 
     ``"full"`` refits the classifier by logistic regression, ``"debugged"`` the attribute and
     malignancy heads under the training objective (:mod:`nodule_edge.train.head`); each chooses its
@@ -218,14 +228,14 @@ def _refit_head(
 
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
-        features = predict_runtime_path(model, ds, labelled, device, spec)[0]["classifier_input"]
+        features = predict_runtime_path(model, ds, labelled, device, spec, segment=segment)[0]["classifier_input"]
         info = refit_classifier(
             model, features, ds.labels[labelled], [ds.patients[i] for i in labelled], seed=cfg.train.seed
         )
         chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]
         say(f"classifier refitted on {info['n_labelled']} nodules: L2 {info['l2']:g}, inner-CV AUC {chosen:.3f}")
     else:
-        pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True)[0]
+        pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True, segment=segment)[0]
         width = model.feature_channels + model.n_seg_features
         inputs = HeadInputs(
             head_in=pred["classifier_input"][:, :width],
@@ -252,6 +262,33 @@ def _refit_head(
         {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info},
     )
     return info
+
+
+def _first_pass(
+    cfg: TrainConfig, ds: Dataset, idx: np.ndarray, folder: Path, say: Callable[[str], None]
+) -> tuple[Callable[[np.ndarray], np.ndarray] | None, dict[str, Any] | None]:
+    """The runtime's first pass for a network trained on ``idx``: None for the model's own, else a
+    box net trained on the same nodules (``folder/box_net.safetensors``) and what its sidecar says."""
+    if cfg.first_pass.network != "box_net":
+        return None, None
+    from nodule_edge.train.first_pass import box_net_segmenter, train_box_net
+    from nodule_edge.train.trainer import bf16_enabled, channels_last_enabled
+
+    cpu = torch.device("cpu")  # a box net is small: it trains on the CPU beside any accelerator
+    bf16 = bf16_enabled(cfg.train.bf16, cpu)
+    net, info = train_box_net(
+        cfg.first_pass,
+        ds.cache.images,
+        ds.cache.masks,
+        ds.cache.has_mask,
+        idx,
+        folder / "box_net.safetensors",
+        seed=cfg.train.seed,
+        bf16=bf16,
+        channels_last=channels_last_enabled(cfg.train.channels_last, cpu, bf16),
+        progress=say,
+    )
+    return box_net_segmenter(net), {k: info[k] for k in ("n_nodules", "train_seconds", "first_pass") if k in info}
 
 
 def head_objective(cfg: TrainConfig) -> HeadObjective:

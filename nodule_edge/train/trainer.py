@@ -45,6 +45,7 @@ __all__ = [
     "bound_batch",
     "augment",
     "bf16_enabled",
+    "channels_last_enabled",
     "save_checkpoint",
     "load_checkpoint",
 ]
@@ -314,23 +315,27 @@ def predict_runtime_path(
     images: np.ndarray | None = None,
     bf16: bool = False,
     with_features: bool = False,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the runtime does with a cube (:func:`nodule_edge.patch.run_nodule_bounded`).
 
     The same function the runtime calls draws the box, so the evaluation measures the shipped
-    path. Returns the second pass's predictions and whether the first pass found a nodule.
+    path. ``segment`` is the first pass when it is not the model's own segmentation (a box net,
+    :mod:`nodule_edge.train.first_pass`). Returns the second pass's predictions and whether the
+    first pass found a nodule.
     """
     source = np.asarray(ds.cache.images[idx] if images is None else images, np.float32)
 
-    # With a nodule box the first pass only draws the box: its features are never read.
-    passes = iter((False, with_features) if spec.nodule_box is not None else (with_features,))
+    # With a nodule box the model's own first pass only draws the box: its features are never read.
+    own_first_pass = spec.nodule_box is not None and segment is None
+    passes = iter((False, with_features) if own_first_pass else (with_features,))
 
     def run(patches: np.ndarray) -> dict[str, np.ndarray]:
         out = predict(model, ds, idx, device, bf16, images=patches, with_features=next(passes, with_features))
         out["segmentation"] = out["segmentation64"].astype(np.float32)
         return out
 
-    return run_nodule_bounded(run, source, spec)
+    return run_nodule_bounded(run, source, spec, segment=segment)
 
 
 def _distributed() -> tuple[int, int]:
@@ -374,7 +379,7 @@ def train_model(
 
     spec = patch_spec_from(cfg)
     model = CollaborativeNet(model_config_from(cfg)).to(device)
-    channels_last = _channels_last(cfg.train.channels_last, device, bf16)
+    channels_last = channels_last_enabled(cfg.train.channels_last, device, bf16)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
     net: torch.nn.Module = model
@@ -526,7 +531,7 @@ def train_model(
     }
 
 
-def _channels_last(setting: str, device: torch.device, bf16: bool) -> bool:
+def channels_last_enabled(setting: str, device: torch.device, bf16: bool) -> bool:
     """channels_last_3d pays off with bf16 on CPU (oneDNN's blocked kernels; benches/bench_training.py)."""
     if setting in ("on", "off"):
         return setting == "on"
