@@ -116,6 +116,35 @@ def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
+    """:func:`tiny_bundle`'s model with a seeded untrained box net as its first pass."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from nodule_edge.export.bundle_builder import build_bundle
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC
+    from nodule_edge.train.first_pass import save_box_net
+    from nodule_edge.train.model import BoxNet, BoxNetConfig, CollaborativeNet
+    from nodule_edge.train.trainer import save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle_first_pass")
+    save_checkpoint(
+        root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json()}
+    )
+    net = BoxNet(BoxNetConfig(widths=(4, 8, 8, 8)))
+    with torch.no_grad():  # not the decoder's "no nodule" start: a map with structure to compare
+        net.seg_head.out.bias.zero_()
+    save_box_net(root / "box_net.safetensors", net.eval(), {"note": "seeded, untrained"})
+    return build_bundle(
+        root / "ckpt.safetensors",
+        root / "bundle",
+        index_manifest_dir=synthetic_voi_dir,
+        cpu_engine=False,
+        first_pass=root / "box_net.safetensors",
+    )
+
+
 def _has_cuda() -> bool:
     try:
         import onnxruntime

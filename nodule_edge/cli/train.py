@@ -64,6 +64,13 @@ from nodule_edge.explanation_methods import RUNTIME_METHODS, TORCH_METHODS
     help="Also write a Triton Inference Server model repository here.",
 )
 @click.option(
+    "--first-pass",
+    "first_pass",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    help="Box net checkpoint for the runtime's first pass (default: the one the --summary's final model names, if any).",
+)
+@click.option(
     "--explain-summary",
     "explain_summary",
     default=None,
@@ -83,6 +90,7 @@ def export(
     tensorrt: bool,
     triton_dir: str | None,
     explain_summary: str | None,
+    first_pass: str | None,
 ) -> None:
     """Export a training CHECKPOINT (.safetensors) to the runtime's artifacts.
 
@@ -107,6 +115,9 @@ def export(
     from nodule_edge.runtime.bundle import default_bundle_path
 
     metrics = json.loads(Path(summary_json).read_text()) if summary_json else None
+    if first_pass is None and metrics is not None:
+        # A run with [first_pass] network = "box_net" trained its final box net beside the model.
+        first_pass = (metrics.get("final") or {}).get("box_net", {}).get("checkpoint")
     target = Path(out_dir) if out_dir else default_bundle_path()
     with tempfile.TemporaryDirectory() as tmp:
         card = None
@@ -124,6 +135,7 @@ def export(
             model_card=card,
             metrics=_headline_metrics(metrics),
             explanations=explanations,
+            first_pass=first_pass,
             progress=lambda m: click.echo(m, err=True),
         )
     engine_path = None

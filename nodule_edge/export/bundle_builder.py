@@ -19,7 +19,7 @@ import numpy as np
 
 from nodule_edge._files import staged_folder
 from nodule_edge.errors import BundleError
-from nodule_edge.export.onnx_export import export_onnx
+from nodule_edge.export.onnx_export import export_box_net_onnx, export_onnx
 from nodule_edge.patch import PatchSpec, run_nodule_bounded
 from nodule_edge.runtime.bundle import load_bundle, write_manifest
 
@@ -53,9 +53,12 @@ def index_from_predictions(records: list[Any], outputs: dict[str, np.ndarray], k
     return index
 
 
-def _run_engine(onnx_path: Path, patches: np.ndarray, spec: PatchSpec, batch: int = 8) -> dict[str, np.ndarray]:
+def _run_engine(
+    onnx_path: Path, patches: np.ndarray, spec: PatchSpec, first_pass: Path | None = None, batch: int = 8
+) -> dict[str, np.ndarray]:
     """The exported fp32 model on whole-cube patches, through the runtime's (two-pass) path.
 
+    ``first_pass``: the bundle's first-pass model (a box net), else the model's own segmentation.
     Segmentation and saliency maps are dropped after use (the index needs the heads only).
     """
     import onnxruntime as ort
@@ -66,9 +69,16 @@ def _run_engine(onnx_path: Path, patches: np.ndarray, spec: PatchSpec, batch: in
     def run(chunk: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"patch": chunk.astype(np.float32)})))
 
+    segment = None
+    if first_pass is not None:
+        first = ort.InferenceSession(str(first_pass), providers=["CPUExecutionProvider"])
+
+        def segment(chunk: np.ndarray) -> np.ndarray:
+            return np.asarray(first.run(["segmentation"], {"patch": chunk.astype(np.float32)})[0])
+
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names if n not in ("segmentation", "saliency")}
     for start in range(0, len(patches), batch):
-        out, _ = run_nodule_bounded(run, np.asarray(patches[start : start + batch], np.float32), spec)
+        out, _ = run_nodule_bounded(run, np.asarray(patches[start : start + batch], np.float32), spec, segment=segment)
         for n in chunks:
             chunks[n].append(out[n])
     return {n: np.concatenate(v) for n, v in chunks.items() if v}
@@ -84,9 +94,14 @@ def build_bundle(
     model_card: str | Path | None = None,
     metrics: dict[str, Any] | None = None,
     explanations: dict[str, Any] | None = None,
+    first_pass: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export everything the runtime loads into a verified bundle folder (written atomically)."""
+    """Export everything the runtime loads into a verified bundle folder (written atomically).
+
+    ``first_pass``: a box net checkpoint (:mod:`nodule_edge.train.first_pass`) that the runtime's
+    first pass runs instead of the model's own segmentation; exported as ``first_pass.onnx``.
+    """
     say = progress or log.info
     out_dir = Path(out_dir)
     # An existing bundle is replaced only once the new one is complete and verified.
@@ -100,6 +115,15 @@ def build_bundle(
             "model_version": result.metadata["model_version"],
             "patch_spec": json.loads(spec.to_json()),
         }
+        first_pass_path = None
+        if first_pass is not None:
+            say("exporting the first pass (box net)")
+            export_box_net_onnx(
+                first_pass, tmp / "first_pass.onnx", spec=spec, model_version=result.metadata["model_version"]
+            )
+            artifacts["first_pass"] = "first_pass.onnx"
+            first_pass_path = tmp / "first_pass.onnx"
+            extra["first_pass"] = {"network": "box_net", "artifact": "first_pass.onnx"}
         if explanations is not None:
             # The runtime's Grad-CAM/occlusion agreement threshold (README, Explanations).
             extra["explanations"] = explanations
@@ -137,7 +161,7 @@ def build_bundle(
             artifacts["cpu_engine"] = Path(engine_path).name
         if records is not None and patches is not None:
             say(f"running the model on {len(records)} index nodules")
-            outputs = _run_engine(tmp / "model.onnx", patches, spec)
+            outputs = _run_engine(tmp / "model.onnx", patches, spec, first_pass_path)
             extra["index"] = _choose_and_save_index(records, outputs, tmp, say)
             artifacts["index"] = "index"
             thumbs = (np.clip(patches[:, 0, patches.shape[2] // 2], 0, 1) * 255).astype(np.uint8)

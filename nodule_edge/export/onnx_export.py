@@ -22,8 +22,17 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES, RATING_MAX, RATING_MIN
 from nodule_edge.errors import require
 from nodule_edge.export.graph_rewrites import REWRITES
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec
+from nodule_edge.runtime.engines.base import FIRST_PASS_FORMAT
 
-__all__ = ["OUTPUT_NAMES", "INPUT_NAME", "ExportResult", "export_onnx", "file_sha256", "build_export_module"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "INPUT_NAME",
+    "ExportResult",
+    "export_box_net_onnx",
+    "export_onnx",
+    "file_sha256",
+    "build_export_module",
+]
 
 log = logging.getLogger(__name__)
 
@@ -167,4 +176,78 @@ def export_onnx(
         onnx.save(proto, str(tmp))
     digest = file_sha256(out_path)
     log.info("exported %s (sha256 %s…)", out_path, digest[:12])
+    return ExportResult(out_path, digest, metadata)
+
+
+def export_box_net_onnx(
+    checkpoint: str | Path, out_path: str | Path, *, spec: PatchSpec, model_version: str
+) -> ExportResult:
+    """Export a box net (:mod:`nodule_edge.train.first_pass`) as the runtime's first-pass model.
+
+    One input (``patch``, dynamic batch) and one output, ``segmentation`` ``[N, S, S, S]``, the
+    same names and shapes as the collaborative model's, so an engine runs either as its first
+    pass. The metadata names the format, the patch spec (the collaborative model's: the first
+    pass reads the same whole cubes) and the model version it belongs to.
+
+    Args:
+        checkpoint: A box net's ``.safetensors`` (JSON sidecar beside it).
+        out_path: Destination ``.onnx`` file, written atomically.
+        spec: The collaborative model's patch spec.
+        model_version: The collaborative model's version: the two ship together.
+    """
+    require("torch", "export")
+    onnx = require("onnx", "export")
+    import torch
+
+    from nodule_edge.train.first_pass import load_box_net
+
+    net, _ = load_box_net(checkpoint)
+
+    class _Exported(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, patch: Any) -> Any:
+            return self.inner(patch)[:, 0]
+
+    module = _Exported(net.float()).eval()
+    example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_path) as tmp:
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=["segmentation"],
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            )
+        proto = onnx.load(str(tmp))
+        for rewrite in REWRITES:
+            proto = rewrite(proto)
+        metadata = {
+            "format": FIRST_PASS_FORMAT,
+            "nodule_edge_version": __version__,
+            "model_version": model_version,
+            "patch_spec": spec.to_json(),
+            "input_name": INPUT_NAME,
+            "output_names": json.dumps(["segmentation"]),
+            "checkpoint_sha256": file_sha256(checkpoint),
+        }
+        del proto.metadata_props[:]
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.producer_name = "nodule-edge"
+        proto.producer_version = __version__
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    digest = file_sha256(out_path)
+    log.info("exported the first pass %s (sha256 %s…)", out_path, digest[:12])
     return ExportResult(out_path, digest, metadata)

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     from nodule_edge.runtime.bundle import Bundle
 
 __all__ = [
+    "FIRST_PASS_FORMAT",
     "CpuEngine",
     "Engine",
+    "check_first_pass",
     "ModelMetadata",
     "default_threads",
     "metadata_from_props",
@@ -40,6 +42,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: ``metadata_props["format"]`` of a bundle's first-pass model (``first_pass.onnx``): a box net
+#: whose one output is ``segmentation``, run as the runtime's first pass instead of the model's own.
+FIRST_PASS_FORMAT = "nodule-edge-first-pass-onnx-v1"
 
 
 @dataclass(frozen=True)
@@ -143,18 +149,52 @@ class Engine(abc.ABC):
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""
 
+    #: The bundle's first-pass model (``first_pass.onnx``), loaded by the engine's own library.
+    _first_pass: Callable[[np.ndarray], np.ndarray] | None = None
+
     def segment(self, patches: np.ndarray) -> np.ndarray:
-        """The ``segmentation`` output alone ``[N, S, S, S]``: the runtime's first pass.
+        """A segmentation ``[N, S, S, S]`` for the runtime's first pass.
 
         The first pass only draws the nodule's box (:func:`nodule_edge.patch.run_nodule_bounded`).
-        This default runs the whole graph; an engine that can compile the graph cut to the
-        segmentation (``cpu-fast``, ``cpu-int8`` on OpenVINO) overrides it and skips the heads
+        With a first-pass model in the bundle (a box net) this runs it; otherwise the model's own
+        ``segmentation`` output: this default runs the whole graph, and an engine that can compile
+        the graph cut to the segmentation (``cpu-fast``, ``cpu-int8`` on OpenVINO) skips the heads
         and the in-graph Grad-CAM.
         """
+        if self._first_pass is not None:
+            return self._first_pass(patches)
         return self.run(patches)["segmentation"]
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract: most engines hold nothing to free
         """Free what the engine holds outside Python's memory (GPU buffers); a no-op by default."""
+
+
+def check_first_pass(model: ModelMetadata, first_pass: dict[str, str], path: Path) -> None:
+    """Refuse a first-pass model that does not belong to the model it runs before.
+
+    Args:
+        model: The collaborative model's metadata.
+        first_pass: The first-pass model's ``metadata_props``.
+        path: The first-pass file, for the message.
+
+    Raises:
+        BundleError: Not a first-pass model, another patch spec, or another model version.
+    """
+    if first_pass.get("format") != FIRST_PASS_FORMAT:
+        raise BundleError(f"{path} is not a first-pass model (format {first_pass.get('format')!r})")
+    try:
+        spec = PatchSpec.from_json(first_pass["patch_spec"])
+        outputs = tuple(json.loads(first_pass["output_names"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BundleError(f"first-pass model {path} has malformed metadata: {exc}") from exc
+    if spec != model.patch_spec:
+        raise BundleError(f"first-pass model {path} reads another patch ({spec}) than the model ({model.patch_spec})")
+    if outputs != ("segmentation",):
+        raise BundleError(f"first-pass model {path} must output 'segmentation' alone, has {list(outputs)}")
+    if first_pass.get("model_version") != model.model_version:
+        raise BundleError(
+            f"first-pass model {path} belongs to model version {first_pass.get('model_version')!r}, not {model.model_version!r}"
+        )
 
 
 def need_artifact(bundle: Bundle, role: str) -> Path:

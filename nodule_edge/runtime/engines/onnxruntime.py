@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from nodule_edge.errors import EngineError
-from nodule_edge.runtime.engines.base import CpuEngine, Engine, default_threads, need_artifact, read_onnx_metadata
+from nodule_edge.runtime.engines.base import (
+    CpuEngine,
+    Engine,
+    ModelMetadata,
+    check_first_pass,
+    default_threads,
+    need_artifact,
+    read_onnx_metadata,
+)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from nodule_edge.runtime.bundle import Bundle
 
-__all__ = ["OnnxEngine", "available_providers", "load_ort_model", "session_options_for"]
+__all__ = ["OnnxEngine", "available_providers", "load_first_pass", "load_ort_model", "session_options_for"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,14 @@ class OnnxEngine(Engine):
     fell back from the asked-for provider (CUDA failing to start) is refused.
     """
 
-    def __init__(self, path: Path, backend: str, providers: Sequence[str], threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        backend: str,
+        providers: Sequence[str],
+        threads: int | None = None,
+        first_pass: Path | None = None,
+    ) -> None:
         """Create the session.
 
         Args:
@@ -50,38 +65,31 @@ class OnnxEngine(Engine):
             backend: Backend name recorded on the engine (``cpu`` or ``cuda``).
             providers: ONNX Runtime providers, the wanted one first.
             threads: Intra-op threads (default: ONNX Runtime's choice).
+            first_pass: The bundle's first-pass model (``first_pass.onnx``), which
+                :meth:`segment` then runs in a second session on the same providers.
 
         Raises:
-            EngineError: The session cannot be created, or runs on another provider than asked.
+            EngineError: A session cannot be created, or runs on another provider than asked.
+            BundleError: The first-pass model does not belong to the model.
         """
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"cannot create ONNX Runtime session for {path} with {list(providers)}: {exc}") from exc
+        self._session = _session(path, backend, providers, threads)
         self.providers = tuple(self._session.get_providers())
-        # Trust what the session actually uses, not what was asked for.
-        if providers[0] not in self.providers:
-            raise EngineError(
-                f"backend '{backend}' asked for {providers[0]}, but the session runs on {list(self.providers)}"
-            )
         self.backend = backend
         self.path = path
         self.metadata = read_onnx_metadata(self._session)
         shape = self._session.get_inputs()[0].shape
         log.info("engine %s: %s on %s", backend, path.name, self.providers[0])
         self._expected_shape = tuple(shape[1:])
+        if first_pass is not None:
+            self._first_pass = load_first_pass(first_pass, self.metadata, backend, providers, threads)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: str, threads: int | None = None) -> OnnxEngine:
-        """The bundle's fp32 ONNX model on ONNX Runtime's CPU (``cpu``) or CUDA (``cuda``) provider."""
-        return cls(need_artifact(bundle, "onnx_fp32"), backend, list(_PROVIDERS[backend]), threads)
+        """The bundle's fp32 ONNX model on ONNX Runtime's CPU (``cpu``) or CUDA (``cuda``)
+        provider, with the bundle's first-pass model when it has one."""
+        return cls(
+            need_artifact(bundle, "onnx_fp32"), backend, list(_PROVIDERS[backend]), threads, bundle.path("first_pass")
+        )
 
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` (cast to float32); returns every output by name.
@@ -89,13 +97,72 @@ class OnnxEngine(Engine):
         Raises:
             EngineError: The batch does not have the model's patch shape.
         """
+        outputs = self._session.run(
+            list(self.metadata.output_names), {self.metadata.input_name: self._checked(patches)}
+        )
+        return dict(zip(self.metadata.output_names, outputs, strict=True))
+
+    def _checked(self, patches: np.ndarray) -> np.ndarray:
         patches = np.ascontiguousarray(patches, dtype=np.float32)
         if patches.ndim != 5 or tuple(patches.shape[1:]) != tuple(self._expected_shape):
             raise EngineError(
                 f"engine expects patches of shape [N, {', '.join(map(str, self._expected_shape))}], got {list(patches.shape)}"
             )
-        outputs = self._session.run(list(self.metadata.output_names), {self.metadata.input_name: patches})
-        return dict(zip(self.metadata.output_names, outputs, strict=True))
+        return patches
+
+
+def load_first_pass(
+    path: Path, model: ModelMetadata, backend: str, providers: Sequence[str], threads: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A bundle's first-pass model in an ONNX Runtime session: ``patches -> segmentation``.
+
+    Args:
+        path: ``first_pass.onnx``.
+        model: The collaborative model's metadata (the first pass must belong to it).
+        backend: The engine's backend name, for messages.
+        providers: ONNX Runtime providers, the wanted one first.
+        threads: Intra-op threads (default: ONNX Runtime's choice).
+
+    Raises:
+        EngineError: The session cannot be created, or runs on another provider than asked.
+        BundleError: The first-pass model does not belong to the model.
+    """
+    session = _session(path, backend, providers, threads)
+    check_first_pass(model, dict(session.get_modelmeta().custom_metadata_map), path)
+    input_name = session.get_inputs()[0].name
+    size = model.patch_spec.size
+    expected = (model.patch_spec.channels, size, size, size)
+
+    def segment(patches: np.ndarray) -> np.ndarray:
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        if patches.ndim != 5 or tuple(patches.shape[1:]) != expected:
+            raise EngineError(
+                f"engine expects patches of shape [N, {', '.join(map(str, expected))}], got {list(patches.shape)}"
+            )
+        return np.asarray(session.run(["segmentation"], {input_name: patches})[0])
+
+    return segment
+
+
+def _session(path: Path, backend: str, providers: Sequence[str], threads: int | None) -> ort.InferenceSession:
+    """An ONNX Runtime session on ``providers``, refused when it silently fell back to another."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise EngineError(f"cannot create ONNX Runtime session for {path} with {list(providers)}: {exc}") from exc
+    # Trust what the session actually uses, not what was asked for.
+    if providers[0] not in session.get_providers():
+        raise EngineError(
+            f"backend '{backend}' asked for {providers[0]}, but the session runs on {list(session.get_providers())}"
+        )
+    return session
 
 
 def available_providers() -> list[str]:

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from nodule_edge.errors import EngineError, MissingDependencyError, require
-from nodule_edge.runtime.engines.base import CpuEngine, Engine, default_threads, metadata_from_props, need_artifact
+from nodule_edge.runtime.engines.base import (
+    CpuEngine,
+    Engine,
+    check_first_pass,
+    default_threads,
+    metadata_from_props,
+    need_artifact,
+)
 
 if TYPE_CHECKING:
     from nodule_edge.runtime.bundle import Bundle
@@ -214,38 +221,47 @@ class CpuFastEngine(Engine):
     request is not re-entrant, so calls are serialised on it).
     """
 
-    def __init__(self, path: Path, backend: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, backend: str, threads: int | None = None, first_pass: Path | None = None) -> None:
         """Load the model.
 
         Args:
             path: ``model.onnx`` for ``cpu-fast``, ``model.int8.onnx`` for ``cpu-int8``.
             backend: ``cpu-fast`` or ``cpu-int8``.
             threads: Inference threads; default one per available core.
+            first_pass: The bundle's first-pass model (``first_pass.onnx``), which
+                :meth:`segment` then runs, on the same library and precision as the model.
 
         Raises:
-            EngineError: OpenVINO missing for ``cpu-fast``, or the model cannot be loaded.
+            EngineError: OpenVINO missing for ``cpu-fast``, or a model cannot be loaded.
+            BundleError: The first-pass model does not belong to the model.
         """
         if backend == "cpu-fast":
             if not openvino_available():
                 raise EngineError(
                     "backend 'cpu-fast' runs on OpenVINO, which is not installed (pip install 'nodule-edge[openvino]')"
                 )
-            self._engine = load_cpu_engine(
-                path, backend="openvino", threads=threads, precision="bf16", segmentation_pass=True
-            )
+            options: dict[str, Any] = {"backend": "openvino", "threads": threads, "precision": "bf16"}
         else:
-            self._engine = load_cpu_engine(path, threads=threads, segmentation_pass=True)
+            options = {"threads": threads}
+        # Without a first-pass model the first pass is the graph cut to the segmentation.
+        self._engine = load_cpu_engine(path, segmentation_pass=first_pass is None, **options)
         self.backend = backend
         self.path = path
         self.providers = (self._engine.backend,)
         self.metadata = metadata_from_props(self._engine.metadata)
+        self._first: CpuEngine | None = None
+        if first_pass is not None:
+            # The fp32 box net also for cpu-int8: it is small, and its boxes decide the second pass.
+            self._first = load_cpu_engine(first_pass, **{**options, "backend": self._engine.backend})
+            check_first_pass(self.metadata, self._first.metadata, first_pass)
         # One OpenVINO infer request is not re-entrant; ONNX Runtime sessions are.
         self._lock = threading.Lock() if self._engine.backend == "openvino" else contextlib.nullcontext()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: str, threads: int | None = None) -> CpuFastEngine:
-        """``cpu-fast`` on the bundle's fp32 model, ``cpu-int8`` on its INT8 artifact."""
-        return cls(need_artifact(bundle, _ARTIFACTS[backend]), backend, threads)
+        """``cpu-fast`` on the bundle's fp32 model, ``cpu-int8`` on its INT8 artifact; either
+        with the bundle's first-pass model when it has one."""
+        return cls(need_artifact(bundle, _ARTIFACTS[backend]), backend, threads, bundle.path("first_pass"))
 
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` (cast to float32); returns every output by name.
@@ -268,11 +284,14 @@ class CpuFastEngine(Engine):
         return patches
 
     def segment(self, patches: np.ndarray) -> np.ndarray:
-        """The segmentation alone, from the graph cut to it on OpenVINO (:meth:`Engine.segment`).
+        """The first pass's segmentation (:meth:`Engine.segment`): the bundle's first-pass model
+        when it has one, else the graph cut to the segmentation on OpenVINO.
 
         Raises:
             EngineError: The batch does not have the model's patch shape, or the library failed.
         """
         patches = self._checked(patches)
         with self._lock:
+            if self._first is not None:
+                return self._first.run(patches)["segmentation"]
             return self._engine.segment(patches)

@@ -415,12 +415,24 @@ class TensorRTEngine(Engine):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: str = "tensorrt", threads: int | None = None) -> TensorRTEngine:
-        """The bundle's TensorRT plan, checked against the bundle's ONNX model (``threads`` is unused)."""
-        return cls(
+        """The bundle's TensorRT plan, checked against the bundle's ONNX model (``threads`` is unused).
+
+        A bundle's first-pass model (``first_pass.onnx``) runs on ONNX Runtime beside it (CUDA
+        provider where installed, else CPU): no plan is built for it yet.
+        """
+        engine = cls(
             need_artifact(bundle, "tensorrt"),
             onnx_path=bundle.path("onnx_fp32"),
             onnx_sha256=bundle.sha256("onnx_fp32"),
         )
+        first_pass = bundle.path("first_pass")
+        if first_pass is not None:
+            from nodule_edge.runtime.engines.onnxruntime import available_providers, load_first_pass
+
+            cuda = "CUDAExecutionProvider" in available_providers()
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+            engine._first_pass = load_first_pass(first_pass, engine.metadata, "tensorrt", providers)
+        return engine
 
     def run(self, patches: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch ``[N, C, S, S, S]`` float32; returns every output by name."""

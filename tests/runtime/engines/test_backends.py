@@ -137,9 +137,9 @@ def test_threads_env_var_is_honoured(bundle, monkeypatch):
     seen = {}
     real = OnnxEngine.__init__
 
-    def spy(self, path, backend, providers, threads=None):
+    def spy(self, path, backend, providers, threads=None, first_pass=None):
         seen["threads"] = threads
-        real(self, path, backend, providers, threads)
+        real(self, path, backend, providers, threads, first_pass)
 
     monkeypatch.setattr(OnnxEngine, "__init__", spy)
     monkeypatch.setenv("NODULE_EDGE_THREADS", "1")
