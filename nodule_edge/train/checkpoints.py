@@ -15,6 +15,7 @@ import torch
 
 from nodule_edge._files import atomic_file, write_text_atomic
 from nodule_edge.errors import ConfigError, DataError
+from nodule_edge.train.config import training_config_sha256
 from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
@@ -87,8 +88,15 @@ def resume_state(
     from safetensors.torch import load_file
 
     loaded, meta = load_checkpoint(path)
-    # Checkpoints written before the hash existed carry none and are resumed as before.
-    if meta.get("training_config_sha256", training_sha) != training_sha:
+    # Checkpoints written before the hash existed carry none and are resumed as before; one whose
+    # sidecar records its config is judged by the current rule (the rule once hashed the VOI
+    # folder as each config file spells it, which made configs/ablations differ from the shipped one).
+    recorded = (
+        training_config_sha256(meta["config"])
+        if isinstance(meta.get("config"), dict)
+        else meta.get("training_config_sha256", training_sha)
+    )
+    if recorded != training_sha:
         raise ConfigError(
             f"{path.parent} holds a checkpoint trained with another configuration (data, model, loss or train "
             "section differ): move that folder away or restore the config it was trained with"

@@ -202,15 +202,20 @@ class TrainConfig:
         return sha256_bytes(json.dumps(self.to_dict(), sort_keys=True).encode())
 
 
-def training_config_sha256(cfg: TrainConfig) -> str:
+def training_config_sha256(cfg: TrainConfig | dict[str, Any]) -> str:
     """Hash of what shapes the network's weights: data, model, loss and train sections.
 
     A checkpoint is resumed or reused only under the same hash; the classifier refit and the CV
-    bookkeeping may change around it.
+    bookkeeping may change around it. Takes a config or its :meth:`TrainConfig.to_dict` (which a
+    checkpoint's sidecar records, so a checkpoint's hash can be recomputed under this rule).
+    The data folders are relative to each config file, so a config in ``configs/ablations`` spells
+    the shipped one's VOI folder differently: the folder counts by its last two path components
+    (``data/lidc_voi``), and the cache not at all.
     """
-    data = cfg.to_dict()
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
     keep = {k: data[k] for k in ("data", "model", "loss", "train")}
     keep["data"] = {k: v for k, v in keep["data"].items() if k != "cache_dir"}
+    keep["data"]["voi_dir"] = "/".join(Path(str(keep["data"].get("voi_dir", ""))).parts[-2:])
     # A longer budget (epochs, patience) continues a run; threads do not change what is learned.
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("threads", "epochs", "patience")}
     return sha256_bytes(json.dumps(keep, sort_keys=True).encode())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodule_edge.errors import ConfigError
-from nodule_edge.train.config import TrainConfig, load_config
+from nodule_edge.train.config import TrainConfig, load_config, training_config_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = REPO_ROOT / "configs" / "shipped.toml"
@@ -266,3 +266,18 @@ def test_each_recorded_ablation_is_what_its_config_reproduces(folder: Path) -> N
         return
     config = SHIPPED if folder.name == "cv" else REPO_ROOT / "configs" / "ablations" / f"{folder.name}.toml"
     assert recorded == {fold_config_sha256(load_config(config))}, f"{config.name} no longer reproduces {folder}"
+
+
+def test_the_training_hash_names_the_voi_folder_not_how_a_config_file_spells_it(tmp_path: Path) -> None:
+    (tmp_path / "configs" / "ablations").mkdir(parents=True)
+    base = tmp_path / "configs" / "base.toml"
+    base.write_text('[data]\nvoi_dir = "../data/lidc_voi"\n')
+    child = tmp_path / "configs" / "ablations" / "child.toml"
+    child.write_text('extends = "../base.toml"\n[head]\nrefit = "full"\n')
+    a, b = load_config(base), load_config(child)
+    assert a.data.voi_dir != b.data.voi_dir  # each spelt relative to its own file
+    assert training_config_sha256(a) == training_config_sha256(b)
+    assert training_config_sha256(a) == training_config_sha256(a.to_dict())  # a sidecar's config
+    other = tmp_path / "configs" / "other.toml"
+    other.write_text('[data]\nvoi_dir = "../data/other_voi"\n')
+    assert training_config_sha256(load_config(other)) != training_config_sha256(a)
