@@ -148,6 +148,10 @@ def export(
         from nodule_edge.export.triton import write_triton_repository
 
         repo = write_triton_repository(bundle / "model.onnx", triton_dir, engine_path=engine_path)
+        if (bundle / "first_pass.onnx").is_file():
+            # The runtime's first pass (a box net) is a model of its own: a Triton client runs it
+            # first, bounds the cube to its box (nodule_edge.patch.bound_to_nodule), then the model.
+            write_triton_repository(bundle / "first_pass.onnx", triton_dir, model_name="nodule_edge_first_pass")
         click.echo(f"Triton repository: {repo.root}")
     click.echo(f"bundle written to {bundle}")
 
