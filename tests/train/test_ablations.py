@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodule_edge.train.config import load_config
+from nodule_edge.train.config import load_config, training_config_sha256
 from nodule_edge.train.losses import LossWeights, total_loss
 from nodule_edge.train.model import SEG_FEATURE_NAMES, CollaborativeNet
 from nodule_edge.train.trainer import MALIGNANCY_COLUMN, model_config_from
-from tests.train.test_config import HEAD_STEP_ABLATIONS
+from tests.train.test_config import FIRST_PASS_ABLATIONS, HEAD_STEP_ABLATIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = sorted((REPO_ROOT / "configs" / "ablations").glob("*.toml"))
@@ -38,6 +38,7 @@ EXPECTED = {
     "no_attribute_skip": (True, True, False, True),
     "parity_penalty": (True, True, False, True),
     "no_parity_penalty": (True, True, False, True),
+    "box_net": (True, True, False, True),
 }
 
 
@@ -62,10 +63,11 @@ def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
 
 def test_head_step_ablations_reuse_the_shipped_networks() -> None:
     shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
-    for name in HEAD_STEP_ABLATIONS:
+    for name in HEAD_STEP_ABLATIONS + FIRST_PASS_ABLATIONS:
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
         # What shapes the network's weights is the shipped run's, in the same output folder.
         assert (cfg.model, cfg.loss, cfg.train) == (shipped.model, shipped.loss, shipped.train), name
+        assert training_config_sha256(cfg) == training_config_sha256(shipped), name  # so the checkpoints resume
         assert cfg.resolve(cfg.data.voi_dir).resolve() == shipped.resolve(shipped.data.voi_dir).resolve(), name
         assert cfg.resolve(cfg.output_dir).resolve() == shipped.resolve(shipped.output_dir).resolve(), name
     weighted = load_config(REPO_ROOT / "configs" / "ablations" / "attribute_weight16.toml")
