@@ -73,7 +73,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,7 +265,13 @@ def _logit_of(output: Any) -> torch.Tensor:
 
 
 def explain(
-    model: nn.Module, patch: np.ndarray | torch.Tensor, method: str, *, spec: PatchSpec, **options: Any
+    model: nn.Module,
+    patch: np.ndarray | torch.Tensor,
+    method: str,
+    *,
+    spec: PatchSpec,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    **options: Any,
 ) -> ExplanationMap:
     """Attribution map of the malignancy logit of one nodule, by one of :data:`METHODS`.
 
@@ -279,6 +285,8 @@ def explain(
         method: One of :data:`METHODS`.
         spec: The patch definition the model reads; with a nodule box the map explains the
             second, nodule-bounded pass.
+        segment: The first pass when it is not the model's own segmentation (a box net,
+            :func:`nodule_edge.train.first_pass.box_net_segmenter`): ``patches -> [N, S, S, S]``.
         **options: Method options; :data:`DEFAULT_OPTIONS` lists them with their defaults.
 
             * ``integrated_gradients``: ``steps`` (quadrature nodes), ``warp`` (power ≥ 1 that
@@ -322,7 +330,7 @@ def explain(
         param = next(model.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         device = param.device if param is not None else torch.device("cpu")
-        bounded, found = _second_pass_input(model, cube, spec, dtype, device)
+        bounded, found = _second_pass_input(model, cube, spec, dtype, device, segment)
         x = torch.from_numpy(bounded).to(device=device, dtype=dtype)[None]
         forward = _Logit(model)
         with torch.no_grad():
@@ -412,11 +420,18 @@ def _air(spec: PatchSpec) -> np.ndarray:
 
 
 def _second_pass_input(
-    model: nn.Module, cube: np.ndarray, spec: PatchSpec, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    cube: np.ndarray,
+    spec: PatchSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The cube the runtime's second pass reads (the first pass's box applied) and whether it found a nodule."""
     if spec.nodule_box is None:
         return cube, True
+    if segment is not None:
+        return bound_to_nodule(cube, np.asarray(segment(cube[None]))[0], spec)
     with torch.no_grad():
         output = model(torch.from_numpy(cube).to(device=device, dtype=dtype)[None])
     seg = getattr(output, "segmentation", None)

@@ -88,16 +88,22 @@ def _torch_run(model: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np.nd
 
 
 def _maps(
-    model: torch.nn.Module, patch: np.ndarray, spec: Any, methods: Sequence[str], options: dict[str, dict[str, Any]]
+    model: torch.nn.Module,
+    patch: np.ndarray,
+    spec: Any,
+    methods: Sequence[str],
+    options: dict[str, dict[str, Any]],
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
-    """method → (signed map, explained input, seconds, probability) for one nodule."""
+    """method → (signed map, explained input, seconds, probability) for one nodule; ``segment``
+    is the first pass when it is a box net."""
     from nodule_edge.patch import run_nodule_bounded_with_input
     from nodule_edge.train.explain import explain
 
     run = _torch_run(model)
     out: dict[str, tuple[np.ndarray, np.ndarray, float, float]] = {}
     t0 = time.perf_counter()
-    outputs, _, answered = run_nodule_bounded_with_input(run, patch[None], spec)
+    outputs, _, answered = run_nodule_bounded_with_input(run, patch[None], spec, segment=segment)
     cam_seconds = time.perf_counter() - t0
     bounded = np.asarray(answered[0], np.float32)
     p = float(outputs["malignancy_probability"][0])
@@ -106,10 +112,10 @@ def _maps(
         if method == "gradcam":
             out[method] = (outputs["saliency"][0], bounded, cam_seconds, p)
         elif method == "occlusion":
-            occluded = occlusion_map(run, patch, spec, **options.get(method, {}))
+            occluded = occlusion_map(run, patch, spec, segment=segment, **options.get(method, {}))
             out[method] = (occluded.towards_prediction, occluded.bounded_patch, occluded.seconds, p)
         else:
-            attributed = explain(model, patch, method, spec=spec, **options.get(method, {}))
+            attributed = explain(model, patch, method, spec=spec, segment=segment, **options.get(method, {}))
             out[method] = (sign * attributed.map, attributed.input, attributed.seconds, p)
     return out
 
@@ -186,12 +192,18 @@ def compare_explanations(
         )
     model, meta = load_checkpoint(checkpoint)
     model.eval()
+    segment = None
+    if cfg.first_pass.network == "box_net":
+        # The runtime's first pass is the fold's box net, trained beside its network.
+        from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
+
+        segment = box_net_segmenter(load_box_net(Path(checkpoint).with_name("box_net.safetensors"))[0])
     run = _torch_run(model)
     rows: list[dict[str, Any]] = []
     for n, i in enumerate(test):
         patch = np.asarray(ds.cache.images[i], np.float32)
         mask = np.asarray(ds.cache.masks[i], np.float32) >= 0.5
-        maps = _maps(model, patch, spec, methods, options)
+        maps = _maps(model, patch, spec, methods, options, segment)
         p = next(iter(maps.values()))[3]
         target = 1 if p >= 0.5 else 0
         row: dict[str, Any] = {
@@ -228,10 +240,11 @@ def compare_explanations(
     randomisation = []
     for i in test[:randomisation_nodules]:
         patch = np.asarray(ds.cache.images[i], np.float32)
-        before = {m: v[0] for m, v in _maps(model, patch, spec, methods, options).items()}
+        before = {m: v[0] for m, v in _maps(model, patch, spec, methods, options, segment).items()}
         for stage in range(len(_STAGES)):
             after = {
-                m: v[0] for m, v in _maps(_randomised(model, stage, seed=stage), patch, spec, methods, options).items()
+                m: v[0]
+                for m, v in _maps(_randomised(model, stage, seed=stage), patch, spec, methods, options, segment).items()
             }
             randomisation.append(
                 {

@@ -244,6 +244,24 @@ def test_the_map_explains_the_nodule_bounded_second_pass(method: str) -> None:
 
 
 @requires_captum
+def test_a_box_net_first_pass_draws_the_box_instead_of_the_models_segmentation() -> None:
+    model = BoxedModel()
+    patch = _patch()
+    other = np.zeros((SIZE,) * 3, np.float32)
+    other[4:12, 4:12, 4:12] = 1.0  # a box net that finds the nodule elsewhere
+    seen: list[tuple[int, ...]] = []
+
+    def segment(patches: np.ndarray) -> np.ndarray:
+        seen.append(patches.shape)
+        return other[None]
+
+    result = explain(model, patch, "gradient_x_input", spec=SPEC, segment=segment)
+    assert seen == [(1, *patch.shape)]
+    np.testing.assert_array_equal(result.input, bound_to_nodule(patch, other, SPEC)[0])
+    assert not np.array_equal(result.input, bound_to_nodule(patch, model.sphere[0, 0].numpy(), SPEC)[0])
+
+
+@requires_captum
 def test_no_nodule_in_the_first_pass_explains_the_whole_cube() -> None:
     model = BoxedModel()
     model.sphere.zero_()  # an empty segmentation
