@@ -193,6 +193,48 @@ def test_engine_runtime_path(benchmark, bundle_dir, patches, first_pass):
     )
 
 
+@pytest.fixture(scope="module")
+def box_net_first_pass(bundle_dir, tmp_path_factory) -> Path:
+    """A box net (``[first_pass] network = "box_net"``) exported for the bundle's model; its
+    weights are seeded, not trained: the pass costs the same."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import json
+
+    from nodule_edge.export.onnx_export import export_box_net_onnx
+    from nodule_edge.patch import PatchSpec
+    from nodule_edge.runtime import load_bundle
+    from nodule_edge.train.first_pass import save_box_net
+    from nodule_edge.train.model import BoxNet
+
+    torch.manual_seed(0)
+    bundle = load_bundle(bundle_dir)
+    root = tmp_path_factory.mktemp("box_net")
+    save_box_net(root / "box_net.safetensors", BoxNet().eval(), {})
+    spec = PatchSpec.from_json(json.dumps(bundle.manifest["patch_spec"]))  # the bundle records its model's spec
+    return export_box_net_onnx(
+        root / "box_net.safetensors", root / "first_pass.onnx", spec=spec, model_version=bundle.model_version
+    ).path
+
+
+@pytest.mark.parametrize("network", ["box_net", "segmentation_graph"])
+def test_first_pass_network(benchmark, bundle_dir, patches, box_net_first_pass, network):
+    """The runtime's first pass alone (cpu-fast, batch 1): a box net (README, "The model and its
+    patch") against the model's graph cut to its segmentation."""
+    from nodule_edge.errors import EngineError
+    from nodule_edge.runtime import load_bundle
+    from nodule_edge.runtime.engines.openvino import CpuFastEngine
+
+    bundle = load_bundle(bundle_dir)
+    try:
+        engine = CpuFastEngine(
+            bundle.path("onnx_fp32"), "cpu-fast", first_pass=box_net_first_pass if network == "box_net" else None
+        )
+    except EngineError as exc:
+        pytest.skip(str(exc))
+    benchmark.pedantic(engine.segment, args=(patches[:1],), rounds=max(ROUNDS, 15), warmup_rounds=2)
+
+
 @pytest.mark.parametrize("outputs", ["all", "without_gradcam"])
 def test_gradcam_extra_cost(benchmark, bundle_dir, patches, tmp_path_factory, outputs):
     """The fp32 graph with and without its saliency outputs (the in-graph Grad-CAM's cost)."""

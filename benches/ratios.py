@@ -82,6 +82,11 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("test_engine_runtime_path", "full_graph"),
     ),
     (
+        "engine, first pass: box net / segmentation graph (cpu-fast, batch 1)",
+        ("test_first_pass_network", "box_net"),
+        ("test_first_pass_network", "segmentation_graph"),
+    ),
+    (
         "Grad-CAM outputs: all / without saliency (fp32)",
         ("test_gradcam_extra_cost", "all"),
         ("test_gradcam_extra_cost", "without_gradcam"),
