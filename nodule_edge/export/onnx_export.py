@@ -120,8 +120,8 @@ def export_onnx(
     Returns:
         The path, its sha256 and the metadata written.
     """
-    torch = require("torch", "export")
-    onnx = require("onnx", "export")
+    require("torch", "export")
+    require("onnx", "export")
     from nodule_edge.train.trainer import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
@@ -131,8 +131,34 @@ def export_onnx(
         if "nodule_box" not in json.loads(recorded or "{}"):
             spec = replace(spec, nodule_box=None)
     module = build_export_module(model.float())
+    metadata: dict[str, str] = {
+        "format": "nodule-edge-onnx-v1",
+        "nodule_edge_version": __version__,
+        "model_version": model_version or f"{__version__}+epoch{meta.get('epoch', 0)}",
+        "patch_spec": spec.to_json(),
+        "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
+        "attribute_scale": json.dumps([RATING_MIN, RATING_MAX]),
+        "input_name": INPUT_NAME,
+        "output_names": json.dumps(list(OUTPUT_NAMES)),
+        "config_sha256": str(meta.get("config_sha256", "")),
+        "model_config": json.dumps(meta.get("model_config", {})),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
+    }
+    for key, value in (extra_metadata or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    return _export_graph(module, spec, Path(out_path), OUTPUT_NAMES, metadata)
+
+
+def _export_graph(
+    module: Any, spec: PatchSpec, out_path: Path, output_names: tuple[str, ...], metadata: dict[str, str]
+) -> ExportResult:
+    """Trace ``module`` to ONNX (dynamic batch), apply :data:`REWRITES`, store ``metadata``,
+    check and write it atomically."""
+    import torch
+
+    onnx = require("onnx", "export")
     example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_path) as tmp:
         with torch.no_grad():
@@ -141,7 +167,7 @@ def export_onnx(
                 (example,),
                 str(tmp),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(output_names),
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=False,
@@ -150,22 +176,6 @@ def export_onnx(
         proto = onnx.load(str(tmp))
         for rewrite in REWRITES:
             proto = rewrite(proto)
-        metadata: dict[str, str] = {
-            "format": "nodule-edge-onnx-v1",
-            "nodule_edge_version": __version__,
-            "model_version": model_version or f"{__version__}+epoch{meta.get('epoch', 0)}",
-            "patch_spec": spec.to_json(),
-            "attribute_names": json.dumps(list(ATTRIBUTE_NAMES)),
-            "attribute_scale": json.dumps([RATING_MIN, RATING_MAX]),
-            "input_name": INPUT_NAME,
-            "output_names": json.dumps(list(OUTPUT_NAMES)),
-            "config_sha256": str(meta.get("config_sha256", "")),
-            "model_config": json.dumps(meta.get("model_config", {})),
-            "checkpoint_sha256": file_sha256(checkpoint),
-            "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
-        }
-        for key, value in (extra_metadata or {}).items():
-            metadata[key] = value if isinstance(value, str) else json.dumps(value)
         del proto.metadata_props[:]
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
@@ -196,7 +206,7 @@ def export_box_net_onnx(
         model_version: The collaborative model's version: the two ship together.
     """
     require("torch", "export")
-    onnx = require("onnx", "export")
+    require("onnx", "export")
     import torch
 
     from nodule_edge.train.first_pass import load_box_net
@@ -212,42 +222,13 @@ def export_box_net_onnx(
             return self.inner(patch)[:, 0]
 
     module = _Exported(net.float()).eval()
-    example = torch.rand(2, spec.channels, spec.size, spec.size, spec.size)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out_path) as tmp:
-        with torch.no_grad():
-            torch.onnx.export(
-                module,
-                (example,),
-                str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=["segmentation"],
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes={"patch": {0: torch.export.Dim("batch", min=1, max=1024)}},
-            )
-        proto = onnx.load(str(tmp))
-        for rewrite in REWRITES:
-            proto = rewrite(proto)
-        metadata = {
-            "format": FIRST_PASS_FORMAT,
-            "nodule_edge_version": __version__,
-            "model_version": model_version,
-            "patch_spec": spec.to_json(),
-            "input_name": INPUT_NAME,
-            "output_names": json.dumps(["segmentation"]),
-            "checkpoint_sha256": file_sha256(checkpoint),
-        }
-        del proto.metadata_props[:]
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "nodule-edge"
-        proto.producer_version = __version__
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-    digest = file_sha256(out_path)
-    log.info("exported the first pass %s (sha256 %s…)", out_path, digest[:12])
-    return ExportResult(out_path, digest, metadata)
+    metadata = {
+        "format": FIRST_PASS_FORMAT,
+        "nodule_edge_version": __version__,
+        "model_version": model_version,
+        "patch_spec": spec.to_json(),
+        "input_name": INPUT_NAME,
+        "output_names": json.dumps(["segmentation"]),
+        "checkpoint_sha256": file_sha256(checkpoint),
+    }
+    return _export_graph(module, spec, Path(out_path), ("segmentation",), metadata)
