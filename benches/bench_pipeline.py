@@ -165,13 +165,14 @@ def test_engine(benchmark, bundle_dir, patches, backend, batch):
     benchmark.pedantic(engine.run, args=(x,), rounds=rounds, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("first_pass", ["segmentation_graph", "full_graph"])
+@pytest.mark.parametrize("first_pass", ["bundle", "full_graph"])
 def test_engine_runtime_path(benchmark, bundle_dir, patches, first_pass):
     """The engine stage as the runtime runs it: first pass, box, second pass (cpu-fast, batch 1).
 
-    ``segmentation_graph`` is what ships (:meth:`Engine.segment`, the graph cut to its
-    segmentation); ``full_graph`` is the same path with a first pass through the whole graph.
-    Against ``test_engine[cpu-fast-1]`` (one pass) it gives the cost of the nodule-bounded input.
+    ``bundle`` is what ships (:meth:`Engine.segment`: the bundle's box net, or the graph cut to
+    its segmentation for a bundle without one); ``full_graph`` is the same path with a first pass
+    through the whole graph. Against ``test_engine[cpu-fast-1]`` (one pass) it gives the cost of
+    the nodule-bounded input.
     """
     from nodule_edge.errors import EngineError
     from nodule_edge.patch import run_nodule_bounded
@@ -183,7 +184,7 @@ def test_engine_runtime_path(benchmark, bundle_dir, patches, first_pass):
     except EngineError as exc:
         pytest.skip(str(exc))
     spec = engine.metadata.patch_spec
-    segment = engine.segment if first_pass == "segmentation_graph" else None
+    segment = engine.segment if first_pass == "bundle" else None
     # A blob at the centre, so the first pass finds a nodule and bounds the cube as for a real one.
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, spec.size)] * 3, indexing="ij"))
     blob = np.exp(-(grid**2).sum(0) / (2 * 0.2**2)).astype(np.float32)

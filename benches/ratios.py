@@ -72,13 +72,13 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
     ("engine batch 1: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-1"), ("test_engine", "cpu-1")),
     ("engine batch 8: fast CPU / ONNX Runtime fp32", ("test_engine", "cpu-fast-8"), ("test_engine", "cpu-8")),
     (
-        "engine, runtime path (two passes) / one pass (cpu-fast, batch 1)",
-        ("test_engine_runtime_path", "segmentation_graph"),
+        "engine, runtime path (first pass + pass) / one pass (cpu-fast, batch 1)",
+        ("test_engine_runtime_path", "bundle"),
         ("test_engine", "cpu-fast-1"),
     ),
     (
-        "engine, runtime path: segmentation-graph first pass / full-graph first pass",
-        ("test_engine_runtime_path", "segmentation_graph"),
+        "engine, runtime path: the bundle's first pass / full-graph first pass",
+        ("test_engine_runtime_path", "bundle"),
         ("test_engine_runtime_path", "full_graph"),
     ),
     (

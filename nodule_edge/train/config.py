@@ -116,7 +116,7 @@ class HeadSection:
     attribute_skip: bool = True
     # Weight of a path-parity penalty in the "debugged" refit: mean |p(runtime path) - p(readers'
     # box)| over the training fold (docs/cv/README.md, item 8); 0 = off. Ignored by the other refits.
-    parity_weight: float = 1.0
+    parity_weight: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class FirstPassSection:
 
     # model: the network's own segmentation | box_net: a small segmentation-only network
     # (nodule_edge.train.model.BoxNet), trained after the network on the same nodules.
-    network: str = "model"
+    network: str = "box_net"
     widths: tuple[int, ...] = (8, 16, 32, 32)  # box_net: stem and residual blocks 1-3
     epochs: int = 20
     lr: float = 2e-3
@@ -158,7 +158,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
 
 
 #: section -> its defaults, which reproduce the behaviour from before the section existed.
-_ADDED_SECTIONS: dict[str, Any] = {"first_pass": FirstPassSection()}
+_ADDED_SECTIONS: dict[str, Any] = {"first_pass": FirstPassSection(network="model")}
 
 
 @dataclass(frozen=True)

@@ -260,12 +260,20 @@ def render_model_card(
         "## Model input",
         "A 32 mm cube at 0.5 mm (64³), two channels: lung window [-1000, 400] HU and mediastinal window [-160, 240] HU.",
     ]
+    first = cfg.get("first_pass") or {}
+    if first.get("network") == "box_net":
+        first_pass = (
+            f"the runtime's first pass is a box net (a segmentation-only network at widths {first.get('widths')}, trained after the network on the same nodules' whole cubes, {first.get('epochs')} epochs, Dice + BCE against the readers' mask; `first_pass.onnx` in the bundle): "
+            "its segmentation (the component at the centre) gives the box, at the middle of the training margins, and the model's one pass on the bounded cube gives the answer. "
+        )
+    else:
+        first_pass = "the runtime runs the model twice: the first pass's segmentation (the component at the centre) gives the box, at the middle of the training margins, and the second pass gives the answer. "
     if box:
         lines += [
             f"Bounded to the nodule: everything outside the nodule's box plus {box['margin_mm'][0]:g} mm in z and {box['margin_mm'][1]:g} mm in-plane is air. "
             f"Training draws each side's margin from that value to {box['jitter_mm']:g} mm more (box of the reference mask; {train.get('unbounded_probability', 0) * 100:.0f} % of samples whole, as the runtime's first pass sees them); "
-            "the runtime runs the model twice: the first pass's segmentation (the component at the centre) gives the box, at the middle of the training margins, and the second pass gives the answer. "
-            "Why: the LIDC VOIs end at the nodule's last slice in z for 54 % of nodules, so where air begins tells a model the size; a full study has lung there. With the box, both paths see the same input and context beyond the box cannot move the prediction "
+            + first_pass
+            + "Why: the LIDC VOIs end at the nodule's last slice in z for 54 % of nodules, so where air begins tells a model the size; a full study has lung there. With the box, both paths see the same input and context beyond the box cannot move the prediction "
             "(path parity and context rows below).",
         ]
     lines += [

@@ -39,6 +39,7 @@ EXPECTED = {
     "parity_penalty": (True, True, False, True),
     "no_parity_penalty": (True, True, False, True),
     "box_net": (True, True, False, True),
+    "box_net_parity2": (True, True, False, True),
 }
 
 

@@ -219,3 +219,13 @@ def test_the_card_counts_the_parameters_that_ship() -> None:
     # The head step added the attribute skip to the final model: the card says what ships.
     summary["final"] = {**summary.get("final", {}), "parameters": 1350929}
     assert "1,350,929 parameters (1,350,125 trained, 804 added by the head step)." in render_model_card(summary, "c")
+
+
+def test_the_card_names_the_first_pass_the_config_ran() -> None:
+    own = render_model_card(_summary(), "c")
+    assert "the runtime runs the model twice" in own and "box net" not in own
+    summary = _summary()
+    summary["config"]["first_pass"] = {"network": "box_net", "widths": [8, 16, 32, 32], "epochs": 20}
+    boxed = render_model_card(summary, "c")
+    assert "first pass is a box net" in boxed and "widths [8, 16, 32, 32]" in boxed and "20 epochs" in boxed
+    assert "the runtime runs the model twice" not in boxed
