@@ -18,6 +18,7 @@ not torch).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -85,8 +86,9 @@ class Candidate:
             return "this onnxruntime has no OpenVINOExecutionProvider (needs the onnxruntime-openvino wheel, which replaces onnxruntime)"
         return None
 
-    def load(self, model_path: str | Path) -> CpuEngine:
-        """Load the candidate's engine from the artifact at ``model_path``."""
+    def load(self, model_path: str | Path, segmentation_pass: bool = True) -> CpuEngine:
+        """Load the candidate's engine from the artifact at ``model_path`` (with OpenVINO also the
+        graph cut to its segmentation, unless ``segmentation_pass`` is false)."""
         if self.backend == "ort-openvino-ep":
             return _load_ort_openvino_ep(Path(model_path), self.threads, self.precision)
         if self.backend == "onnxruntime":
@@ -94,7 +96,11 @@ class Candidate:
             return load_ort_model(Path(model_path), options)
         # The runtime's first pass runs the graph cut to the segmentation (CpuFastEngine).
         return load_cpu_engine(
-            model_path, backend=self.backend, threads=self.threads, precision=self.precision, segmentation_pass=True
+            model_path,
+            backend=self.backend,
+            threads=self.threads,
+            precision=self.precision,
+            segmentation_pass=segmentation_pass,
         )
 
 
@@ -163,15 +169,19 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide((a * b).sum(axis=1), den, out=np.ones(len(a)), where=den > 0)
 
 
-def _run_all(engine: CpuEngine, patches: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+def _run_all(
+    engine: CpuEngine, patches: np.ndarray, batch: int, first_pass: CpuEngine | None = None
+) -> dict[str, np.ndarray]:
     """Every output on the runtime's path: with a nodule box in the model's patch spec the first
     pass bounds the cube and the second pass answers, each engine with its own first pass (as
-    ``nodule-edge infer`` runs it)."""
+    ``nodule-edge infer`` runs it): the bundle's box net on the same library when the model has
+    one beside it (``first_pass.onnx``), else the model's own segmentation."""
     spec = metadata_from_props(engine.metadata).patch_spec
+    segment = engine.segment if first_pass is None else (lambda x: first_pass.run(x)["segmentation"])
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(patches), batch):
         out, _ = run_nodule_bounded(
-            engine.run, np.asarray(patches[start : start + batch], dtype=np.float32), spec, segment=engine.segment
+            engine.run, np.asarray(patches[start : start + batch], dtype=np.float32), spec, segment=segment
         )
         for key, value in out.items():
             parts.setdefault(key, []).append(value)
@@ -344,10 +354,18 @@ def compare_engines(
                     work_dir = tmp_dir
                 artifacts["int8"] = build_cpu_engine(onnx_path, work_dir, calibration_patches)
         engines = {c.name: c.load(artifacts[c.artifact]) for c in chosen}
-        reference = _run_all(engines[_REFERENCE], patches, batch)
+        # The bundle's box net runs in fp32 on each candidate's library and precision, as the
+        # engines run it (the INT8 engines too: README, "The model and its patch").
+        box_net = Path(onnx_path).with_name("first_pass.onnx")
+        first = (
+            {c.name: dataclasses.replace(c, artifact="fp32").load(box_net, segmentation_pass=False) for c in chosen}
+            if box_net.is_file()
+            else {}
+        )
+        reference = _run_all(engines[_REFERENCE], patches, batch, first.get(_REFERENCE))
         results: dict[str, dict[str, float]] = {}
         for name, engine in engines.items():
-            outputs = reference if name == _REFERENCE else _run_all(engine, patches, batch)
+            outputs = reference if name == _REFERENCE else _run_all(engine, patches, batch, first.get(name))
             results[name] = _accuracy(outputs, reference, labels, ratings)
             log.info("%s: %s", name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
         if timing_rounds > 0:
