@@ -97,6 +97,7 @@ def write_tiny_config(
     loss: str = "",
     train: str = "",
     cv: str = "",
+    first_pass: str = "",
 ) -> Path:
     """A TOML config for a seconds-long run on the synthetic VOIs (extra lines per section)."""
     path.write_text(
@@ -121,6 +122,13 @@ max_steps_per_epoch = 1
 patience = 5
 seed = 0
 {train}
+
+[first_pass]
+# The shipped first pass is a box net: a seconds-long one here.
+epochs = 1
+widths = [8, 8, 8, 8]
+batch = 2
+{first_pass}
 
 [cv]
 folds = 3
