@@ -40,6 +40,7 @@ EXPECTED = {
     "no_parity_penalty": (True, True, False, True),
     "box_net": (True, True, False, True),
     "box_net_parity2": (True, True, False, True),
+    "epochs20_box_net": (True, True, False, True),
 }
 
 

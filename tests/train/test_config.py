@@ -168,7 +168,11 @@ HEAD_STEP_ABLATIONS = (
 FIRST_PASS_ABLATIONS = ("box_net", "box_net_parity2")
 
 #: Recipe ablations: the train keys each one changes.
-RECIPE_ABLATION_KEYS = {"self_box": ("self_box_probability",), "epochs20": ("epochs",)}
+RECIPE_ABLATION_KEYS = {
+    "self_box": ("self_box_probability",),
+    "epochs20": ("epochs",),
+    "epochs20_box_net": ("epochs",),
+}
 
 
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
