@@ -18,7 +18,6 @@ not torch).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -38,7 +37,7 @@ from nodule_edge.errors import EngineError
 from nodule_edge.export.int8 import build_cpu_engine
 from nodule_edge.metrics import roc_auc
 from nodule_edge.patch import run_nodule_bounded
-from nodule_edge.runtime.engines.base import CpuEngine, default_threads, metadata_from_props
+from nodule_edge.runtime.engines.base import CpuEngine, check_first_pass, default_threads, metadata_from_props
 from nodule_edge.runtime.engines.onnxruntime import load_ort_model, session_options_for
 from nodule_edge.runtime.engines.openvino import Precision, load_cpu_engine, openvino_available
 
@@ -355,13 +354,12 @@ def compare_engines(
                 artifacts["int8"] = build_cpu_engine(onnx_path, work_dir, calibration_patches)
         engines = {c.name: c.load(artifacts[c.artifact]) for c in chosen}
         # The bundle's box net runs in fp32 on each candidate's library and precision, as the
-        # engines run it (the INT8 engines too: README, "The model and its patch").
+        # engines run it (the INT8 engines too: README, "The model and its patch"), and only
+        # beside the model it was exported for (the engines' own check).
         box_net = Path(onnx_path).with_name("first_pass.onnx")
-        first = (
-            {c.name: dataclasses.replace(c, artifact="fp32").load(box_net, segmentation_pass=False) for c in chosen}
-            if box_net.is_file()
-            else {}
-        )
+        first = {c.name: c.load(box_net, segmentation_pass=False) for c in chosen} if box_net.is_file() else {}
+        for name, first_pass in first.items():
+            check_first_pass(metadata_from_props(engines[name].metadata), first_pass.metadata, box_net)
         reference = _run_all(engines[_REFERENCE], patches, batch, first.get(_REFERENCE))
         results: dict[str, dict[str, float]] = {}
         for name, engine in engines.items():
