@@ -262,16 +262,20 @@ def render_model_card(
     ]
     first = cfg.get("first_pass") or {}
     if first.get("network") == "box_net":
+        # Under a box net the network never sees a whole cube at run time; the whole samples remain
+        # in training (the recorded recipe), so the card says what they are rather than why.
+        whole_why = "kept from the recipe of the network's own first pass; at run time the box net, not the network, sees the whole cube"
         first_pass = (
             f"the runtime's first pass is a box net (a segmentation-only network at widths {first.get('widths')}, trained after the network on the same nodules' whole cubes, {first.get('epochs')} epochs, Dice + BCE against the readers' mask; `first_pass.onnx` in the bundle): "
             "its segmentation (the component at the centre) gives the box, at the middle of the training margins, and the model's one pass on the bounded cube gives the answer. "
         )
     else:
+        whole_why = "as the runtime's first pass sees them"
         first_pass = "the runtime runs the model twice: the first pass's segmentation (the component at the centre) gives the box, at the middle of the training margins, and the second pass gives the answer. "
     if box:
         lines += [
             f"Bounded to the nodule: everything outside the nodule's box plus {box['margin_mm'][0]:g} mm in z and {box['margin_mm'][1]:g} mm in-plane is air. "
-            f"Training draws each side's margin from that value to {box['jitter_mm']:g} mm more (box of the reference mask; {train.get('unbounded_probability', 0) * 100:.0f} % of samples whole, as the runtime's first pass sees them); "
+            f"Training draws each side's margin from that value to {box['jitter_mm']:g} mm more (box of the reference mask; {train.get('unbounded_probability', 0) * 100:.0f} % of samples whole, {whole_why}); "
             + first_pass
             + "Why: the LIDC VOIs end at the nodule's last slice in z for 54 % of nodules, so where air begins tells a model the size; a full study has lung there. With the box, both paths see the same input and context beyond the box cannot move the prediction "
             "(path parity and context rows below).",

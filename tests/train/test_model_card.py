@@ -229,3 +229,6 @@ def test_the_card_names_the_first_pass_the_config_ran() -> None:
     boxed = render_model_card(summary, "c")
     assert "first pass is a box net" in boxed and "widths [8, 16, 32, 32]" in boxed and "20 epochs" in boxed
     assert "the runtime runs the model twice" not in boxed
+    # Whole training samples are what the network's own first pass sees; under a box net they are not.
+    assert "as the runtime's first pass sees them" in own
+    assert "as the runtime's first pass sees them" not in boxed and "the box net, not the network" in boxed
