@@ -95,6 +95,10 @@ class TrainSection:
     max_steps_per_epoch: int = 0  # 0 = one pass over the sure training set
 
 
+#: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
+DEBUGGED_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1)
+
+
 @dataclass(frozen=True)
 class HeadSection:
     """The head refit after training (:mod:`nodule_edge.train.head`)."""
@@ -117,6 +121,9 @@ class HeadSection:
     # Weight of a path-parity penalty in the "debugged" refit: mean |p(runtime path) - p(readers'
     # box)| over the training fold (docs/cv/README.md, item 8); 0 = off. Ignored by the other refits.
     parity_weight: float = 2.0
+    # Classifier L2 strengths the "debugged" refit scores by inner patient-grouped CV (mean loss,
+    # standardised inputs; nodule_edge.train.head.refit_heads), smallest first.
+    l2_grid: tuple[float, ...] = DEBUGGED_L2_GRID
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
     ("head", "parity_weight"): 0.0,
+    ("head", "l2_grid"): DEBUGGED_L2_GRID,
 }
 
 
@@ -258,6 +266,14 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if isinstance(default, tuple) and default and isinstance(default[0], float):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(f"{where}: expected a non-empty list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
@@ -291,6 +307,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             len(cfg.model.widths) == 4 and min(cfg.model.widths) > 0 and all(w % 8 == 0 for w in cfg.model.widths),
             f"model.widths must be four positive multiples of 8 (GroupNorm groups), got {list(cfg.model.widths)}",
+        ),
+        (
+            all(v > 0 for v in cfg.head.l2_grid),
+            f"head.l2_grid must hold positive numbers, got {list(cfg.head.l2_grid)}",
         ),
         (cv.folds >= 2, f"cv.folds must be >= 2, got {cv.folds}"),
         (

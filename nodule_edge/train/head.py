@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from nodule_edge.metrics import roc_auc
+from nodule_edge.train.config import DEBUGGED_L2_GRID
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
@@ -174,8 +175,6 @@ def refit_classifier(
     return info
 
 
-#: Classifier L2 strengths tried by :func:`refit_heads` (mean loss, standardised inputs).
-DEBUGGED_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1)
 
 
 @dataclass

@@ -252,7 +252,14 @@ def _refit_head(
                 else None
             ),
         )
-        info = refit_heads(model, inputs, [ds.patients[i] for i in idx], head_objective(cfg), seed=cfg.train.seed)
+        info = refit_heads(
+            model,
+            inputs,
+            [ds.patients[i] for i in idx],
+            head_objective(cfg),
+            l2_grid=cfg.head.l2_grid,
+            seed=cfg.train.seed,
+        )
         say(
             f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"
         )

@@ -64,6 +64,9 @@ def test_nested_unknown_key_names_its_section(tmp_path: Path) -> None:
         ("[cv]\nrun_folds = [0.5]\n", "cv.run_folds"),
         ("[cv]\nrun_folds = 0\n", "cv.run_folds"),
         ("data = 3\n", "data"),
+        ("[head]\nl2_grid = []\n", "head.l2_grid"),
+        ('[head]\nl2_grid = ["0.01"]\n', "head.l2_grid"),
+        ("[head]\nl2_grid = 0.01\n", "head.l2_grid"),
     ],
 )
 def test_wrong_types_are_rejected(tmp_path: Path, text: str, where: str) -> None:
@@ -82,6 +85,7 @@ def test_wrong_types_are_rejected(tmp_path: Path, text: str, where: str) -> None
         "[cv]\nfolds = 3\nrun_folds = [3]\n",
         "[cv]\nval_fraction = 1.0\n",
         "[loss]\ndelta = -0.1\n",
+        "[head]\nl2_grid = [0.01, 0.0]\n",
     ],
 )
 def test_out_of_range_values_are_rejected(tmp_path: Path, text: str) -> None:
@@ -92,6 +96,17 @@ def test_out_of_range_values_are_rejected(tmp_path: Path, text: str) -> None:
 def test_integer_is_accepted_for_a_float(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, "[train]\nlr = 1\n"))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp_path: Path) -> None:
+    default = load_config(_write(tmp_path, "[head]\nl2_grid = [0.01, 0.03, 0.1]\n"))
+    assert default.head.l2_grid == (0.01, 0.03, 0.1)
+    # At its default the key is absent from the hash, so folds recorded before it existed still match.
+    assert default.sha256() == load_config(_write(tmp_path, "")).sha256()
+    wide = load_config(_write(tmp_path, "[head]\nl2_grid = [0.001, 1, 0.1]\n"))
+    assert wide.head.l2_grid == (0.001, 1.0, 0.1) and wide.sha256() != default.sha256()
+    # The grid changes the refit only: the network's checkpoints are reused.
+    assert training_config_sha256(wide) == training_config_sha256(default)
 
 
 def test_fold_epochs_must_match_run_folds(tmp_path: Path) -> None:
@@ -167,6 +182,10 @@ HEAD_STEP_ABLATIONS = (
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).
 FIRST_PASS_ABLATIONS = ("box_net", "box_net_parity2")
 
+#: Head-step ablations in a folder of their own, with copies of the shipped networks (so that the
+#: shipped run's refit checkpoints stay the shipped config's).
+COPIED_NETWORK_ABLATIONS = ("head_l2_wide",)
+
 #: Recipe ablations: the train keys each one changes.
 RECIPE_ABLATION_KEYS = {
     "self_box": ("self_box_probability",),
@@ -177,8 +196,8 @@ RECIPE_ABLATION_KEYS = {
 
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
     assert {p.stem for p in ABLATIONS} == set(HEAD_STEP_ABLATIONS) | set(FIRST_PASS_ABLATIONS) | set(
-        RECIPE_ABLATION_KEYS
-    ) | {
+        COPIED_NETWORK_ABLATIONS
+    ) | set(RECIPE_ABLATION_KEYS) | {
         "papers_model",
         "light16_decoder",
         "no_extras",
