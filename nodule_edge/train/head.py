@@ -175,8 +175,6 @@ def refit_classifier(
     return info
 
 
-
-
 @dataclass
 class HeadInputs:
     """What the heads read, per nodule, on the runtime path (its second pass).

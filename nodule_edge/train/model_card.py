@@ -306,7 +306,7 @@ def render_model_card(
         "",
         "## Patient-disjoint cross-validation",
         "",
-        "Runtime path = what `nodule-edge infer` does (two passes); reference box = the training path (box of the readers' mask). Pooled = every fold's held-out predictions in one ROC.",
+        f"Runtime path = what `nodule-edge infer` does ({'the box net, then one pass of the network' if first.get('network') == 'box_net' else 'two passes of the network'}); reference box = the training path (box of the readers' mask). Pooled = every fold's held-out predictions in one ROC.",
         "",
         *_fold_table(folds, pooled),
         "",

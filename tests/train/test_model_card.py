@@ -232,3 +232,4 @@ def test_the_card_names_the_first_pass_the_config_ran() -> None:
     # Whole training samples are what the network's own first pass sees; under a box net they are not.
     assert "as the runtime's first pass sees them" in own
     assert "as the runtime's first pass sees them" not in boxed and "the box net, not the network" in boxed
+    assert "(two passes of the network)" in own and "(the box net, then one pass of the network)" in boxed
