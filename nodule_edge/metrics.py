@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["roc_auc", "binary_metrics", "dice", "within_one_accuracy"]
+__all__ = ["roc_auc", "binary_metrics", "brier_score", "dice", "within_one_accuracy"]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -53,6 +53,11 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "precision": precision,
         "precision_benign": ratio(tn, tn + fn),
     }
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean squared difference between probabilities and 0/1 labels: lower is better calibrated and sharper."""
+    return float(np.mean((np.asarray(probabilities, np.float64) - np.asarray(labels, np.float64)) ** 2))
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from nodule_edge.metrics import binary_metrics, dice, roc_auc, within_one_accuracy
+from nodule_edge.metrics import binary_metrics, brier_score, dice, roc_auc, within_one_accuracy
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -106,3 +106,10 @@ def test_roc_auc_matches_pairwise_counting_with_ties() -> None:
     assert roc_auc(labels, scores) == pytest.approx(pairwise)
     assert roc_auc(np.array([0, 1]), np.array([0.1, 0.9])) == 1.0
     assert roc_auc(np.array([0, 1]), np.array([0.9, 0.1])) == 0.0
+
+
+def test_brier_score_is_zero_for_certain_right_answers_and_a_quarter_for_a_coin() -> None:
+    labels = np.array([0, 1, 1, 0])
+    assert brier_score(labels, labels.astype(float)) == 0.0
+    assert brier_score(labels, np.full(4, 0.5)) == 0.25
+    assert brier_score(labels, 1.0 - labels) == 1.0

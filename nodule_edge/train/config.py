@@ -124,6 +124,10 @@ class HeadSection:
     # Classifier L2 strengths the "debugged" refit scores by inner patient-grouped CV (mean loss,
     # standardised inputs; nodule_edge.train.head.refit_heads), smallest first.
     l2_grid: tuple[float, ...] = DEBUGGED_L2_GRID
+    # After the "debugged" refit, rescale the classifier's logit by Platt scaling fitted on the
+    # inner CV's out-of-fold logits (nodule_edge.train.head.platt_calibration): same ranking,
+    # calibrated probabilities. Ignored by the other refits.
+    calibrate: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "attribute_skip"): False,
     ("head", "parity_weight"): 0.0,
     ("head", "l2_grid"): DEBUGGED_L2_GRID,
+    ("head", "calibrate"): False,
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
-from nodule_edge.metrics import binary_metrics, dice, roc_auc, within_one_accuracy
+from nodule_edge.metrics import binary_metrics, brier_score, dice, roc_auc, within_one_accuracy
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, nodule_extent
 from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.model import CollaborativeNet
@@ -299,10 +299,16 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
     return folds, pooled
 
 
-def _paired_auc_interval(
-    labels: np.ndarray, run: np.ndarray, reference: np.ndarray, folds: np.ndarray, draws: int, seed: int
+def _paired_interval(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    labels: np.ndarray,
+    run: np.ndarray,
+    reference: np.ndarray,
+    folds: np.ndarray,
+    draws: int,
+    seed: int,
 ) -> tuple[float, float]:
-    """95 % bootstrap interval of the pooled AUC of ``run`` minus ``reference`` on the same nodules.
+    """95 % bootstrap interval of ``metric`` of ``run`` minus that of ``reference`` on the same nodules.
 
     Nodules are resampled within their fold (the folds are fixed by the patient split), the same
     draw for both scores, so the interval is of the paired difference.
@@ -312,7 +318,7 @@ def _paired_auc_interval(
     deltas = np.empty(draws)
     for i in range(draws):
         s = np.concatenate([rng.choice(rows, len(rows)) for rows in rows_by_fold])
-        deltas[i] = roc_auc(labels[s], run[s]) - roc_auc(labels[s], reference[s])
+        deltas[i] = metric(labels[s], run[s]) - metric(labels[s], reference[s])
     low, high = np.nanpercentile(deltas, [2.5, 97.5])
     return float(low), float(high)
 
@@ -357,6 +363,11 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
     def mean(folds: dict[str, dict[str, Any]], *path: str) -> float | None:
         return mean_of([result_value(r, ".".join(path)) for r in folds.values()])
 
+    def pooled_brier(folds: dict[str, dict[str, Any]]) -> float:
+        idx, prob, _ = scores(folds, sorted(folds, key=int))
+        sel = labels[idx] >= 0
+        return brier_score(labels[idx][sel], prob[sel])
+
     ref_name, ref_folds, _ = runs[0]
     out: list[dict[str, Any]] = []
     for name, folds, pooled in runs:
@@ -369,6 +380,7 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
             "folds": sorted(int(k) for k in folds),
             "n_labelled": int(pooled["malignancy"]["n"]),
             "pooled_auc": pooled["malignancy"]["auc"],
+            "pooled_brier": pooled_brier(folds),
             "pooled_diameter_auc": pooled.get("diameter_auc"),
             "folds_above_diameter": int(sum(above)),
             "reference_box_auc_mean": mean(folds, "malignancy_reference_box", "auc"),
@@ -399,7 +411,9 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
                 "auc": auc,
                 "reference_auc": ref_auc,
                 "delta_auc": auc - ref_auc,
-                "delta_auc_ci95": list(_paired_auc_interval(y, run_p, ref_p, fold[sel], draws, seed)),
+                "delta_auc_ci95": list(_paired_interval(roc_auc, y, run_p, ref_p, fold[sel], draws, seed)),
+                "delta_brier": brier_score(y, run_p) - brier_score(y, ref_p),
+                "delta_brier_ci95": list(_paired_interval(brier_score, y, run_p, ref_p, fold[sel], draws, seed)),
             }
         out.append(row)
     return out

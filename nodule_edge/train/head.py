@@ -58,6 +58,7 @@ from nodule_edge.train.model import CollaborativeNet
 __all__ = [
     "L2_GRID",
     "DEBUGGED_L2_GRID",
+    "platt_calibration",
     "HeadInputs",
     "HeadObjective",
     "ATTRIBUTE_READOUT_STEPS",
@@ -427,6 +428,7 @@ def refit_heads(
     inner_folds: int = 3,
     seed: int = 0,
     min_cam_fraction: float = 0.9,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """Refit attribute embedding, attribute output and classifier under the training objective.
 
@@ -434,6 +436,12 @@ def refit_heads(
     folds of these nodules (pooled out-of-fold AUC and Grad-CAM-on-nodule fraction); the chosen one
     has the best AUC among those whose CAM fraction reaches ``min_cam_fraction`` (the model card's
     target), else the strongest. The final fit uses every nodule and is written into ``model``.
+
+    With ``calibrate``, the classifier's logit is then rescaled by Platt scaling fitted on the
+    inner folds' out-of-fold logits at the chosen strength (``logit' = a·logit + b``, folded into
+    the classifier's weights and bias): the ranking within a model, and so its AUC and where its
+    Grad-CAM points, stay the same; its probabilities are those the inner folds say are
+    calibrated. Skipped (and said so) when the fitted scale is not positive.
 
     Returns:
         What was chosen and measured (JSON-serialisable), for the fold summary.
@@ -489,6 +497,11 @@ def refit_heads(
     joint_mae = _head_metrics(heads, params, data).get("attribute_mae") if readout else None
     if readout:
         params = _fit_attribute_readout(heads, params, data, objective)
+    if calibrate:
+        info["calibration"] = platt_calibration(logits[l2][lab], inputs.labels[lab])
+        if info["calibration"]["applied"]:
+            scale, shift = info["calibration"]["scale"], info["calibration"]["shift"]
+            params = {**params, "wc": params["wc"] * scale, "bc": params["bc"] * scale + shift}
     heads.write_back(model, params)
     info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     if readout:
@@ -501,6 +514,36 @@ def refit_heads(
         }
     log.info("heads refitted with L2 %g: training %s -> %s", l2, before, info["training_after"])
     return info
+
+
+def platt_calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Platt scaling ``sigmoid(a·logit + b)`` fitted to out-of-fold ``logits`` of labelled nodules.
+
+    Returns:
+        ``scale`` a, ``shift`` b, whether they are to be ``applied`` (a > 0), and the mean negative
+        log-likelihood of the out-of-fold logits before and after (JSON-serialisable).
+    """
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64)
+    if len(np.unique(y)) < 2:
+        raise ValueError("Platt scaling needs both classes among the labelled nodules")
+    w, b = fit_logistic(z[:, None], y, 1e-6)
+
+    def nll(scores: np.ndarray) -> float:
+        return float(np.mean(np.logaddexp(0.0, scores) - y * scores))
+
+    scale = float(w[0])
+    applied = scale > 0
+    if not applied:
+        log.warning("Platt scaling skipped: the out-of-fold logits' fitted scale is %.3g (not positive)", scale)
+    return {
+        "method": "Platt scaling on the inner-CV out-of-fold logits at the chosen L2",
+        "scale": scale,
+        "shift": float(b),
+        "applied": applied,
+        "out_of_fold_nll_before": nll(z),
+        "out_of_fold_nll_after": nll(scale * z + b) if applied else nll(z),
+    }
 
 
 def _prepare(model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray) -> tuple[_Heads, _Data]:

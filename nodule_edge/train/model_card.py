@@ -184,6 +184,11 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
             + _readout_sentence(cfg.get("head", {}))
+            + (
+                " Then the classifier's logit is rescaled by Platt scaling fitted on the inner CV's out-of-fold logits (same ranking; probabilities calibrated on held-out nodules of the training fold)."
+                if cfg.get("head", {}).get("calibrate")
+                else ""
+            )
         ]
     if refit == "full":
         return [
@@ -347,8 +352,8 @@ def render_run_comparison(rows: list[dict[str, Any]], title: str) -> str:
         "",
         "| run | folds | pooled AUC, runtime path (labelled) | Δ AUC vs the reference on the same folds [95 % CI] "
         "| diameter AUC, pooled | folds above diameter | readers'-box AUC | path parity | Dice | CAM on nodule "
-        "| attribute MAE (below constant) | epochs | s / epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| attribute MAE (below constant) | Brier, pooled (Δ [95 % CI]) | epochs | s / epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         versus = row.get("versus_reference")
@@ -358,19 +363,23 @@ def render_run_comparison(rows: list[dict[str, Any]], title: str) -> str:
             low, high = versus["delta_auc_ci95"]
             shared = "" if versus["folds"] == rows[0]["folds"] else f" (folds {', '.join(map(str, versus['folds']))})"
             delta = f"{versus['delta_auc']:+.3f} [{low:+.3f}, {high:+.3f}]{shared}"
+        brier = _f(row.get("pooled_brier"))
+        if versus is not None and "delta_brier" in versus:
+            b_low, b_high = versus["delta_brier_ci95"]
+            brier += f" ({versus['delta_brier']:+.3f} [{b_low:+.3f}, {b_high:+.3f}])"
         below = row.get("attribute_mae_below_constant")
         mae = _f(row.get("attribute_mae_mean")) + ("" if below is None else f" ({below * 100:.0f} %)")
         lines.append(
             f"| {row['run']} | {', '.join(map(str, row['folds']))} | {_f(row['pooled_auc'])} ({row['n_labelled']}) | {delta} "
             f"| {_f(row.get('pooled_diameter_auc'))} | {row['folds_above_diameter']} of {len(row['folds'])} "
             f"| {_f(row.get('reference_box_auc_mean'))} | {_f(row.get('path_parity_mean'))} | {_f(row.get('dice_mean'))} "
-            f"| {_f(row.get('cam_on_nodule_mean'))} | {mae} | {', '.join(map(str, row['epochs']))} "
+            f"| {_f(row.get('cam_on_nodule_mean'))} | {mae} | {brier} | {', '.join(map(str, row['epochs']))} "
             f"| {_f(row.get('seconds_per_epoch_mean'), 1)} |"
         )
     lines += [
         "",
-        "Metrics other than the pooled AUC are means over each run's folds. The Δ pairs each nodule's "
-        "two predictions; its interval resamples nodules within folds (paired bootstrap).",
+        "Metrics other than the pooled AUC and Brier score are means over each run's folds. Each Δ pairs each "
+        "nodule's two predictions; its interval resamples nodules within folds (paired bootstrap).",
     ]
     return "\n".join(lines) + "\n"
 

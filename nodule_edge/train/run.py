@@ -259,6 +259,7 @@ def _refit_head(
             head_objective(cfg),
             l2_grid=cfg.head.l2_grid,
             seed=cfg.train.seed,
+            calibrate=cfg.head.calibrate,
         )
         say(
             f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"

@@ -107,6 +107,11 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
     assert wide.head.l2_grid == (0.001, 1.0, 0.1) and wide.sha256() != default.sha256()
     # The grid changes the refit only: the network's checkpoints are reused.
     assert training_config_sha256(wide) == training_config_sha256(default)
+    # So does Platt scaling after the refit; off, it is absent from the hash too.
+    assert load_config(_write(tmp_path, "[head]\ncalibrate = false\n")).sha256() == default.sha256()
+    calibrated = load_config(_write(tmp_path, "[head]\ncalibrate = true\n"))
+    assert calibrated.head.calibrate and calibrated.sha256() != default.sha256()
+    assert training_config_sha256(calibrated) == training_config_sha256(default)
 
 
 def test_fold_epochs_must_match_run_folds(tmp_path: Path) -> None:
@@ -184,7 +189,7 @@ FIRST_PASS_ABLATIONS = ("box_net", "box_net_parity2")
 
 #: Head-step ablations in a folder of their own, with copies of the shipped networks (so that the
 #: shipped run's refit checkpoints stay the shipped config's).
-COPIED_NETWORK_ABLATIONS = ("head_l2_wide",)
+COPIED_NETWORK_ABLATIONS = ("head_l2_wide", "head_calibrated")
 
 #: Recipe ablations: the train keys each one changes.
 RECIPE_ABLATION_KEYS = {

@@ -20,6 +20,7 @@ from nodule_edge.train.head import (
     _head_metrics,
     _prepare,
     fit_logistic,
+    platt_calibration,
     refit_classifier,
     refit_heads,
 )
@@ -266,3 +267,57 @@ def test_the_parity_penalty_pulls_the_two_paths_together() -> None:
     plain, penalised = (info["training_after"] for info in infos)
     assert penalised["path_parity"] < 0.7 * plain["path_parity"]
     assert penalised["auc"] > 0.8
+
+
+# --- Platt scaling after the debugged refit -------------------------------------------------------
+
+
+def test_platt_scaling_undoes_a_known_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(scale=2.0, size=4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(np.int64)
+    # A model three times too confident and shifted by one: Platt scaling recovers 1/3 and -1/3.
+    info = platt_calibration(3.0 * true_logit + 1.0, y)
+    assert info["applied"]
+    assert info["scale"] == pytest.approx(1 / 3, rel=0.1) and info["shift"] == pytest.approx(-1 / 3, abs=0.15)
+    assert info["out_of_fold_nll_after"] < info["out_of_fold_nll_before"]
+
+
+def test_platt_scaling_is_not_applied_to_logits_that_rank_backwards() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(200) < 0.5).astype(np.int64)
+    info = platt_calibration(-(2.0 * y - 1.0) + rng.normal(scale=0.5, size=200), y)
+    assert not info["applied"] and info["scale"] < 0
+    assert info["out_of_fold_nll_after"] == info["out_of_fold_nll_before"]
+    with pytest.raises(ValueError, match="both classes"):
+        platt_calibration(np.zeros(5), np.zeros(5))
+
+
+def test_the_calibrated_refit_rescales_only_the_classifier_and_keeps_its_ranking() -> None:
+    models, infos, logits = [], [], []
+    for calibrate in (False, True):
+        torch.manual_seed(0)
+        model = CollaborativeNet(SMALL)
+        inputs, _ = _head_inputs(model, n=40)
+        score = inputs.head_in[:, 3] - inputs.head_in[:, 3].mean()
+        inputs.labels = (score + np.random.default_rng(0).normal(scale=score.std(), size=40) > 0).astype(np.int64)
+        patients = [f"p{i // 2}" for i in range(len(inputs))]
+        objective = HeadObjective(steps=100, attribute_readout=False)
+        infos.append(
+            refit_heads(model, inputs, patients, objective, l2_grid=(0.03,), inner_folds=2, calibrate=calibrate)
+        )
+        x = torch.from_numpy(inputs.head_in).float()
+        with torch.no_grad():
+            logits.append(
+                model._heads(x[:, : model.feature_channels], x[:, model.feature_channels :])[0].double().numpy()
+            )
+        models.append(model)
+    plain, calibrated = infos
+    assert "calibration" not in plain
+    cal = calibrated["calibration"]
+    assert cal["applied"] and cal["scale"] > 0
+    # The calibrated logit is the plain one rescaled, so the ranking (AUC, Grad-CAM's sign) is the same.
+    np.testing.assert_allclose(logits[1], cal["scale"] * logits[0] + cal["shift"], rtol=1e-4, atol=1e-4)
+    for name, a in models[0].state_dict().items():
+        b = models[1].state_dict()[name]
+        assert torch.equal(a, b) == (not name.startswith("cls")), name

@@ -170,6 +170,10 @@ def test_cv_compare_pairs_runs_on_the_same_nodules(tmp_path: Path, synthetic_voi
     assert versus["delta_auc"] == 1.0 - rows[0]["pooled_auc"] > 0
     low, high = versus["delta_auc_ci95"]
     assert low <= versus["delta_auc"] <= high
+    # Certain, right probabilities have Brier score 0: the paired difference is the reference's score, negated.
+    assert rows[1]["pooled_brier"] == 0.0 and abs(versus["delta_brier"] + rows[0]["pooled_brier"]) < 1e-12
+    b_low, b_high = versus["delta_brier_ci95"]
+    assert b_low <= versus["delta_brier"] <= b_high < 0
     # A run with fewer folds is compared on the folds both runs have.
     assert rows[2]["folds"] == [1] and rows[2]["versus_reference"]["folds"] == [1]
     assert rows[2]["versus_reference"]["n_labelled"] == int((labels[split[1]] >= 0).sum())
@@ -182,6 +186,7 @@ def test_cv_compare_pairs_runs_on_the_same_nodules(tmp_path: Path, synthetic_voi
     table = printed.stdout.splitlines()
     assert table[4].startswith(f"| {reference} | 0, 1 |") and "| reference |" in table[4]
     assert f"| {half} | 1 |" in table[6] and "(folds 1)" in table[6]
+    assert f"| 0.000 ({versus['delta_brier']:+.3f} [" in table[5]
 
     # Another split cannot be paired; a folder without fold files is no run: one line, exit 3 (bad data).
     other = run("other", lambda i: 0.5, rows={0: [0, 1, 2, 3, 4, 6], 1: [5, 7, 8, 9, 10, 11]})
@@ -233,3 +238,10 @@ def test_the_card_names_the_first_pass_the_config_ran() -> None:
     assert "as the runtime's first pass sees them" in own
     assert "as the runtime's first pass sees them" not in boxed and "the box net, not the network" in boxed
     assert "(two passes of the network)" in own and "(the box net, then one pass of the network)" in boxed
+
+
+def test_the_card_says_when_the_classifier_is_platt_scaled() -> None:
+    summary = _summary()
+    assert "Platt scaling" not in render_model_card(summary, "c")
+    summary["config"]["head"] = {**summary["config"].get("head", {}), "refit": "debugged", "calibrate": True}
+    assert "rescaled by Platt scaling fitted on the inner CV's out-of-fold logits" in render_model_card(summary, "c")
