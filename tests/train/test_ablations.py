@@ -41,6 +41,8 @@ EXPECTED = {
     "box_net": (True, True, False, True),
     "box_net_parity2": (True, True, False, True),
     "epochs20_box_net": (True, True, False, True),
+    "head_l2_wide": (True, True, False, True),
+    "head_calibrated": (True, True, False, True),
 }
 
 
