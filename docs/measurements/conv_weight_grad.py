@@ -39,30 +39,35 @@ def grad(gy, x, w, dil: int, mask: list[bool]):  # noqa: ANN001, ANN201 - tensor
     return torch.ops.aten.convolution_backward(gy, x, w, None, [1] * 3, [dil] * 3, [dil] * 3, False, [0] * 3, 1, mask)
 
 
-def by_offsets(gy, x, dil: int):  # noqa: ANN001, ANN201 - tensors
-    cout, cin = gy.shape[1], x.shape[1]
+def shifted_views(x, dil: int):  # noqa: ANN001, ANN201 - tensors
+    """The padded channels-last input under each of the 27 kernel taps: ((a, b, c), [N, D, H, W, C] view)."""
     xp = F.pad(x, (dil,) * 6).permute(0, 2, 3, 4, 1)
-    g = gy.permute(0, 2, 3, 4, 1).reshape(-1, cout).t()
-    out = torch.empty(3, 3, 3, cout, cin)
     for a in range(3):
         for b in range(3):
             for c in range(3):
-                view = xp[:, a * dil : a * dil + SIZE, b * dil : b * dil + SIZE, c * dil : c * dil + SIZE, :]
-                out[a, b, c] = g @ view.reshape(-1, cin)
+                yield (a, b, c), xp[:, a * dil : a * dil + SIZE, b * dil : b * dil + SIZE, c * dil : c * dil + SIZE, :]
+
+
+def output_grad_rows(gy):  # noqa: ANN001, ANN201 - tensors
+    """The output gradient as [C_out, N·D·H·W] (a free view of a channels-last tensor, transposed)."""
+    return gy.permute(0, 2, 3, 4, 1).reshape(-1, gy.shape[1]).t()
+
+
+def by_offsets(gy, x, dil: int):  # noqa: ANN001, ANN201 - tensors
+    cout, cin = gy.shape[1], x.shape[1]
+    g = output_grad_rows(gy)
+    out = torch.empty(3, 3, 3, cout, cin)
+    for tap, view in shifted_views(x, dil):
+        out[tap] = g @ view.reshape(-1, cin)
     return out.permute(3, 4, 0, 1, 2)
 
 
 def by_im2col(gy, x, dil: int):  # noqa: ANN001, ANN201 - tensors
     cout, cin = gy.shape[1], x.shape[1]
-    xp = F.pad(x, (dil,) * 6).permute(0, 2, 3, 4, 1)
     cols = torch.empty(BATCH, SIZE, SIZE, SIZE, 3, 3, 3, cin, dtype=x.dtype)
-    for a in range(3):
-        for b in range(3):
-            for c in range(3):
-                cols[..., a, b, c, :] = xp[
-                    :, a * dil : a * dil + SIZE, b * dil : b * dil + SIZE, c * dil : c * dil + SIZE, :
-                ]
-    g = gy.permute(0, 2, 3, 4, 1).reshape(-1, cout).t()
+    for (a, b, c), view in shifted_views(x, dil):
+        cols[..., a, b, c, :] = view
+    g = output_grad_rows(gy)
     return (g @ cols.reshape(-1, 27 * cin)).reshape(cout, 3, 3, 3, cin).permute(0, 4, 1, 2, 3)
 
 

@@ -252,6 +252,7 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
     out: dict[str, Any] = {
         "n_folds": len(per_fold),
         "malignancy": binary_metrics(labels[sel], prob[sel]),
+        "brier": brier_score(labels[sel], prob[sel]),
         "label_note": LABEL_NOTE,
     }
     if np.isfinite(ds.diameters[idx][sel]).all():
@@ -363,11 +364,6 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
     def mean(folds: dict[str, dict[str, Any]], *path: str) -> float | None:
         return mean_of([result_value(r, ".".join(path)) for r in folds.values()])
 
-    def pooled_brier(folds: dict[str, dict[str, Any]]) -> float:
-        idx, prob, _ = scores(folds, sorted(folds, key=int))
-        sel = labels[idx] >= 0
-        return brier_score(labels[idx][sel], prob[sel])
-
     ref_name, ref_folds, _ = runs[0]
     out: list[dict[str, Any]] = []
     for name, folds, pooled in runs:
@@ -380,7 +376,7 @@ def compare_runs(run_dirs: list[Any], voi_dir: Any, draws: int = 2000, seed: int
             "folds": sorted(int(k) for k in folds),
             "n_labelled": int(pooled["malignancy"]["n"]),
             "pooled_auc": pooled["malignancy"]["auc"],
-            "pooled_brier": pooled_brier(folds),
+            "pooled_brier": pooled["brier"],
             "pooled_diameter_auc": pooled.get("diameter_auc"),
             "folds_above_diameter": int(sum(above)),
             "reference_box_auc_mean": mean(folds, "malignancy_reference_box", "auc"),
