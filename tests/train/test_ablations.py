@@ -43,6 +43,7 @@ EXPECTED = {
     "epochs20_box_net": (True, True, False, True),
     "head_l2_wide": (True, True, False, True),
     "head_calibrated": (True, True, False, True),
+    "box_net_epochs40": (True, True, False, True),
 }
 
 

@@ -191,6 +191,10 @@ FIRST_PASS_ABLATIONS = ("box_net", "box_net_parity2")
 #: shipped run's refit checkpoints stay the shipped config's).
 COPIED_NETWORK_ABLATIONS = ("head_l2_wide", "head_calibrated")
 
+#: First-pass ablations in a folder of their own, whose networks are trained there again under the
+#: shipped training config (the same hash and seed as the shipped run's).
+OWN_FOLDER_FIRST_PASS_ABLATIONS = ("box_net_epochs40",)
+
 #: Recipe ablations: the train keys each one changes.
 RECIPE_ABLATION_KEYS = {
     "self_box": ("self_box_probability",),
@@ -202,7 +206,7 @@ RECIPE_ABLATION_KEYS = {
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
     assert {p.stem for p in ABLATIONS} == set(HEAD_STEP_ABLATIONS) | set(FIRST_PASS_ABLATIONS) | set(
         COPIED_NETWORK_ABLATIONS
-    ) | set(RECIPE_ABLATION_KEYS) | {
+    ) | set(OWN_FOLDER_FIRST_PASS_ABLATIONS) | set(RECIPE_ABLATION_KEYS) | {
         "papers_model",
         "light16_decoder",
         "no_extras",
@@ -231,6 +235,16 @@ def test_ablation_config_loads(path: Path) -> None:
     assert dataclasses.replace(cfg.train, **own) == shipped.train
     assert cfg.cv == dataclasses.replace(shipped.cv, export_dir=cfg.cv.export_dir)
     assert cfg.resolve(cfg.cv.export_dir).resolve() == (REPO_ROOT / "docs" / "ablations" / path.stem).resolve()
+
+
+def test_own_folder_first_pass_ablations_train_the_shipped_networks() -> None:
+    shipped = load_config(SHIPPED)
+    for name in OWN_FOLDER_FIRST_PASS_ABLATIONS:
+        cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
+        # Same training hash and seed: the networks are the shipped run's when training is deterministic.
+        assert training_config_sha256(cfg) == training_config_sha256(shipped), name
+        assert (cfg.head, cfg.first_pass.network) == (shipped.head, shipped.first_pass.network), name
+        assert cfg.first_pass != shipped.first_pass, name
 
 
 def test_dataclass_defaults_equal_the_shipped_config() -> None:
