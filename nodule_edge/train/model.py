@@ -132,9 +132,38 @@ class ModelOutput:
     background_attention: torch.Tensor  # [N]
 
 
-def _conv_gn(c_in: int, c_out: int, kernel: int, groups: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+#: Up to this many channels per group, a channels-last GroupNorm runs on a contiguous copy.
+_CONTIGUOUS_GROUPNORM_MAX_GROUP = 6
+
+
+class _ConvNorm(nn.Sequential):
+    """A convolution and its GroupNorm (``[0]``, ``[1]``: the keys of the ``nn.Sequential`` it was).
+
+    In the channels-last layout that training uses on CPU (bf16), PyTorch's GroupNorm backward
+    for groups of a few channels is several times slower than on a contiguous tensor, so for
+    groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels the norm runs on a contiguous
+    copy and its output goes back to channels-last: the same function, a training step 15 %
+    faster on an AMX Xeon (``docs/measurements/groupnorm_layout.py``). Inference and export
+    (contiguous tensors) take the plain path, so the exported graph is unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self[0](x)
+        norm = self[1]
+        if (
+            isinstance(norm, nn.GroupNorm)
+            and norm.num_channels // norm.num_groups <= _CONTIGUOUS_GROUPNORM_MAX_GROUP
+            and y.dim() == 5
+            and not y.is_contiguous()
+            and y.is_contiguous(memory_format=torch.channels_last_3d)
+        ):
+            return norm(y.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+        return norm(y)
+
+
+def _conv_gn(c_in: int, c_out: int, kernel: int, groups: int, stride: int = 1, dilation: int = 1) -> _ConvNorm:
     padding = dilation * (kernel // 2)
-    return nn.Sequential(
+    return _ConvNorm(
         nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
         nn.GroupNorm(groups, c_out),
     )

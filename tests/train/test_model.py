@@ -15,6 +15,7 @@ from nodule_edge.train.model import (
     CollaborativeNet,
     ModelConfig,
     ModelOutput,
+    _ConvNorm,
     count_parameters,
     depth_to_space,
     segmentation_statistics,
@@ -251,3 +252,37 @@ def test_the_classifier_does_not_train_the_segmentation() -> None:
         )
         > 0
     )
+
+
+def test_channels_last_groupnorm_on_a_contiguous_copy_is_the_same_function() -> None:
+    """Training's channels-last path (small groups normalised on a contiguous copy) computes
+    what the contiguous path computes, forward and backward, and stays channels-last."""
+    torch.manual_seed(0)
+    model = CollaborativeNet(ModelConfig()).eval()
+    x = torch.randn(2, 2, SMALL, SMALL, SMALL)
+    small_groups = [
+        m for m in model.modules() if isinstance(m, _ConvNorm) and m[1].num_channels // m[1].num_groups <= 6
+    ]
+    assert small_groups, "the shipped model has GroupNorms of at most 6 channels per group"
+    plain = model(x.clone().requires_grad_())
+    plain.malignancy_logit.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    cl_model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    seen: list[bool] = []
+    hook = small_groups[0].register_forward_hook(
+        lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+    norm_input: list[bool] = []
+    pre_hook = small_groups[0][1].register_forward_pre_hook(lambda _m, args: norm_input.append(args[0].is_contiguous()))
+    out = cl_model(x.contiguous(memory_format=torch.channels_last_3d))
+    hook.remove()
+    pre_hook.remove()
+    out.malignancy_logit.sum().backward()
+    assert seen == [True]  # the block's output is channels-last again
+    assert norm_input == [True]  # the norm itself ran on a contiguous copy
+    torch.testing.assert_close(out.malignancy_logit, plain.malignancy_logit, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.segmentation, plain.segmentation, rtol=1e-4, atol=1e-4)
+    for name, p in cl_model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-4, msg=name)
