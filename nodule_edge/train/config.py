@@ -93,6 +93,15 @@ class TrainSection:
     self_box_probability: float = 0.0
     threads: int = 2  # 0 = torch default
     max_steps_per_epoch: int = 0  # 0 = one pass over the sure training set
+    # Recipe switches the issue asks to compare (docs/ablations/README.md); each off by default.
+    # Weight EMA: validate, evaluate and ship an exponential moving average of the weights, updated
+    # after every step with this decay (torch.optim.swa_utils); 0 = off.
+    ema_decay: float = 0.0
+    # Linear learning-rate warm-up over this many epochs' steps, under the cosine decay; 0 = off.
+    warmup_epochs: int = 0
+    # Sure batches half malignant, half benign (each class cycled in its own shuffled order)
+    # instead of one shuffled order of all sure nodules.
+    balance_sure: bool = False
 
 
 #: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
@@ -161,6 +170,9 @@ class CVSection:
 #: (section, key) -> the default that reproduces the behaviour from before the key existed.
 _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "self_box_probability"): 0.0,
+    ("train", "ema_decay"): 0.0,
+    ("train", "warmup_epochs"): 0,
+    ("train", "balance_sure"): False,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
@@ -300,6 +312,15 @@ def _validate(cfg: TrainConfig) -> None:
         (
             0 <= t.self_box_probability <= 1,
             f"train.self_box_probability must be in [0, 1], got {t.self_box_probability}",
+        ),
+        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (
+            0 <= t.warmup_epochs < t.epochs,
+            f"train.warmup_epochs must be >= 0 and below train.epochs ({t.epochs}), got {t.warmup_epochs}",
+        ),
+        (
+            not t.balance_sure or t.batch_sure >= 2,
+            f"train.balance_sure needs train.batch_sure >= 2 (one of each class), got {t.batch_sure}",
         ),
         (
             t.channels_last in ("auto", "on", "off"),

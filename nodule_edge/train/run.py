@@ -18,7 +18,15 @@ from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.head import HeadObjective
 from nodule_edge.train.model import count_parameters
-from nodule_edge.train.trainer import Dataset, load_checkpoint, load_dataset, patch_spec_from, split_fold, train_model
+from nodule_edge.train.trainer import (
+    Dataset,
+    evaluated_checkpoint,
+    load_checkpoint,
+    load_dataset,
+    patch_spec_from,
+    split_fold,
+    train_model,
+)
 
 __all__ = ["run_training", "head_objective"]
 
@@ -109,7 +117,7 @@ def run_training(
             progress=say,
             early_stopping=cfg.cv.evaluate == "best",
         )
-        model, meta = load_checkpoint(out_dir / f"fold{fold}" / f"{cfg.cv.evaluate}.safetensors")
+        model, meta = load_checkpoint(out_dir / f"fold{fold}" / evaluated_checkpoint(cfg, cfg.cv.evaluate))
         # The box net, the refit and the evaluation see the whole training fold (its validation
         # patients too), never the test fold.
         fit_idx = np.concatenate([train_idx, val_idx])
@@ -184,7 +192,7 @@ def run_training(
             progress=say,
             early_stopping=False,
         )
-        final = out_dir / "final" / "last.safetensors"
+        final = out_dir / "final" / evaluated_checkpoint(cfg, "last")
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
         segment, box_net = _first_pass(cfg, ds, all_idx, out_dir / "final", say)
         if box_net is not None:

@@ -21,7 +21,7 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
 from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
-from nodule_edge.train.config import TrainConfig, training_config_sha256
+from nodule_edge.train.config import TrainConfig, TrainSection, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
     PatchCache,
@@ -35,6 +35,8 @@ from nodule_edge.train.losses import LossWeights, total_loss
 from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters
 
 __all__ = [
+    "evaluated_checkpoint",
+    "learning_rate",
     "Dataset",
     "load_dataset",
     "model_config_from",
@@ -392,6 +394,8 @@ def train_model(
     attr_cols: slice | list[int] = [MALIGNANCY_COLUMN] if cfg.model.malignancy_only else slice(None)
 
     sure = train_idx[ds.labels[train_idx] >= 0]
+    if cfg.train.balance_sure and len(np.unique(ds.labels[sure])) < 2:
+        raise DataError("train.balance_sure needs malignant and benign nodules in the training split")
     unsure = train_idx[ds.has_attributes[train_idx] | ds.cache.has_mask[train_idx]]
     if len(sure) == 0:
         raise DataError("no labelled (sure) nodules in the training split")
@@ -407,6 +411,9 @@ def train_model(
         start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg))
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
+    ema = _ema_model(model, cfg.train.ema_decay, out_dir / "ema.safetensors", resumed=start_epoch > 1)
+    # What validation sees and what is evaluated and shipped: the averaged weights under EMA.
+    evaluated: CollaborativeNet = ema.module if ema is not None else model  # type: ignore[assignment]
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
         start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
     meta_base = {
@@ -423,16 +430,32 @@ def train_model(
         net.train()
         # Cosine decay over the epoch budget: short CPU budgets converge better than with a flat rate.
         for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
+            group["lr"] = learning_rate(cfg.train, epoch, 0, steps, max_epochs)
         t0 = time.perf_counter()
-        sure_order = order_rng.permutation(sure)
+        if cfg.train.balance_sure:
+            half = cfg.train.batch_sure // 2
+            class_orders = [order_rng.permutation(sure[ds.labels[sure] == c]) for c in (1, 0)]
+        else:
+            sure_order = order_rng.permutation(sure)
         sums: dict[str, float] = {}
         for step in range(steps):
-            s_idx = sure_order[((step * world + rank) * cfg.train.batch_sure) % len(sure_order) :][
-                : cfg.train.batch_sure
-            ]
-            if len(s_idx) < cfg.train.batch_sure:
-                s_idx = np.concatenate([s_idx, rng.choice(sure, cfg.train.batch_sure - len(s_idx))])
+            if cfg.train.warmup_epochs:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg.train, epoch, step, steps, max_epochs)
+            if cfg.train.balance_sure:
+                at = (step * world + rank) * half
+                s_idx = np.concatenate(
+                    [
+                        np.take(class_orders[0], np.arange(at, at + half), mode="wrap"),
+                        np.take(class_orders[1], np.arange(at, at + cfg.train.batch_sure - half), mode="wrap"),
+                    ]
+                )
+            else:
+                s_idx = sure_order[((step * world + rank) * cfg.train.batch_sure) % len(sure_order) :][
+                    : cfg.train.batch_sure
+                ]
+                if len(s_idx) < cfg.train.batch_sure:
+                    s_idx = np.concatenate([s_idx, rng.choice(sure, cfg.train.batch_sure - len(s_idx))])
             u_idx = (
                 rng.choice(unsure, cfg.train.batch_unsure, replace=len(unsure) < cfg.train.batch_unsure)
                 if cfg.train.batch_unsure
@@ -484,10 +507,12 @@ def train_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_parts = {k: v / steps for k, v in sums.items()}
-        val = _validate(model, ds, val_idx, device, bf16, val_images) if len(val_idx) else {}
+        val = _validate(evaluated, ds, val_idx, device, bf16, val_images) if len(val_idx) else {}
         score = val.get("auc", float("nan"))
         if not score == score:  # NaN: fall back to negative classification loss
             score = -val.get("bce", 0.0)
@@ -507,7 +532,10 @@ def train_model(
         history.append(record)
         if rank == 0:
             if improved:
-                save_checkpoint(out_dir / "best.safetensors", model, {**meta_base, "epoch": epoch, "val": val})
+                save_checkpoint(out_dir / "best.safetensors", evaluated, {**meta_base, "epoch": epoch, "val": val})
+            if ema is not None:
+                # Before the resume state: a run stopped between the two repeats this epoch.
+                save_checkpoint(out_dir / "ema.safetensors", evaluated, {**meta_base, "epoch": epoch})
             save_resume_state(last, model, opt, epoch, history, best, meta_base)
             msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(
                 f"{k}={v:.3f}" for k, v in train_parts.items()
@@ -529,6 +557,43 @@ def train_model(
         "bf16": bf16,
         "parameters": count_parameters(model),
     }
+
+
+def learning_rate(train: TrainSection, epoch: int, step: int, steps: int, max_epochs: int) -> float:
+    """The learning rate of ``step`` (0-based) of ``epoch`` (1-based): cosine decay over the epoch
+    budget, one value per epoch, times a linear warm-up over the first ``train.warmup_epochs``
+    epochs' steps when set."""
+    warm = min(1.0, ((epoch - 1) * steps + step + 1) / (train.warmup_epochs * steps)) if train.warmup_epochs else 1.0
+    # The product in this order is the rate of the runs recorded before the warm-up existed.
+    return train.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs)) * warm
+
+
+def evaluated_checkpoint(cfg: TrainConfig, which: str) -> str:
+    """File name of the weights a run evaluates and ships for ``which`` (``"last"`` or ``"best"``):
+    under weight EMA the last weights are the averaged ones (``ema.safetensors``)."""
+    return "ema.safetensors" if which == "last" and cfg.train.ema_decay > 0 else f"{which}.safetensors"
+
+
+def _ema_model(
+    model: CollaborativeNet, decay: float, path: Path, *, resumed: bool
+) -> torch.optim.swa_utils.AveragedModel | None:
+    """The exponential moving average of ``model``'s weights (``None`` when ``decay`` is 0).
+
+    A resumed run continues the average saved at ``path``; without it the average restarts from
+    the resumed weights (logged).
+    """
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if resumed:
+        if path.is_file():
+            ema.module.load_state_dict(load_checkpoint(path)[0].state_dict())
+            ema.n_averaged.fill_(1)  # continue the average instead of restarting it
+        else:
+            log.warning("%s is missing: the weight average restarts from the resumed weights", path)
+    return ema
 
 
 def channels_last_enabled(setting: str, device: torch.device, bf16: bool) -> bool:

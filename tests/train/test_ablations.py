@@ -44,6 +44,9 @@ EXPECTED = {
     "head_l2_wide": (True, True, False, True),
     "head_calibrated": (True, True, False, True),
     "box_net_epochs40": (True, True, False, True),
+    "weight_ema": (True, True, False, True),
+    "lr_warmup": (True, True, False, True),
+    "balanced_sure": (True, True, False, True),
 }
 
 

@@ -114,6 +114,33 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
     assert training_config_sha256(calibrated) == training_config_sha256(default)
 
 
+@pytest.mark.parametrize(
+    ("key", "default", "value"),
+    [("ema_decay", "0.0", "0.99"), ("warmup_epochs", "0", "1"), ("balance_sure", "false", "true")],
+)
+def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
+    shipped = load_config(_write(tmp_path, ""))
+    off = load_config(_write(tmp_path, f"[train]\n{key} = {default}\n"))
+    on = load_config(_write(tmp_path, f"[train]\n{key} = {value}\n"))
+    # Off, the key is absent from both hashes: the shipped folds and checkpoints still match.
+    assert off.sha256() == shipped.sha256() and training_config_sha256(off) == training_config_sha256(shipped)
+    # On, it shapes the network: another training hash.
+    assert training_config_sha256(on) != training_config_sha256(shipped)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("[train]\nema_decay = 1.0\n", "ema_decay must be in"),
+        ("[train]\nwarmup_epochs = 12\n", "warmup_epochs must be"),
+        ("[train]\nbalance_sure = true\nbatch_sure = 1\n", "balance_sure needs"),
+    ],
+)
+def test_bad_recipe_switches_are_refused_with_the_key_named(tmp_path: Path, content: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(_write(tmp_path, content))
+
+
 def test_fold_epochs_must_match_run_folds(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fold_epochs"):
         load_config(_write(tmp_path, "[cv]\nrun_folds = [0, 1]\nfold_epochs = [5]\n"))
@@ -200,6 +227,9 @@ RECIPE_ABLATION_KEYS = {
     "self_box": ("self_box_probability",),
     "epochs20": ("epochs",),
     "epochs20_box_net": ("epochs",),
+    "weight_ema": ("ema_decay",),
+    "lr_warmup": ("warmup_epochs",),
+    "balanced_sure": ("balance_sure",),
 }
 
 

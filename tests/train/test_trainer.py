@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +15,14 @@ from click.testing import CliRunner
 
 from nodule_edge.cli import main
 from nodule_edge.errors import ConfigError, DataError
-from nodule_edge.train.config import load_config
+from nodule_edge.train.config import TrainConfig, TrainSection, load_config
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 from nodule_edge.train.run import run_training
 from nodule_edge.train.trainer import (
     augment,
     bf16_enabled,
+    evaluated_checkpoint,
+    learning_rate,
     load_checkpoint,
     load_dataset,
     predict,
@@ -293,3 +296,81 @@ def test_tiny_run_with_self_boxes(tiny_config: Callable[..., Path], tmp_path: Pa
     assert result.exit_code == 0, result.output + repr(result.exception)
     meta = json.loads((tmp_path / "out" / "fold0" / "last.json").read_text())
     assert meta["config"]["train"]["self_box_probability"] == 1.0
+
+
+def test_learning_rate_is_the_cosine_schedule_under_a_linear_warm_up() -> None:
+    plain = TrainSection(lr=1e-3)
+    assert learning_rate(plain, 1, 7, 10, 4) == 1e-3
+    # Bit for bit the rate of the runs recorded before the warm-up existed.
+    assert learning_rate(plain, 3, 0, 10, 4) == 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4))
+    warm = TrainSection(lr=1e-3, warmup_epochs=2)
+    rates = [learning_rate(warm, epoch, step, 10, 4) for epoch in (1, 2) for step in range(10)]
+    assert rates[0] == pytest.approx(1e-3 / 20)
+    assert all(a < b for a, b in zip(rates[:9], rates[1:10])) and all(a < b for a, b in zip(rates[10:19], rates[11:20]))
+    assert rates[19] == learning_rate(plain, 2, 0, 10, 4)  # the warm-up ends on the cosine schedule
+    assert learning_rate(warm, 3, 0, 10, 4) == learning_rate(plain, 3, 0, 10, 4)
+
+
+def _tiny(tiny_config: Callable[..., Path], **overrides: object) -> TrainConfig:
+    base = {"train.epochs": 2, "train.max_steps_per_epoch": 2, "train.batch_sure": 4, "train.batch_unsure": 2}
+    return load_config(tiny_config(), {**base, **overrides})
+
+
+def _weights(path: Path) -> torch.Tensor:
+    model, _ = load_checkpoint(path)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_weight_ema_is_what_validation_sees_and_continues_on_resume(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    cfg = _tiny(tiny_config, **{"train.ema_decay": 0.999999})
+    assert (
+        evaluated_checkpoint(cfg, "last") == "ema.safetensors"
+        and evaluated_checkpoint(cfg, "best") == "best.safetensors"
+    )
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    run = tmp_path / "run"
+    fit = train_model(cfg, ds, labelled, labelled, run, 1)
+    # The first update copies the weights; with a decay this close to 1 the average then stays put
+    # while the raw weights move on.
+    ema1, raw1 = _weights(run / "ema.safetensors"), _weights(run / "last.safetensors")
+    assert not torch.allclose(ema1, raw1)
+    # Validation read the averaged weights: best.safetensors (epoch 1) is the average.
+    assert fit["best_epoch"] == 1 and torch.equal(_weights(run / "best.safetensors"), ema1)
+    train_model(cfg, ds, labelled, labelled, run, 2)  # resumes at epoch 2
+    ema2, raw2 = _weights(run / "ema.safetensors"), _weights(run / "last.safetensors")
+    assert torch.allclose(ema2, ema1, atol=1e-5)  # continued, not restarted from the resumed weights
+    assert not torch.allclose(ema2, raw2)
+    # A decay near 0 makes the average the raw weights: it follows the trained model.
+    near = _tiny(tiny_config, **{"train.ema_decay": 1e-9})
+    train_model(near, ds, labelled, np.zeros(0, np.int64), tmp_path / "near", 1)
+    torch.testing.assert_close(
+        _weights(tmp_path / "near" / "ema.safetensors"), _weights(tmp_path / "near" / "last.safetensors")
+    )
+
+
+def test_balanced_sure_batches_are_half_malignant(
+    tiny_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nodule_edge.train.trainer as trainer
+
+    batches: list[np.ndarray] = []
+    real_batch = trainer._batch
+
+    def record(ds: trainer.Dataset, idx: np.ndarray, device: torch.device) -> dict:
+        batches.append(idx.copy())
+        return real_batch(ds, idx, device)
+
+    monkeypatch.setattr(trainer, "_batch", record)
+    cfg = _tiny(tiny_config, **{"train.balance_sure": True, "train.max_steps_per_epoch": 4})
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    assert (ds.labels[labelled] == 1).mean() != 0.5  # the synthetic classes are not balanced themselves
+    train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "run", 2)
+    assert len(batches) >= 4  # two epochs of at least two steps
+    sure_labels = np.stack([ds.labels[b[:4]] for b in batches])  # the first batch_sure rows are the sure ones
+    assert (sure_labels.sum(axis=1) == 2).all(), sure_labels
+    with pytest.raises(ConfigError, match="balance_sure"):
+        _tiny(tiny_config, **{"train.balance_sure": True, "train.batch_sure": 1})
