@@ -8,6 +8,8 @@ optimiser step: conversion, augmentation, forward, the four losses, backward, Ad
   z-context truncation and per-sample axis permutations, flips and rotations (commit 31f75e2).
 * ``now``: the shipped model (U-Net-style decoder at 32³ with depth-to-space, narrower backbone),
   channels_last_3d, in-plane augmentation and the nodule box (``nodule_edge.train.trainer``).
+* ``now_contiguous_gn``: ``now`` with ``[train] contiguous_groupnorm`` (small GroupNorms on a
+  contiguous copy; the same function, other rounding).
 
 Seconds per epoch are the step time × 47 steps (fold 0 of ``configs/shipped.toml``: 438 training
 nodules, 371 labelled, batches of 8). ``make bench-full`` runs it; the ratio is printed by
@@ -28,7 +30,12 @@ import torch.nn.functional as F  # noqa: E402 - after the skip
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402 - after the skip
 from nodule_edge.train.losses import LossWeights, total_loss  # noqa: E402 - after the skip
-from nodule_edge.train.model import LEGACY_MODEL_CONFIG, CollaborativeNet, ModelConfig  # noqa: E402 - after the skip
+from nodule_edge.train.model import (  # noqa: E402 - after the skip
+    LEGACY_MODEL_CONFIG,
+    CollaborativeNet,
+    ModelConfig,
+    use_contiguous_groupnorm,
+)
 from nodule_edge.train.trainer import augment, bf16_enabled, bound_batch, channels_last_enabled  # noqa: E402 - after the skip
 
 pytestmark = pytest.mark.skipif(not FULL, reason="training benchmark: NODULE_EDGE_BENCH_FULL=1 (make bench-full)")
@@ -85,6 +92,8 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
         channels_last = channels_last_enabled("auto", device, bf16)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
+        if variant == "now_contiguous_gn":
+            use_contiguous_groupnorm(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -128,7 +137,7 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
     return step
 
 
-@pytest.mark.parametrize("variant", ["before", "now"])
+@pytest.mark.parametrize("variant", ["before", "now", "now_contiguous_gn"])
 def test_training_step(benchmark, variant: str) -> None:
     step = _loop(variant)
     benchmark.pedantic(step, rounds=STEPS, iterations=1)

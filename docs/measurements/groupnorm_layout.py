@@ -2,11 +2,12 @@
 
 Training on CPU runs bf16 autocast in the channels_last_3d layout (oneDNN's fast convolutions).
 PyTorch's channels-last GroupNorm backward is slow for groups of a few channels, so the model's
-``_ConvNorm`` normalises groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels on a
-contiguous copy. This prints, for the GroupNorm shapes of the shipped model at training's batch of
+``_ConvNorm`` can normalise groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels on a
+contiguous copy (``[train] contiguous_groupnorm``). This prints, for the GroupNorm shapes of the shipped model at training's batch of
 12: forward + backward in ms, channels-last against the contiguous copy (medians of interleaved
 rounds); then whole optimisation steps of ``benches/bench_training.py``'s loops, the 0.1 loop
-(``before``), today's with every norm channels-last (``plain``) and today's as shipped (``copy``).
+(``before``), today's with every norm channels-last (``plain``, the shipped config) and today's with the copy
+(``copy``).
 
 Run from the repository root with training paused: ``PYTHONPATH=. .venv/bin/python
 docs/measurements/groupnorm_layout.py [ROUNDS]``
@@ -20,7 +21,6 @@ import torch
 from torch import nn
 
 import benches.bench_training as bench
-import nodule_edge.train.model as model_module
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
 torch.set_num_threads(2)
@@ -54,20 +54,13 @@ for channels, size in ((24, 32), (48, 16), (96, 16), (128, 16)):
     print(f"  {channels:3d} channels at {size}³ ({channels // 8} per group): {cells}")
 
 print("Training step, 8 sure + 4 unsure patches (s, median)")
-steps = {"before": bench._loop("before")}
-limit = model_module._CONTIGUOUS_GROUPNORM_MAX_GROUP
-model_module._CONTIGUOUS_GROUPNORM_MAX_GROUP = 0  # every norm channels-last
-plain = bench._loop("now")
-model_module._CONTIGUOUS_GROUPNORM_MAX_GROUP = limit
-steps["copy"] = bench._loop("now")
-step_times: dict[str, list[float]] = {"before": [], "plain": [], "copy": []}
+steps = {"before": bench._loop("before"), "plain": bench._loop("now"), "copy": bench._loop("now_contiguous_gn")}
+step_times: dict[str, list[float]] = {name: [] for name in steps}
 for _ in range(rounds):
-    for name in step_times:
-        model_module._CONTIGUOUS_GROUPNORM_MAX_GROUP = 0 if name == "plain" else limit
+    for name, step in steps.items():
         t = time.perf_counter()
-        (plain if name == "plain" else steps[name])()
+        step()
         step_times[name].append(time.perf_counter() - t)
-model_module._CONTIGUOUS_GROUPNORM_MAX_GROUP = limit
 medians = {k: statistics.median(v) for k, v in step_times.items()}
 print("  " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
 print(

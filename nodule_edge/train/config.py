@@ -102,6 +102,10 @@ class TrainSection:
     # Sure batches half malignant, half benign (each class cycled in its own shuffled order)
     # instead of one shuffled order of all sure nodules.
     balance_sure: bool = False
+    # Speed: in the channels-last layout, normalise GroupNorms of at most 6 channels per group on a
+    # contiguous copy (nodule_edge.train.model._ConvNorm): the same function, a shorter step, other
+    # rounding, so off where a run must reproduce the networks recorded without it (docs/cv).
+    contiguous_groupnorm: bool = False
 
 
 #: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
@@ -173,6 +177,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "ema_decay"): 0.0,
     ("train", "warmup_epochs"): 0,
     ("train", "balance_sure"): False,
+    ("train", "contiguous_groupnorm"): False,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,

@@ -48,6 +48,7 @@ from torch import nn
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 
 __all__ = [
+    "use_contiguous_groupnorm",
     "BoxNet",
     "BoxNetConfig",
     "ModelConfig",
@@ -132,7 +133,7 @@ class ModelOutput:
     background_attention: torch.Tensor  # [N]
 
 
-#: Up to this many channels per group, a channels-last GroupNorm runs on a contiguous copy.
+#: Up to this many channels per group, a channels-last GroupNorm may run on a contiguous copy.
 _CONTIGUOUS_GROUPNORM_MAX_GROUP = 6
 
 
@@ -140,18 +141,23 @@ class _ConvNorm(nn.Sequential):
     """A convolution and its GroupNorm (``[0]``, ``[1]``: the keys of the ``nn.Sequential`` it was).
 
     In the channels-last layout that training uses on CPU (bf16), PyTorch's GroupNorm backward
-    for groups of a few channels is several times slower than on a contiguous tensor, so for
-    groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels the norm runs on a contiguous
-    copy and its output goes back to channels-last: the same function, a training step 15 %
-    faster on an AMX Xeon (``docs/measurements/groupnorm_layout.py``). Inference and export
-    (contiguous tensors) take the plain path, so the exported graph is unchanged.
+    for groups of a few channels is several times slower than on a contiguous tensor. With
+    ``contiguous_norm`` set (:func:`use_contiguous_groupnorm`, ``[train] contiguous_groupnorm``),
+    groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels are normalised on a contiguous
+    copy whose output goes back to channels-last: the same function, a training step 13 % shorter
+    on an AMX Xeon (``docs/measurements/groupnorm_layout.py``), but other kernels, so other
+    rounding than the runs recorded without it. Contiguous tensors (inference, export) always
+    take the plain path, so the exported graph is unchanged.
     """
+
+    contiguous_norm = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self[0](x)
         norm = self[1]
         if (
-            isinstance(norm, nn.GroupNorm)
+            self.contiguous_norm
+            and isinstance(norm, nn.GroupNorm)
             and norm.num_channels // norm.num_groups <= _CONTIGUOUS_GROUPNORM_MAX_GROUP
             and y.dim() == 5
             and not y.is_contiguous()
@@ -159,6 +165,22 @@ class _ConvNorm(nn.Sequential):
         ):
             return norm(y.contiguous()).contiguous(memory_format=torch.channels_last_3d)
         return norm(y)
+
+
+def use_contiguous_groupnorm(model: nn.Module, on: bool = True) -> int:
+    """Switch the contiguous-copy GroupNorm (:class:`_ConvNorm`) of every block of ``model``.
+
+    Returns:
+        How many blocks have small enough groups to take it.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, _ConvNorm)]
+    for block in blocks:
+        block.contiguous_norm = on
+    return sum(
+        1
+        for b in blocks
+        if isinstance(b[1], nn.GroupNorm) and b[1].num_channels // b[1].num_groups <= _CONTIGUOUS_GROUPNORM_MAX_GROUP
+    )
 
 
 def _conv_gn(c_in: int, c_out: int, kernel: int, groups: int, stride: int = 1, dilation: int = 1) -> _ConvNorm:

@@ -32,7 +32,7 @@ from nodule_edge.train.data import (
     targets,
 )
 from nodule_edge.train.losses import LossWeights, total_loss
-from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters
+from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters, use_contiguous_groupnorm
 
 __all__ = [
     "evaluated_checkpoint",
@@ -384,6 +384,8 @@ def train_model(
     channels_last = channels_last_enabled(cfg.train.channels_last, device, bf16)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
+    if cfg.train.contiguous_groupnorm:
+        use_contiguous_groupnorm(model)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

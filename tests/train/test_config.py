@@ -116,7 +116,12 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
 
 @pytest.mark.parametrize(
     ("key", "default", "value"),
-    [("ema_decay", "0.0", "0.99"), ("warmup_epochs", "0", "1"), ("balance_sure", "false", "true")],
+    [
+        ("ema_decay", "0.0", "0.99"),
+        ("warmup_epochs", "0", "1"),
+        ("balance_sure", "false", "true"),
+        ("contiguous_groupnorm", "false", "true"),
+    ],
 )
 def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
     shipped = load_config(_write(tmp_path, ""))

@@ -20,6 +20,7 @@ from nodule_edge.train.model import (
     depth_to_space,
     segmentation_statistics,
     space_to_depth,
+    use_contiguous_groupnorm,
 )
 
 # The model is fully convolutional: 32³ inputs (8³ maps) keep the float64 checks fast.
@@ -269,6 +270,13 @@ def test_channels_last_groupnorm_on_a_contiguous_copy_is_the_same_function() -> 
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     cl_model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    default_input: list[bool] = []
+    probe = small_groups[0][1].register_forward_pre_hook(lambda _m, args: default_input.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        cl_model(x.contiguous(memory_format=torch.channels_last_3d))
+    probe.remove()
+    assert default_input == [False]  # off by default: the recorded runs' kernels
+    assert use_contiguous_groupnorm(cl_model) == len(small_groups)
     seen: list[bool] = []
     hook = small_groups[0].register_forward_hook(
         lambda _m, _i, out: seen.append(out.is_contiguous(memory_format=torch.channels_last_3d))
