@@ -9,25 +9,12 @@ tests/test_components.py compares the labels with SimpleITK's on random masks.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["connected_components"]
-
-
-def _forward_offsets(ndim: int, fully_connected: bool) -> list[tuple[int, ...]]:
-    """Neighbour offsets that come later in a C-order scan: each neighbouring pair once."""
-    if not fully_connected:
-        return [tuple(int(a == b) for b in range(ndim)) for a in range(ndim)]
-    return [o for o in itertools.product((-1, 0, 1), repeat=ndim) if o > (0,) * ndim]
-
-
-def _pairs(mask: np.ndarray, rank: np.ndarray, offset: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Values of ``rank`` at the foreground voxels ``p`` and ``p + offset`` where both are foreground."""
-    here = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, mask.shape, strict=True))
-    there = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(offset, mask.shape, strict=True))
-    both = mask[here] & mask[there]
-    return rank[here][both], rank[there][both]
+__all__ = ["connected_components", "nearest_component_bounds"]
 
 
 def connected_components(mask: np.ndarray, *, fully_connected: bool = False) -> np.ndarray:
@@ -57,37 +44,71 @@ def connected_components(mask: np.ndarray, *, fully_connected: bool = False) -> 
     return labels
 
 
-def _label_box(m: np.ndarray, fully_connected: bool) -> np.ndarray:
-    """:func:`connected_components` of a boolean array, without the cropping.
+def _forward_rows(ndim: int, fully_connected: bool) -> list[tuple[int, ...]]:
+    """Offsets to the neighbouring rows (every axis but the last) that come later in C order."""
+    if not fully_connected:
+        return [tuple(int(a == b) for b in range(ndim - 1)) for a in range(ndim - 1)]
+    return [o for o in itertools.product((-1, 0, 1), repeat=ndim - 1) if o > (0,) * (ndim - 1)]
 
-    The nodes are runs: maximal stretches of foreground along the last axis (x), numbered in C
-    order of their first voxel, so a component's smallest run holds its first voxel. Runs are
-    joined through every other neighbour offset; a nodule's mask has about a twentieth as many
-    runs as voxels.
+
+@dataclass(frozen=True)
+class _Runs:
+    """The runs of a boolean array (maximal stretches of foreground along the last axis) and their
+    components: run ``i`` starts at ``[c[i] for c in start]`` and ends at x ``end_x[i]``; runs
+    are numbered in C order of their first voxel and ``root[i]`` is the smallest run of its
+    component (the one that holds the component's first voxel)."""
+
+    start: tuple[np.ndarray, ...]
+    end_x: np.ndarray
+    root: np.ndarray
+
+
+def _runs(m: np.ndarray, fully_connected: bool) -> _Runs:
+    """The runs of ``m`` joined into components.
+
+    Two runs in neighbouring rows touch when their x-intervals overlap (widened by one voxel
+    under 26-connectivity). Runs are sorted by row, then x, and disjoint within a row, so the runs
+    of a neighbouring row that touch run ``i`` are one contiguous stretch, found by binary search:
+    no voxel-sized array beyond the run starts and ends (a nodule's mask has about a twentieth as
+    many runs as voxels).
     """
-    labels = np.zeros(m.shape, dtype=np.int32)
-    starts = m.copy()
-    starts[..., 1:] &= ~m[..., :-1]
-    n_runs = int(np.count_nonzero(starts))
+    width = m.shape[-1]
+    rows = m.reshape(-1, width)
+    starts = rows.copy()
+    starts[:, 1:] &= ~rows[:, :-1]
+    ends = rows.copy()
+    ends[:, :-1] &= ~rows[:, 1:]
+    row, start_x = np.nonzero(starts)  # C order: run i is the i-th start and the i-th end
+    end_x = np.nonzero(ends)[1]
+    n_runs = len(row)
     dtype = np.int32 if m.size < 2**31 else np.int64
-    run = np.cumsum(starts, axis=None, dtype=dtype).reshape(m.shape) - 1  # run id of each foreground voxel
-    # Union-find, one neighbour offset at a time (bounded memory): hook the larger root of every
-    # pair that joins two trees under the smaller one, point every run at its root, repeat until
-    # no pair of this offset joins two trees (later merges keep earlier pairs joined). Each run's
+    # Keys that order runs by row, then x, with a gap between rows wider than any widened run.
+    stride = width + 2
+    key_start, key_end = row * stride + start_x, row * stride + end_x
+    row_at = np.unravel_index(row, m.shape[:-1]) if m.ndim > 1 else ()
+    widen = 1 if fully_connected else 0
+    us, vs = [], []
+    for offset in _forward_rows(m.ndim, fully_connected):
+        at = [c + o for c, o in zip(row_at, offset, strict=True)]
+        inside = np.ones(n_runs, bool)
+        for c, n in zip(at, m.shape[:-1], strict=True):
+            inside &= (c >= 0) & (c < n)
+        i = np.flatnonzero(inside)
+        if not i.size:
+            continue
+        other = np.ravel_multi_index(tuple(c[i] for c in at), m.shape[:-1]) * stride
+        first = np.searchsorted(key_end, other + start_x[i] - widen, side="left")
+        count = np.maximum(np.searchsorted(key_start, other + end_x[i] + widen, side="right") - first, 0)
+        total = int(count.sum())
+        if total:
+            us.append(np.repeat(i, count))
+            vs.append(np.repeat(first - (np.cumsum(count) - count), count) + np.arange(total))
+    # Union-find over all pairs: hook the larger root of every pair that joins two trees under the
+    # smaller one, point every run at its root, repeat until no pair joins two trees. Each run's
     # root ends as the smallest run id (the first voxel in C order) of its component.
     parent = np.arange(n_runs, dtype=dtype)
-    along_x = (0,) * (m.ndim - 1) + (1,)
-    for offset in _forward_offsets(m.ndim, fully_connected):
-        if offset == along_x:  # neighbours along x share a run
-            continue
-        u, v = _pairs(m, run, offset)
-        # Pairs come in C order, so the voxels of two overlapping runs give consecutive equal pairs.
-        if u.size > 1:
-            keep = np.empty(u.size, bool)
-            keep[0] = True
-            np.not_equal(u[1:], u[:-1], out=keep[1:])
-            keep[1:] |= v[1:] != v[:-1]
-            u, v = u[keep], v[keep]
+    if us:
+        u, v = np.concatenate(us).astype(dtype), np.concatenate(vs).astype(dtype)
         while u.size:
             pu, pv = parent[u], parent[v]
             joins = pu != pv
@@ -100,6 +121,47 @@ def _label_box(m: np.ndarray, fully_connected: bool) -> np.ndarray:
                 if np.array_equal(up, parent):
                     break
                 parent = up
-    _, component = np.unique(parent, return_inverse=True)
-    labels[m] = component.reshape(-1).astype(np.int32)[run[m]] + 1
+    return _Runs((*row_at, start_x), end_x, parent)
+
+
+def _label_box(m: np.ndarray, fully_connected: bool) -> np.ndarray:
+    """:func:`connected_components` of a boolean array, without the cropping."""
+    runs = _runs(m, fully_connected)
+    _, component = np.unique(runs.root, return_inverse=True)
+    labels = np.zeros(m.shape, dtype=np.int32)
+    lengths = runs.end_x - runs.start[-1] + 1
+    labels[m] = np.repeat(component.reshape(-1).astype(np.int32) + 1, lengths)
     return labels
+
+
+def nearest_component_bounds(
+    mask: np.ndarray, point: Sequence[float] | np.ndarray, *, fully_connected: bool = True
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index bounds ``(low, high)`` (inclusive) of the connected component of ``mask`` nearest ``point``.
+
+    The component holding the foreground voxel nearest to ``point`` (Euclidean, in voxels; of
+    equally near voxels the first in C order), as labelling the whole mask with
+    :func:`connected_components` and taking that voxel's label would give, without labelling
+    voxels: the runs carry the bounds. Returns None for an empty mask.
+    """
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim == 0 or not m.any():
+        return None
+    hits = [np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis))) for axis in range(m.ndim)]
+    origin = np.array([int(h[0]) for h in hits])
+    crop = np.ascontiguousarray(m[tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)])
+    runs = _runs(crop, fully_connected)
+    centre = np.asarray(point, dtype=np.float64) - origin
+    # Each run's voxel nearest the point: x clipped into the run, trying both integers beside a
+    # fractional x so that a tie goes to the smaller x (the first in C order), as among voxels.
+    start_x, end_x = runs.start[-1], runs.end_x
+    other = sum((c - centre[a]) ** 2 for a, c in enumerate(runs.start[:-1]))
+    best = np.full(len(end_x), np.inf)
+    for x in (np.floor(centre[-1]), np.ceil(centre[-1])):
+        d = other + (np.clip(x, start_x, end_x) - centre[-1]) ** 2
+        best = np.minimum(best, d)
+    root = runs.root[int(np.argmin(best))]
+    member = runs.root == root
+    low = [int(c[member].min()) for c in runs.start[:-1]] + [int(start_x[member].min())]
+    high = [int(c[member].max()) for c in runs.start[:-1]] + [int(end_x[member].max())]
+    return np.asarray(low) + origin, np.asarray(high) + origin

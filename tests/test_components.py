@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nodule_edge.components import connected_components
+from nodule_edge.components import connected_components, nearest_component_bounds
 
 
 def _sitk_labels(mask: np.ndarray, fully_connected: bool) -> np.ndarray:
@@ -79,3 +79,31 @@ def test_labels_equal_simpleitks_in_two_dimensions(fully_connected: bool) -> Non
 def test_one_dimension_has_one_label_per_run() -> None:
     mask = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 1], bool)
     np.testing.assert_array_equal(connected_components(mask), [0, 1, 1, 0, 2, 0, 0, 3, 3, 3])
+
+
+def _bounds_by_labelling(mask: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The definition: label every voxel, take the voxel nearest the point (first in C order)."""
+    labels = connected_components(mask, fully_connected=True)
+    points = np.argwhere(labels > 0)
+    if len(points) == 0:
+        return None
+    nearest = points[np.argmin(((points - point) ** 2).sum(axis=1))]
+    component = points[labels[tuple(points.T)] == labels[tuple(nearest)]]
+    return component.min(axis=0), component.max(axis=0)
+
+
+def test_nearest_component_bounds_equal_those_of_a_full_labelling() -> None:
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        shape = tuple(int(v) for v in rng.integers(1, 16, 3))
+        mask = rng.random(shape) < rng.uniform(0.02, 0.5)
+        # Half the points on the half-voxel grid (the cube centre of an even-sized cube): ties.
+        point = (np.asarray(shape) - 1) / 2.0 if trial % 2 else rng.uniform(-2, np.asarray(shape) + 2)
+        expected = _bounds_by_labelling(mask, point)
+        got = nearest_component_bounds(mask, point)
+        if expected is None:
+            assert got is None
+        else:
+            assert got is not None
+            np.testing.assert_array_equal(got[0], expected[0])
+            np.testing.assert_array_equal(got[1], expected[1])

@@ -11,6 +11,10 @@ Run from the repository root::
 
     git show 72580b0:nodule_edge/assets/bundle/model.onnx > /tmp/model_0.1.onnx
     .venv/bin/python docs/measurements/box_net_latency.py runs/shipped/fold0/box_net.safetensors /tmp/model_0.1.onnx
+
+or, with the bundle's own ``first_pass.onnx`` instead of an exported checkpoint::
+
+    .venv/bin/python docs/measurements/box_net_latency.py bundle /tmp/model_0.1.onnx
 """
 
 import sys
@@ -37,7 +41,10 @@ with tempfile.TemporaryDirectory() as tmp:
     model_path, first_path = Path(tmp) / "model.onnx", Path(tmp) / "first_pass.onnx"
     onnx.save(trilinear_resize_as_matmul(onnx.load(str(bundle.path("onnx_fp32")))), str(model_path))
     spec = CpuFastEngine(model_path, "cpu-fast").metadata.patch_spec
-    export_box_net_onnx(box_net_checkpoint, first_path, spec=spec, model_version=bundle.model_version)
+    if str(box_net_checkpoint) == "bundle":
+        first_path = bundle.path("first_pass")  # the shipped box net as exported
+    else:
+        export_box_net_onnx(box_net_checkpoint, first_path, spec=spec, model_version=bundle.model_version)
     with_box_net = CpuFastEngine(model_path, "cpu-fast", first_pass=first_path)
     own = CpuFastEngine(model_path, "cpu-fast")
     old = CpuFastEngine(old_model_path, "cpu-fast")
