@@ -157,8 +157,8 @@ def compare_explanations(
     Args:
         cfg: The training config (its data and CV split).
         fold: CV fold whose test patients are explained.
-        checkpoint: The fold's model (default: ``<run_dir>/fold<K>/refit.safetensors``, else
-            ``last.safetensors``).
+        checkpoint: The fold's model (default: ``<run_dir>/fold<K>/refit.safetensors``, else the
+            checkpoint the CV evaluates: ``last.safetensors``, ``ema.safetensors`` under weight EMA).
         limit: Held-out nodules (the fold's first ``limit`` test nodules in manifest order).
         methods: Subset of :data:`ALL_METHODS`.
         curve_steps: Steps of the deletion and insertion curves.
@@ -170,7 +170,13 @@ def compare_explanations(
         A JSON-ready dict: per-nodule metrics, the per-method summary, the randomisation table
         and the agreement threshold.
     """
-    from nodule_edge.train.trainer import load_checkpoint, load_dataset, patch_spec_from, split_fold
+    from nodule_edge.train.trainer import (
+        evaluated_checkpoint,
+        load_checkpoint,
+        load_dataset,
+        patch_spec_from,
+        split_fold,
+    )
 
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -188,7 +194,9 @@ def compare_explanations(
     if checkpoint is None:
         folder = cfg.resolve(cfg.output_dir) / f"fold{fold}"
         checkpoint = (
-            folder / "refit.safetensors" if (folder / "refit.safetensors").is_file() else folder / "last.safetensors"
+            folder / "refit.safetensors"
+            if (folder / "refit.safetensors").is_file()
+            else folder / evaluated_checkpoint(cfg, cfg.cv.evaluate)
         )
     model, meta = load_checkpoint(checkpoint)
     model.eval()
