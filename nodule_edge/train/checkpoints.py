@@ -60,14 +60,33 @@ def load_checkpoint(path: str | Path) -> tuple[CollaborativeNet, dict[str, Any]]
     return model, meta
 
 
+#: Random generators of a training run, saved with its resume state so that a resumed run draws
+#: what an uninterrupted one would (numpy generators as JSON, torch generators as byte tensors).
+RandomState = dict[str, "np.random.Generator | torch.Generator"]
+
+
 def save_resume_state(
-    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, epoch: int, history: list, best: dict, meta: dict
+    path: Path,
+    model: CollaborativeNet,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    history: list,
+    best: dict,
+    meta: dict,
+    generators: RandomState | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
     save_checkpoint(path, model, {**meta, "epoch": epoch, "history": history, "best": best})
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
+    numpy_states: dict[str, Any] = {}
+    for name, generator in (generators or {}).items():
+        if isinstance(generator, np.random.Generator):
+            numpy_states[name] = generator.bit_generator.state
+        else:
+            tensors[f"generator.{name}"] = generator.get_state()
+    tensors["generator.torch_global"] = torch.get_rng_state()
     for _i, (pid, st) in enumerate(opt.state_dict()["state"].items()):
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() > 0:
@@ -78,13 +97,26 @@ def save_resume_state(
         save_file(tensors, str(tmp))
     write_text_atomic(
         path.with_name("last_optim.json"),
-        json.dumps({"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}),
+        json.dumps(
+            {"scalars": scalars, "param_groups": opt.state_dict()["param_groups"], "numpy_generators": numpy_states}
+        ),
     )
 
 
 def resume_state(
-    path: Path, model: CollaborativeNet, opt: torch.optim.Optimizer, training_sha: str
+    path: Path,
+    model: CollaborativeNet,
+    opt: torch.optim.Optimizer,
+    training_sha: str,
+    generators: RandomState | None = None,
 ) -> tuple[int, list, dict]:
+    """Load the resume state written by :func:`save_resume_state` into ``model``, ``opt`` and
+    ``generators`` (those the state holds; a state written before generators were saved leaves
+    them as they are, and the resumed run draws other augmentations than an uninterrupted one).
+
+    Returns:
+        The epoch to continue at, the history and the best epoch so far.
+    """
     from safetensors.torch import load_file
 
     loaded, meta = load_checkpoint(path)
@@ -107,7 +139,17 @@ def resume_state(
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)
+        if pid == "generator":
+            if name == "torch_global":
+                torch.set_rng_state(v)
+            elif generators is not None and isinstance(generators.get(name), torch.Generator):
+                generators[name].set_state(v)  # type: ignore[union-attr]
+            continue
         state.setdefault(int(pid), {})[name] = v
+    for name, numpy_state in extra.get("numpy_generators", {}).items():
+        generator = (generators or {}).get(name)
+        if isinstance(generator, np.random.Generator):
+            generator.bit_generator.state = numpy_state
     for key, v in extra["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = torch.tensor(v)

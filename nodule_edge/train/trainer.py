@@ -409,8 +409,13 @@ def train_model(
     best = {"epoch": 0, "score": -math.inf}
     start_epoch = 1
     last = out_dir / "last.safetensors"
+    # Saved with the resume state: a resumed run draws the batches and augmentations an
+    # uninterrupted one would, so it trains the same network.
+    generators: dict[str, np.random.Generator | torch.Generator] = {"batches": rng, "augment": gen}
+    if order_rng is not rng:
+        generators["order"] = order_rng
     if last.is_file():
-        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg))
+        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg), generators)
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     ema = _ema_model(model, cfg.train.ema_decay, out_dir / "ema.safetensors", resumed=start_epoch > 1)
@@ -538,7 +543,7 @@ def train_model(
             if ema is not None:
                 # Before the resume state: a run stopped between the two repeats this epoch.
                 save_checkpoint(out_dir / "ema.safetensors", evaluated, {**meta_base, "epoch": epoch})
-            save_resume_state(last, model, opt, epoch, history, best, meta_base)
+            save_resume_state(last, model, opt, epoch, history, best, meta_base, generators)
             msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(
                 f"{k}={v:.3f}" for k, v in train_parts.items()
             )

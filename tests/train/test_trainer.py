@@ -374,3 +374,22 @@ def test_balanced_sure_batches_are_half_malignant(
     assert (sure_labels.sum(axis=1) == 2).all(), sure_labels
     with pytest.raises(ConfigError, match="balance_sure"):
         _tiny(tiny_config, **{"train.balance_sure": True, "train.batch_sure": 1})
+
+
+def test_a_resumed_run_trains_the_network_an_uninterrupted_run_trains(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The batch order and augmentation draws are saved with the resume state (docs/ablations:
+    a fold resumed after its first epoch once trained another network than the uninterrupted run)."""
+    cfg = _tiny(tiny_config)
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "straight", 2)
+    train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "resumed", 1)
+    train_model(cfg, ds, labelled, np.zeros(0, np.int64), tmp_path / "resumed", 2)
+    straight = json.loads((tmp_path / "straight" / "last.json").read_text())["history"]
+    resumed = json.loads((tmp_path / "resumed" / "last.json").read_text())["history"]
+    assert [h["train"] for h in resumed] == [h["train"] for h in straight]
+    assert torch.equal(
+        _weights(tmp_path / "resumed" / "last.safetensors"), _weights(tmp_path / "straight" / "last.safetensors")
+    )
