@@ -57,6 +57,7 @@ def train_box_net(
     seed: int = 0,
     bf16: bool = False,
     channels_last: bool = False,
+    device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[BoxNet, dict[str, Any]]:
     """Train a box net on the nodules ``idx`` that have a mask, or load the one finished earlier.
@@ -71,10 +72,12 @@ def train_box_net(
         seed: Seeds the initialisation, the order and the augmentation.
         bf16: Train under bf16 autocast.
         channels_last: Train in the channels-last 3-D memory format (with bf16 on AMX CPUs).
+        device: Where it trains (default the CPU). Batches and augmentation are drawn on the CPU
+            from the same seeded generators on every device, so only the arithmetic differs.
         progress: Called with one line per epoch.
 
     Returns:
-        The trained network (eval mode, float32) and its sidecar's contents.
+        The trained network (eval mode, float32, on the CPU) and its sidecar's contents.
 
     Raises:
         DataError: None of ``idx`` has a mask.
@@ -94,7 +97,9 @@ def train_box_net(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = device or torch.device("cpu")
     net = BoxNet(BoxNetConfig(in_channels=images.shape[1], widths=tuple(section.widths)))  # type: ignore[arg-type]
+    net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
     opt = torch.optim.AdamW(net.parameters(), lr=section.lr, weight_decay=1e-4)
@@ -113,9 +118,10 @@ def train_box_net(
             x = torch.from_numpy(np.asarray(images[batch], np.float32))
             m = torch.from_numpy(np.asarray(masks[batch], np.float32))
             x, m = augment(x, m, gen)
+            x, m = x.to(device, non_blocking=True), m.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 seg = net(x)
             seg = seg.float()[:, 0]
             loss = dice_loss(seg, m).mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), m)
@@ -126,7 +132,7 @@ def train_box_net(
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "seconds": round(seconds, 1), "loss": round(total / steps, 4)})
         say(f"box net epoch {epoch + 1}/{section.epochs} {seconds:.1f}s seg loss {total / steps:.3f}")
-    net = net.float().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
+    net = net.float().to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     meta = {
         "key": key,
         "first_pass": dataclasses.asdict(section),

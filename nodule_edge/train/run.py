@@ -290,8 +290,10 @@ def _first_pass(
     from nodule_edge.train.first_pass import box_net_segmenter, train_box_net
     from nodule_edge.train.trainer import bf16_enabled, channels_last_enabled
 
-    cpu = torch.device("cpu")  # a box net is small: it trains on the CPU beside any accelerator
-    bf16 = bf16_enabled(cfg.train.bf16, cpu)
+    # On the run's device, as the network: the same command trains everything on a GPU where
+    # there is one (README, Training); the box net then evaluates on the CPU like the runtime's.
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = bf16_enabled(cfg.train.bf16, device)
     net, info = train_box_net(
         cfg.first_pass,
         ds.cache.images,
@@ -301,7 +303,8 @@ def _first_pass(
         folder / "box_net.safetensors",
         seed=cfg.train.seed,
         bf16=bf16,
-        channels_last=channels_last_enabled(cfg.train.channels_last, cpu, bf16),
+        channels_last=channels_last_enabled(cfg.train.channels_last, device, bf16),
+        device=device,
         progress=say,
     )
     return box_net_segmenter(net), {k: info[k] for k in ("n_nodules", "train_seconds", "first_pass") if k in info}
