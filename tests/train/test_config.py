@@ -227,14 +227,15 @@ COPIED_NETWORK_ABLATIONS = ("head_l2_wide", "head_calibrated")
 #: shipped training config (the same hash and seed as the shipped run's).
 OWN_FOLDER_FIRST_PASS_ABLATIONS = ("box_net_epochs40",)
 
-#: Recipe ablations: the train keys each one changes.
+#: Recipe ablations: the train keys each one changes (the three recipe switches also train with the
+#: contiguous GroupNorm copy: the same function, other rounding; their networks differ anyway).
 RECIPE_ABLATION_KEYS = {
     "self_box": ("self_box_probability",),
     "epochs20": ("epochs",),
     "epochs20_box_net": ("epochs",),
-    "weight_ema": ("ema_decay",),
-    "lr_warmup": ("warmup_epochs",),
-    "balanced_sure": ("balance_sure",),
+    "weight_ema": ("ema_decay", "contiguous_groupnorm"),
+    "lr_warmup": ("warmup_epochs", "contiguous_groupnorm"),
+    "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
 }
 
 
