@@ -228,13 +228,14 @@ COPIED_NETWORK_ABLATIONS = ("head_l2_wide", "head_calibrated")
 OWN_FOLDER_FIRST_PASS_ABLATIONS = ("box_net_epochs40",)
 
 #: Recipe ablations: the train keys each one changes (the three recipe switches also train with the
-#: contiguous GroupNorm copy: the same function, other rounding; their networks differ anyway).
+#: contiguous GroupNorm copy: the same function, other rounding; their networks differ anyway;
+#: two of them record the one thread their folds ran at, which the fold hash includes).
 RECIPE_ABLATION_KEYS = {
     "self_box": ("self_box_probability",),
     "epochs20": ("epochs",),
     "epochs20_box_net": ("epochs",),
-    "weight_ema": ("ema_decay", "contiguous_groupnorm"),
-    "lr_warmup": ("warmup_epochs", "contiguous_groupnorm"),
+    "weight_ema": ("ema_decay", "contiguous_groupnorm", "threads"),
+    "lr_warmup": ("warmup_epochs", "contiguous_groupnorm", "threads"),
     "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
 }
 
