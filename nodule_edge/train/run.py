@@ -121,7 +121,7 @@ def run_training(
         # The box net, the refit and the evaluation see the whole training fold (its validation
         # patients too), never the test fold.
         fit_idx = np.concatenate([train_idx, val_idx])
-        segment, box_net = _first_pass(cfg, ds, fit_idx, out_dir / f"fold{fold}", say)
+        segment, box_net = _first_pass(cfg, ds, fit_idx, out_dir / f"fold{fold}", device, say)
         t_eval = time.perf_counter()
         head = (
             _refit_head(cfg, model, ds, fit_idx, device, spec, out_dir / f"fold{fold}", meta, say, segment)
@@ -194,7 +194,7 @@ def run_training(
         )
         final = out_dir / "final" / evaluated_checkpoint(cfg, "last")
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
-        segment, box_net = _first_pass(cfg, ds, all_idx, out_dir / "final", say)
+        segment, box_net = _first_pass(cfg, ds, all_idx, out_dir / "final", device, say)
         if box_net is not None:
             summary["final"]["box_net"] = {**box_net, "checkpoint": str(out_dir / "final" / "box_net.safetensors")}
         if cfg.head.refit != "none":
@@ -281,7 +281,7 @@ def _refit_head(
 
 
 def _first_pass(
-    cfg: TrainConfig, ds: Dataset, idx: np.ndarray, folder: Path, say: Callable[[str], None]
+    cfg: TrainConfig, ds: Dataset, idx: np.ndarray, folder: Path, device: torch.device, say: Callable[[str], None]
 ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, dict[str, Any] | None]:
     """The runtime's first pass for a network trained on ``idx``: None for the model's own, else a
     box net trained on the same nodules (``folder/box_net.safetensors``) and what its sidecar says."""
@@ -292,7 +292,6 @@ def _first_pass(
 
     # On the run's device, as the network: the same command trains everything on a GPU where
     # there is one (README, Training); the box net then evaluates on the CPU like the runtime's.
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     bf16 = bf16_enabled(cfg.train.bf16, device)
     net, info = train_box_net(
         cfg.first_pass,
