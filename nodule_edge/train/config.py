@@ -141,6 +141,12 @@ class HeadSection:
     # inner CV's out-of-fold logits (nodule_edge.train.head.platt_calibration): same ranking,
     # calibrated probabilities. Ignored by the other refits.
     calibrate: bool = False
+    # labels | ratings: what the "debugged" refit fits the classifier's cross-entropy and debug
+    # loss to: the proxy labels of the labelled nodules, or the readers' mean malignancy rating
+    # on the unit scale of every rated nodule (those rated 3 on average included; p > 0.5 still
+    # means a mean rating above 3). Ignored by the other refits. Probed on two folds, not shipped:
+    # docs/cv/README.md, item 10 (docs/cv/probes/probe_rating_targets.py).
+    classifier_target: str = "labels"
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "parity_weight"): 0.0,
     ("head", "l2_grid"): DEBUGGED_L2_GRID,
     ("head", "calibrate"): False,
+    ("head", "classifier_target"): "labels",
 }
 
 
@@ -351,6 +358,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.refit in ("none", "full", "debugged"),
             f"head.refit must be none, full or debugged, got {cfg.head.refit!r}",
+        ),
+        (
+            cfg.head.classifier_target in ("labels", "ratings"),
+            f"head.classifier_target must be labels or ratings, got {cfg.head.classifier_target!r}",
         ),
         (
             cfg.head.attribute_weight >= 0,

@@ -314,7 +314,8 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
 
     The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more,
     the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``),
-    and the path-parity penalty at ``head.parity_weight``.
+    the path-parity penalty at ``head.parity_weight``, and the classifier fitted to the readers'
+    mean malignancy ratings when ``head.classifier_target`` is ``"ratings"``.
     """
     return HeadObjective(
         alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
@@ -324,6 +325,7 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
         attribute_readout=cfg.head.attribute_readout,
         attribute_skip=cfg.head.attribute_skip,
         parity_weight=cfg.head.parity_weight,
+        rating_targets=cfg.head.classifier_target == "ratings",
     )
 
 

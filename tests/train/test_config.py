@@ -112,6 +112,13 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
     calibrated = load_config(_write(tmp_path, "[head]\ncalibrate = true\n"))
     assert calibrated.head.calibrate and calibrated.sha256() != default.sha256()
     assert training_config_sha256(calibrated) == training_config_sha256(default)
+    # And the classifier's targets: at "labels" absent from the hash; "ratings" a head step only.
+    assert load_config(_write(tmp_path, '[head]\nclassifier_target = "labels"\n')).sha256() == default.sha256()
+    rated = load_config(_write(tmp_path, '[head]\nclassifier_target = "ratings"\n'))
+    assert rated.sha256() != default.sha256()
+    assert training_config_sha256(rated) == training_config_sha256(default)
+    with pytest.raises(ConfigError, match="head.classifier_target must be labels or ratings, got 'rating'"):
+        load_config(_write(tmp_path, '[head]\nclassifier_target = "rating"\n'))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import roc_auc
 from nodule_edge.train.checkpoints import load_checkpoint, save_checkpoint
 from nodule_edge.train.config import HeadSection, TrainConfig
@@ -267,6 +268,36 @@ def test_the_parity_penalty_pulls_the_two_paths_together() -> None:
     plain, penalised = (info["training_after"] for info in infos)
     assert penalised["path_parity"] < 0.7 * plain["path_parity"]
     assert penalised["auc"] > 0.8
+
+
+def test_rating_targets_fit_every_rated_nodule_to_its_mean_rating() -> None:
+    assert not head_objective(TrainConfig()).rating_targets
+    assert head_objective(TrainConfig(head=HeadSection(classifier_target="ratings"))).rating_targets
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=40)
+    malignancy = ATTRIBUTE_NAMES.index("malignancy")
+    # Mean ratings that a head-input direction predicts; the proxy label is the rating's side of 3.
+    direction = inputs.head_in[:, 3]
+    unit = 0.1 + 0.8 * (direction - direction.min()) / (direction.max() - direction.min())
+    inputs.attributes[:, malignancy] = unit
+    inputs.labels = np.where(unit > 0.5, 1, 0).astype(np.int64)
+    inputs.labels[::5] = -1  # rated 3 on average: no label, a rating all the same
+    inputs.has_attributes[1] = False  # a labelled nodule without ratings keeps its label
+    rows = np.arange(len(inputs))
+    _, plain = _prepare(model, inputs, rows)
+    heads, rated = _prepare(model, inputs, rows, rating_targets=True)
+    assert plain.targeted.sum() == (inputs.labels >= 0).sum()
+    assert rated.targeted.sum() == len(inputs) and float(rated.target[1]) == inputs.labels[1]
+    np.testing.assert_allclose(rated.target[inputs.has_attributes].numpy(), unit[inputs.has_attributes])
+    errors = []
+    for data, rating_targets in ((plain, False), (rated, True)):
+        params = _fit(heads, data, 0.01, HeadObjective(steps=300, rating_targets=rating_targets), True)
+        with torch.no_grad():
+            p = torch.sigmoid(heads.forward(params, rated.x)[0]).numpy()
+        errors.append(float(np.abs(p - unit)[inputs.has_attributes].mean()))
+    # Fitted to the ratings, p follows the mean rating; fitted to the labels, it is pushed to 0 or 1.
+    assert errors[1] < 0.5 * errors[0]
 
 
 # --- Platt scaling after the debugged refit -------------------------------------------------------
