@@ -330,9 +330,7 @@ def _cam_region_means(
 
 
 class _Data:
-    def __init__(
-        self, inputs: HeadInputs, rows: np.ndarray, mean: torch.Tensor, sd: torch.Tensor, rating_targets: bool = False
-    ) -> None:
+    def __init__(self, inputs: HeadInputs, rows: np.ndarray, mean: torch.Tensor, sd: torch.Tensor) -> None:
         self.x = (torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64)) - mean) / sd
         self.features = torch.from_numpy(np.ascontiguousarray(inputs.features[rows], np.float32))
         seg = torch.from_numpy(np.asarray(inputs.segmentation[rows], np.float32))
@@ -346,12 +344,6 @@ class _Data:
         self.labelled = self.y >= 0
         self.attributes = torch.from_numpy(np.asarray(inputs.attributes[rows], np.float64))
         self.has_attributes = torch.from_numpy(np.asarray(inputs.has_attributes[rows], bool))
-        # What the classifier's cross-entropy and the debug loss are fitted to, and on which rows.
-        self.target, self.targeted = self.y.clamp_min(0.0), self.labelled
-        if rating_targets:
-            rating = self.attributes[:, ATTRIBUTE_NAMES.index("malignancy")]
-            self.target = torch.where(self.has_attributes, rating, self.target)
-            self.targeted = self.has_attributes | self.labelled
         self.x_reference = (
             None
             if inputs.reference_head_in is None
@@ -359,13 +351,21 @@ class _Data:
         )
 
 
+def _classifier_targets(data: _Data, rating_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the classifier's cross-entropy and the debug loss are fitted to, and on which rows."""
+    if not rating_targets:
+        return data.y.clamp_min(0.0), data.labelled
+    rating = data.attributes[:, ATTRIBUTE_NAMES.index("malignancy")]
+    return torch.where(data.has_attributes, rating, data.y.clamp_min(0.0)), data.has_attributes | data.labelled
+
+
 def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attributes: bool) -> dict[str, torch.Tensor]:
     p = {k: v.clone().requires_grad_(True) for k, v in heads.params.items()}
     opt = torch.optim.Adam(list(p.values()), lr=objective.lr)
-    lab = data.targeted
+    target, lab = _classifier_targets(data, objective.rating_targets)
     for _ in range(objective.steps):
         logit, attrs, omega = heads.forward(p, data.x)
-        loss = F.binary_cross_entropy_with_logits(logit[lab], data.target[lab])
+        loss = F.binary_cross_entropy_with_logits(logit[lab], target[lab])
         if objective.alpha:
             inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
             csl = F.relu(outside - inside + objective.delta)
@@ -485,7 +485,7 @@ def refit_heads(
         if len(test_rows) == 0 or len(fit_rows) == 0:
             continue
         # One standardisation and one copy of the features per inner fold, shared by every strength.
-        heads, fit_data = _prepare(model, inputs, fit_rows, objective.rating_targets)
+        heads, fit_data = _prepare(model, inputs, fit_rows)
         test_data = _Data(inputs, test_rows, heads.mean, heads.sd)
         for value in l2_grid:
             params = _fit(heads, fit_data, value, objective, attributes)
@@ -505,7 +505,7 @@ def refit_heads(
     allowed = [v for v in l2_grid if scores[f"{v:g}"]["cam_on_nodule_fraction"] >= min_cam_fraction]
     l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)
     info["inner_cv_by_l2"] = scores
-    heads, data = _prepare(model, inputs, np.arange(len(inputs)), objective.rating_targets)
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
     before = _head_metrics(heads, heads.params, data)
     params = _fit(heads, data, l2, objective, attributes)
     readout = objective.attribute_readout and attributes and bool(data.has_attributes.any())
@@ -561,10 +561,8 @@ def platt_calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _prepare(
-    model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray, rating_targets: bool = False
-) -> tuple[_Heads, _Data]:
+def _prepare(model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray) -> tuple[_Heads, _Data]:
     head_in = torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64))
     mean, sd = head_in.mean(0), head_in.std(0).clamp_min(1e-6)
     heads = _Heads(model, mean, sd)
-    return heads, _Data(inputs, rows, mean, sd, rating_targets)
+    return heads, _Data(inputs, rows, mean, sd)

@@ -16,7 +16,7 @@ import torch
 from nodule_edge._files import sha256_bytes, write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
-from nodule_edge.train.head import HeadObjective
+from nodule_edge.train.head import HeadInputs, HeadObjective
 from nodule_edge.train.model import count_parameters
 from nodule_edge.train.trainer import (
     Dataset,
@@ -28,7 +28,7 @@ from nodule_edge.train.trainer import (
     train_model,
 )
 
-__all__ = ["run_training", "head_objective"]
+__all__ = ["run_training", "head_objective", "head_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def _refit_head(
     malignancy heads under the training objective (:mod:`nodule_edge.train.head`); each chooses its
     L2 strength by inner patient-grouped CV over these nodules.
     """
-    from nodule_edge.train.head import HeadInputs, refit_classifier, refit_heads
-    from nodule_edge.train.trainer import predict, predict_runtime_path, reference_bounded, save_checkpoint
+    from nodule_edge.train.head import refit_classifier, refit_heads
+    from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
 
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
@@ -243,23 +243,7 @@ def _refit_head(
         chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]
         say(f"classifier refitted on {info['n_labelled']} nodules: L2 {info['l2']:g}, inner-CV AUC {chosen:.3f}")
     else:
-        pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True, segment=segment)[0]
-        width = model.feature_channels + model.n_seg_features
-        inputs = HeadInputs(
-            head_in=pred["classifier_input"][:, :width],
-            features=pred.pop("features"),
-            segmentation=pred["seg16"].reshape(len(idx), -1),
-            labels=ds.labels[idx],
-            attributes=ds.attributes[idx],
-            has_attributes=ds.has_attributes[idx],
-            reference_head_in=(
-                predict(model, ds, idx, device, False, images=reference_bounded(ds, idx, spec))["classifier_input"][
-                    :, :width
-                ]
-                if cfg.head.parity_weight > 0
-                else None
-            ),
-        )
+        inputs = head_inputs(model, ds, idx, device, spec, segment, with_reference=cfg.head.parity_weight > 0)
         info = refit_heads(
             model,
             inputs,
@@ -278,6 +262,38 @@ def _refit_head(
         {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info},
     )
     return info
+
+
+def head_inputs(
+    model: Any,
+    ds: Dataset,
+    idx: np.ndarray,
+    device: torch.device,
+    spec: Any,
+    segment: Callable[[np.ndarray], np.ndarray] | None,
+    with_reference: bool,
+) -> HeadInputs:
+    """What the "debugged" head refit reads for the nodules ``idx``: the runtime path's head inputs,
+    fusion features and coarse segmentation, and with ``with_reference`` the training path's head
+    inputs (box of the readers' mask) for the path-parity penalty."""
+    from nodule_edge.train.trainer import predict, predict_runtime_path, reference_bounded
+
+    pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True, segment=segment)[0]
+    width = model.feature_channels + model.n_seg_features
+    reference = (
+        predict(model, ds, idx, device, False, images=reference_bounded(ds, idx, spec))["classifier_input"][:, :width]
+        if with_reference
+        else None
+    )
+    return HeadInputs(
+        head_in=pred["classifier_input"][:, :width],
+        features=pred.pop("features"),
+        segmentation=pred["seg16"].reshape(len(idx), -1),
+        labels=ds.labels[idx],
+        attributes=ds.attributes[idx],
+        has_attributes=ds.has_attributes[idx],
+        reference_head_in=reference,
+    )
 
 
 def _first_pass(

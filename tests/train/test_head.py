@@ -17,6 +17,7 @@ from nodule_edge.train.head import (
     HeadInputs,
     HeadObjective,
     _cam_region_means,
+    _classifier_targets,
     _fit,
     _head_metrics,
     _prepare,
@@ -284,17 +285,17 @@ def test_rating_targets_fit_every_rated_nodule_to_its_mean_rating() -> None:
     inputs.labels = np.where(unit > 0.5, 1, 0).astype(np.int64)
     inputs.labels[::5] = -1  # rated 3 on average: no label, a rating all the same
     inputs.has_attributes[1] = False  # a labelled nodule without ratings keeps its label
-    rows = np.arange(len(inputs))
-    _, plain = _prepare(model, inputs, rows)
-    heads, rated = _prepare(model, inputs, rows, rating_targets=True)
-    assert plain.targeted.sum() == (inputs.labels >= 0).sum()
-    assert rated.targeted.sum() == len(inputs) and float(rated.target[1]) == inputs.labels[1]
-    np.testing.assert_allclose(rated.target[inputs.has_attributes].numpy(), unit[inputs.has_attributes])
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    _, plain_rows = _classifier_targets(data, False)
+    rated_target, rated_rows = _classifier_targets(data, True)
+    assert plain_rows.sum() == (inputs.labels >= 0).sum()
+    assert rated_rows.sum() == len(inputs) and float(rated_target[1]) == inputs.labels[1]
+    np.testing.assert_allclose(rated_target[inputs.has_attributes].numpy(), unit[inputs.has_attributes])
     errors = []
-    for data, rating_targets in ((plain, False), (rated, True)):
+    for rating_targets in (False, True):
         params = _fit(heads, data, 0.01, HeadObjective(steps=300, rating_targets=rating_targets), True)
         with torch.no_grad():
-            p = torch.sigmoid(heads.forward(params, rated.x)[0]).numpy()
+            p = torch.sigmoid(heads.forward(params, data.x)[0]).numpy()
         errors.append(float(np.abs(p - unit)[inputs.has_attributes].mean()))
     # Fitted to the ratings, p follows the mean rating; fitted to the labels, it is pushed to 0 or 1.
     assert errors[1] < 0.5 * errors[0]

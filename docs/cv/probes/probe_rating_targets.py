@@ -7,7 +7,6 @@ Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_rating_targets.py
 import sys, json, copy, dataclasses, time
 from pathlib import Path
 import numpy as np, torch
-import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[3]; sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 from nodule_edge.metrics import roc_auc
@@ -16,8 +15,8 @@ from nodule_edge.train.checkpoints import load_checkpoint
 from nodule_edge.train.first_pass import load_box_net, box_net_segmenter
 from nodule_edge.train.trainer import (load_dataset, patch_spec_from, split_fold, predict, predict_runtime_path,
                                        reference_bounded, evaluated_checkpoint)
-from nodule_edge.train.head import HeadInputs, refit_heads
-from nodule_edge.train.run import head_objective
+from nodule_edge.train.head import refit_heads
+from nodule_edge.train.run import head_inputs, head_objective
 
 run = sys.argv[1]; folds = [int(v) for v in sys.argv[2:]]
 cfg = load_config(ROOT / f"configs/ablations/{run}.toml")
@@ -31,11 +30,7 @@ for k in folds:
     base, _ = load_checkpoint(d / evaluated_checkpoint(cfg, cfg.cv.evaluate))
     seg = box_net_segmenter(load_box_net(d / "box_net.safetensors")[0])
     width = base.feature_channels + base.n_seg_features
-    pred = predict_runtime_path(base, ds, idx, dev, spec, with_features=True, segment=seg)[0]
-    inputs = HeadInputs(head_in=pred["classifier_input"][:, :width], features=pred.pop("features"),
-        segmentation=pred["seg16"].reshape(len(idx), -1), labels=ds.labels[idx], attributes=ds.attributes[idx],
-        has_attributes=ds.has_attributes[idx],
-        reference_head_in=predict(base, ds, idx, dev, False, images=reference_bounded(ds, idx, spec))["classifier_input"][:, :width])
+    inputs = head_inputs(base, ds, idx, dev, spec, seg, with_reference=True)
     test = predict_runtime_path(base, ds, te, dev, spec, segment=seg)[0]
     test_ref = predict(base, ds, te, dev, False, images=reference_bounded(ds, te, spec))
     x_te = torch.from_numpy(test["classifier_input"][:, :width]).float()
@@ -48,8 +43,7 @@ for k in folds:
         info = refit_heads(m, inputs, [ds.patients[i] for i in idx], obj, l2_grid=cfg.head.l2_grid, seed=cfg.train.seed)
         with torch.no_grad():
             def logit(x):
-                emb = F.relu(m.attr_embed(x))
-                return m.cls(torch.cat([x, emb], 1))[:, 0].double().numpy()
+                return m._heads(x[:, : m.feature_channels], x[:, m.feature_channels :])[0].double().numpy()
             lg, lr = logit(x_te), logit(x_ref)
         p = 1 / (1 + np.exp(-lg))
         res[name] = dict(auc=roc_auc(y[lab], lg[lab]), ref_auc=roc_auc(y[lab], lr[lab]),
