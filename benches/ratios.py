@@ -123,11 +123,6 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("test_training_step", "now_contiguous_gn"),
         ("test_training_step", "before"),
     ),
-    (
-        "training step (full bench): now with contiguous_groupnorm and cam_as_matmul / before the nodule-bounded model",
-        ("test_training_step", "now_fast"),
-        ("test_training_step", "before"),
-    ),
 ]
 #: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines;
 #: single-round references such as the naive pipeline vary by tens of percent between runs).

@@ -106,10 +106,6 @@ class TrainSection:
     # contiguous copy (nodule_edge.train.model._ConvNorm): the same function, a shorter step, other
     # rounding, so off where a run must reproduce the networks recorded without it (docs/cv).
     contiguous_groupnorm: bool = False
-    # Speed: in the channels-last layout, the Grad-CAM's channel sum as one float32 matrix product
-    # (nodule_edge.train.model.channel_weighted_sum): the same function, another summation order,
-    # so off for the same reason.
-    cam_as_matmul: bool = False
 
 
 #: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
@@ -188,7 +184,6 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "warmup_epochs"): 0,
     ("train", "balance_sure"): False,
     ("train", "contiguous_groupnorm"): False,
-    ("train", "cam_as_matmul"): False,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,

@@ -49,7 +49,6 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES
 
 __all__ = [
     "use_contiguous_groupnorm",
-    "channel_weighted_sum",
     "BoxNet",
     "BoxNetConfig",
     "ModelConfig",
@@ -303,32 +302,6 @@ def soft_region_means(cam: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tenso
     return inside, outside
 
 
-def channel_weighted_sum(weights: torch.Tensor, features: torch.Tensor, as_matmul: bool = False) -> torch.Tensor:
-    """``Σ_c w[n, c] · f[n, c, …]``: the raw Grad-CAM of channel weights ``[N, C]`` on ``[N, C, D, H, W]``.
-
-    With ``as_matmul`` and channels-last ``features`` (training on CPU with bf16), the sum is one
-    float32 batched matrix-vector product over the ``[N, D·H·W, C]`` view of the same memory: the
-    same function with another summation order. The broadcast product it replaces mixes a float32
-    operand with a bf16 channels-last one, which PyTorch's elementwise kernels run slowly forward
-    and backward: the training step is about 4 % shorter without it on a 2-core AMX Xeon
-    (docs/measurements/cam_layout.py).
-    Contiguous features (inference, export) always take the broadcast product, so the exported
-    graph is unchanged.
-    """
-    if (
-        as_matmul
-        and features.dim() == 5
-        and not features.is_contiguous()
-        and features.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        n, c, d, h, w = features.shape
-        # Float32 as the broadcast product computes it under autocast (promotion to the weights' dtype).
-        with torch.autocast(features.device.type, enabled=False):
-            flat = features.permute(0, 2, 3, 4, 1).reshape(n, d * h * w, c).float()
-            return torch.bmm(flat, weights.float().unsqueeze(-1)).view(n, 1, d, h, w)
-    return (weights.view(*weights.shape, 1, 1, 1) * features).sum(1, keepdim=True)
-
-
 def minmax_normalise(cam: torch.Tensor) -> torch.Tensor:
     """Per-sample min-max normalisation to [0, 1].
 
@@ -343,13 +316,7 @@ def minmax_normalise(cam: torch.Tensor) -> torch.Tensor:
 
 
 class CollaborativeNet(nn.Module):
-    """Segmentation + attribute + malignancy network with an in-graph Grad-CAM.
-
-    ``cam_as_matmul`` (off by default, ``[train] cam_as_matmul``) computes the Grad-CAM's channel
-    sum as a matrix product when the features are channels-last (:func:`channel_weighted_sum`).
-    """
-
-    cam_as_matmul = False
+    """Segmentation + attribute + malignancy network with an in-graph Grad-CAM."""
 
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
@@ -458,7 +425,7 @@ class CollaborativeNet(nn.Module):
         # min-max normalisation, so it is left out: in float32 it underflows for confident
         # predictions (p → 1) and would turn the map into rounding noise.
         weights = self.logit_gradient(pooled, pre_embedding)
-        raw_cam = (p - 0.5).view(-1, 1, 1, 1, 1) * channel_weighted_sum(weights, fused, self.cam_as_matmul)
+        raw_cam = (p - 0.5).view(-1, 1, 1, 1, 1) * (weights.view(*weights.shape, 1, 1, 1) * fused).sum(1, keepdim=True)
         cam = minmax_normalise(raw_cam)
         inside, outside = soft_region_means(cam, coarse)
         return ModelOutput(

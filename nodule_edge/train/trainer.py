@@ -386,7 +386,6 @@ def train_model(
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch stubs omit memory_format on Module.to
     if cfg.train.contiguous_groupnorm:
         use_contiguous_groupnorm(model)
-    model.cam_as_matmul = cfg.train.cam_as_matmul
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

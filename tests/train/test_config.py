@@ -128,7 +128,6 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
         ("warmup_epochs", "0", "1"),
         ("balance_sure", "false", "true"),
         ("contiguous_groupnorm", "false", "true"),
-        ("cam_as_matmul", "false", "true"),
     ],
 )
 def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
@@ -245,7 +244,7 @@ RECIPE_ABLATION_KEYS = {
     "weight_ema": ("ema_decay", "contiguous_groupnorm", "threads"),
     "lr_warmup": ("warmup_epochs", "contiguous_groupnorm", "threads"),
     "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
-    "fast_loop": ("contiguous_groupnorm", "cam_as_matmul"),
+    "contiguous_groupnorm": ("contiguous_groupnorm",),
 }
 
 

@@ -16,7 +16,6 @@ from nodule_edge.train.model import (
     ModelConfig,
     ModelOutput,
     _ConvNorm,
-    channel_weighted_sum,
     count_parameters,
     depth_to_space,
     segmentation_statistics,
@@ -295,58 +294,3 @@ def test_channels_last_groupnorm_on_a_contiguous_copy_is_the_same_function() -> 
     for name, p in cl_model.named_parameters():
         if name in grads:
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_grad_cam_channel_sum_as_matmul_is_the_same_function(bf16: bool) -> None:
-    """The matrix-product path of the Grad-CAM's channel sum agrees with the broadcast product,
-    forward and backward, and only channels-last features take it."""
-    torch.manual_seed(0)
-    features = torch.randn(3, 16, 4, 5, 6)
-    weights = torch.randn(3, 16)
-    if bf16:
-        features = features.to(torch.bfloat16)
-    cl = features.contiguous(memory_format=torch.channels_last_3d)
-
-    def run(f: torch.Tensor, as_matmul: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f = f.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-        w = weights.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = channel_weighted_sum(w, f, as_matmul=as_matmul)
-        (out.float() ** 2).sum().backward()
-        assert f.grad is not None and w.grad is not None
-        return out.float(), f.grad.float(), w.grad
-
-    plain = run(cl, False)
-    matmul = run(cl, True)
-    assert plain[0].dtype == matmul[0].dtype == torch.float32
-    for a, b in zip(plain, matmul):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    # The sums really were taken differently (another order), unless the inputs are contiguous:
-    contiguous = run(features, True)
-    for a, b in zip(run(features, False), contiguous):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-
-
-def test_cam_as_matmul_keeps_the_model_and_its_gradients() -> None:
-    torch.manual_seed(0)
-    model = CollaborativeNet(ModelConfig()).eval().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    x = torch.randn(2, 2, SMALL, SMALL, SMALL).contiguous(memory_format=torch.channels_last_3d)
-    results = []
-    for as_matmul in (False, True):
-        model.zero_grad(set_to_none=True)
-        model.cam_as_matmul = as_matmul
-        out = model(x)
-        (out.cam.sum() + out.nodule_attention.sum()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out, grads))
-    (plain, plain_grads), (matmul, matmul_grads) = results
-    assert CollaborativeNet.cam_as_matmul is False  # off unless a run sets it
-    torch.testing.assert_close(matmul.cam, plain.cam, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(matmul.malignancy_logit, plain.malignancy_logit, rtol=0, atol=0)
-    assert plain_grads.keys() == matmul_grads.keys()
-    # Another summation order: equal to float32 rounding, relative to the gradients' scale (the
-    # min-max normalised CAM does not depend on p's magnitude, so some gradients are pure rounding).
-    scale = max(float(g.abs().max()) for g in plain_grads.values())
-    for name, grad in plain_grads.items():
-        assert float((matmul_grads[name] - grad).abs().max()) <= 1e-5 * scale, name
