@@ -47,6 +47,7 @@ EXPECTED = {
     "weight_ema": (True, True, False, True),
     "lr_warmup": (True, True, False, True),
     "balanced_sure": (True, True, False, True),
+    "contiguous_groupnorm": (True, True, False, True),
 }
 
 
