@@ -12,7 +12,7 @@ path parity (probabilities), Grad-CAM on the nodule as the evaluation takes it. 
 folds given. The test folds are in view: a probe, not a selection.
 Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_cam_hinge.py RUN FOLD [FOLD...]
 (output of lr_warmup 0 1 2 3 4: cam_hinge.txt)"""
-import sys, json, time, itertools
+import sys, time, itertools
 from pathlib import Path
 import numpy as np, torch
 ROOT = Path(__file__).resolve().parents[3]; sys.path.insert(0, str(ROOT))
