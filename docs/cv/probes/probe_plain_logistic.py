@@ -7,7 +7,7 @@ C on the test fold: runtime-path AUC, readers'-box AUC, path parity (mean |dp| b
 paths) and the Grad-CAM check as the evaluation takes it (soft mean of the map inside the readers'
 mask at 16^3 above its mean outside; the map of a linear head is sign(p - 0.5) * sum_c w_c f_c with
 w_c = coef_c / sd_c, and a positive affine normalisation does not change the comparison).
-Pooled over folds. Helpers (ridge-free logistic, grouped folds) from probe_size_regression.py.
+Pooled over folds. Helpers (logistic regression, grouped folds) in linear.py.
 Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_plain_logistic.py [RUN]
 (output of lr_warmup: plain_logistic.txt)"""
 import sys, json, time
@@ -21,9 +21,7 @@ from nodule_edge.train.checkpoints import load_checkpoint
 from nodule_edge.train.first_pass import load_box_net, box_net_segmenter
 from nodule_edge.train.trainer import (load_dataset, patch_spec_from, split_fold, predict, predict_runtime_path,
                                        reference_bounded, evaluated_checkpoint)
-src = (ROOT / "docs/cv/probes/probe_size_regression.py").read_text()
-helpers = src[src.index("class Ridge:"):src.index("out = {k: []")]  # the classes and inner_best, not the run
-exec(helpers)
+from linear import LogisticRegression, inner_best  # noqa: E402
 
 run = sys.argv[1] if len(sys.argv) > 1 else "lr_warmup"
 GRID = [0.01, 0.1, 1.0, 10.0, 100.0]

@@ -1,0 +1,48 @@
+"""Small numpy linear models for the probes (no scikit-learn in the venv): ridge, L2 logistic
+regression by Newton steps, patient-grouped folds and an inner-CV grid search."""
+import numpy as np
+
+
+class Ridge:
+    def __init__(self, alpha): self.alpha = alpha
+    def fit(self, x, y):
+        xm, ym = x.mean(0), y.mean()
+        xc = x - xm
+        self.w = np.linalg.solve(xc.T @ xc + self.alpha * np.eye(x.shape[1]), xc.T @ (y - ym)); self.b = ym - xm @ self.w
+        return self
+    def predict(self, x): return x @ self.w + self.b
+
+
+class LogisticRegression:
+    """L2-penalised (1 / (2C) |w|^2, as scikit-learn's C) logistic regression by Newton steps."""
+    def __init__(self, C=1.0, max_iter=50): self.C, self.max_iter = C, max_iter
+    def fit(self, x, y):
+        xb = np.c_[x, np.ones(len(x))]; w = np.zeros(xb.shape[1]); reg = np.r_[np.ones(x.shape[1]), 0.0] / self.C
+        for _ in range(self.max_iter):
+            p = 1 / (1 + np.exp(-xb @ w))
+            g = xb.T @ (p - y) + reg * w
+            h = (xb * (p * (1 - p))[:, None]).T @ xb + np.diag(reg + 1e-9)
+            step = np.linalg.solve(h, g); w -= step
+            if np.abs(step).max() < 1e-8: break
+        self.w = w; return self
+    def decision_function(self, x): return np.c_[x, np.ones(len(x))] @ self.w
+
+
+class GroupKFold:
+    def __init__(self, n): self.n = n
+    def split(self, x, y, groups):
+        uniq = np.unique(groups); rng = np.random.default_rng(0); rng.shuffle(uniq)
+        parts = np.array_split(uniq, self.n)
+        for part in parts:
+            va = np.isin(groups, part); yield np.flatnonzero(~va), np.flatnonzero(va)
+
+
+def inner_best(make, x, y, groups, grid, score):
+    best = None
+    for a in grid:
+        s = []
+        for tr, va in GroupKFold(5).split(x, y, groups):
+            s.append(score(y[va], make(a).fit(x[tr], y[tr]), x[va]))
+        if best is None or np.mean(s) > best[1]:
+            best = (a, float(np.mean(s)))
+    return best[0]
