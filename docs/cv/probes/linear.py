@@ -1,6 +1,8 @@
 """Small numpy linear models for the probes (no scikit-learn in the venv): ridge, L2 logistic
-regression by Newton steps, patient-grouped folds and an inner-CV grid search."""
+regression by Newton steps, patient-grouped folds and an inner-CV grid search; and the pooled
+summary line of a linear head's held-out logits."""
 import numpy as np
+from nodule_edge.metrics import roc_auc
 
 
 class Ridge:
@@ -46,3 +48,13 @@ def inner_best(make, x, y, groups, grid, score):
         if best is None or np.mean(s) > best[1]:
             best = (a, float(np.mean(s)))
     return best[0]
+
+
+def summary_line(name, y, z, zref, cam_on):
+    """Pooled runtime-path AUC, readers'-box AUC, path parity (probabilities) and Grad-CAM on the
+    nodule (NaN where there is no readers' mask) of held-out logits ``z`` / ``zref``."""
+    y, z, zref, cam_on = (np.asarray(v, float) for v in (y, z, zref, cam_on))
+    lab = y >= 0
+    sig = lambda v: 1 / (1 + np.exp(-v))
+    return (f"{name}: runtime AUC {roc_auc(y[lab], z[lab]):.3f}, readers'-box AUC {roc_auc(y[lab], zref[lab]):.3f}, "
+            f"path parity {np.abs(sig(z) - sig(zref)).mean():.3f}, CAM on nodule {np.nanmean(cam_on):.3f}")

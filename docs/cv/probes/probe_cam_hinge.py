@@ -15,7 +15,7 @@ Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_cam_hinge.py RUN 
 import sys, time, itertools
 from pathlib import Path
 import numpy as np, torch
-ROOT = Path(__file__).resolve().parents[3]; sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[3]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "docs/cv/probes"))
 torch.set_num_threads(1)
 from nodule_edge.metrics import roc_auc
 from nodule_edge.train.config import load_config
@@ -23,6 +23,7 @@ from nodule_edge.train.checkpoints import load_checkpoint
 from nodule_edge.train.first_pass import load_box_net, box_net_segmenter
 from nodule_edge.train.trainer import (load_dataset, patch_spec_from, split_fold, predict, predict_runtime_path,
                                        reference_bounded, evaluated_checkpoint)
+from linear import summary_line  # noqa: E402
 
 run = sys.argv[1]; folds = [int(v) for v in sys.argv[2:]]
 L2 = 1e-3  # about the inner-CV choice of probe_plain_logistic.py (C = 1 on ~470 nodules)
@@ -87,9 +88,5 @@ for k in folds:
         lt = ds.labels[te] >= 0
         print(f"  lam_cam {lam_cam} lam_par {lam_par}: fold AUC {roc_auc(ds.labels[te][lt], z[lt]):.3f}, CAM {np.nanmean(np.where(has_te, on, np.nan)):.3f}", flush=True)
 
-sig = lambda v: 1 / (1 + np.exp(-v))
 for s, r in res.items():
-    y, z, zr, cam = (np.array(r[a], float) for a in ("y", "z", "zref", "cam"))
-    lab = y >= 0
-    print(f"lam_cam {s[0]:4} lam_par {s[1]:3}: runtime AUC {roc_auc(y[lab], z[lab]):.3f}, readers'-box AUC {roc_auc(y[lab], zr[lab]):.3f}, "
-          f"path parity {np.abs(sig(z) - sig(zr)).mean():.3f}, CAM on nodule {np.nanmean(cam):.3f}")
+    print(summary_line(f"lam_cam {s[0]:4} lam_par {s[1]:3}", r["y"], r["z"], r["zref"], r["cam"]))

@@ -21,7 +21,7 @@ from nodule_edge.train.checkpoints import load_checkpoint
 from nodule_edge.train.first_pass import load_box_net, box_net_segmenter
 from nodule_edge.train.trainer import (load_dataset, patch_spec_from, split_fold, predict, predict_runtime_path,
                                        reference_bounded, evaluated_checkpoint)
-from linear import LogisticRegression, inner_best  # noqa: E402
+from linear import LogisticRegression, inner_best, summary_line  # noqa: E402
 
 run = sys.argv[1] if len(sys.argv) > 1 else "lr_warmup"
 GRID = [0.01, 0.1, 1.0, 10.0, 100.0]
@@ -63,11 +63,7 @@ for k in range(5):
             r["cam_on"] += list(np.where(has, inside > outside, np.nan)); r["p_rec"] += [p_rec[int(i)] for i in te]
     print(f"fold {k}: inner-CV C {chosen}; {time.time() - t0:.0f}s", flush=True)
 
-sig = lambda v: 1 / (1 + np.exp(-v))
 for key, r in rows.items():
-    y, z, zref, cam = (np.array(r[a], float) for a in ("y", "z", "zref", "cam_on"))
-    lab = y >= 0
-    print(f"C {key}: runtime AUC {roc_auc(y[lab], z[lab]):.3f}, readers'-box AUC {roc_auc(y[lab], zref[lab]):.3f}, "
-          f"path parity {np.abs(sig(z) - sig(zref)).mean():.3f}, CAM on nodule {np.nanmean(cam):.3f}")
+    print(summary_line(f"C {key}", r["y"], r["z"], r["zref"], r["cam_on"]))
 r = rows["chosen"]; y = np.array(r["y"]); lab = y >= 0
 print(f"recorded (shipped head step): runtime AUC {roc_auc(y[lab], np.array(r['p_rec'])[lab]):.3f}")
