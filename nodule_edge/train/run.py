@@ -16,14 +16,20 @@ import torch
 from nodule_edge._files import sha256_bytes, write_text_atomic
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
-from nodule_edge.train.head import HeadInputs, HeadObjective
+from nodule_edge.train.head import HeadInputs, HeadObjective, refit_classifier, refit_heads
 from nodule_edge.train.model import count_parameters
 from nodule_edge.train.trainer import (
     Dataset,
+    bf16_enabled,
+    channels_last_enabled,
     evaluated_checkpoint,
     load_checkpoint,
     load_dataset,
     patch_spec_from,
+    predict,
+    predict_runtime_path,
+    reference_bounded,
+    save_checkpoint,
     split_fold,
     train_model,
 )
@@ -231,9 +237,6 @@ def _refit_head(
     malignancy heads under the training objective (:mod:`nodule_edge.train.head`); each chooses its
     L2 strength by inner patient-grouped CV over these nodules.
     """
-    from nodule_edge.train.head import refit_classifier, refit_heads
-    from nodule_edge.train.trainer import predict_runtime_path, save_checkpoint
-
     if cfg.head.refit == "full":
         labelled = idx[ds.labels[idx] >= 0]
         features = predict_runtime_path(model, ds, labelled, device, spec, segment=segment)[0]["classifier_input"]
@@ -276,8 +279,6 @@ def head_inputs(
     """What the "debugged" head refit reads for the nodules ``idx``: the runtime path's head inputs,
     fusion features and coarse segmentation, and with ``with_reference`` the training path's head
     inputs (box of the readers' mask) for the path-parity penalty."""
-    from nodule_edge.train.trainer import predict, predict_runtime_path, reference_bounded
-
     pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True, segment=segment)[0]
     width = model.feature_channels + model.n_seg_features
     reference = (
@@ -304,7 +305,6 @@ def _first_pass(
     if cfg.first_pass.network != "box_net":
         return None, None
     from nodule_edge.train.first_pass import box_net_segmenter, train_box_net
-    from nodule_edge.train.trainer import bf16_enabled, channels_last_enabled
 
     # On the run's device, as the network: the same command trains everything on a GPU where
     # there is one (README, Training); the box net then evaluates on the CPU like the runtime's.
