@@ -48,6 +48,7 @@ EXPECTED = {
     "lr_warmup": (True, True, False, True),
     "balanced_sure": (True, True, False, True),
     "contiguous_groupnorm": (True, True, False, True),
+    "narrow_widths": (True, True, False, True),
 }
 
 

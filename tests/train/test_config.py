@@ -245,6 +245,7 @@ RECIPE_ABLATION_KEYS = {
     "lr_warmup": ("warmup_epochs", "contiguous_groupnorm", "threads"),
     "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
     "contiguous_groupnorm": ("contiguous_groupnorm",),
+    "narrow_widths": ("contiguous_groupnorm",),
 }
 
 
