@@ -10,6 +10,9 @@ optimiser step: conversion, augmentation, forward, the four losses, backward, Ad
   channels_last_3d, in-plane augmentation and the nodule box (``nodule_edge.train.trainer``).
 * ``now_contiguous_gn``: ``now`` with ``[train] contiguous_groupnorm`` (small GroupNorms on a
   contiguous copy; the same function, other rounding).
+* ``narrow_widths``: the network of ``configs/ablations/narrow_widths.toml`` (stem and residual
+  blocks 16/32/64/96 instead of 24/48/96/128) with the same switch; a cross-validated ablation
+  decides whether it ships (docs/ablations/README.md).
 
 Seconds per epoch are the step time × 47 steps (fold 0 of ``configs/shipped.toml``: 438 training
 nodules, 371 labelled, batches of 8). ``make bench-full`` runs it; the ratio is printed by
@@ -17,6 +20,8 @@ nodules, 371 labelled, batches of 8). ``make bench-full`` runs it; the ratio is 
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +34,7 @@ import numpy as np  # noqa: E402 - after the skip
 import torch.nn.functional as F  # noqa: E402 - after the skip
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC  # noqa: E402 - after the skip
+from nodule_edge.train.config import load_config  # noqa: E402 - after the skip
 from nodule_edge.train.losses import LossWeights, total_loss  # noqa: E402 - after the skip
 from nodule_edge.train.model import (  # noqa: E402 - after the skip
     LEGACY_MODEL_CONFIG,
@@ -36,13 +42,20 @@ from nodule_edge.train.model import (  # noqa: E402 - after the skip
     ModelConfig,
     use_contiguous_groupnorm,
 )
-from nodule_edge.train.trainer import augment, bf16_enabled, bound_batch, channels_last_enabled  # noqa: E402 - after the skip
+from nodule_edge.train.trainer import (  # noqa: E402 - after the skip
+    augment,
+    bf16_enabled,
+    bound_batch,
+    channels_last_enabled,
+    model_config_from,
+)
 
 pytestmark = pytest.mark.skipif(not FULL, reason="training benchmark: NODULE_EDGE_BENCH_FULL=1 (make bench-full)")
 
 STEPS_PER_EPOCH = 47
 BATCH_SURE, BATCH_UNSURE = 8, 4
 STEPS = 3
+NARROW_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "narrow_widths.toml"
 
 
 def _data(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -88,11 +101,12 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
         model = CollaborativeNet(ModelConfig(**LEGACY_MODEL_CONFIG))  # type: ignore[arg-type]
         channels_last = False
     else:
-        model = CollaborativeNet(ModelConfig())
+        config = model_config_from(load_config(NARROW_CONFIG)) if variant == "narrow_widths" else ModelConfig()
+        model = CollaborativeNet(config)
         channels_last = channels_last_enabled("auto", device, bf16)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        if variant == "now_contiguous_gn":
+        if variant in ("now_contiguous_gn", "narrow_widths"):
             use_contiguous_groupnorm(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -137,7 +151,7 @@ def _loop(variant: str):  # noqa: ANN202 - returns the step closure
     return step
 
 
-@pytest.mark.parametrize("variant", ["before", "now", "now_contiguous_gn"])
+@pytest.mark.parametrize("variant", ["before", "now", "now_contiguous_gn", "narrow_widths"])
 def test_training_step(benchmark, variant: str) -> None:
     step = _loop(variant)
     benchmark.pedantic(step, rounds=STEPS, iterations=1)

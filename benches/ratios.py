@@ -123,6 +123,11 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("test_training_step", "now_contiguous_gn"),
         ("test_training_step", "before"),
     ),
+    (
+        "training step (full bench): narrow_widths ablation / before the nodule-bounded model",
+        ("test_training_step", "narrow_widths"),
+        ("test_training_step", "before"),
+    ),
 ]
 #: A ratio may grow by this factor over the baseline before CI fails (shared, noisy machines;
 #: single-round references such as the naive pipeline vary by tens of percent between runs).
