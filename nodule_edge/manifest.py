@@ -34,6 +34,9 @@ class NoduleRecord:
     ratings: tuple[float, ...] | None = None  # six reader-mean ratings on the 1–5 scale
     label: int | None = None  # 0 benign / 1 malignant (sure data or proxy)
     diameter_mm: float | None = None
+    # The readers' majority calcification rating says calcified (LIDC ``calcification_maxvote``
+    # 1-5; 6 = absent); None where the manifest has no such column.
+    calcified: bool | None = None
 
 
 def lidc_proxy_label(malignancy_mean: float) -> int | None:
@@ -52,6 +55,20 @@ def _float(row: dict[str, str], key: str, where: str) -> float:
         raise DataError(f"{where}: missing column '{key}'") from exc
     except ValueError as exc:
         raise DataError(f"{where}: column '{key}' is not a number: {row[key]!r}") from exc
+
+
+#: LIDC's calcification rating for "absent" (1-5 name calcification patterns).
+CALCIFICATION_ABSENT = 6
+
+
+def _calcified(row: dict[str, str], where: str) -> bool | None:
+    value = (row.get("calcification_maxvote") or "").strip()
+    if not value:
+        return None
+    rating = _float(row, "calcification_maxvote", where)
+    if rating not in (1, 2, 3, 4, 5, CALCIFICATION_ABSENT):
+        raise DataError(f"{where}: calcification_maxvote must be an LIDC rating 1-6, got {value!r}")
+    return rating != CALCIFICATION_ABSENT
 
 
 def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
@@ -83,6 +100,7 @@ def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
             if all(f"{name}_mean" in row and row[f"{name}_mean"] != "" for name in ATTRIBUTE_NAMES):
                 ratings = tuple(_float(row, f"{name}_mean", where) for name in ATTRIBUTE_NAMES)
             diameter = _float(row, "diameter_mm", where) if row.get("diameter_mm") else None
+            calcified = _calcified(row, where)
             records.append(
                 NoduleRecord(
                     id=voi_id,
@@ -93,6 +111,7 @@ def read_unsure_manifest(root: str | Path) -> list[NoduleRecord]:
                     ratings=ratings,
                     label=lidc_proxy_label(ratings[-1]) if ratings else None,
                     diameter_mm=diameter,
+                    calcified=calcified,
                 )
             )
     if not records:

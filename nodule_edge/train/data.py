@@ -3,8 +3,9 @@
 Two manifests feed training, as in "Faithful learning with sure data":
 
 * the *unsure* manifest (the layout of ``../shared/data/lidc_voi``): ``manifest.csv`` with
-  ``voi_id, patient_id, center_{x,y,z}_mm`` (LPS), optional ``diameter_mm`` and ``<attr>_mean``
-  reader-mean ratings, volumes in ``image/<voi_id>.nii.gz`` and optional masks in
+  ``voi_id, patient_id, center_{x,y,z}_mm`` (LPS), optional ``diameter_mm``, ``<attr>_mean``
+  reader-mean ratings and ``calcification_maxvote`` (LIDC 1-6, 6 = absent; the pooled CV is also
+  reported by it), volumes in ``image/<voi_id>.nii.gz`` and optional masks in
   ``mask/<voi_id>.nii.gz``;
 * an optional *sure* manifest: a CSV with ``id, patient_id, volume, center_{x,y,z}_mm, label``
   (0 benign, 1 malignant, e.g. from pathology), volume paths relative to the CSV.
@@ -115,6 +116,11 @@ def build_patch_cache(
         with atomic_file(cache_file) as tmp:
             np.savez(tmp, images=images, masks=masks, has_mask=has_mask, z_extent_mm=z_extent)
     return PatchCache([r.id for r in records], images, masks, has_mask, z_extent)
+
+
+def calcification(records: list[NoduleRecord]) -> np.ndarray:
+    """Per record 1.0 where the readers' majority rated it calcified, 0.0 where not, NaN unknown."""
+    return np.array([np.nan if r.calcified is None else float(r.calcified) for r in records], np.float32)
 
 
 def targets(records: list[NoduleRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -260,6 +260,23 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
     if all("volume_mm3" in f["predictions"] for f in per_fold):
         volume = np.concatenate([np.asarray(f["predictions"]["volume_mm3"], np.float64) for f in per_fold])
         out["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel])
+    calcified = getattr(ds, "calcified", None)
+    if calcified is not None and np.isfinite(calcified[idx][sel]).all():
+        out["by_calcification"] = {
+            name: _subgroup(labels[sel][rows], prob[sel][rows], ds.diameters[idx][sel][rows])
+            for name, rows in (("calcified", calcified[idx][sel] == 1), ("non_calcified", calcified[idx][sel] == 0))
+        }
+    return out
+
+
+def _subgroup(labels: np.ndarray, prob: np.ndarray, diameters: np.ndarray) -> dict[str, Any]:
+    """Size of a subgroup of labelled nodules and, where both classes occur, the model's and the
+    readers' diameter's AUC within it (the pooled AUC can hide a subgroup where diameter wins)."""
+    out: dict[str, Any] = {"n": int(len(labels)), "n_malignant": int(labels.sum())}
+    if 0 < out["n_malignant"] < out["n"]:
+        out["auc"] = roc_auc(labels, prob)
+        if np.isfinite(diameters).all():
+            out["diameter_auc"] = roc_auc(labels, diameters)
     return out
 
 
@@ -275,7 +292,7 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
     from types import SimpleNamespace
 
     from nodule_edge.errors import DataError
-    from nodule_edge.train.data import read_unsure_manifest, targets
+    from nodule_edge.train.data import calcification, read_unsure_manifest, targets
 
     folds: dict[str, dict[str, Any]] = {}
     for path in paths:
@@ -296,7 +313,8 @@ def pool_fold_files(paths: list[Any], voi_dir: Any) -> tuple[dict[str, dict[str,
         top = max(r["predictions"]["index"], default=-1)
         if top >= n:
             raise DataError(f"fold {fold} refers to manifest row {top}, but {voi_dir} has {n} rows: another manifest?")
-    pooled = pooled_metrics([folds[k] for k in sorted(folds)], SimpleNamespace(labels=labels, diameters=diameters))  # type: ignore[arg-type]  # duck-typed: the two fields pooled_metrics reads of a Dataset
+    fields = SimpleNamespace(labels=labels, diameters=diameters, calcified=calcification(records))
+    pooled = pooled_metrics([folds[k] for k in sorted(folds)], fields)  # type: ignore[arg-type]  # duck-typed: the fields pooled_metrics reads of a Dataset
     return folds, pooled
 
 

@@ -328,11 +328,32 @@ def render_model_card(
     lines += [
         "## Known limits",
         "- Labels are radiologists' ratings (LIDC proxy), not pathology; = 3 nodules are excluded from the malignancy metrics. The diameter baseline uses the readers' own diameter, which their ratings follow closely.",
+        *_calcification_lines(pooled),
         "- The model has only met points at a nodule: at a point without one (lung, vessel, ground glass) it still outlines something and gives a probability, often near 1. The runtime's quality flags (`no_nodule_at_point`, `nodule_exceeds_cube`, `no_nodule_found`, `lung_hu_outside_training`; README, Quality flags) say when that is likely; they do not change the probability.",
         "- LIDC scanners and protocols (2000s-era CT, 0.5–2.5 mm slices); performance on other populations, low-dose screening or contrast phases is unmeasured.",
         "- Not a medical device; research use only.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _calcification_lines(pooled: dict[str, Any] | None) -> list[str]:
+    """The pooled AUC split by the readers' calcification rating, where it says the ruler wins a subgroup."""
+    groups = (pooled or {}).get("by_calcification") or {}
+    plain, calcified = groups.get("non_calcified") or {}, groups.get("calcified") or {}
+    if plain.get("auc") is None or plain.get("diameter_auc") is None:
+        return []
+    if plain["auc"] >= plain["diameter_auc"]:
+        return [
+            f"- Among the {plain['n']} non-calcified nodules (readers' majority calcification rating: absent) the model ranks malignancy at least as well as the readers' diameter: AUC {_f(plain['auc'])} against {_f(plain['diameter_auc'])} (pooled CV)."
+        ]
+    where_it_wins = (
+        f" The model's pooled lead over diameter comes from the {calcified['n']} calcified nodules ({calcified['n_malignant']} malignant), benign however large, which the model sees."
+        if calcified
+        else ""
+    )
+    return [
+        f"- **Among the {plain['n']} non-calcified nodules (readers' majority calcification rating: absent) the readers' diameter ranks malignancy better than the model: AUC {_f(plain['diameter_auc'])} against {_f(plain['auc'])}** (pooled CV).{where_it_wins} Where a nodule is not calcified, the model's probability adds little to a careful measurement of its size; the readers rated what they measured (docs/cv/README.md, item 11)."
+    ]
 
 
 def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | None, title: str) -> str:
@@ -342,6 +363,10 @@ def render_cv_report(folds: dict[str, dict[str, Any]], pooled: dict[str, Any] | 
         lines.append(
             f"Pooled out-of-fold AUC {_f(result_value(pooled, 'malignancy.auc'))} on {_f(result_value(pooled, 'malignancy.n'), 0)} labelled nodules; diameter alone {_f(pooled.get('diameter_auc'))}; volume of the predicted segmentation {_f(pooled.get('segmentation_volume_auc'))}."
         )
+        for name, group in (pooled.get("by_calcification") or {}).items():
+            lines.append(
+                f"- {name.replace('_', '-')} (readers' majority rating): {group['n']} labelled, {group['n_malignant']} malignant; AUC {_f(group.get('auc'))}, diameter alone {_f(group.get('diameter_auc'))}."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,7 @@ from nodule_edge.train.data import (
     NoduleRecord,
     PatchCache,
     build_patch_cache,
+    calcification,
     patient_folds,
     read_sure_manifest,
     read_unsure_manifest,
@@ -67,6 +68,7 @@ class Dataset:
     labels: np.ndarray  # [N] 0/1, -1 unknown
     diameters: np.ndarray
     patients: list[str]
+    calcified: np.ndarray | None = None  # [N] 1 calcified, 0 not, NaN unknown (readers' majority)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,7 +86,9 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         records, dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=None), cfg.resolve(cfg.data.cache_dir)
     )
     attrs, has_attrs, labels, diameters = targets(records)
-    return Dataset(records, cache, attrs, has_attrs, labels, diameters, [r.patient_id for r in records])
+    return Dataset(
+        records, cache, attrs, has_attrs, labels, diameters, [r.patient_id for r in records], calcification(records)
+    )
 
 
 def model_config_from(cfg: TrainConfig) -> ModelConfig:

@@ -16,6 +16,7 @@ from nodule_edge.train.config import load_config
 from nodule_edge.train.data import (
     PatchCache,
     build_patch_cache,
+    calcification,
     lidc_proxy_label,
     patient_folds,
     read_sure_manifest,
@@ -65,6 +66,23 @@ def test_unsure_manifest_errors(tmp_path: Path, small_voi_dir: Path) -> None:
         read_unsure_manifest(broken)
 
 
+def test_calcification_comes_from_the_readers_majority_rating(tmp_path: Path, small_voi_dir: Path) -> None:
+    assert all(r.calcified is None for r in read_unsure_manifest(small_voi_dir))  # no such column
+    folder = tmp_path / "vois"
+    shutil.copytree(small_voi_dir, folder)
+    text = (small_voi_dir / "manifest.csv").read_text().splitlines()
+    votes = ["6", "3", "", "1", "6.0", "6"]
+    rows = [f"{line},{vote}" for line, vote in zip(text[1:], votes, strict=True)]
+    (folder / "manifest.csv").write_text("\n".join([text[0] + ",calcification_maxvote", *rows]) + "\n")
+    records = read_unsure_manifest(folder)
+    assert [r.calcified for r in records] == [False, True, None, True, False, False]
+    assert np.array_equal(calcification(records), [0, 1, np.nan, 1, 0, 0], equal_nan=True)
+    rows[1] = f"{text[2]},7"
+    (folder / "manifest.csv").write_text("\n".join([text[0] + ",calcification_maxvote", *rows]) + "\n")
+    with pytest.raises(DataError, match=r"manifest.csv:3: calcification_maxvote must be an LIDC rating 1-6, got '7'"):
+        read_unsure_manifest(folder)
+
+
 def test_read_unsure_manifest_on_the_real_vois(lidc_voi_dir: Path) -> None:
     records = read_unsure_manifest(lidc_voi_dir)
     assert len(records) == 679
@@ -73,6 +91,9 @@ def test_read_unsure_manifest_on_the_real_vois(lidc_voi_dir: Path) -> None:
     labels = [r.label for r in records]
     assert labels.count(None) == sum(1 for r in records if r.ratings[-1] == 3.0)  # type: ignore[index]  # all rated: asserted above
     assert {0, 1} <= set(labels)
+    # LIDC rates calcification on every nodule; most are not calcified (rating 6, absent).
+    calcified = [r.calcified for r in records]
+    assert None not in calcified and 0 < sum(calcified) < len(records) / 2  # type: ignore[arg-type]  # no None: asserted
 
 
 @pytest.mark.parametrize(

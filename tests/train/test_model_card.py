@@ -245,3 +245,40 @@ def test_the_card_says_when_the_classifier_is_platt_scaled() -> None:
     assert "Platt scaling" not in render_model_card(summary, "c")
     summary["config"]["head"] = {**summary["config"].get("head", {}), "refit": "debugged", "calibrate": True}
     assert "rescaled by Platt scaling fitted on the inner CV's out-of-fold logits" in render_model_card(summary, "c")
+
+
+def test_known_limits_say_where_the_ruler_wins_a_subgroup() -> None:
+    summary = _summary()
+    assert "non-calcified" not in render_model_card(summary, "c")  # no subgroup figures: no claim
+    summary["pooled"]["by_calcification"] = {
+        "calcified": {"n": 84, "n_malignant": 2, "auc": 0.99, "diameter_auc": 1.0},
+        "non_calcified": {"n": 497, "n_malignant": 263, "auc": 0.885, "diameter_auc": 0.910},
+    }
+    card = render_model_card(summary, "c")
+    known_limits = card[card.index("## Known limits") :]
+    assert "the readers' diameter ranks malignancy better than the model: AUC 0.910 against 0.885" in known_limits
+    assert (
+        "Among the 497 non-calcified nodules" in known_limits and "84 calcified nodules (2 malignant)" in known_limits
+    )
+    summary["pooled"]["by_calcification"]["non_calcified"]["auc"] = 0.93
+    card = render_model_card(summary, "c")
+    assert "the model ranks malignancy at least as well as the readers' diameter: AUC 0.930 against 0.910" in card
+
+
+def test_cv_report_lists_the_calcification_split() -> None:
+    from nodule_edge.train.model_card import render_cv_report
+
+    pooled = {
+        "n_folds": 2,
+        "malignancy": {"auc": 0.9, "n": 40},
+        "by_calcification": {
+            "calcified": {"n": 8, "n_malignant": 0},
+            "non_calcified": {"n": 32, "n_malignant": 12, "auc": 0.81, "diameter_auc": 0.84},
+        },
+    }
+    report = render_cv_report({"0": _fold(0.9), "1": _fold(0.9)}, pooled, "T")
+    assert "- calcified (readers' majority rating): 8 labelled, 0 malignant; AUC n/a, diameter alone n/a." in report
+    assert (
+        "- non-calcified (readers' majority rating): 32 labelled, 12 malignant; AUC 0.810, diameter alone 0.840."
+        in report
+    )
