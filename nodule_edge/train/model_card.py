@@ -346,9 +346,10 @@ def _calcification_lines(pooled: dict[str, Any] | None) -> list[str]:
         return [
             f"- Among the {plain['n']} non-calcified nodules (readers' majority calcification rating: absent) the model ranks malignancy at least as well as the readers' diameter: AUC {_f(plain['auc'])} against {_f(plain['diameter_auc'])} (pooled CV)."
         ]
+    auc, diameter = result_value(pooled or {}, "malignancy.auc"), (pooled or {}).get("diameter_auc")
     where_it_wins = (
-        f" The model's pooled lead over diameter comes from the {calcified['n']} calcified nodules ({calcified['n_malignant']} malignant), benign however large, which the model sees."
-        if calcified
+        f" The model's pooled lead over diameter comes with the {calcified['n']} calcified nodules ({calcified['n_malignant']} malignant), which diameter alone ranks by size."
+        if calcified and auc is not None and diameter is not None and auc > diameter
         else ""
     )
     return [

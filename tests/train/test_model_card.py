@@ -258,8 +258,11 @@ def test_known_limits_say_where_the_ruler_wins_a_subgroup() -> None:
     known_limits = card[card.index("## Known limits") :]
     assert "the readers' diameter ranks malignancy better than the model: AUC 0.910 against 0.885" in known_limits
     assert (
-        "Among the 497 non-calcified nodules" in known_limits and "84 calcified nodules (2 malignant)" in known_limits
+        "Among the 497 non-calcified nodules" in known_limits
+        and "with the 84 calcified nodules (2 malignant), which diameter alone ranks by size" in known_limits
     )
+    summary["pooled"]["malignancy"]["auc"] = 0.87  # below the pooled diameter (0.88): no lead to explain
+    assert "calcified nodules (2 malignant)" not in render_model_card(summary, "c")
     summary["pooled"]["by_calcification"]["non_calcified"]["auc"] = 0.93
     card = render_model_card(summary, "c")
     assert "the model ranks malignancy at least as well as the readers' diameter: AUC 0.930 against 0.910" in card
