@@ -1,8 +1,9 @@
 """A linear classifier on the head inputs fitted with a hinge on the evaluation's Grad-CAM check
 and a logit-parity penalty instead of the debug loss (docs/cv/README.md, items 12-13). Probe code,
 not the package's: the head-step lead it came from did not hold up (probe_cam_hinge_inner.py).
-Imported by probe_cam_hinge_inner.py; the numbers of probe_cam_hinge.py come from its own copy of
-the same loop (this one reproduces them: the "fixed" pooled line of lr_warmup in cam_hinge_inner.txt equals the (1, 1) line of cam_hinge.txt)."""
+Imported by probe_cam_hinge.py and probe_cam_hinge_inner.py (probe_cam_hinge.py's recorded output,
+cam_hinge.txt, was written by an inline copy of the same loop; rerun through this module from its
+cached inputs it prints the same lines)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from nodule_edge.metrics import roc_auc
 class CamHingeSettings:
     """The ``cam_hinge`` classifier fit (:func:`fit_cam_hinge_classifier`).
 
-    Fixed before the head-step ablation that tests it ran, from a probe on one run's networks
-    with its test folds in view (docs/cv/README.md, item 12; ``docs/cv/probes/probe_cam_hinge.py``).
+    The defaults are the setting probe_cam_hinge.py liked on one run's networks with its test
+    folds in view (docs/cv/README.md, item 12); probe_cam_hinge_inner.py tests it (item 13).
 
     Attributes:
         l2: L2 on the weights (standardised inputs, mean loss).
@@ -42,7 +43,7 @@ class CamHingeSettings:
     lr: float = 0.02
 
 
-#: The settings the ``cam_hinge`` head step uses (``[head] classifier_fit``).
+#: The setting item 12 liked (probe_cam_hinge_inner.py fits it as "fixed").
 CAM_HINGE = CamHingeSettings()
 
 

@@ -24,6 +24,7 @@ from nodule_edge.train.first_pass import load_box_net, box_net_segmenter
 from nodule_edge.train.trainer import (load_dataset, patch_spec_from, split_fold, predict, predict_runtime_path,
                                        reference_bounded, evaluated_checkpoint)
 from linear import summary_line  # noqa: E402
+from cam_hinge_fit import CamHingeSettings, cam_difference, fit_cam_hinge_classifier  # noqa: E402
 
 run = sys.argv[1]; folds = [int(v) for v in sys.argv[2:]]
 L2 = 1e-3  # about the inner-CV choice of probe_plain_logistic.py (C = 1 on ~470 nodules)
@@ -35,9 +36,7 @@ ds = load_dataset(cfg); spec = patch_spec_from(cfg); dev = torch.device("cpu")
 
 def inside_minus_outside(feats, idx):
     m16 = ds.cache.masks[idx].astype(np.float32).reshape(len(idx), 16, 4, 16, 4, 16, 4).mean((2, 4, 6)).reshape(len(idx), -1)
-    inside = np.einsum("ncv,nv->nc", feats, m16) / np.maximum(m16.sum(1), 1e-8)[:, None]
-    outside = np.einsum("ncv,nv->nc", feats, 1 - m16) / np.maximum((1 - m16).sum(1), 1e-8)[:, None]
-    return inside - outside, ds.cache.has_mask[idx]
+    return cam_difference(feats, m16), ds.cache.has_mask[idx]
 
 
 def paths(model, seg, idx, width):
@@ -63,26 +62,14 @@ for k in folds:
         h_te, r_te, d_te, has_te = paths(model, seg, te, width)
         np.savez(cache, h_tr=h_tr, r_tr=r_tr, d_tr=d_tr, has_tr=has_tr, h_te=h_te, r_te=r_te, d_te=d_te, has_te=has_te)
     h_tr, r_tr, d_tr, h_te, r_te, d_te = (a.astype(np.float64) for a in (h_tr, r_tr, d_tr, h_te, r_te, d_te))
-    mu, sd = h_tr.mean(0), h_tr.std(0) + 1e-6
-    lab = (ds.labels[idx] >= 0) & has_tr
-    X = torch.tensor((h_tr[lab] - mu) / sd); R = torch.tensor((r_tr[lab] - mu) / sd)
-    D = torch.tensor(d_tr[lab] / sd[:c]); Y = torch.tensor(ds.labels[idx][lab], dtype=torch.float64)
+    rows = np.flatnonzero((ds.labels[idx] >= 0) & has_tr)
     print(f"fold {k}: features {time.time() - t0:.0f}s", flush=True)
     for lam_cam, lam_par in SETTINGS:
-        w = torch.zeros(width, dtype=torch.float64, requires_grad=True); b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=0.02)
-        for step in range(800):
-            z = X @ w + b
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, Y) + L2 * (w ** 2).sum()
-            if step >= 300 and lam_cam:  # the plain logistic first, then the constraints
-                s = torch.sign(z.detach())
-                loss = loss + lam_cam * torch.relu(MARGIN - s * (D @ w[:c]) / w[:c].norm().clamp_min(1e-8)).mean()
-            if step >= 300 and lam_par:
-                loss = loss + lam_par * ((X - R) @ w).abs().mean()
-            opt.zero_grad(); loss.backward(); opt.step()
-        with torch.no_grad():
-            wn = w.numpy(); z = (h_te - mu) / sd @ wn + b.item(); zr = (r_te - mu) / sd @ wn + b.item()
-            on = np.sign(z) * (d_te / sd[:c] @ wn[:c]) > 0
+        # BCE + L2 from zero, the hinge and the parity penalty joining after 300 of 800 Adam steps.
+        settings = CamHingeSettings(l2=L2, cam_weight=lam_cam, cam_margin=MARGIN, parity_weight=lam_par)
+        w, b, _ = fit_cam_hinge_classifier(h_tr, r_tr, d_tr, ds.labels[idx], rows, settings)
+        z = h_te @ w + b; zr = r_te @ w + b
+        on = np.sign(z) * (d_te @ w[:c]) > 0
         r = res[(lam_cam, lam_par)]
         r["y"] += list(ds.labels[te]); r["z"] += list(z); r["zref"] += list(zr); r["cam"] += list(np.where(has_te, on, np.nan))
         lt = ds.labels[te] >= 0
