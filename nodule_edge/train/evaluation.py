@@ -262,9 +262,10 @@ def pooled_metrics(per_fold: list[dict[str, Any]], ds: Dataset) -> dict[str, Any
         out["segmentation_volume_auc"] = roc_auc(labels[sel], volume[sel])
     calcified = getattr(ds, "calcified", None)
     if calcified is not None and np.isfinite(calcified[idx][sel]).all():
+        flag, y, p, diameter = calcified[idx][sel], labels[sel], prob[sel], ds.diameters[idx][sel]
         out["by_calcification"] = {
-            name: _subgroup(labels[sel][rows], prob[sel][rows], ds.diameters[idx][sel][rows])
-            for name, rows in (("calcified", calcified[idx][sel] == 1), ("non_calcified", calcified[idx][sel] == 0))
+            name: _subgroup(y[rows], p[rows], diameter[rows])
+            for name, rows in (("calcified", flag == 1), ("non_calcified", flag == 0))
         }
     return out
 
