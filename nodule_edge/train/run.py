@@ -90,6 +90,9 @@ def run_training(
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     spec = patch_spec_from(cfg)
     sha = fold_config_sha256(cfg)
+    summary_file = _summary_path(out_dir, cfg.name)
+    if summary_file.name != "summary.json":
+        say(f"{out_dir / 'summary.json'} is another config's summary: this run's goes to {summary_file.name}")
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "config_sha256": cfg.sha256(),
@@ -173,7 +176,7 @@ def run_training(
         say(
             f"fold {fold}: AUC {result['malignancy']['auc']:.3f} (diameter-only {result.get('baseline_diameter', {}).get('auc', float('nan')):.3f}), Dice {result.get('dice_mean', float('nan')):.3f}"
         )
-        _write(out_dir / "summary.json", summary)
+        _write(summary_file, summary)
     # Pool over every fold of the CV that has a result, this session's or an earlier one's.
     for fold in range(cfg.cv.folds):
         done = results.get(fold) or _fold_result(out_dir, export_dir, fold, sha)
@@ -212,7 +215,7 @@ def run_training(
             # The head step may add a layer (the attribute skip): count what ships.
             summary["final"]["parameters"] = count_parameters(model)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    _write(out_dir / "summary.json", summary)
+    _write(summary_file, summary)
     return summary
 
 
@@ -364,6 +367,21 @@ def _hardware(device: torch.device) -> dict[str, Any]:
 def _epoch_seconds(fit: dict[str, Any]) -> float:
     # Summed from the per-epoch history, so a resumed or re-evaluated run keeps its training time.
     return round(sum(float(h.get("seconds", 0.0)) for h in fit["history"]), 1)
+
+
+def _summary_path(out_dir: Path, name: str) -> Path:
+    """Where the run of config ``name`` writes its summary in ``out_dir``.
+
+    ``summary.json``, unless that file holds the summary of another config: head-step ablations
+    re-evaluate the shipped run's networks in its folder, and must not replace the summary the
+    bundle is exported from. Theirs then goes to ``summary.NAME.json`` beside it.
+    """
+    default = out_dir / "summary.json"
+    try:
+        recorded = json.loads(default.read_text()).get("config", {}).get("name", name)
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: this run writes it
+        return default
+    return default if recorded == name else out_dir / f"summary.{name}.json"
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

@@ -393,3 +393,15 @@ def test_a_resumed_run_trains_the_network_an_uninterrupted_run_trains(
     assert torch.equal(
         _weights(tmp_path / "resumed" / "last.safetensors"), _weights(tmp_path / "straight" / "last.safetensors")
     )
+
+
+def test_a_run_does_not_replace_another_configs_summary_in_a_shared_folder(tmp_path: Path) -> None:
+    """Head-step ablations re-evaluate the shipped networks in runs/shipped: the shipped summary stays."""
+    from nodule_edge.train.run import _summary_path
+
+    assert _summary_path(tmp_path, "shipped") == tmp_path / "summary.json"  # nothing there yet
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"name": "shipped"}}))
+    assert _summary_path(tmp_path, "shipped") == tmp_path / "summary.json"
+    assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.head_refit_full.json"
+    (tmp_path / "summary.json").write_text("{not json")  # a damaged summary is rewritten by whoever runs
+    assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.json"
