@@ -119,13 +119,8 @@ RATIOS: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
         ("test_training_step", "before"),
     ),
     (
-        "training step (full bench): now with contiguous_groupnorm / before the nodule-bounded model",
-        ("test_training_step", "now_contiguous_gn"),
-        ("test_training_step", "before"),
-    ),
-    (
-        "training step (full bench): narrow_widths ablation / before the nodule-bounded model",
-        ("test_training_step", "narrow_widths"),
+        "training step (full bench): wide (shipped until 2026-12-05) / before the nodule-bounded model",
+        ("test_training_step", "wide"),
         ("test_training_step", "before"),
     ),
 ]

@@ -3,11 +3,11 @@
 Training on CPU runs bf16 autocast in the channels_last_3d layout (oneDNN's fast convolutions).
 PyTorch's channels-last GroupNorm backward is slow for groups of a few channels, so the model's
 ``_ConvNorm`` can normalise groups of at most ``_CONTIGUOUS_GROUPNORM_MAX_GROUP`` channels on a
-contiguous copy (``[train] contiguous_groupnorm``). This prints, for the GroupNorm shapes of the shipped model at training's batch of
-12: forward + backward in ms, channels-last against the contiguous copy (medians of interleaved
-rounds); then whole optimisation steps of ``benches/bench_training.py``'s loops, the 0.1 loop
-(``before``), today's with every norm channels-last (``plain``, the shipped config) and today's with the copy
-(``copy``).
+contiguous copy (``[train] contiguous_groupnorm``). This prints, for the GroupNorm shapes of the model shipped when it
+was measured (widths 24/48/96/128, ``docs/ablations/wide_widths``) at training's batch of 12: forward + backward in ms,
+channels-last against the contiguous copy (medians of interleaved rounds); then whole optimisation steps of
+``benches/bench_training.py``'s loops, the 0.1 loop (``before``), that model's with every norm channels-last
+(``plain``, ``wide``) and with the copy (``copy``).
 
 Run from the repository root with training paused: ``PYTHONPATH=. .venv/bin/python
 docs/measurements/groupnorm_layout.py [ROUNDS]``
@@ -54,7 +54,7 @@ for channels, size in ((24, 32), (48, 16), (96, 16), (128, 16)):
     print(f"  {channels:3d} channels at {size}³ ({channels // 8} per group): {cells}")
 
 print("Training step, 8 sure + 4 unsure patches (s, median)")
-steps = {"before": bench._loop("before"), "plain": bench._loop("now"), "copy": bench._loop("now_contiguous_gn")}
+steps = {"before": bench._loop("before"), "plain": bench._loop("wide"), "copy": bench._loop("wide", contiguous_groupnorm=True)}
 step_times: dict[str, list[float]] = {name: [] for name in steps}
 for _ in range(rounds):
     for name, step in steps.items():

@@ -56,7 +56,7 @@ class ModelSection:
     embedding_dim: int = 64
     decoder: str = "unet64"  # unet64 (segmentation at 0.5 mm) | light16 (the papers' 16³ head)
     seg_features: bool = True  # size-aware heads: segmentation statistics enter both heads
-    widths: tuple[int, ...] = (24, 48, 96, 128)  # stem and residual blocks 1–3
+    widths: tuple[int, ...] = (16, 32, 64, 96)  # stem and residual blocks 1–3
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class TrainSection:
     balance_sure: bool = False
     # Speed: in the channels-last layout, normalise GroupNorms of at most 6 channels per group on a
     # contiguous copy (nodule_edge.train.model._ConvNorm): the same function, a shorter step, other
-    # rounding, so off where a run must reproduce the networks recorded without it (docs/cv).
-    contiguous_groupnorm: bool = False
+    # rounding, so pinned off where a run must reproduce networks recorded without it (ablations).
+    contiguous_groupnorm: bool = True
 
 
 #: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).

@@ -94,7 +94,7 @@ class ModelConfig:
     """
 
     in_channels: int = 2
-    widths: tuple[int, int, int, int] = (24, 48, 96, 128)
+    widths: tuple[int, int, int, int] = (16, 32, 64, 96)
     groups: int = 8
     seg_widths: tuple[int, int] = (24, 24)
     embedding_dim: int = 64

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nodule_edge.train.config import load_config, training_config_sha256
+from nodule_edge.train.config import TrainConfig, load_config, training_config_sha256
 from nodule_edge.train.losses import LossWeights, total_loss
 from nodule_edge.train.model import SEG_FEATURE_NAMES, CollaborativeNet
 from nodule_edge.train.trainer import MALIGNANCY_COLUMN, model_config_from
-from tests.train.test_config import FIRST_PASS_ABLATIONS, HEAD_STEP_ABLATIONS
+from tests.train.test_config import FIRST_PASS_ABLATIONS, HEAD_STEP_ABLATIONS, WIDE_WIDTHS, _wide_shipped_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = sorted((REPO_ROOT / "configs" / "ablations").glob("*.toml"))
@@ -63,7 +63,8 @@ def test_full_ablation_equals_the_shipped_config() -> None:
 
 
 def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
-    shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
+    # Both ran on the wider network shipped until narrow_widths, which they pin.
+    shipped = _wide_shipped_config()
     papers = load_config(REPO_ROOT / "configs" / "ablations" / "papers_model.toml")
     light = load_config(REPO_ROOT / "configs" / "ablations" / "light16_decoder.toml")
     assert papers.model == dataclasses.replace(shipped.model, seg_features=False)
@@ -71,11 +72,21 @@ def test_the_size_aware_and_decoder_ablations_change_one_switch_each() -> None:
     assert (papers.train, light.train) == (shipped.train, shipped.train)
 
 
-def test_head_step_ablations_reuse_the_shipped_networks() -> None:
-    shipped = load_config(REPO_ROOT / "configs" / "shipped.toml")
+def _networks_reference(cfg: TrainConfig) -> TrainConfig:
+    """The shipped run whose networks a head-step ablation re-evaluates: the wider network's
+    (docs/ablations/wide_widths) for those recorded on it, which pin its widths; else today's."""
+    return (
+        _wide_shipped_config()
+        if cfg.model.widths == WIDE_WIDTHS
+        else load_config(REPO_ROOT / "configs" / "shipped.toml")
+    )
+
+
+def test_head_step_ablations_reuse_the_networks_of_the_shipped_run_they_were_recorded_on() -> None:
     for name in HEAD_STEP_ABLATIONS + FIRST_PASS_ABLATIONS:
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
-        # What shapes the network's weights is the shipped run's, in the same output folder.
+        shipped = _networks_reference(cfg)
+        # What shapes the network's weights is that run's, in the same output folder.
         assert (cfg.model, cfg.loss, cfg.train) == (shipped.model, shipped.loss, shipped.train), name
         assert training_config_sha256(cfg) == training_config_sha256(shipped), name  # so the checkpoints resume
         assert cfg.resolve(cfg.data.voi_dir).resolve() == shipped.resolve(shipped.data.voi_dir).resolve(), name
@@ -159,6 +170,7 @@ def test_the_head_step_ablations_change_only_the_refit() -> None:
     for name, refit in (("head_refit_none", "none"), ("head_refit_full", "full")):
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
         assert cfg.head.refit == refit
+        shipped = _networks_reference(cfg)
         assert (cfg.data, cfg.model, cfg.loss, cfg.train) == (
             dataclasses.replace(shipped.data, voi_dir=cfg.data.voi_dir, cache_dir=cfg.data.cache_dir),
             shipped.model,

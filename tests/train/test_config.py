@@ -127,7 +127,6 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
         ("ema_decay", "0.0", "0.99"),
         ("warmup_epochs", "0", "1"),
         ("balance_sure", "false", "true"),
-        ("contiguous_groupnorm", "false", "true"),
     ],
 )
 def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
@@ -138,6 +137,17 @@ def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, defaul
     assert off.sha256() == shipped.sha256() and training_config_sha256(off) == training_config_sha256(shipped)
     # On, it shapes the network: another training hash.
     assert training_config_sha256(on) != training_config_sha256(shipped)
+
+
+def test_contiguous_groupnorm_is_on_by_default_and_off_hashes_as_before_the_key_existed(tmp_path: Path) -> None:
+    shipped = load_config(_write(tmp_path, ""))
+    off = load_config(_write(tmp_path, "[train]\ncontiguous_groupnorm = false\n"))
+    assert shipped.train.contiguous_groupnorm and not off.train.contiguous_groupnorm
+    # Off, the key is absent from the hashed dict (runs recorded before it existed still match);
+    # on, as shipped, it is hashed: the two are different networks.
+    assert "contiguous_groupnorm" not in off.to_dict()["train"]
+    assert shipped.to_dict()["train"]["contiguous_groupnorm"] is True
+    assert training_config_sha256(off) != training_config_sha256(shipped)
 
 
 @pytest.mark.parametrize(
@@ -245,8 +255,21 @@ RECIPE_ABLATION_KEYS = {
     "lr_warmup": ("warmup_epochs", "contiguous_groupnorm", "threads"),
     "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
     "contiguous_groupnorm": ("contiguous_groupnorm",),
-    "narrow_widths": ("contiguous_groupnorm",),
+    "narrow_widths": (),
 }
+
+#: The stem and block widths shipped until narrow_widths (docs/ablations/wide_widths, the former docs/cv).
+WIDE_WIDTHS = (24, 48, 96, 128)
+
+
+def _wide_shipped_config() -> TrainConfig:
+    """The shipped config with the wider network it had until narrow_widths."""
+    shipped = load_config(SHIPPED)
+    return dataclasses.replace(
+        shipped,
+        model=dataclasses.replace(shipped.model, widths=WIDE_WIDTHS),
+        train=dataclasses.replace(shipped.train, contiguous_groupnorm=False),
+    )
 
 
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
@@ -269,7 +292,9 @@ def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
 def test_ablation_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.name == path.stem
-    # The head-step ablations re-evaluate the shipped run's checkpoints; the others train their own.
+    # The head-step ablations re-evaluated the shipped run's checkpoints (the wider networks that
+    # runs/shipped held before narrow_widths; a rerun from scratch meets the narrow ones there and
+    # stops with a ConfigError naming the folder); the others train their own.
     run = "shipped" if path.stem in HEAD_STEP_ABLATIONS + FIRST_PASS_ABLATIONS else f"ablations/{path.stem}"
     assert cfg.resolve(cfg.output_dir).resolve() == (REPO_ROOT / "runs" / run).resolve()
     shipped = load_config(SHIPPED)
@@ -277,17 +302,23 @@ def test_ablation_config_loads(path: Path) -> None:
     # shipped run: same data, cache, schedule and folds.
     for attr in ("voi_dir", "cache_dir"):
         assert cfg.resolve(getattr(cfg.data, attr)).resolve() == shipped.resolve(getattr(shipped.data, attr)).resolve()
-    own = {key: getattr(shipped.train, key) for key in RECIPE_ABLATION_KEYS.get(path.stem, ())}
+    keys = RECIPE_ABLATION_KEYS.get(path.stem, ())
+    if cfg.model.widths == WIDE_WIDTHS:
+        # Recorded on the wider network that shipped before narrow_widths: they pin its widths and
+        # the GroupNorm layout it trained with, so that their folds still reproduce.
+        keys += ("contiguous_groupnorm",)
+    own = {key: getattr(shipped.train, key) for key in keys}
     assert dataclasses.replace(cfg.train, **own) == shipped.train
     assert cfg.cv == dataclasses.replace(shipped.cv, export_dir=cfg.cv.export_dir)
     assert cfg.resolve(cfg.cv.export_dir).resolve() == (REPO_ROOT / "docs" / "ablations" / path.stem).resolve()
 
 
-def test_own_folder_first_pass_ablations_train_the_shipped_networks() -> None:
-    shipped = load_config(SHIPPED)
+def test_own_folder_first_pass_ablations_train_the_networks_they_were_recorded_with() -> None:
+    shipped = _wide_shipped_config()
     for name in OWN_FOLDER_FIRST_PASS_ABLATIONS:
         cfg = load_config(REPO_ROOT / "configs" / "ablations" / f"{name}.toml")
-        # Same training hash and seed: the networks are the shipped run's when training is deterministic.
+        # Same training hash and seed as the wider shipped run (docs/ablations/wide_widths): the
+        # networks are that run's when training is deterministic.
         assert training_config_sha256(cfg) == training_config_sha256(shipped), name
         assert (cfg.head, cfg.first_pass.network) == (shipped.head, shipped.first_pass.network), name
         assert cfg.first_pass != shipped.first_pass, name
@@ -334,6 +365,8 @@ def test_an_empty_voi_dir_uses_the_one_data_rule(tmp_path: Path, monkeypatch: py
 #: Result folders whose folds were written under another name: they were the shipped run's
 #: folds before the head step changed, moved aside; re-running their config re-evaluates them.
 MOVED_RESULTS = {
+    # Reproduced by the shipped config with command-line overrides (its own test below).
+    "wide_widths": "docs/cv before narrow_widths (stem and blocks 24/48/96/128, no contiguous GroupNorm copy)",
     "head_refit_none": "docs/cv before the debugged refit (commit 7c5f1cf)",
     "no_attribute_readout": "docs/cv before the attribute readout step",
     "no_attribute_skip": "docs/cv before the attribute skip",
@@ -361,6 +394,22 @@ def test_each_recorded_ablation_is_what_its_config_reproduces(folder: Path) -> N
         return
     config = SHIPPED if folder.name == "cv" else REPO_ROOT / "configs" / "ablations" / f"{folder.name}.toml"
     assert recorded == {fold_config_sha256(load_config(config))}, f"{config.name} no longer reproduces {folder}"
+
+
+def test_the_wide_widths_folds_are_the_shipped_config_with_the_wide_network() -> None:
+    """docs/ablations/wide_widths (docs/cv until 2026-12-05) is reproduced by the command its
+    README gives: the shipped config with the wide widths and the GroupNorm layout it trained with."""
+    from nodule_edge.train.run import fold_config_sha256
+
+    folder = REPO_ROOT / "docs" / "ablations" / "wide_widths"
+    recorded = {json.loads(p.read_text())["fold_config_sha256"] for p in folder.glob("fold*.json")}
+    overrides = {
+        "model.widths": list(WIDE_WIDTHS),
+        "train.contiguous_groupnorm": False,
+        "cv.export_dir": "../docs/ablations/wide_widths",
+    }
+    assert recorded == {fold_config_sha256(load_config(SHIPPED, overrides))}
+    assert recorded != {fold_config_sha256(load_config(SHIPPED))}
 
 
 def test_the_training_hash_names_the_voi_folder_not_how_a_config_file_spells_it(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ def test_box_net_maps_patches_to_a_probability_map_at_the_patch_grid() -> None:
         seg = net(torch.rand(2, 2, SIZE, SIZE, SIZE))
     assert seg.shape == (2, 1, SIZE, SIZE, SIZE)
     assert float(seg.min()) >= 0 and float(seg.max()) <= 1
-    # About a tenth of the collaborative network: that is its point.
-    assert sum(p.numel() for p in BoxNet().parameters()) < 0.15 * sum(
+    # A fraction of the collaborative network (a fifth of the shipped widths', a tenth of the wider
+    # network it was designed beside): that is its point.
+    assert sum(p.numel() for p in BoxNet().parameters()) < 0.25 * sum(
         p.numel() for p in CollaborativeNet(ModelConfig()).parameters()
     )
 

@@ -59,8 +59,10 @@ def _autograd_gradcam(out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_parameter_counts_of_the_shipped_and_the_legacy_model() -> None:
-    assert count_parameters(CollaborativeNet()) == 1_350_125
-    assert count_parameters(CollaborativeNet(LEGACY)) == 3_810_808  # the model shipped before
+    assert count_parameters(CollaborativeNet()) == 707_245
+    # The wider network shipped until narrow_widths (docs/ablations/wide_widths) and the 0.1 model.
+    assert count_parameters(CollaborativeNet(ModelConfig(widths=(24, 48, 96, 128)))) == 1_350_125
+    assert count_parameters(CollaborativeNet(LEGACY)) == 3_810_808
 
 
 def test_output_shapes_at_the_patch_size() -> None:
@@ -75,7 +77,7 @@ def test_output_shapes_at_the_patch_size() -> None:
     assert out.segmentation.shape == (2, 1, 64, 64, 64)  # 0.5 mm, the patch's own grid
     assert out.segmentation_coarse.shape == (2, 1, 16, 16, 16)
     torch.testing.assert_close(out.segmentation_coarse, torch.nn.functional.avg_pool3d(out.segmentation, 4))
-    assert out.features.shape == (2, 128, 16, 16, 16)
+    assert out.features.shape == (2, 96, 16, 16, 16)
     assert out.cam.shape == (2, 1, 16, 16, 16)
     assert out.nodule_attention.shape == (2,) and out.background_attention.shape == (2,)
     assert torch.allclose(out.malignancy_probability, torch.sigmoid(out.malignancy_logit))

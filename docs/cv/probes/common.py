@@ -37,4 +37,4 @@ def fold_model(fold):
 
 
 def fold_json(fold):
-    return json.loads((ROOT / f"docs/cv/fold{fold}.json").read_text())
+    return json.loads((ROOT / f"docs/ablations/wide_widths/fold{fold}.json").read_text())

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from nodule_edge.metrics import roc_auc  # noqa: E402
 from nodule_edge.train.data import read_unsure_manifest  # noqa: E402
 
-RUNS = ["cv", "ablations/box_net_epochs40", "ablations/epochs20_box_net", "ablations/weight_ema", "ablations/lr_warmup"]
+RUNS = ["ablations/wide_widths", "ablations/box_net_epochs40", "ablations/epochs20_box_net", "ablations/weight_ema", "ablations/lr_warmup"]
 
 
 def pooled_logits(run: str) -> tuple[np.ndarray, np.ndarray]:
