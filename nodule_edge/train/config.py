@@ -106,6 +106,10 @@ class TrainSection:
     # contiguous copy (nodule_edge.train.model._ConvNorm): the same function, a shorter step, other
     # rounding, so pinned off where a run must reproduce networks recorded without it (ablations).
     contiguous_groupnorm: bool = True
+    # Seed of the network alone (initialisation, batch order, augmentation) at the same split, box
+    # nets and head-step folds: reruns of one recipe measure training-to-training spread
+    # (docs/ablations/README.md, network_seed1); -1 = train.seed.
+    network_seed: int = -1
 
 
 #: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
@@ -184,6 +188,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "warmup_epochs"): 0,
     ("train", "balance_sure"): False,
     ("train", "contiguous_groupnorm"): False,
+    ("train", "network_seed"): -1,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
@@ -326,6 +331,7 @@ def _validate(cfg: TrainConfig) -> None:
             f"train.self_box_probability must be in [0, 1], got {t.self_box_probability}",
         ),
         (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (t.network_seed >= -1, f"train.network_seed must be >= 0 (or -1: train.seed), got {t.network_seed}"),
         (
             0 <= t.warmup_epochs < t.epochs,
             f"train.warmup_epochs must be >= 0 and below train.epochs ({t.epochs}), got {t.warmup_epochs}",

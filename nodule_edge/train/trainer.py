@@ -41,6 +41,7 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "model_config_from",
+    "network_seed",
     "train_model",
     "predict",
     "predict_runtime_path",
@@ -354,6 +355,13 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def network_seed(train: TrainSection) -> int:
+    """The seed of the network's initialisation, batch order and augmentation: ``train.network_seed``
+    when set (>= 0), else ``train.seed``, which also draws the CV split, the validation patients,
+    the box net and the head step's inner folds."""
+    return train.network_seed if train.network_seed >= 0 else train.seed
+
+
 def train_model(
     cfg: TrainConfig,
     ds: Dataset,
@@ -376,12 +384,14 @@ def train_model(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     bf16 = bf16_enabled(cfg.train.bf16, device)
-    torch.manual_seed(cfg.train.seed)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    rng = np.random.default_rng(cfg.train.seed * 1000 + rank)
+    # The network's own seed (initialisation, batch order, augmentation); the split stays cfg.train.seed's.
+    seed = network_seed(cfg.train)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    rng = np.random.default_rng(seed * 1000 + rank)
     # Under DDP every rank draws the same epoch order and takes its own slice of each step, so the
     # ranks together make one pass over the sure data (single-process sampling is unchanged).
-    order_rng = np.random.default_rng(cfg.train.seed * 1000) if world > 1 else rng
+    order_rng = np.random.default_rng(seed * 1000) if world > 1 else rng
 
     spec = patch_spec_from(cfg)
     model = CollaborativeNet(model_config_from(cfg)).to(device)

@@ -49,6 +49,7 @@ EXPECTED = {
     "balanced_sure": (True, True, False, True),
     "contiguous_groupnorm": (True, True, False, True),
     "narrow_widths": (True, True, False, True),
+    "network_seed1": (True, True, False, True),
 }
 
 

@@ -127,6 +127,7 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
         ("ema_decay", "0.0", "0.99"),
         ("warmup_epochs", "0", "1"),
         ("balance_sure", "false", "true"),
+        ("network_seed", "-1", "1"),
     ],
 )
 def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
@@ -156,6 +157,7 @@ def test_contiguous_groupnorm_is_on_by_default_and_off_hashes_as_before_the_key_
         ("[train]\nema_decay = 1.0\n", "ema_decay must be in"),
         ("[train]\nwarmup_epochs = 12\n", "warmup_epochs must be"),
         ("[train]\nbalance_sure = true\nbatch_sure = 1\n", "balance_sure needs"),
+        ("[train]\nnetwork_seed = -2\n", "network_seed must be >= 0"),
     ],
 )
 def test_bad_recipe_switches_are_refused_with_the_key_named(tmp_path: Path, content: str, needle: str) -> None:
@@ -256,6 +258,7 @@ RECIPE_ABLATION_KEYS = {
     "balanced_sure": ("balance_sure", "contiguous_groupnorm"),
     "contiguous_groupnorm": ("contiguous_groupnorm",),
     "narrow_widths": (),
+    "network_seed1": ("network_seed",),
 }
 
 #: The stem and block widths shipped until narrow_widths (docs/ablations/wide_widths, the former docs/cv).

@@ -405,3 +405,21 @@ def test_a_run_does_not_replace_another_configs_summary_in_a_shared_folder(tmp_p
     assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.head_refit_full.json"
     (tmp_path / "summary.json").write_text("{not json")  # a damaged summary is rewritten by whoever runs
     assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.json"
+
+
+def test_network_seed_changes_the_network_and_not_the_split(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    from nodule_edge.train.trainer import network_seed, split_fold
+
+    assert network_seed(TrainSection(seed=3)) == 3 and network_seed(TrainSection(seed=3, network_seed=1)) == 1
+    base = _tiny(tiny_config, **{"train.epochs": 1})
+    other = _tiny(tiny_config, **{"train.epochs": 1, "train.network_seed": 1})
+    ds = load_dataset(base)
+    assert all(np.array_equal(a, b) for a, b in zip(split_fold(ds, base, 0), split_fold(ds, other, 0)))
+    labelled = np.flatnonzero(ds.labels >= 0)
+    train_model(base, ds, labelled, np.zeros(0, np.int64), tmp_path / "a", 1)
+    train_model(other, ds, labelled, np.zeros(0, np.int64), tmp_path / "b", 1)
+    assert not torch.equal(_weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors"))
+    # The same seed spelled either way trains the same network.
+    same = _tiny(tiny_config, **{"train.epochs": 1, "train.network_seed": 0})
+    train_model(same, ds, labelled, np.zeros(0, np.int64), tmp_path / "c", 1)
+    assert torch.equal(_weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "c" / "last.safetensors"))
