@@ -157,8 +157,9 @@ def compare_explanations(
     Args:
         cfg: The training config (its data and CV split).
         fold: CV fold whose test patients are explained.
-        checkpoint: The fold's model (default: ``<run_dir>/fold<K>/refit.safetensors``, else the
-            checkpoint the CV evaluates: ``last.safetensors``, ``ema.safetensors`` under weight EMA).
+        checkpoint: The fold's model (default: the config's refit of the fold,
+            :meth:`nodule_edge.train.run.RunFiles.refit`, else the checkpoint the CV evaluates:
+            ``last.safetensors``, ``ema.safetensors`` under weight EMA).
         limit: Held-out nodules (the fold's first ``limit`` test nodules in manifest order).
         methods: Subset of :data:`ALL_METHODS`.
         curve_steps: Steps of the deletion and insertion curves.
@@ -170,6 +171,7 @@ def compare_explanations(
         A JSON-ready dict: per-nodule metrics, the per-method summary, the randomisation table
         and the agreement threshold.
     """
+    from nodule_edge.train.run import RunFiles
     from nodule_edge.train.trainer import (
         evaluated_checkpoint,
         load_checkpoint,
@@ -191,21 +193,20 @@ def compare_explanations(
     spec = patch_spec_from(cfg)
     _, _, test = split_fold(ds, cfg, fold)
     test = np.sort(test)[:limit]
+    files = RunFiles.of(cfg.resolve(cfg.output_dir), cfg.name)
     if checkpoint is None:
-        folder = cfg.resolve(cfg.output_dir) / f"fold{fold}"
-        checkpoint = (
-            folder / "refit.safetensors"
-            if (folder / "refit.safetensors").is_file()
-            else folder / evaluated_checkpoint(cfg, cfg.cv.evaluate)
-        )
+        refit = files.refit(fold)
+        checkpoint = refit if refit.is_file() else files.folder(fold) / evaluated_checkpoint(cfg, cfg.cv.evaluate)
     model, meta = load_checkpoint(checkpoint)
     model.eval()
     segment = None
     if cfg.first_pass.network == "box_net":
-        # The runtime's first pass is the fold's box net, trained beside its network.
+        # The runtime's first pass is the fold's box net, trained beside its network (this
+        # config's own, else the one it reused from the folder's owner).
         from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
 
-        segment = box_net_segmenter(load_box_net(Path(checkpoint).with_name("box_net.safetensors"))[0])
+        box_net = next((p for p in files.box_nets(fold) if p.is_file()), files.box_nets(fold)[0])
+        segment = box_net_segmenter(load_box_net(box_net)[0])
     run = _torch_run(model)
     rows: list[dict[str, Any]] = []
     for n, i in enumerate(test):

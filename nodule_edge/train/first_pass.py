@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ def train_box_net(
     idx: np.ndarray,
     out_path: Path,
     *,
+    reuse: Sequence[Path] = (),
     seed: int = 0,
     bf16: bool = False,
     channels_last: bool = False,
@@ -69,6 +70,8 @@ def train_box_net(
         has_mask: ``[N]`` which nodules have a mask.
         idx: The training nodules (rows of ``images``).
         out_path: ``.safetensors`` destination; a JSON sidecar goes beside it.
+        reuse: Further box nets to load instead of training when one was trained under the same
+            key (section, nodules, seed): another config's in a shared run folder.
         seed: Seeds the initialisation, the order and the augmentation.
         bf16: Train under bf16 autocast.
         channels_last: Train in the channels-last 3-D memory format (with bf16 on AMX CPUs).
@@ -77,7 +80,8 @@ def train_box_net(
         progress: Called with one line per epoch.
 
     Returns:
-        The trained network (eval mode, float32, on the CPU) and its sidecar's contents.
+        The trained network (eval mode, float32, on the CPU) and its sidecar's contents, with
+        ``checkpoint``: the file it was loaded from or saved to.
 
     Raises:
         DataError: None of ``idx`` has a mask.
@@ -86,11 +90,12 @@ def train_box_net(
 
     say = progress or log.info
     key = _key(section, idx, seed)
-    if out_path.is_file() and out_path.with_suffix(".json").is_file():
-        net, meta = load_box_net(out_path)
-        if meta.get("key") == key:
-            say(f"box net: finished earlier ({out_path}), not trained again")
-            return net, meta
+    for path in (out_path, *reuse):
+        if path.is_file() and path.with_suffix(".json").is_file():
+            net, meta = load_box_net(path)
+            if meta.get("key") == key:
+                say(f"box net: finished earlier ({path}), not trained again")
+                return net, {**meta, "checkpoint": str(path)}
     fit = np.sort(idx[has_mask[idx]])
     if len(fit) == 0:
         raise DataError("no nodule of the training split has a mask: the box net has nothing to learn")
@@ -142,7 +147,7 @@ def train_box_net(
         "history": history,
     }
     save_box_net(out_path, net, meta)
-    return net, {**meta, "box_net_config": dataclasses.asdict(net.config)}
+    return net, {**meta, "box_net_config": dataclasses.asdict(net.config), "checkpoint": str(out_path)}
 
 
 def save_box_net(path: Path, net: BoxNet, meta: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,74 @@ from nodule_edge.train.trainer import (
     train_model,
 )
 
-__all__ = ["run_training", "head_objective", "head_inputs"]
+__all__ = ["RunFiles", "run_training", "head_objective", "head_inputs"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one config's run writes in its output folder, which several configs may share.
+
+    Head-step ablations re-evaluate the shipped run's networks in its folder (``runs/shipped``):
+    they must read its networks and box nets but not replace what it wrote, the final refit
+    the bundle is exported from above all. The folder belongs to the config named in its
+    ``summary.json`` (the first config that wrote one; a folder without a readable summary
+    belongs to whoever runs). That config writes the plain names, every other config the same
+    names with ``.NAME`` before the extension (``summary.NAME.json``, ``foldK/result.NAME.json``,
+    ``foldK/refit.NAME.safetensors``, ``foldK/box_net.NAME.safetensors``). Network checkpoints
+    keep their names: a folder holding a network of another training config is refused
+    (:func:`nodule_edge.train.checkpoints.resume_state`), never overwritten.
+
+    Example:
+        >>> from pathlib import Path
+        >>> RunFiles(Path("runs/shipped"), "head_refit_full", owner=False).refit(0)
+        PosixPath('runs/shipped/fold0/refit.head_refit_full.safetensors')
+
+    Attributes:
+        out_dir: The config's output folder.
+        name: The config's name.
+        owner: Whether the folder belongs to this config (plain names).
+    """
+
+    out_dir: Path
+    name: str
+    owner: bool = True
+
+    @classmethod
+    def of(cls, out_dir: Path, name: str) -> RunFiles:
+        """The files of config ``name`` in ``out_dir``, ownership read from its ``summary.json``."""
+        try:
+            recorded = json.loads((out_dir / "summary.json").read_text()).get("config", {}).get("name", name)
+        except (OSError, ValueError, AttributeError):  # absent or unreadable: this run writes it
+            return cls(out_dir, name, owner=True)
+        return cls(out_dir, name, owner=recorded == name)
+
+    def _named(self, folder: Path, stem: str, suffix: str) -> Path:
+        return folder / (f"{stem}{suffix}" if self.owner else f"{stem}.{self.name}{suffix}")
+
+    def folder(self, fold: int | None) -> Path:
+        """A fold's folder, or the final model's for ``None``."""
+        return self.out_dir / ("final" if fold is None else f"fold{fold}")
+
+    @property
+    def summary(self) -> Path:
+        """The run's summary."""
+        return self._named(self.out_dir, "summary", ".json")
+
+    def result(self, fold: int) -> Path:
+        """A fold's result (its copy in ``cv.export_dir`` is ``foldK.json``)."""
+        return self._named(self.folder(fold), "result", ".json")
+
+    def refit(self, fold: int | None) -> Path:
+        """The network after the head step, of a fold or of the final model."""
+        return self._named(self.folder(fold), "refit", ".safetensors")
+
+    def box_nets(self, fold: int | None) -> tuple[Path, ...]:
+        """Where the box net of a fold or of the final model is written, then where one of the same
+        key may already be (the owner's, reused rather than trained again)."""
+        own = self._named(self.folder(fold), "box_net", ".safetensors")
+        return (own,) if self.owner else (own, self.folder(fold) / "box_net.safetensors")
 
 
 def fold_config_sha256(cfg: TrainConfig) -> str:
@@ -47,10 +113,10 @@ def fold_config_sha256(cfg: TrainConfig) -> str:
     return sha256_bytes(json.dumps(data, sort_keys=True).encode())
 
 
-def _fold_result(out_dir: Path, export_dir: Path | None, fold: int, sha: str) -> dict[str, Any] | None:
+def _fold_result(files: RunFiles, export_dir: Path | None, fold: int, sha: str) -> dict[str, Any] | None:
     """A fold's result from this run's folder, or from its exported copy (a fold finished in an
     earlier sitting survives only there: runs/ is not kept), when the same fold config wrote it."""
-    found = _finished_fold(out_dir / f"fold{fold}" / "result.json", sha)
+    found = _finished_fold(files.result(fold), sha)
     if found is None and export_dir is not None:
         found = _finished_fold(export_dir / f"fold{fold}.json", sha)
     return found
@@ -90,9 +156,13 @@ def run_training(
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     spec = patch_spec_from(cfg)
     sha = fold_config_sha256(cfg)
-    summary_file = _summary_path(out_dir, cfg.name)
-    if summary_file.name != "summary.json":
-        say(f"{out_dir / 'summary.json'} is another config's summary: this run's goes to {summary_file.name}")
+    files = RunFiles.of(out_dir, cfg.name)
+    if not files.owner:
+        say(
+            f"{out_dir} belongs to the config named in its summary.json: this run reads its networks and box "
+            f"nets and writes its own files as {files.summary.name}, foldK/{files.result(0).name}, foldK/{files.refit(0).name}"
+        )
+    summary_file = files.summary
     summary: dict[str, Any] = {
         "config": cfg.to_dict(),
         "config_sha256": cfg.sha256(),
@@ -104,8 +174,8 @@ def run_training(
     }
     results: dict[int, dict[str, Any]] = {}
     for i, fold in enumerate(cfg.cv.run_folds):
-        result_path = out_dir / f"fold{fold}" / "result.json"
-        done = _fold_result(out_dir, export_dir, fold, sha)
+        result_path = files.result(fold)
+        done = _fold_result(files, export_dir, fold, sha)
         if done is not None:
             say(f"fold {fold}: finished earlier (AUC {done['malignancy']['auc']:.3f}), not run again")
             results[fold] = done
@@ -121,25 +191,27 @@ def run_training(
             ds,
             train_idx,
             val_idx,
-            out_dir / f"fold{fold}",
+            files.folder(fold),
             max_epochs,
             progress=say,
             early_stopping=cfg.cv.evaluate == "best",
         )
-        model, meta = load_checkpoint(out_dir / f"fold{fold}" / evaluated_checkpoint(cfg, cfg.cv.evaluate))
+        model, meta = load_checkpoint(files.folder(fold) / evaluated_checkpoint(cfg, cfg.cv.evaluate))
         # The box net, the refit and the evaluation see the whole training fold (its validation
         # patients too), never the test fold.
         fit_idx = np.concatenate([train_idx, val_idx])
-        segment, box_net = _first_pass(cfg, ds, fit_idx, out_dir / f"fold{fold}", device, say)
+        segment, box_net = _first_pass(cfg, ds, fit_idx, files.box_nets(fold), device, say)
         t_eval = time.perf_counter()
         head = (
-            _refit_head(cfg, model, ds, fit_idx, device, spec, out_dir / f"fold{fold}", meta, say, segment)
+            _refit_head(cfg, model, ds, fit_idx, device, spec, files.refit(fold), meta, say, segment)
             if cfg.head.refit != "none"
             else None
         )
         result = evaluate_model(model, ds, test_idx, train_idx, device, spec, segment=segment)
         if box_net is not None:
-            result.setdefault("first_pass", {"network": "box_net"})["box_net"] = box_net
+            # The file is the run folder's business, not the fold file's (docs/cv is committed).
+            trained = {k: v for k, v in box_net.items() if k != "checkpoint"}
+            result.setdefault("first_pass", {"network": "box_net"})["box_net"] = trained
         if head is not None:
             result["classifier_refit"] = head
         result["retrieval"] = retrieval_comparison(ds, result)
@@ -179,7 +251,7 @@ def run_training(
         _write(summary_file, summary)
     # Pool over every fold of the CV that has a result, this session's or an earlier one's.
     for fold in range(cfg.cv.folds):
-        done = results.get(fold) or _fold_result(out_dir, export_dir, fold, sha)
+        done = results.get(fold) or _fold_result(files, export_dir, fold, sha)
         if done is not None:
             results[fold] = done
     if results:
@@ -196,22 +268,22 @@ def run_training(
             ds,
             all_idx,
             np.zeros(0, np.int64),
-            out_dir / "final",
+            files.folder(None),
             cfg.train.epochs,
             progress=say,
             early_stopping=False,
         )
-        final = out_dir / "final" / evaluated_checkpoint(cfg, "last")
+        final = files.folder(None) / evaluated_checkpoint(cfg, "last")
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
-        segment, box_net = _first_pass(cfg, ds, all_idx, out_dir / "final", device, say)
+        segment, box_net = _first_pass(cfg, ds, all_idx, files.box_nets(None), device, say)
         if box_net is not None:
-            summary["final"]["box_net"] = {**box_net, "checkpoint": str(out_dir / "final" / "box_net.safetensors")}
+            summary["final"]["box_net"] = box_net
         if cfg.head.refit != "none":
             model, meta = load_checkpoint(final)
             summary["final"]["classifier_refit"] = _refit_head(
-                cfg, model, ds, all_idx, device, spec, out_dir / "final", meta, say, segment
+                cfg, model, ds, all_idx, device, spec, files.refit(None), meta, say, segment
             )
-            summary["final"]["checkpoint"] = str(out_dir / "final" / "refit.safetensors")
+            summary["final"]["checkpoint"] = str(files.refit(None))
             # The head step may add a layer (the attribute skip): count what ships.
             summary["final"]["parameters"] = count_parameters(model)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -226,12 +298,12 @@ def _refit_head(
     idx: np.ndarray,
     device: torch.device,
     spec: Any,
-    folder: Path,
+    out_path: Path,
     meta: dict[str, Any],
     say: Callable[[str], None],
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Refit the heads on the nodules ``idx`` (a whole training fold); saves ``folder/refit.safetensors``.
+    """Refit the heads on the nodules ``idx`` (a whole training fold); saves the network to ``out_path``.
 
     The runtime path's features come from boxes drawn by ``segment`` (a box net) when given, else
     by the model's own first pass.
@@ -263,7 +335,7 @@ def _refit_head(
             f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"
         )
     save_checkpoint(
-        folder / "refit.safetensors",
+        out_path,
         model,
         {**{k: v for k, v in meta.items() if k != "model_config"}, "classifier_refit": info},
     )
@@ -301,10 +373,16 @@ def head_inputs(
 
 
 def _first_pass(
-    cfg: TrainConfig, ds: Dataset, idx: np.ndarray, folder: Path, device: torch.device, say: Callable[[str], None]
+    cfg: TrainConfig,
+    ds: Dataset,
+    idx: np.ndarray,
+    paths: tuple[Path, ...],
+    device: torch.device,
+    say: Callable[[str], None],
 ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, dict[str, Any] | None]:
     """The runtime's first pass for a network trained on ``idx``: None for the model's own, else a
-    box net trained on the same nodules (``folder/box_net.safetensors``) and what its sidecar says."""
+    box net trained on the same nodules (written to ``paths[0]``, or loaded from any of ``paths``
+    trained under the same key; :meth:`RunFiles.box_nets`) and what its sidecar says."""
     if cfg.first_pass.network != "box_net":
         return None, None
     from nodule_edge.train.first_pass import box_net_segmenter, train_box_net
@@ -318,14 +396,16 @@ def _first_pass(
         ds.cache.masks,
         ds.cache.has_mask,
         idx,
-        folder / "box_net.safetensors",
+        paths[0],
+        reuse=paths[1:],
         seed=cfg.train.seed,
         bf16=bf16,
         channels_last=channels_last_enabled(cfg.train.channels_last, device, bf16),
         device=device,
         progress=say,
     )
-    return box_net_segmenter(net), {k: info[k] for k in ("n_nodules", "train_seconds", "first_pass") if k in info}
+    keep = ("n_nodules", "train_seconds", "first_pass", "checkpoint")
+    return box_net_segmenter(net), {k: info[k] for k in keep if k in info}
 
 
 def head_objective(cfg: TrainConfig) -> HeadObjective:
@@ -367,21 +447,6 @@ def _hardware(device: torch.device) -> dict[str, Any]:
 def _epoch_seconds(fit: dict[str, Any]) -> float:
     # Summed from the per-epoch history, so a resumed or re-evaluated run keeps its training time.
     return round(sum(float(h.get("seconds", 0.0)) for h in fit["history"]), 1)
-
-
-def _summary_path(out_dir: Path, name: str) -> Path:
-    """Where the run of config ``name`` writes its summary in ``out_dir``.
-
-    ``summary.json``, unless that file holds the summary of another config: head-step ablations
-    re-evaluate the shipped run's networks in its folder, and must not replace the summary the
-    bundle is exported from. Theirs then goes to ``summary.NAME.json`` beside it.
-    """
-    default = out_dir / "summary.json"
-    try:
-        recorded = json.loads(default.read_text()).get("config", {}).get("name", name)
-    except (OSError, ValueError, AttributeError):  # absent or unreadable: this run writes it
-        return default
-    return default if recorded == name else out_dir / f"summary.{name}.json"
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

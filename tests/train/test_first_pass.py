@@ -119,3 +119,22 @@ def test_tiny_run_with_a_box_net_first_pass(tiny_config: Callable[..., Path], tm
     assert first["network"] == "box_net" and first["box_net"]["first_pass"]["widths"] == [4, 8, 8, 8]
     assert 0 <= first["dice_mean"] <= 1 and 0 <= first["boxes_within_one_voxel_fraction"] <= 1
     assert summary["config"]["first_pass"]["network"] == "box_net"
+
+
+def test_a_box_net_of_the_same_key_elsewhere_is_reused_and_left_alone(tmp_path: Path) -> None:
+    """A head-step ablation in the shipped run's folder reads the shipped box net, never replaces it."""
+    images, masks = _cubes(6)
+    section = FirstPassSection(widths=(4, 8, 8, 8), epochs=1, lr=3e-3, batch=3)
+    owner, own = tmp_path / "box_net.safetensors", tmp_path / "box_net.ablation.safetensors"
+    idx = np.arange(6)
+    train_box_net(section, images, masks, np.ones(6, bool), idx, owner)
+    before = owner.read_bytes()
+    messages: list[str] = []
+    _, meta = train_box_net(
+        section, images, masks, np.ones(6, bool), idx, own, reuse=(owner,), progress=messages.append
+    )
+    assert meta["checkpoint"] == str(owner) and not own.exists()
+    assert any("finished earlier" in m and str(owner) in m for m in messages)
+    # Another key (other nodules): trained into its own file, the owner's untouched.
+    _, meta = train_box_net(section, images, masks, np.ones(6, bool), idx[:4], own, reuse=(owner,))
+    assert meta["checkpoint"] == str(own) and own.is_file() and owner.read_bytes() == before

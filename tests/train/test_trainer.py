@@ -395,16 +395,56 @@ def test_a_resumed_run_trains_the_network_an_uninterrupted_run_trains(
     )
 
 
-def test_a_run_does_not_replace_another_configs_summary_in_a_shared_folder(tmp_path: Path) -> None:
-    """Head-step ablations re-evaluate the shipped networks in runs/shipped: the shipped summary stays."""
-    from nodule_edge.train.run import _summary_path
+def test_run_files_belong_to_the_config_named_in_the_folders_summary(tmp_path: Path) -> None:
+    """Head-step ablations re-evaluate the shipped networks in runs/shipped: the shipped files stay."""
+    from nodule_edge.train.run import RunFiles
 
-    assert _summary_path(tmp_path, "shipped") == tmp_path / "summary.json"  # nothing there yet
+    fresh = RunFiles.of(tmp_path, "shipped")  # nothing there yet: this run writes the plain names
+    assert fresh.owner and fresh.summary == tmp_path / "summary.json"
+    assert fresh.refit(2) == tmp_path / "fold2" / "refit.safetensors"
+    assert fresh.refit(None) == tmp_path / "final" / "refit.safetensors"
+    assert fresh.box_nets(0) == (tmp_path / "fold0" / "box_net.safetensors",)
     (tmp_path / "summary.json").write_text(json.dumps({"config": {"name": "shipped"}}))
-    assert _summary_path(tmp_path, "shipped") == tmp_path / "summary.json"
-    assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.head_refit_full.json"
+    assert RunFiles.of(tmp_path, "shipped").owner
+    other = RunFiles.of(tmp_path, "head_refit_full")
+    assert not other.owner
+    assert other.summary == tmp_path / "summary.head_refit_full.json"
+    assert other.result(1) == tmp_path / "fold1" / "result.head_refit_full.json"
+    assert other.refit(None) == tmp_path / "final" / "refit.head_refit_full.safetensors"
+    assert other.box_nets(0) == (
+        tmp_path / "fold0" / "box_net.head_refit_full.safetensors",
+        tmp_path / "fold0" / "box_net.safetensors",
+    )
+    assert other.folder(3) == tmp_path / "fold3"  # networks are shared (and guarded by their hash)
     (tmp_path / "summary.json").write_text("{not json")  # a damaged summary is rewritten by whoever runs
-    assert _summary_path(tmp_path, "head_refit_full") == tmp_path / "summary.json"
+    assert RunFiles.of(tmp_path, "head_refit_full").owner
+
+
+def test_a_head_step_ablation_in_the_shipped_folder_leaves_the_shipped_files_alone(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    overrides = {"first_pass.network": "box_net", "first_pass.widths": [4, 8, 8, 8]}
+    owner = load_config(tiny_config(), overrides)
+    run_training(owner, folds_only=True)
+    out = tmp_path / "out"
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert out / "fold0" / "refit.safetensors" in written and out / "fold0" / "box_net.safetensors" in written
+
+    ablation = load_config(tiny_config(), {**overrides, "name": "no_parity", "head.parity_weight": 0.0})
+    messages: list[str] = []
+    run_training(ablation, progress=messages.append, folds_only=True)
+    assert all(p.read_bytes() == data for p, data in written.items()), "the owner's files are unchanged"
+    fold = out / "fold0"
+    assert (fold / "refit.no_parity.safetensors").is_file() and (fold / "result.no_parity.json").is_file()
+    assert not (fold / "box_net.no_parity.safetensors").exists()  # the same box net, read from the owner's file
+    assert any("box net: finished earlier" in m and str(fold / "box_net.safetensors") in m for m in messages)
+    summary = json.loads((out / "summary.no_parity.json").read_text())
+    assert summary["folds"]["0"]["classifier_refit"]["method"] == "debugged"
+    assert json.loads((out / "summary.json").read_text())["config"]["name"] == "tiny"
+    # The ablation resumes from its own result file, not from the owner's.
+    messages.clear()
+    run_training(ablation, progress=messages.append, folds_only=True)
+    assert any(m.startswith("fold 0: finished earlier") for m in messages)
 
 
 def test_network_seed_changes_the_network_and_not_the_split(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
