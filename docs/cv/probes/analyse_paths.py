@@ -20,7 +20,7 @@ sig = lambda z: 1 / (1 + np.exp(-z))
 
 folds = [k for k in range(5) if (OUT / f"paths_fold{k}.npz").is_file()]
 data = {k: dict(np.load(OUT / f"paths_fold{k}.npz")) for k in folds}
-fj = {k: json.loads((ROOT / f"docs/ablations/wide_widths/fold{k}.json").read_text()) for k in folds}
+fj = {k: json.loads((ROOT / f"docs/cv/fold{k}.json").read_text()) for k in folds}
 summary = {"folds": folds, "reproduction": {}, "variants": {}, "box": {}}
 
 # reproduction

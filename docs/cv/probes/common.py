@@ -1,4 +1,9 @@
-"""Shared loading for the issue-11 probes (reuses the repo's dataset, splits and checkpoints)."""
+"""Shared loading for the issue-11 probes (reuses the repo's dataset, splits and checkpoints).
+
+fold_model and fold_json read the same run: today's shipped folds (runs/shipped/foldK, docs/cv).
+Outputs recorded before 2026-12-05 were measured on the networks shipped then (the wider ones of
+docs/ablations/wide_widths, or earlier: docs/cv/README.md says which per item); runs/ no longer
+holds those checkpoints, so rerunning such a probe now measures the narrow network."""
 from __future__ import annotations
 
 import os
@@ -37,4 +42,4 @@ def fold_model(fold):
 
 
 def fold_json(fold):
-    return json.loads((ROOT / f"docs/ablations/wide_widths/fold{fold}.json").read_text())
+    return json.loads((ROOT / f"docs/cv/fold{fold}.json").read_text())
