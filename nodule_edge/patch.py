@@ -49,9 +49,13 @@ __all__ = [
     "bound_to_nodule",
     "run_nodule_bounded_with_input",
     "run_nodule_bounded",
+    "FinishStep",
 ]
 
 _INTERPOLATIONS = ("bspline", "linear", "nearest")
+
+#: A last step of the runtime path: ``(first-pass segmentation, whole cubes, second-pass outputs) -> outputs``.
+FinishStep = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,7 @@ def run_nodule_bounded(
     spec: PatchSpec,
     *,
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    finish: FinishStep | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The runtime's model path: first pass on whole cubes, box of its segmentation, second pass.
 
@@ -329,11 +334,14 @@ def run_nodule_bounded(
         segment: The first pass, ``patches -> segmentation [N, S, S, S]``: an engine's
             :meth:`~nodule_edge.runtime.engines.Engine.segment`, which computes the segmentation
             without the rest of the graph. None: ``run(patches)["segmentation"]``.
+        finish: Called with the first pass's segmentation ``[N, S, S, S]``, the whole cubes and
+            the second pass's outputs; returns the outputs (the outline term,
+            :func:`nodule_edge.outline.outline_step`). Not called without a nodule box.
 
     Returns:
         The second pass's outputs and, per patch, whether the first pass found a nodule.
     """
-    outputs, found, _ = run_nodule_bounded_with_input(run, patches, spec, segment=segment)
+    outputs, found, _ = run_nodule_bounded_with_input(run, patches, spec, segment=segment, finish=finish)
     return outputs, found
 
 
@@ -343,6 +351,7 @@ def run_nodule_bounded_with_input(
     spec: PatchSpec,
     *,
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    finish: FinishStep | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """:func:`run_nodule_bounded`, also returning the cubes the answering pass read.
 
@@ -356,4 +365,5 @@ def run_nodule_bounded_with_input(
     found = np.zeros(len(patches), bool)
     for i, patch in enumerate(patches):
         bounded[i], found[i] = bound_to_nodule(patch, segmentation[i], spec)
-    return run(bounded), found, bounded
+    outputs = run(bounded)
+    return (outputs if finish is None else finish(segmentation, patches, outputs)), found, bounded

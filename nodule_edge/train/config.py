@@ -151,6 +151,11 @@ class HeadSection:
     # means a mean rating above 3). Ignored by the other refits. Probed on two folds, not shipped:
     # docs/cv/README.md, item 10 (docs/cv/probes/probe_rating_targets.py).
     classifier_target: str = "labels"
+    # With the "debugged" refit, fit a linear term on seven statistics of the runtime's first-pass
+    # outline beside the classifier (nodule_edge.outline: z = z_network + w . statistics + b),
+    # under the same objective (debug loss, parity penalty; the term is the same on both paths).
+    # Probe: docs/cv/README.md, item 15; ablation: configs/ablations/outline_statistics.toml.
+    outline_statistics: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "l2_grid"): DEBUGGED_L2_GRID,
     ("head", "calibrate"): False,
     ("head", "classifier_target"): "labels",
+    ("head", "outline_statistics"): False,
 }
 
 
@@ -368,6 +374,10 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.classifier_target in ("labels", "ratings"),
             f"head.classifier_target must be labels or ratings, got {cfg.head.classifier_target!r}",
+        ),
+        (
+            not cfg.head.outline_statistics or (cfg.head.refit == "debugged" and cfg.train.nodule_box),
+            "head.outline_statistics needs head.refit = debugged and train.nodule_box = true (the outline is the first pass's)",
         ),
         (
             cfg.head.attribute_weight >= 0,

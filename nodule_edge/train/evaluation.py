@@ -10,6 +10,7 @@ import torch
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import binary_metrics, brier_score, dice, roc_auc, within_one_accuracy
+from nodule_edge.outline import OutlineHead
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, nodule_extent
 from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.model import CollaborativeNet
@@ -85,6 +86,7 @@ def evaluate_model(
     spec: PatchSpec | None = None,
     context_extra_mm: float = 2.0,
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    outline_head: OutlineHead | None = None,
 ) -> dict[str, Any]:
     """All reported metrics for one held-out set, with the diameter-only and constant baselines.
 
@@ -97,13 +99,15 @@ def evaluate_model(
 
     ``segment`` is the runtime's first pass when it is not the model's own segmentation (a box
     net, :mod:`nodule_edge.train.first_pass`); its Dice and box error against the readers' mask
-    are reported under ``first_pass``.
+    are reported under ``first_pass``. ``outline_head`` is the head step's outline term
+    (:mod:`nodule_edge.outline`), added on every path from the first pass's outline statistics
+    (the training path shares the runtime path's: both come from the whole cube).
 
     Returns:
         A JSON-serialisable dict, plus ``_predictions`` (per-nodule arrays) for pooling.
     """
     spec = spec or DEFAULT_PATCH_SPEC
-    pred, found = predict_runtime_path(model, ds, test_idx, device, spec, segment=segment)
+    pred, found = predict_runtime_path(model, ds, test_idx, device, spec, segment=segment, outline_head=outline_head)
     labels = ds.labels[test_idx]
     sel = labels >= 0
     result: dict[str, Any] = {
@@ -158,6 +162,8 @@ def evaluate_model(
 
     if spec.nodule_box is not None:
         reference = predict(model, ds, test_idx, device, bf16=False, images=reference_bounded(ds, test_idx, spec))
+        if outline_head is not None:
+            reference = outline_head.apply(reference, pred["outline_statistics"])
         result["malignancy_reference_box"] = binary_metrics(labels[sel], reference["malignancy_probability"][sel])
         delta = pred["malignancy_probability"] - reference["malignancy_probability"]
         result["path_parity"] = {
@@ -179,7 +185,9 @@ def evaluate_model(
         cut = _truncate_z_around_nodule(
             ds.cache.images[test_idx[roomy]].astype(np.float32), masks[roomy], context_extra_mm, spec.spacing_mm
         )
-        short, _ = predict_runtime_path(model, ds, test_idx[roomy], device, spec, images=cut, segment=segment)
+        short, _ = predict_runtime_path(
+            model, ds, test_idx[roomy], device, spec, images=cut, segment=segment, outline_head=outline_head
+        )
         delta = short["malignancy_probability"] - pred["malignancy_probability"][roomy]
         result["context_sensitivity_nodule_intact"] = {
             "n": int(len(roomy)),

@@ -42,6 +42,7 @@ measure differently, and path parity (docs/cv/README.md, item 8) is what the run
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import roc_auc
+from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
 from nodule_edge.train.config import DEBUGGED_L2_GRID
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
@@ -64,6 +66,7 @@ __all__ = [
     "HeadObjective",
     "ATTRIBUTE_READOUT_STEPS",
     "ATTRIBUTE_SKIP_L2",
+    "OUTLINE_L2",
     "fit_logistic",
     "refit_classifier",
     "refit_heads",
@@ -78,6 +81,12 @@ ATTRIBUTE_READOUT_STEPS = 1000
 #: L2 of the attribute skip (standardised inputs, summed loss): the middle of the plateau of fold
 #: 0's test MAE over 0-0.003 (docs/cv/probes/attribute_direct_fold0.txt); folds 1-4 are clean of it.
 ATTRIBUTE_SKIP_L2 = 0.003
+
+#: L2 of the outline term (7 weights on standardised statistics, mean loss), fixed rather than
+#: taken from the classifier's grid: seven weights on about 460 labelled nodules hardly overfit,
+#: and the probes' inner-CV choices for them (summed loss 0.01-1 over ~460 nodules, i.e. about
+#: 2e-5 to 2e-3 on the mean; docs/cv/probes/probe_box_outline_head.py) sit far below that grid.
+OUTLINE_L2 = 1e-3
 
 #: Ratings r in 1..5 are scaled to [0, 1] as (r − 1) / 4: errors in rating points are 4× larger.
 RATING_SPAN = 4.0
@@ -190,6 +199,9 @@ class HeadInputs:
         has_attributes: ``[N]`` which nodules have attribute ratings.
         reference_head_in: ``[N, C + S]`` the same on the training path (box of the readers'
             mask), for the path-parity penalty; None without it.
+        outline: ``[N, 7]`` the first pass's outline statistics (:mod:`nodule_edge.outline`),
+            for an outline term beside the classifier; None without it. They come from the
+            first pass on the whole cube, so both paths share them.
     """
 
     head_in: np.ndarray
@@ -199,6 +211,7 @@ class HeadInputs:
     attributes: np.ndarray
     has_attributes: np.ndarray
     reference_head_in: np.ndarray | None = None
+    outline: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -245,7 +258,13 @@ class HeadObjective:
 class _Heads:
     """The heads of a :class:`CollaborativeNet` in float64 on standardised inputs."""
 
-    def __init__(self, model: CollaborativeNet, mean: torch.Tensor, sd: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: CollaborativeNet,
+        mean: torch.Tensor,
+        sd: torch.Tensor,
+        outline: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.c = model.feature_channels
         self.h = self.c + model.n_seg_features
         self.concat = model.config.use_attributes and model.config.concat_embedding
@@ -267,21 +286,33 @@ class _Heads:
             ws = model.attr_skip.weight.detach().double()
             self.params["Ws"] = ws * sd
             self.params["bo"] = self.params["bo"] + ws @ mean
+        # The outline term starts at zero (the network's function unchanged) on standardised
+        # statistics; write_back returns it as an OutlineHead in raw units.
+        self.outline = outline
+        if outline is not None:
+            self.params["wo"] = torch.zeros(len(outline[0]), dtype=torch.float64)
 
-    def forward(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logit ``[N]``, attributes ``[N, A]`` and Grad-CAM channel weights ``[N, C]`` (raw units)."""
+    def forward(
+        self, p: dict[str, torch.Tensor], x: torch.Tensor, outline: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logit ``[N]``, attributes ``[N, A]`` and Grad-CAM channel weights ``[N, C]`` (raw units).
+
+        ``outline``: the standardised outline statistics, when the heads have an outline term."""
         pre = x @ p["We"].T + p["be"]
         emb = F.relu(pre)
         attributes = torch.sigmoid(_attribute_logits(p, x, emb))
         cls_in = torch.cat([x, emb], 1) if self.concat else x
         logit = cls_in @ p["wc"] + p["bc"]
+        if "wo" in p and outline is not None:
+            logit = logit + outline @ p["wo"]
         omega = p["wc"][: self.c].expand(len(x), -1)
         if self.concat:
             omega = omega + ((pre > 0).double() * p["wc"][self.h :]) @ p["We"][:, : self.c]
         # ∂z/∂g for the raw pooled features g (x = (g − mean)/sd), as CollaborativeNet.logit_gradient.
         return logit, attributes, omega / self.sd[: self.c]
 
-    def write_back(self, model: CollaborativeNet, p: dict[str, torch.Tensor]) -> None:
+    def write_back(self, model: CollaborativeNet, p: dict[str, torch.Tensor]) -> OutlineHead | None:
+        """Write the heads into ``model``; the outline term, which the network does not hold, is returned."""
         mean, sd = self.mean, self.sd
         wc = p["wc"].clone()
         bc = p["bc"][0] - (wc[: self.h] / sd) @ mean
@@ -299,6 +330,11 @@ class _Heads:
             model.attr_out.bias.copy_(bo.to(model.attr_out.bias.dtype))
             model.cls.weight.copy_(wc.unsqueeze(0).to(model.cls.weight.dtype))
             model.cls.bias.fill_(float(bc))
+        if self.outline is None or "wo" not in p:
+            return None
+        outline_mean, outline_sd = self.outline
+        weights = p["wo"] / outline_sd
+        return OutlineHead(tuple(float(w) for w in weights), float(-(weights @ outline_mean)))
 
 
 def _attribute_logits(p: dict[str, torch.Tensor], x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -330,7 +366,14 @@ def _cam_region_means(
 
 
 class _Data:
-    def __init__(self, inputs: HeadInputs, rows: np.ndarray, mean: torch.Tensor, sd: torch.Tensor) -> None:
+    def __init__(
+        self,
+        inputs: HeadInputs,
+        rows: np.ndarray,
+        mean: torch.Tensor,
+        sd: torch.Tensor,
+        outline: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.x = (torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64)) - mean) / sd
         self.features = torch.from_numpy(np.ascontiguousarray(inputs.features[rows], np.float32))
         seg = torch.from_numpy(np.asarray(inputs.segmentation[rows], np.float32))
@@ -349,6 +392,11 @@ class _Data:
             if inputs.reference_head_in is None
             else (torch.from_numpy(np.asarray(inputs.reference_head_in[rows], np.float64)) - mean) / sd
         )
+        self.outline = (
+            None
+            if inputs.outline is None or outline is None
+            else (torch.from_numpy(np.asarray(inputs.outline[rows], np.float64)) - outline[0]) / outline[1]
+        )
 
 
 def _classifier_targets(data: _Data, rating_targets: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +412,7 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
     opt = torch.optim.Adam(list(p.values()), lr=objective.lr)
     target, lab = _classifier_targets(data, objective.rating_targets)
     for _ in range(objective.steps):
-        logit, attrs, omega = heads.forward(p, data.x)
+        logit, attrs, omega = heads.forward(p, data.x, data.outline)
         loss = F.binary_cross_entropy_with_logits(logit[lab], target[lab])
         if objective.alpha:
             inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
@@ -376,9 +424,11 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
             m = data.has_attributes
             loss = loss + objective.gamma * F.mse_loss(attrs[m], data.attributes[m][:, : attrs.shape[1]])
         if objective.parity_weight and data.x_reference is not None:
-            reference_logit = heads.forward(p, data.x_reference)[0]
+            reference_logit = heads.forward(p, data.x_reference, data.outline)[0]
             loss = loss + objective.parity_weight * (torch.sigmoid(logit) - torch.sigmoid(reference_logit)).abs().mean()
         attribute_weights = [p[k] for k in ("We", "Wo", "Ws") if k in p]
+        if "wo" in p:
+            loss = loss + OUTLINE_L2 * (p["wo"] ** 2).sum()
         loss = loss + l2 * (p["wc"] ** 2).sum() + objective.attribute_l2 * sum((w**2).sum() for w in attribute_weights)
         opt.zero_grad()
         loss.backward()
@@ -415,7 +465,7 @@ def _fit_attribute_readout(
 def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dict[str, float]:
     """AUC, Grad-CAM-on-nodule fraction and attribute MAE (rating points) of heads ``p`` on ``data``."""
     with torch.no_grad():
-        logit, attrs, omega = heads.forward(p, data.x)
+        logit, attrs, omega = heads.forward(p, data.x, data.outline)
         inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
     lab = data.labelled.numpy()
     out = {
@@ -429,7 +479,7 @@ def _head_metrics(heads: _Heads, p: dict[str, torch.Tensor], data: _Data) -> dic
         out["attribute_mae"] = float((attrs[m] - data.attributes[m]).abs().mean() * 4)
     if data.x_reference is not None:
         with torch.no_grad():
-            reference_logit = heads.forward(p, data.x_reference)[0]
+            reference_logit = heads.forward(p, data.x_reference, data.outline)[0]
         out["path_parity"] = float((torch.sigmoid(logit) - torch.sigmoid(reference_logit)).abs().mean())
     return out
 
@@ -467,6 +517,10 @@ def refit_heads(
         )
     if len(patients) != len(inputs):
         raise ValueError(f"{len(patients)} patients given for {len(inputs)} nodules")
+    if inputs.outline is not None and inputs.outline.shape != (len(inputs), len(OUTLINE_FEATURE_NAMES)):
+        raise ValueError(
+            f"outline statistics of shape {inputs.outline.shape} for {len(inputs)} nodules (expected [N, {len(OUTLINE_FEATURE_NAMES)}])"
+        )
     if len(np.unique(inputs.labels[inputs.labels >= 0])) < 2:
         raise ValueError("refitting the heads needs both classes among the labelled nodules")
     torch.manual_seed(seed)
@@ -486,11 +540,11 @@ def refit_heads(
             continue
         # One standardisation and one copy of the features per inner fold, shared by every strength.
         heads, fit_data = _prepare(model, inputs, fit_rows)
-        test_data = _Data(inputs, test_rows, heads.mean, heads.sd)
+        test_data = _Data(inputs, test_rows, heads.mean, heads.sd, heads.outline)
         for value in l2_grid:
             params = _fit(heads, fit_data, value, objective, attributes)
             with torch.no_grad():
-                logit, _, omega = heads.forward(params, test_data.x)
+                logit, _, omega = heads.forward(params, test_data.x, test_data.outline)
                 inside, outside = _cam_region_means(logit, omega, test_data.features, test_data.f_in, test_data.f_out)
             logits[value][test_rows], on_nodule[value][test_rows] = logit.numpy(), (inside > outside).numpy()
     lab = inputs.labels >= 0
@@ -517,7 +571,11 @@ def refit_heads(
         if info["calibration"]["applied"]:
             scale, shift = info["calibration"]["scale"], info["calibration"]["shift"]
             params = {**params, "wc": params["wc"] * scale, "bc": params["bc"] * scale + shift}
-    heads.write_back(model, params)
+            if "wo" in params:
+                params["wo"] = params["wo"] * scale
+    outline_head = heads.write_back(model, params)
+    if outline_head is not None:
+        info["outline_head"] = json.loads(outline_head.to_json())
     info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     if readout:
         info["attribute_readout"] = {
@@ -564,5 +622,9 @@ def platt_calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def _prepare(model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray) -> tuple[_Heads, _Data]:
     head_in = torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64))
     mean, sd = head_in.mean(0), head_in.std(0).clamp_min(1e-6)
-    heads = _Heads(model, mean, sd)
-    return heads, _Data(inputs, rows, mean, sd)
+    outline = None
+    if inputs.outline is not None:
+        statistics = torch.from_numpy(np.asarray(inputs.outline[rows], np.float64))
+        outline = (statistics.mean(0), statistics.std(0).clamp_min(1e-6))
+    heads = _Heads(model, mean, sd, outline)
+    return heads, _Data(inputs, rows, mean, sd, outline)

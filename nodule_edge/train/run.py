@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nodule_edge._files import sha256_bytes, write_text_atomic
+from nodule_edge.outline import OutlineHead
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.head import HeadInputs, HeadObjective, refit_classifier, refit_heads
@@ -207,7 +208,10 @@ def run_training(
             if cfg.head.refit != "none"
             else None
         )
-        result = evaluate_model(model, ds, test_idx, train_idx, device, spec, segment=segment)
+        outline_head = OutlineHead.from_dict(head["outline_head"]) if head and "outline_head" in head else None
+        result = evaluate_model(
+            model, ds, test_idx, train_idx, device, spec, segment=segment, outline_head=outline_head
+        )
         if box_net is not None:
             # The file is the run folder's business, not the fold file's (docs/cv is committed).
             trained = {k: v for k, v in box_net.items() if k != "checkpoint"}
@@ -321,7 +325,16 @@ def _refit_head(
         chosen = info["inner_cv_auc_by_l2"][f"{info['l2']:g}"]
         say(f"classifier refitted on {info['n_labelled']} nodules: L2 {info['l2']:g}, inner-CV AUC {chosen:.3f}")
     else:
-        inputs = head_inputs(model, ds, idx, device, spec, segment, with_reference=cfg.head.parity_weight > 0)
+        inputs = head_inputs(
+            model,
+            ds,
+            idx,
+            device,
+            spec,
+            segment,
+            with_reference=cfg.head.parity_weight > 0,
+            with_outline=cfg.head.outline_statistics,
+        )
         info = refit_heads(
             model,
             inputs,
@@ -350,11 +363,15 @@ def head_inputs(
     spec: Any,
     segment: Callable[[np.ndarray], np.ndarray] | None,
     with_reference: bool,
+    with_outline: bool = False,
 ) -> HeadInputs:
     """What the "debugged" head refit reads for the nodules ``idx``: the runtime path's head inputs,
-    fusion features and coarse segmentation, and with ``with_reference`` the training path's head
-    inputs (box of the readers' mask) for the path-parity penalty."""
-    pred = predict_runtime_path(model, ds, idx, device, spec, with_features=True, segment=segment)[0]
+    fusion features and coarse segmentation, with ``with_reference`` the training path's head
+    inputs (box of the readers' mask) for the path-parity penalty, and with ``with_outline`` the
+    first pass's outline statistics (:mod:`nodule_edge.outline`)."""
+    pred = predict_runtime_path(
+        model, ds, idx, device, spec, with_features=True, segment=segment, with_outline_statistics=with_outline
+    )[0]
     width = model.feature_channels + model.n_seg_features
     reference = (
         predict(model, ds, idx, device, False, images=reference_bounded(ds, idx, spec))["classifier_input"][:, :width]
@@ -369,6 +386,7 @@ def head_inputs(
         attributes=ds.attributes[idx],
         has_attributes=ds.has_attributes[idx],
         reference_head_in=reference,
+        outline=pred["outline_statistics"] if with_outline else None,
     )
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
+from nodule_edge.outline import OutlineHead, outline_step
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
 from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
 from nodule_edge.train.config import TrainConfig, TrainSection, training_config_sha256
@@ -266,6 +267,7 @@ def predict(
     model.eval()
     keys = [
         "malignancy_probability",
+        "malignancy_logit",
         "attributes",
         "nodule_attention",
         "background_attention",
@@ -323,13 +325,17 @@ def predict_runtime_path(
     bf16: bool = False,
     with_features: bool = False,
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    outline_head: OutlineHead | None = None,
+    with_outline_statistics: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the runtime does with a cube (:func:`nodule_edge.patch.run_nodule_bounded`).
 
     The same function the runtime calls draws the box, so the evaluation measures the shipped
     path. ``segment`` is the first pass when it is not the model's own segmentation (a box net,
-    :mod:`nodule_edge.train.first_pass`). Returns the second pass's predictions and whether the
-    first pass found a nodule.
+    :mod:`nodule_edge.train.first_pass`). With ``outline_head`` the outline term is added to the
+    malignancy outputs (:mod:`nodule_edge.outline`); with it or ``with_outline_statistics`` the
+    first pass's outline statistics come back as ``outline_statistics``. Returns the second
+    pass's predictions and whether the first pass found a nodule.
     """
     source = np.asarray(ds.cache.images[idx] if images is None else images, np.float32)
 
@@ -342,7 +348,11 @@ def predict_runtime_path(
         out["segmentation"] = out["segmentation64"].astype(np.float32)
         return out
 
-    return run_nodule_bounded(run, source, spec, segment=segment)
+    outline = outline_head is not None or with_outline_statistics
+    finish = outline_step(spec, outline_head) if outline and spec.nodule_box is not None else None
+    if outline and finish is None:
+        raise ConfigError("outline statistics come from the runtime's first pass: the patch spec has no nodule box")
+    return run_nodule_bounded(run, source, spec, segment=segment, finish=finish)
 
 
 def _distributed() -> tuple[int, int]:

@@ -463,3 +463,30 @@ def test_network_seed_changes_the_network_and_not_the_split(tiny_config: Callabl
     same = _tiny(tiny_config, **{"train.epochs": 1, "train.network_seed": 0})
     train_model(same, ds, labelled, np.zeros(0, np.int64), tmp_path / "c", 1)
     assert torch.equal(_weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "c" / "last.safetensors"))
+
+
+def test_a_tiny_run_with_the_outline_term(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """[head] outline_statistics: the head step fits the outline term, the fold result and the refit's
+    sidecar carry it, and the evaluation adds it on the runtime path."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+
+    cfg = load_config(
+        tiny_config(),
+        {"first_pass.network": "box_net", "first_pass.widths": [4, 8, 8, 8], "head.outline_statistics": True},
+    )
+    summary = run_training(cfg, folds_only=True)
+    refit = summary["folds"]["0"]["classifier_refit"]
+    head = OutlineHead.from_dict(refit["outline_head"])
+    assert refit["outline_head"]["names"] == list(OUTLINE_FEATURE_NAMES)
+    assert any(w != 0 for w in head.weights), "the term was fitted"
+    _, meta = load_checkpoint(tmp_path / "out" / "fold0" / "refit.safetensors")
+    assert meta["classifier_refit"]["outline_head"] == refit["outline_head"]
+    fold0 = summary["folds"]["0"]
+    assert 0 <= fold0["path_parity"]["mean_abs_delta_probability"] <= 1
+    assert 0 <= fold0["cam_on_nodule_fraction_gt_mask"] <= 1
+
+
+def test_outline_statistics_need_the_debugged_refit_and_a_nodule_box(tiny_config: Callable[..., Path]) -> None:
+    for overrides in ({"head.refit": "full"}, {"train.nodule_box": False}):
+        with pytest.raises(ConfigError, match="outline_statistics"):
+            load_config(tiny_config(), {"head.outline_statistics": True, **overrides})
