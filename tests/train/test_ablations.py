@@ -50,6 +50,7 @@ EXPECTED = {
     "contiguous_groupnorm": (True, True, False, True),
     "narrow_widths": (True, True, False, True),
     "network_seed1": (True, True, False, True),
+    "outline_statistics": (True, True, False, True),
 }
 
 

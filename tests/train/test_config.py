@@ -233,6 +233,7 @@ HEAD_STEP_ABLATIONS = (
     "no_attribute_skip",
     "parity_penalty",
     "no_parity_penalty",
+    "outline_statistics",
 )
 
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).

@@ -353,3 +353,47 @@ def test_the_calibrated_refit_rescales_only_the_classifier_and_keeps_its_ranking
     for name, a in models[0].state_dict().items():
         b = models[1].state_dict()[name]
         assert torch.equal(a, b) == (not name.startswith("cls")), name
+
+
+def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_in_raw_units() -> None:
+    """Labels carried by the outline statistics alone: the refit gives the term the weight, and the
+    returned OutlineHead plus the rewritten network reproduce the refit's logits."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=60)
+    rng = np.random.default_rng(3)
+    inputs.outline = rng.normal(loc=5.0, scale=2.0, size=(len(inputs), len(OUTLINE_FEATURE_NAMES)))
+    inputs.labels = (inputs.outline[:, 1] > np.median(inputs.outline[:, 1])).astype(np.int64)
+    patients = [f"p{i // 2}" for i in range(len(inputs))]
+    info = refit_heads(model, inputs, patients, HeadObjective(steps=200), l2_grid=(0.01,), inner_folds=2)
+    head = OutlineHead.from_dict(info["outline_head"])
+    assert abs(head.weights[1]) == max(abs(w) for w in head.weights) and head.weights[1] > 0
+    assert info["training_after"]["auc"] > 0.95
+    width = model.feature_channels + model.n_seg_features
+    x = torch.from_numpy(inputs.head_in).float()
+    with torch.no_grad():
+        network = model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0].double().numpy()
+    logit = network + head.logit(inputs.outline)
+    assert roc_auc(inputs.labels, logit) == pytest.approx(info["training_after"]["auc"], abs=1e-6)
+    # Without the statistics the same refit cannot find these labels on held-out nodules.
+    torch.manual_seed(0)
+    plain = refit_heads(
+        CollaborativeNet(SMALL),
+        HeadInputs(**{**inputs.__dict__, "outline": None}),
+        patients,
+        HeadObjective(steps=200),
+        l2_grid=(0.01,),
+        inner_folds=2,
+    )
+    held_out = {name: run["inner_cv_by_l2"]["0.01"]["auc"] for name, run in (("plain", plain), ("outline", info))}
+    assert "outline_head" not in plain and held_out["plain"] < held_out["outline"] - 0.1
+
+
+def test_outline_statistics_of_the_wrong_shape_are_refused() -> None:
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model)
+    inputs.outline = np.zeros((len(inputs), 3))
+    with pytest.raises(ValueError, match="outline statistics"):
+        refit_heads(model, inputs, [f"p{i}" for i in range(len(inputs))])
