@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,44 @@ def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
     )
     net = BoxNet(BoxNetConfig(widths=(4, 8, 8, 8)))
     with torch.no_grad():  # not the decoder's "no nodule" start: a map with structure to compare
+        net.seg_head.out.bias.zero_()
+    save_box_net(root / "box_net.safetensors", net.eval(), {"note": "seeded, untrained"})
+    return build_bundle(
+        root / "ckpt.safetensors",
+        root / "bundle",
+        index_manifest_dir=synthetic_voi_dir,
+        cpu_engine=False,
+        first_pass=root / "box_net.safetensors",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_with_outline_term(tmp_path_factory, synthetic_voi_dir) -> Path:
+    """:func:`tiny_bundle_with_first_pass`'s networks, the checkpoint with an outline term
+    (``[head] outline_statistics``: the head step's ``classifier_refit.outline_head``)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from nodule_edge.export.bundle_builder import build_bundle
+    from nodule_edge.outline import OutlineHead
+    from nodule_edge.patch import DEFAULT_PATCH_SPEC
+    from nodule_edge.train.first_pass import save_box_net
+    from nodule_edge.train.model import BoxNet, BoxNetConfig, CollaborativeNet
+    from nodule_edge.train.trainer import save_checkpoint
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle_outline")
+    head = OutlineHead(weights=(0.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0), bias=-6.0)  # log volume: ~55 mm3 -> 0
+    save_checkpoint(
+        root / "ckpt.safetensors",
+        CollaborativeNet(),
+        {
+            "epoch": 0,
+            "patch_spec": DEFAULT_PATCH_SPEC.to_json(),
+            "classifier_refit": {"method": "debugged", "outline_head": json.loads(head.to_json())},
+        },
+    )
+    net = BoxNet(BoxNetConfig(widths=(4, 8, 8, 8)))
+    with torch.no_grad():
         net.seg_head.out.bias.zero_()
     save_box_net(root / "box_net.safetensors", net.eval(), {"note": "seeded, untrained"})
     return build_bundle(

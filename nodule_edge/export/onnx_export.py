@@ -145,6 +145,10 @@ def export_onnx(
         "checkpoint_sha256": file_sha256(checkpoint),
         "saliency": "Grad-CAM at the fusion output w.r.t. the malignancy probability, (p-0.5)-signed, min-max normalised, closed form",
     }
+    outline_head = meta.get("classifier_refit", {}).get("outline_head")
+    if outline_head is not None:
+        # Added by the runtime after this graph, on the first pass's outline (nodule_edge.outline).
+        metadata["outline_head"] = json.dumps(outline_head)
     for key, value in (extra_metadata or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     return _export_graph(module, spec, Path(out_path), OUTPUT_NAMES, metadata)

@@ -190,7 +190,7 @@ def explain_nodule(
     if "occlusion" in methods:
         try:
             occluded = occlusion_map(
-                inferer.engine.run,
+                inferer.model_run(pred),
                 nodule.patch,
                 spec,
                 segment=inferer.engine.segment,
@@ -228,9 +228,10 @@ def explain_nodule(
     if faithfulness:
         bounded = occluded.bounded_patch if occluded is not None else _bounded(inferer, nodule.patch)
         target = 1 if sign > 0 else 0
+        run = inferer.model_run(pred)
 
         def score(x: np.ndarray) -> np.ndarray:
-            return np.asarray(inferer.engine.run(np.asarray(x, np.float32))["malignancy_probability"], dtype=np.float64)
+            return np.asarray(run(np.asarray(x, np.float32))["malignancy_probability"], dtype=np.float64)
 
         for exp in maps.values():
             t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
+from nodule_edge.outline import outline_step
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engines import Engine, create_engine
@@ -55,6 +56,9 @@ class NodulePrediction:
     retrieval_score: float | None = None
     nodule_bounded: bool = False
     first_pass_found_nodule: bool = True
+    #: The first pass's outline statistics (:data:`nodule_edge.outline.OUTLINE_FEATURE_NAMES`) for a
+    #: model with an outline term, else None.
+    outline_statistics: np.ndarray | None = None
 
     @property
     def saliency_sign_uncertain(self) -> bool:
@@ -160,6 +164,10 @@ class NoduleInferer:
         self.engine: Engine = create_engine(self.bundle, backend, threads)
         self.spec = self.engine.metadata.patch_spec
         self.attribute_names = self.engine.metadata.attribute_names
+        # A model with an outline term: the first pass's outline statistics and the term join the
+        # second pass's outputs (nodule_edge.outline; README, "The model and its patch").
+        self.outline_head = self.engine.metadata.outline_head
+        self._finish = outline_step(self.spec, self.outline_head) if self.outline_head is not None else None
         self.top_k = top_k
         self.trust_margin = trust_margin
         self.index = None
@@ -253,8 +261,23 @@ class NoduleInferer:
         A model with a nodule box in its patch spec runs twice: the first pass's segmentation
         bounds the cube as the training VOIs were bounded, the second pass gives the answer.
         """
-        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec, segment=self.engine.segment)
+        outputs, found = run_nodule_bounded(
+            self.engine.run, patches, self.spec, segment=self.engine.segment, finish=self._finish
+        )
         return self._predictions(outputs, exclude_ids, found)
+
+    def model_run(self, prediction: NodulePrediction | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        """The second pass as explanations perturb it: the engine, plus the outline term of
+        ``prediction``'s first pass (fixed: a perturbation of the second pass's cube does not
+        move the first pass's outline) for a model that has one."""
+        if self.outline_head is None or prediction is None or prediction.outline_statistics is None:
+            return self.engine.run
+        head, statistics = self.outline_head, prediction.outline_statistics
+
+        def run(patches: np.ndarray) -> dict[str, np.ndarray]:
+            return head.apply(self.engine.run(patches), np.repeat(statistics[None], len(patches), axis=0))
+
+        return run
 
     def explain(
         self,
@@ -320,7 +343,9 @@ class NoduleInferer:
                     "(NaN or infinite HU: check RescaleSlope/RescaleIntercept, or the array passed in)"
                 )
         t0 = time.perf_counter()
-        outputs, found = run_nodule_bounded(self.engine.run, patches, self.spec, segment=self.engine.segment)
+        outputs, found = run_nodule_bounded(
+            self.engine.run, patches, self.spec, segment=self.engine.segment, finish=self._finish
+        )
         timing["engine"] = _ms(t0)
         t0 = time.perf_counter()
         predictions = self._predictions(outputs, exclude_ids, found)
@@ -387,6 +412,7 @@ class NoduleInferer:
                     saliency=outputs["saliency"][i],
                     nodule_bounded=bounded,
                     first_pass_found_nodule=True if found is None else bool(found[i]),
+                    outline_statistics=outputs["outline_statistics"][i] if "outline_statistics" in outputs else None,
                 )
             )
         if self.index is not None and len(self.index) and n:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from nodule_edge._files import write_text_atomic
 from nodule_edge.errors import ConfigError, OutputError
 from nodule_edge.explanation_methods import RUNTIME_METHODS, TORCH_METHODS
+from nodule_edge.outline import OutlineHead, outline_step
 from nodule_edge.runtime.explain_metrics import (
     deletion_curve,
     insertion_curve,
@@ -94,17 +95,23 @@ def _maps(
     methods: Sequence[str],
     options: dict[str, dict[str, Any]],
     segment: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
-    """method → (signed map, explained input, seconds, probability) for one nodule; ``segment``
-    is the first pass when it is a box net."""
+    outline_head: OutlineHead | None = None,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, float, float]], Callable[[np.ndarray], dict[str, np.ndarray]]]:
+    """method → (signed map, explained input, seconds, probability) for one nodule, and the second
+    pass as the explanations perturb it (with the nodule's outline term, fixed, for a model that
+    has one, as the runtime's ``NoduleInferer.model_run``); ``segment`` is the first pass when it
+    is a box net."""
     from nodule_edge.patch import run_nodule_bounded_with_input
     from nodule_edge.train.explain import explain
 
     run = _torch_run(model)
     out: dict[str, tuple[np.ndarray, np.ndarray, float, float]] = {}
     t0 = time.perf_counter()
-    outputs, _, answered = run_nodule_bounded_with_input(run, patch[None], spec, segment=segment)
+    finish = outline_step(spec, outline_head) if outline_head is not None else None
+    outputs, _, answered = run_nodule_bounded_with_input(run, patch[None], spec, segment=segment, finish=finish)
     cam_seconds = time.perf_counter() - t0
+    if outline_head is not None:
+        run = _with_fixed_term(run, outline_head, outputs["outline_statistics"][0])
     bounded = np.asarray(answered[0], np.float32)
     p = float(outputs["malignancy_probability"][0])
     sign = 1.0 if p >= 0.5 else -1.0
@@ -117,7 +124,16 @@ def _maps(
         else:
             attributed = explain(model, patch, method, spec=spec, segment=segment, **options.get(method, {}))
             out[method] = (sign * attributed.map, attributed.input, attributed.seconds, p)
-    return out
+    return out, run
+
+
+def _with_fixed_term(
+    run: Callable[[np.ndarray], dict[str, np.ndarray]], head: OutlineHead, statistics: np.ndarray
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    def fixed(patches: np.ndarray) -> dict[str, np.ndarray]:
+        return head.apply(run(patches), np.repeat(statistics[None], len(patches), axis=0))
+
+    return fixed
 
 
 def _randomised(model: torch.nn.Module, upto: int, seed: int) -> torch.nn.Module:
@@ -207,12 +223,16 @@ def compare_explanations(
 
         box_net = next((p for p in files.box_nets(fold) if p.is_file()), files.box_nets(fold)[0])
         segment = box_net_segmenter(load_box_net(box_net)[0])
-    run = _torch_run(model)
+    outline_head = (
+        OutlineHead.from_dict(meta["classifier_refit"]["outline_head"])
+        if "outline_head" in meta.get("classifier_refit", {})
+        else None
+    )
     rows: list[dict[str, Any]] = []
     for n, i in enumerate(test):
         patch = np.asarray(ds.cache.images[i], np.float32)
         mask = np.asarray(ds.cache.masks[i], np.float32) >= 0.5
-        maps = _maps(model, patch, spec, methods, options, segment)
+        maps, run = _maps(model, patch, spec, methods, options, segment, outline_head)
         p = next(iter(maps.values()))[3]
         target = 1 if p >= 0.5 else 0
         row: dict[str, Any] = {
@@ -223,7 +243,7 @@ def compare_explanations(
             "methods": {},
         }
 
-        def score(x: np.ndarray) -> np.ndarray:
+        def score(x: np.ndarray, run: Callable[[np.ndarray], dict[str, np.ndarray]] = run) -> np.ndarray:
             return run(x)["malignancy_probability"].astype(np.float64)
 
         for method, (signed, explained_input, seconds, _) in maps.items():
@@ -249,11 +269,13 @@ def compare_explanations(
     randomisation = []
     for i in test[:randomisation_nodules]:
         patch = np.asarray(ds.cache.images[i], np.float32)
-        before = {m: v[0] for m, v in _maps(model, patch, spec, methods, options, segment).items()}
+        before = {m: v[0] for m, v in _maps(model, patch, spec, methods, options, segment, outline_head)[0].items()}
         for stage in range(len(_STAGES)):
             after = {
                 m: v[0]
-                for m, v in _maps(_randomised(model, stage, seed=stage), patch, spec, methods, options, segment).items()
+                for m, v in _maps(
+                    _randomised(model, stage, seed=stage), patch, spec, methods, options, segment, outline_head
+                )[0].items()
             }
             randomisation.append(
                 {

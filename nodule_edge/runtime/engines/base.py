@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from nodule_edge.errors import BundleError, EngineError
+from nodule_edge.outline import OutlineHead
 from nodule_edge.patch import PatchSpec
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class ModelMetadata:
         input_name: The batched network input.
         model_version: Version string of the model.
         raw: Every ``metadata_props`` entry as stored.
+        outline_head: The malignancy logit's outline term (:mod:`nodule_edge.outline`), which the
+            runtime adds after the second pass; None for a model without one.
     """
 
     patch_spec: PatchSpec
@@ -67,6 +70,7 @@ class ModelMetadata:
     input_name: str
     model_version: str
     raw: dict[str, str]
+    outline_head: OutlineHead | None = None
 
 
 def read_onnx_metadata(session: object) -> ModelMetadata:
@@ -98,8 +102,9 @@ def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
             input_name=meta["input_name"],
             model_version=meta.get("model_version", "unknown"),
             raw=dict(meta),
+            outline_head=OutlineHead.from_dict(json.loads(meta["outline_head"])) if "outline_head" in meta else None,
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise BundleError(f"model metadata is malformed: {exc}") from exc
 
 
