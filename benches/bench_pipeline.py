@@ -175,6 +175,7 @@ def test_engine_runtime_path(benchmark, bundle_dir, patches, first_pass):
     the nodule-bounded input.
     """
     from nodule_edge.errors import EngineError
+    from nodule_edge.outline import runtime_finish
     from nodule_edge.patch import run_nodule_bounded
     from nodule_edge.runtime import load_bundle
     from nodule_edge.runtime.engines import create_engine
@@ -185,12 +186,15 @@ def test_engine_runtime_path(benchmark, bundle_dir, patches, first_pass):
         pytest.skip(str(exc))
     spec = engine.metadata.patch_spec
     segment = engine.segment if first_pass == "bundle" else None
+    finish = runtime_finish(spec, engine.metadata.outline_head)  # a model's outline term, as infer adds it
     # A blob at the centre, so the first pass finds a nodule and bounds the cube as for a real one.
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, spec.size)] * 3, indexing="ij"))
     blob = np.exp(-(grid**2).sum(0) / (2 * 0.2**2)).astype(np.float32)
     x = np.clip(0.5 * patches[:1] + 0.6 * blob, 0, 1).astype(np.float32)
     benchmark.pedantic(
-        lambda: run_nodule_bounded(engine.run, x, spec, segment=segment), rounds=max(ROUNDS, 15), warmup_rounds=2
+        lambda: run_nodule_bounded(engine.run, x, spec, segment=segment, finish=finish),
+        rounds=max(ROUNDS, 15),
+        warmup_rounds=2,
     )
 
 

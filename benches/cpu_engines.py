@@ -36,6 +36,7 @@ from nodule_edge.data_paths import lidc_voi_dir
 from nodule_edge.errors import EngineError
 from nodule_edge.export.int8 import build_cpu_engine
 from nodule_edge.metrics import roc_auc
+from nodule_edge.outline import runtime_finish
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.engines.base import CpuEngine, check_first_pass, default_threads, metadata_from_props
 from nodule_edge.runtime.engines.onnxruntime import load_ort_model, session_options_for
@@ -175,12 +176,17 @@ def _run_all(
     pass bounds the cube and the second pass answers, each engine with its own first pass (as
     ``nodule-edge infer`` runs it): the bundle's box net on the same library when the model has
     one beside it (``first_pass.onnx``), else the model's own segmentation."""
-    spec = metadata_from_props(engine.metadata).patch_spec
+    metadata = metadata_from_props(engine.metadata)
+    spec, finish = metadata.patch_spec, runtime_finish(metadata.patch_spec, metadata.outline_head)
     segment = engine.segment if first_pass is None else (lambda x: first_pass.run(x)["segmentation"])
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(patches), batch):
         out, _ = run_nodule_bounded(
-            engine.run, np.asarray(patches[start : start + batch], dtype=np.float32), spec, segment=segment
+            engine.run,
+            np.asarray(patches[start : start + batch], dtype=np.float32),
+            spec,
+            segment=segment,
+            finish=finish,
         )
         for key, value in out.items():
             parts.setdefault(key, []).append(value)

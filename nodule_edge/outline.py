@@ -31,7 +31,14 @@ import numpy as np
 
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, FinishStep, PatchSpec, nodule_extent
 
-__all__ = ["OUTLINE_FEATURE_NAMES", "OutlineHead", "outline_statistics", "outline_statistics_batch", "outline_step"]
+__all__ = [
+    "OUTLINE_FEATURE_NAMES",
+    "OutlineHead",
+    "outline_statistics",
+    "outline_statistics_batch",
+    "outline_step",
+    "runtime_finish",
+]
 
 #: The statistics, in the order :func:`outline_statistics` returns them.
 OUTLINE_FEATURE_NAMES: tuple[str, ...] = (
@@ -187,3 +194,9 @@ def outline_step(spec: PatchSpec, head: OutlineHead | None = None) -> FinishStep
         return out
 
     return finish
+
+
+def runtime_finish(spec: PatchSpec, head: OutlineHead | None) -> FinishStep | None:
+    """What ``finish`` of :func:`nodule_edge.patch.run_nodule_bounded` is for a model: its outline
+    term's step (:func:`outline_step`), or None for a model without one."""
+    return outline_step(spec, head) if head is not None else None

@@ -27,6 +27,7 @@ import onnx
 
 from nodule_edge.export.graph_rewrites import trilinear_resize_as_matmul
 from nodule_edge.export.onnx_export import export_box_net_onnx
+from nodule_edge.outline import runtime_finish
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime import load_bundle
 from nodule_edge.runtime.engines.openvino import CpuFastEngine
@@ -40,7 +41,8 @@ bundle = load_bundle()
 with tempfile.TemporaryDirectory() as tmp:
     model_path, first_path = Path(tmp) / "model.onnx", Path(tmp) / "first_pass.onnx"
     onnx.save(trilinear_resize_as_matmul(onnx.load(str(bundle.path("onnx_fp32")))), str(model_path))
-    spec = CpuFastEngine(model_path, "cpu-fast").metadata.patch_spec
+    metadata = CpuFastEngine(model_path, "cpu-fast").metadata
+    spec, finish = metadata.patch_spec, runtime_finish(metadata.patch_spec, metadata.outline_head)
     if str(box_net_checkpoint) == "bundle":
         first_path = bundle.path("first_pass")  # the shipped box net as exported
     else:
@@ -54,9 +56,11 @@ with tempfile.TemporaryDirectory() as tmp:
         "segmentation-graph pass": own.segment,
         "one full pass": own.run,
         "runtime path, box net first": lambda x: run_nodule_bounded(
-            with_box_net.run, x, spec, segment=with_box_net.segment
+            with_box_net.run, x, spec, segment=with_box_net.segment, finish=finish
         ),
-        "runtime path, own first pass": lambda x: run_nodule_bounded(own.run, x, spec, segment=own.segment),
+        "runtime path, own first pass": lambda x: run_nodule_bounded(
+            own.run, x, spec, segment=own.segment, finish=finish
+        ),
         "0.1 model, one pass": old.run,
     }
     times: dict[str, list[float]] = {name: [] for name in calls}

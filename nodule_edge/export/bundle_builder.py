@@ -20,7 +20,7 @@ import numpy as np
 from nodule_edge._files import staged_folder
 from nodule_edge.errors import BundleError
 from nodule_edge.export.onnx_export import export_box_net_onnx, export_onnx
-from nodule_edge.outline import outline_step
+from nodule_edge.outline import runtime_finish
 from nodule_edge.patch import PatchSpec, run_nodule_bounded
 from nodule_edge.runtime.bundle import load_bundle, write_manifest
 from nodule_edge.runtime.engines.base import metadata_from_props
@@ -80,7 +80,7 @@ def _run_engine(
 
     # With an outline term the index stores what the runtime will query with: the final probability.
     head = metadata_from_props(dict(session.get_modelmeta().custom_metadata_map)).outline_head
-    finish = outline_step(spec, head) if head is not None else None
+    finish = runtime_finish(spec, head)
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names if n not in ("segmentation", "saliency")}
     for start in range(0, len(patches), batch):
         out, _ = run_nodule_bounded(

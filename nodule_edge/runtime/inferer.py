@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from nodule_edge.errors import BundleError, CoordinateError, IndexError_, StudyError
-from nodule_edge.outline import outline_step
+from nodule_edge.outline import runtime_finish
 from nodule_edge.patch import run_nodule_bounded
 from nodule_edge.runtime.bundle import Bundle, load_bundle
 from nodule_edge.runtime.engines import Engine, create_engine
@@ -167,7 +167,7 @@ class NoduleInferer:
         # A model with an outline term: the first pass's outline statistics and the term join the
         # second pass's outputs (nodule_edge.outline; README, "The model and its patch").
         self.outline_head = self.engine.metadata.outline_head
-        self._finish = outline_step(self.spec, self.outline_head) if self.outline_head is not None else None
+        self._finish = runtime_finish(self.spec, self.outline_head)
         self.top_k = top_k
         self.trust_margin = trust_margin
         self.index = None
