@@ -38,6 +38,13 @@ With ``parity_weight`` > 0 the refit's objective also carries the mean |p(runtim
 p(readers' box)| over the training nodules (``HeadInputs.reference_head_in``): the refitted
 classifier leaned on segmentation statistics that the first pass's box and the readers' box
 measure differently, and path parity (docs/cv/README.md, item 8) is what the runtime's user pays.
+
+With ``HeadInputs.outline`` (``[head] outline_statistics``) the refit also fits a linear term on
+the first pass's outline statistics beside the classifier (:mod:`nodule_edge.outline`; L2
+``OUTLINE_L2``): the logit the objective, the debug loss and the parity penalty see is the
+network's plus the term, which the network does not hold: :func:`refit_heads` returns it as
+``outline_head`` (raw units), and the runtime adds it after the second pass (docs/cv/README.md,
+item 15).
 """
 
 from __future__ import annotations
