@@ -156,6 +156,9 @@ class HeadSection:
     # under the same objective (debug loss, parity penalty; the term is the same on both paths).
     # Probe: docs/cv/README.md, item 15; ablation: configs/ablations/outline_statistics.toml.
     outline_statistics: bool = False
+    # Weight of the debug loss in the "debugged" refit, as a multiple of loss.alpha (the training's
+    # weight). Ablation: configs/ablations/outline_statistics_debug2.toml.
+    debug_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "calibrate"): False,
     ("head", "classifier_target"): "labels",
     ("head", "outline_statistics"): False,
+    ("head", "debug_weight"): 1.0,
 }
 
 
@@ -379,6 +383,7 @@ def _validate(cfg: TrainConfig) -> None:
             not cfg.head.outline_statistics or (cfg.head.refit == "debugged" and cfg.train.nodule_box),
             "head.outline_statistics needs head.refit = debugged and train.nodule_box = true (the outline is the first pass's)",
         ),
+        (cfg.head.debug_weight >= 0, f"head.debug_weight must be >= 0, got {cfg.head.debug_weight}"),
         (
             cfg.head.attribute_weight >= 0,
             f"head.attribute_weight must be >= 0, got {cfg.head.attribute_weight}",

@@ -429,13 +429,14 @@ def _first_pass(
 def head_objective(cfg: TrainConfig) -> HeadObjective:
     """The training objective restricted to the heads, as the "debugged" refit optimises it.
 
-    The loss section's weights, with the attribute MSE weighted ``head.attribute_weight`` times more,
+    The loss section's weights, with the debug loss weighted ``head.debug_weight`` times and the
+    attribute MSE ``head.attribute_weight`` times more,
     the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``),
     the path-parity penalty at ``head.parity_weight``, and the classifier fitted to the readers'
     mean malignancy ratings when ``head.classifier_target`` is ``"ratings"``.
     """
     return HeadObjective(
-        alpha=cfg.loss.alpha if cfg.loss.debug else 0.0,
+        alpha=cfg.loss.alpha * cfg.head.debug_weight if cfg.loss.debug else 0.0,
         gamma=cfg.loss.gamma * cfg.head.attribute_weight,
         delta=cfg.loss.delta,
         adaptive=cfg.loss.adaptive,

@@ -51,6 +51,7 @@ EXPECTED = {
     "narrow_widths": (True, True, False, True),
     "network_seed1": (True, True, False, True),
     "outline_statistics": (True, True, False, True),
+    "outline_statistics_debug2": (True, True, False, True),
 }
 
 

@@ -234,6 +234,7 @@ HEAD_STEP_ABLATIONS = (
     "parity_penalty",
     "no_parity_penalty",
     "outline_statistics",
+    "outline_statistics_debug2",
 )
 
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).
