@@ -117,11 +117,11 @@ def tiny_bundle(tmp_path_factory, synthetic_voi_dir) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
-    """:func:`tiny_bundle`'s model with a seeded untrained box net as its first pass."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnx")
+def _bundle_with_box_net(root: Path, voi_dir: Path, **meta: object) -> Path:
+    """A bundle of a seeded untrained model with a seeded untrained box net as its first pass;
+    ``meta`` joins the checkpoint's sidecar."""
+    import torch
+
     from nodule_edge.export.bundle_builder import build_bundle
     from nodule_edge.patch import DEFAULT_PATCH_SPEC
     from nodule_edge.train.first_pass import save_box_net
@@ -129,9 +129,10 @@ def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
     from nodule_edge.train.trainer import save_checkpoint
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bundle_first_pass")
     save_checkpoint(
-        root / "ckpt.safetensors", CollaborativeNet(), {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json()}
+        root / "ckpt.safetensors",
+        CollaborativeNet(),
+        {"epoch": 0, "patch_spec": DEFAULT_PATCH_SPEC.to_json(), **meta},
     )
     net = BoxNet(BoxNetConfig(widths=(4, 8, 8, 8)))
     with torch.no_grad():  # not the decoder's "no nodule" start: a map with structure to compare
@@ -140,47 +141,33 @@ def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
     return build_bundle(
         root / "ckpt.safetensors",
         root / "bundle",
-        index_manifest_dir=synthetic_voi_dir,
+        index_manifest_dir=voi_dir,
         cpu_engine=False,
         first_pass=root / "box_net.safetensors",
     )
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle_with_outline_term(tmp_path_factory, synthetic_voi_dir) -> Path:
-    """:func:`tiny_bundle_with_first_pass`'s networks, the checkpoint with an outline term
-    (``[head] outline_statistics``: the head step's ``classifier_refit.outline_head``)."""
-    torch = pytest.importorskip("torch")
+def tiny_bundle_with_first_pass(tmp_path_factory, synthetic_voi_dir) -> Path:
+    """:func:`tiny_bundle`'s model with a seeded untrained box net as its first pass."""
+    pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from nodule_edge.export.bundle_builder import build_bundle
-    from nodule_edge.outline import OutlineHead
-    from nodule_edge.patch import DEFAULT_PATCH_SPEC
-    from nodule_edge.train.first_pass import save_box_net
-    from nodule_edge.train.model import BoxNet, BoxNetConfig, CollaborativeNet
-    from nodule_edge.train.trainer import save_checkpoint
+    return _bundle_with_box_net(tmp_path_factory.mktemp("bundle_first_pass"), synthetic_voi_dir)
 
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bundle_outline")
+
+@pytest.fixture(scope="session")
+def tiny_bundle_with_outline_term(tmp_path_factory, synthetic_voi_dir) -> Path:
+    """:func:`tiny_bundle_with_first_pass` with an outline term in the checkpoint (``[head]
+    outline_statistics``: the head step's ``classifier_refit.outline_head``)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from nodule_edge.outline import OutlineHead
+
     head = OutlineHead(weights=(0.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0), bias=-6.0)  # log volume: ~55 mm3 -> 0
-    save_checkpoint(
-        root / "ckpt.safetensors",
-        CollaborativeNet(),
-        {
-            "epoch": 0,
-            "patch_spec": DEFAULT_PATCH_SPEC.to_json(),
-            "classifier_refit": {"method": "debugged", "outline_head": json.loads(head.to_json())},
-        },
-    )
-    net = BoxNet(BoxNetConfig(widths=(4, 8, 8, 8)))
-    with torch.no_grad():
-        net.seg_head.out.bias.zero_()
-    save_box_net(root / "box_net.safetensors", net.eval(), {"note": "seeded, untrained"})
-    return build_bundle(
-        root / "ckpt.safetensors",
-        root / "bundle",
-        index_manifest_dir=synthetic_voi_dir,
-        cpu_engine=False,
-        first_pass=root / "box_net.safetensors",
+    return _bundle_with_box_net(
+        tmp_path_factory.mktemp("bundle_outline"),
+        synthetic_voi_dir,
+        classifier_refit={"method": "debugged", "outline_head": json.loads(head.to_json())},
     )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import *  # noqa
 from radiomics_features import component_nearest_centre, features  # noqa
+import linear  # noqa
 from linear import GroupKFold  # noqa
 import dataclasses
 import SimpleITK as sitk
@@ -190,14 +191,8 @@ scores = {k: np.concatenate(v) for k, v in scores.items()}
 reference = scores["shipped logit"]
 
 
-def paired(score, draws=2000, seed=0):
-    rng = np.random.default_rng(seed)
-    by_fold = [np.flatnonzero(fold_of == k) for k in range(5)]
-    d = np.empty(draws)
-    for j in range(draws):
-        s = np.concatenate([rng.choice(r, len(r)) for r in by_fold])
-        d[j] = roc_auc(y[s], score[s]) - roc_auc(y[s], reference[s])
-    return np.percentile(d, [2.5, 97.5])
+def paired(score):
+    return linear.paired_interval(y, score, reference, fold_of)
 
 
 print(f"{len(y)} labelled held-out nodules ({int(y.sum())} malignant); fitted per fold on the training fold only")

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from nodule_edge.metrics import roc_auc
 from nodule_edge.patch import resample_hu
 from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
-from nodule_edge.train.head import fit_logistic
+import linear  # noqa: E402
 from nodule_edge.train.trainer import predict_runtime_path
 
 cfg, ds, spec = setup()
@@ -83,23 +83,11 @@ calcified = np.array([rows[i]["calcification_maxvote"] != "6" for i in idx])
 
 
 def out_of_fold(x, l2=1.0):
-    s = np.zeros(len(y))
-    for k in range(5):
-        tr, te = fold != k, fold == k
-        mu, sd = x[tr].mean(0), x[tr].std(0)
-        w, b = fit_logistic((x[tr] - mu) / sd, y[tr], l2)
-        s[te] = ((x[te] - mu) / sd) @ w + b
-    return s
+    return linear.out_of_fold(x, y, fold, l2)
 
 
-def paired(score, reference, draws=2000, seed=0):
-    rng = np.random.default_rng(seed)
-    by_fold = [np.flatnonzero(fold == k) for k in range(5)]
-    d = np.empty(draws)
-    for j in range(draws):
-        s = np.concatenate([rng.choice(r, len(r)) for r in by_fold])
-        d[j] = roc_auc(y[s], score[s]) - roc_auc(y[s], reference[s])
-    return np.percentile(d, [2.5, 97.5])
+def paired(score, reference):
+    return linear.paired_interval(y, score, reference, fold)
 
 
 deviation = max(float(p["max_deviation_from_fold_file"]) for p in parts)

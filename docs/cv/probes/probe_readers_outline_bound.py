@@ -15,9 +15,9 @@ import csv, json, sys
 from pathlib import Path
 import numpy as np
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "docs/cv/probes"))
 from nodule_edge.metrics import roc_auc
-from nodule_edge.train.head import fit_logistic
+import linear  # noqa: E402
 
 L2 = 1.0
 rows = list(csv.DictReader(open(ROOT.parent / "shared/data/lidc_voi/manifest.csv")))
@@ -50,23 +50,11 @@ calcified = np.array([rows[i]["calcification_maxvote"] != "6" for i in idx])
 
 
 def out_of_fold(x):
-    s = np.zeros(len(y))
-    for k in range(5):
-        tr, te = fold != k, fold == k
-        mu, sd = x[tr].mean(0), x[tr].std(0)
-        w, b = fit_logistic((x[tr] - mu) / sd, y[tr], L2)
-        s[te] = ((x[te] - mu) / sd) @ w + b
-    return s
+    return linear.out_of_fold(x, y, fold, L2)
 
 
-def paired(score, reference, draws=2000, seed=0):
-    rng = np.random.default_rng(seed)
-    by_fold = [np.flatnonzero(fold == k) for k in range(5)]
-    d = np.empty(draws)
-    for j in range(draws):
-        s = np.concatenate([rng.choice(r, len(r)) for r in by_fold])
-        d[j] = roc_auc(y[s], score[s]) - roc_auc(y[s], reference[s])
-    return np.percentile(d, [2.5, 97.5])
+def paired(score, reference):
+    return linear.paired_interval(y, score, reference, fold)
 
 
 scores = {
