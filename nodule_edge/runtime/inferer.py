@@ -165,7 +165,7 @@ class NoduleInferer:
         self.spec = self.engine.metadata.patch_spec
         self.attribute_names = self.engine.metadata.attribute_names
         # A model with an outline term: the first pass's outline statistics and the term join the
-        # second pass's outputs (nodule_edge.outline; README, "The model and its patch").
+        # second pass's outputs (nodule_edge.outline; docs/cv/README.md, item 15).
         self.outline_head = self.engine.metadata.outline_head
         self._finish = runtime_finish(self.spec, self.outline_head)
         self.top_k = top_k

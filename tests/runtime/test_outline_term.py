@@ -3,6 +3,8 @@ first pass's outline, and explanations perturb the second pass with the term hel
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,10 @@ def test_a_malformed_outline_term_is_a_bundle_error(inferer) -> None:
     props = dict(inferer.engine.metadata.raw)
     props["outline_head"] = '{"names": ["log_volume_mm3"], "weights": [1.0], "bias": 0.0}'
     with pytest.raises(BundleError, match="malformed"):
+        metadata_from_props(props)
+    props["outline_head"] = inferer.engine.metadata.raw["outline_head"]
+    props["patch_spec"] = dataclasses.replace(inferer.spec, nodule_box=None).to_json()
+    with pytest.raises(BundleError, match="no nodule box"):
         metadata_from_props(props)
     del props["outline_head"]
     assert metadata_from_props(props).outline_head is None

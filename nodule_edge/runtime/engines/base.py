@@ -95,7 +95,7 @@ def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
     if missing:
         raise BundleError(f"model has no nodule-edge metadata {missing}: not exported by 'nodule-edge export'")
     try:
-        return ModelMetadata(
+        parsed = ModelMetadata(
             patch_spec=PatchSpec.from_json(meta["patch_spec"]),
             attribute_names=tuple(json.loads(meta["attribute_names"])),
             output_names=tuple(json.loads(meta["output_names"])),
@@ -106,6 +106,11 @@ def metadata_from_props(meta: dict[str, str]) -> ModelMetadata:
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise BundleError(f"model metadata is malformed: {exc}") from exc
+    if parsed.outline_head is not None and parsed.patch_spec.nodule_box is None:
+        raise BundleError(
+            "model metadata is malformed: an outline term needs a first pass, and the patch spec has no nodule box"
+        )
+    return parsed
 
 
 class Engine(abc.ABC):
