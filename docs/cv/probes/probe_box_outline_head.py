@@ -155,7 +155,10 @@ variants = {"shipped logit": None, "logit + box net's 7 features": list(range(7)
             "logit + 7 features, box net on the bounded cube": ("hard_bounded", list(range(7))),
             "logit + in-graph statistics, box net on the whole cube": ("soft_whole", list(range(6))),
             "logit + in-graph statistics, box net on the bounded cube": ("soft_bounded", list(range(6))),
-            "logit + nodule_edge.outline statistics (windowed HU)": ("package", list(range(7)))}
+            "logit + nodule_edge.outline statistics (windowed HU)": ("package", list(range(7))),
+            "logit + nodule_edge.outline Feret and log volume": ("package", [0, 1]),
+            "logit + nodule_edge.outline Feret": ("package", [0]),
+            "logit + nodule_edge.outline without Feret": ("package", list(range(1, 7)))}
 scores = {name: [] for name in variants}
 labels, folds, chosen = [], [], {name: [] for name in variants}
 for fold in range(5):
