@@ -75,11 +75,6 @@ def out_of_fold(x, y, fold, l2=1.0):
 
 def paired_interval(y, score, reference, fold, draws=2000, seed=0):
     """95 % paired bootstrap interval of AUC(score) - AUC(reference), nodules resampled within
-    folds (as nodule-edge cv-compare does)."""
-    rng = np.random.default_rng(seed)
-    by_fold = [np.flatnonzero(fold == k) for k in np.unique(fold)]
-    d = np.empty(draws)
-    for j in range(draws):
-        s = np.concatenate([rng.choice(r, len(r)) for r in by_fold])
-        d[j] = roc_auc(y[s], score[s]) - roc_auc(y[s], reference[s])
-    return np.percentile(d, [2.5, 97.5])
+    folds: nodule-edge cv-compare's own interval."""
+    from nodule_edge.train.evaluation import _paired_interval
+    return np.array(_paired_interval(roc_auc, y, score, reference, fold, draws, seed))
