@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from nodule_edge.patch import DEFAULT_PATCH_SPEC, FinishStep, PatchSpec, nodule_extent
+from nodule_edge.patch import DEFAULT_PATCH_SPEC, Extent, FinishStep, PatchSpec, nodule_extent
 
 __all__ = [
     "OUTLINE_FEATURE_NAMES",
@@ -73,11 +73,19 @@ def outline_statistics(segmentation: np.ndarray, patch: np.ndarray, spec: PatchS
     Returns:
         ``float64 [7]``; where nothing reaches the threshold, the values of half a voxel of air.
     """
-    threshold = spec.nodule_box.threshold if spec.nodule_box is not None else 0.5
+    seg = np.asarray(segmentation)
+    return _statistics_in_extent(seg, patch, nodule_extent(seg, _threshold(spec)), spec)
+
+
+def _threshold(spec: PatchSpec) -> float:
+    return spec.nodule_box.threshold if spec.nodule_box is not None else 0.5
+
+
+def _statistics_in_extent(seg: np.ndarray, patch: np.ndarray, extent: Extent, spec: PatchSpec) -> np.ndarray:
+    """:func:`outline_statistics` of the nodule whose extent (:func:`nodule_extent`) is known."""
+    threshold = _threshold(spec)
     low, high = spec.windows[0]
     voxel = spec.spacing_mm
-    seg = np.asarray(segmentation)
-    extent = nodule_extent(seg, threshold)
     if extent is None:
         return np.array([np.log(voxel / 2), np.log(voxel**3 / 2), low, 0.0, low, 0.0, 0.0])
     box = tuple(slice(int(a), int(b) + 1) for a, b in zip(extent[0], extent[1], strict=True))
@@ -109,12 +117,23 @@ def outline_statistics(segmentation: np.ndarray, patch: np.ndarray, spec: PatchS
 
 
 def outline_statistics_batch(
-    segmentations: np.ndarray, patches: np.ndarray, spec: PatchSpec = DEFAULT_PATCH_SPEC
+    segmentations: np.ndarray,
+    patches: np.ndarray,
+    spec: PatchSpec = DEFAULT_PATCH_SPEC,
+    extents: list[Extent] | None = None,
 ) -> np.ndarray:
-    """:func:`outline_statistics` of each ``[N, S, S, S]`` map and its ``[N, C, S, S, S]`` cube: ``[N, 7]``."""
-    if len(segmentations) != len(patches):
-        raise ValueError(f"{len(segmentations)} segmentations for {len(patches)} patches")
-    rows = [outline_statistics(s, p, spec) for s, p in zip(segmentations, patches, strict=True)]
+    """:func:`outline_statistics` of each ``[N, S, S, S]`` map and its ``[N, C, S, S, S]`` cube: ``[N, 7]``.
+
+    ``extents``: the nodules' extents when the caller has found them already (the runtime path
+    has, to draw the boxes), so that the component search is not run twice."""
+    if extents is None:
+        extents = [nodule_extent(np.asarray(s), _threshold(spec)) for s in segmentations]
+    if not len(segmentations) == len(patches) == len(extents):
+        raise ValueError(f"{len(segmentations)} segmentations and {len(extents)} extents for {len(patches)} patches")
+    rows = [
+        _statistics_in_extent(np.asarray(s), p, e, spec)
+        for s, p, e in zip(segmentations, patches, extents, strict=True)
+    ]
     return np.stack(rows) if rows else np.zeros((0, len(OUTLINE_FEATURE_NAMES)))
 
 
@@ -187,8 +206,10 @@ def outline_step(spec: PatchSpec, head: OutlineHead | None = None) -> FinishStep
     the first pass's outline statistics as ``outline_statistics`` ``[N, 7]``, and with ``head``
     the outline term added to the second pass's outputs (:meth:`OutlineHead.apply`)."""
 
-    def finish(segmentation: np.ndarray, patches: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        statistics = outline_statistics_batch(segmentation, patches, spec)
+    def finish(
+        segmentation: np.ndarray, patches: np.ndarray, extents: list[Extent], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        statistics = outline_statistics_batch(segmentation, patches, spec, extents)
         out = head.apply(outputs, statistics) if head is not None else dict(outputs)
         out["outline_statistics"] = statistics
         return out

@@ -49,13 +49,18 @@ __all__ = [
     "bound_to_nodule",
     "run_nodule_bounded_with_input",
     "run_nodule_bounded",
+    "Extent",
     "FinishStep",
 ]
 
 _INTERPOLATIONS = ("bspline", "linear", "nearest")
 
-#: A last step of the runtime path: ``(first-pass segmentation, whole cubes, second-pass outputs) -> outputs``.
-FinishStep = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
+#: Index bounds ``(low, high)`` (inclusive, z/y/x) of a nodule on the patch grid, None for none found.
+Extent = tuple[np.ndarray, np.ndarray] | None
+
+#: A last step of the runtime path: ``(first-pass segmentation, whole cubes, the nodules' extents,
+#: second-pass outputs) -> outputs``.
+FinishStep = Callable[[np.ndarray, np.ndarray, list[Extent], dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ def build_patch(
     return window_channels(resample_hu(image, center_lps_mm, spec), spec)
 
 
-def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray] | None:
+def nodule_extent(segmentation: np.ndarray, threshold: float = 0.5) -> Extent:
     """Index bounds ``(low, high)`` (inclusive, z/y/x) of the nodule in a cube-sized probability map.
 
     The nodule is the connected component (26-connectivity) at ``threshold`` that holds the cube's
@@ -299,9 +304,14 @@ def bound_to_nodule(
     box = spec.nodule_box
     if box is None:
         return patch, True
-    extent = nodule_extent(segmentation, box.threshold)
-    if extent is None:
-        return patch, False
+    return _bound_to_extent(patch, nodule_extent(segmentation, box.threshold), spec)
+
+
+def _bound_to_extent(patch: np.ndarray, extent: Extent, spec: PatchSpec) -> tuple[np.ndarray, bool]:
+    """:func:`bound_to_nodule` for a nodule extent already found (``spec`` has a nodule box)."""
+    box = spec.nodule_box
+    if box is None or extent is None:
+        return patch, box is None
     margin = np.asarray(box.runtime_margin_mm()) / spec.spacing_mm
     outside = window_channels(np.full((1, 1, 1), spec.outside_hu, np.float32), spec)[:, 0, 0, 0]
     bounded = np.empty_like(patch)
@@ -334,8 +344,9 @@ def run_nodule_bounded(
         segment: The first pass, ``patches -> segmentation [N, S, S, S]``: an engine's
             :meth:`~nodule_edge.runtime.engines.Engine.segment`, which computes the segmentation
             without the rest of the graph. None: ``run(patches)["segmentation"]``.
-        finish: Called with the first pass's segmentation ``[N, S, S, S]``, the whole cubes and
-            the second pass's outputs; returns the outputs (the outline term,
+        finish: Called with the first pass's segmentation ``[N, S, S, S]``, the whole cubes, the
+            nodules' extents (:func:`nodule_extent`, as the boxes were drawn) and the second
+            pass's outputs; returns the outputs (the outline term,
             :func:`nodule_edge.outline.outline_step`). Not called without a nodule box.
 
     Returns:
@@ -363,7 +374,8 @@ def run_nodule_bounded_with_input(
     segmentation = segment(patches) if segment is not None else run(patches)["segmentation"]
     bounded = np.empty_like(patches)
     found = np.zeros(len(patches), bool)
+    extents = [nodule_extent(s, spec.nodule_box.threshold) for s in segmentation]
     for i, patch in enumerate(patches):
-        bounded[i], found[i] = bound_to_nodule(patch, segmentation[i], spec)
+        bounded[i], found[i] = _bound_to_extent(patch, extents[i], spec)
     outputs = run(bounded)
-    return (outputs if finish is None else finish(segmentation, patches, outputs)), found, bounded
+    return (outputs if finish is None else finish(segmentation, patches, extents, outputs)), found, bounded
