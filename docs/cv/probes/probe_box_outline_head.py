@@ -23,13 +23,11 @@ import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import *  # noqa
-from radiomics_features import component_nearest_centre, features  # noqa
+from radiomics_features import outline_features  # noqa
 import linear  # noqa
 from linear import GroupKFold  # noqa
 import dataclasses
-import SimpleITK as sitk
 from nodule_edge.metrics import roc_auc
-from nodule_edge.patch import resample_hu
 from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
 from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.trainer import predict_runtime_path
@@ -51,14 +49,9 @@ for fold in range(5):
     out = {}
     for part, idx in (("fit", fit_idx), ("test", test)):
         prob = predict_runtime_path(model, ds, idx, DEVICE, spec, segment=segment)[0]["malignancy_probability"]
-        feats = []
-        for s in range(0, len(idx), 32):
-            seg = segment(np.asarray(ds.cache.images[idx[s:s + 32]], np.float32))
-            for j, i in enumerate(idx[s:s + 32]):
-                rec = ds.records[i]
-                hu = resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
-                feats.append(features(component_nearest_centre(seg[j] >= 0.5), hu))
-        out[f"{part}_index"], out[f"{part}_probability"], out[f"{part}_features"] = idx, prob, np.array(feats)
+        feats = [outline_features(ds, idx[s:s + 32], segment(np.asarray(ds.cache.images[idx[s:s + 32]], np.float32)), whole)
+                 for s in range(0, len(idx), 32)]
+        out[f"{part}_index"], out[f"{part}_probability"], out[f"{part}_features"] = idx, prob, np.concatenate(feats)
     np.savez(path, **out)
     print(f"fold {fold}: {len(fit_idx)} training-fold and {len(test)} test nodules", flush=True)
 
@@ -87,11 +80,8 @@ for fold in range(5):
             seg_b = segment(bounded)
             for x, g, store in ((cubes, seg, soft_whole), (bounded, seg_b, soft_bounded)):
                 store.append(segmentation_statistics(torch.from_numpy(g[:, None]), torch.from_numpy(x), spec.spacing_mm).numpy())
-            for j, i in enumerate(idx[s:s + 32]):
-                rec = ds.records[i]
-                hu = resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
-                hard_bounded.append(features(component_nearest_centre(seg_b[j] >= 0.5), hu))
-        out[f"{part}_hard_bounded"] = np.array(hard_bounded)
+            hard_bounded.append(outline_features(ds, idx[s:s + 32], seg_b, whole))
+        out[f"{part}_hard_bounded"] = np.concatenate(hard_bounded)
         out[f"{part}_soft_whole"] = np.concatenate(soft_whole)
         out[f"{part}_soft_bounded"] = np.concatenate(soft_bounded)
     np.savez(path, **out)

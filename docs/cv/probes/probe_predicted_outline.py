@@ -14,10 +14,8 @@ import csv, dataclasses, json, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import *  # noqa
-from radiomics_features import component_nearest_centre, features  # noqa
-import SimpleITK as sitk
+from radiomics_features import component_nearest_centre, features, outline_features, voi_hu  # noqa
 from nodule_edge.metrics import roc_auc
-from nodule_edge.patch import resample_hu
 from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
 import linear  # noqa: E402
 from nodule_edge.train.trainer import predict_runtime_path
@@ -39,8 +37,7 @@ for fold in range(5):
     deviation = float(np.abs(pred["malignancy_probability"] - np.asarray(recorded["probability"])).max())
     f_pred, f_reader = [], []
     for j, i in enumerate(test):
-        rec = ds.records[i]
-        hu = resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
+        hu = voi_hu(ds.records[i], whole)
         f_pred.append(features(component_nearest_centre(pred["segmentation64"][j].astype(np.float32) >= 0.5), hu))
         mr = ds.cache.masks[i].astype(np.float32) >= 0.5
         f_reader.append(features(mr, hu) if ds.cache.has_mask[i] else np.full(7, np.nan))
@@ -57,12 +54,7 @@ for fold in range(5):
     _, _, test = fold_split(ds, cfg, fold)
     segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
     seg = segment(np.asarray(ds.cache.images[test], np.float32))
-    f_box = []
-    for j, i in enumerate(test):
-        rec = ds.records[i]
-        hu = resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
-        f_box.append(features(component_nearest_centre(seg[j] >= 0.5), hu))
-    np.savez(path, index=test, box=np.array(f_box))
+    np.savez(path, index=test, box=outline_features(ds, test, seg, whole))
     print(f"fold {fold}: box net outlines of {len(test)} nodules", flush=True)
 
 rows = list(csv.DictReader(open(ROOT.parent / "shared/data/lidc_voi/manifest.csv")))

@@ -59,6 +59,17 @@ def features(m, hu):
     return np.array([feret_inplane(m), np.log(vol), v.mean(), v.std(), np.percentile(v, 90), (v > -300).mean(), 36 * np.pi * vol**2 / area**3])
 
 
+def voi_hu(rec, whole):
+    """The nodule's VOI in HU, resampled onto the whole cube's grid (no window)."""
+    return resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
+
+
+def outline_features(ds, idx, maps, whole):
+    """features() of the component at the centre of each map (p >= 0.5) of the nodules ``idx``,
+    on their VOI's HU: ``[len(idx), 7]``."""
+    return np.array([features(component_nearest_centre(m >= 0.5), voi_hu(ds.records[i], whole)) for i, m in zip(idx, maps)])
+
+
 def main():
     cfg, ds, spec = setup()
     whole = dataclasses.replace(spec, nodule_box=None)
@@ -68,7 +79,7 @@ def main():
         s = np.load(OUT / f"seg_fold{fold}.npz")
         for j, i in enumerate(s["index"]):
             rec = ds.records[i]
-            hu = resample_hu(sitk.ReadImage(str(rec.image_path)), rec.center_lps_mm, whole)
+            hu = voi_hu(rec, whole)
             if j < 3:  # the HU grid is the cached patch's grid
                 max_dev = max(max_dev, float(np.abs(window_channels(hu, whole) - ds.cache.images[i].astype(np.float32)).max()))
             t = time.time()
