@@ -159,6 +159,16 @@ class HeadSection:
     # Weight of the debug loss in the "debugged" refit, as a multiple of loss.alpha (the training's
     # weight). Ablation: configs/ablations/outline_statistics_debug2.toml.
     debug_weight: float = 1.0
+    # Temperature of the class in the "debugged" refit's debug loss: 0 reads it as the map does,
+    # sign(p - 0.5), which passes no gradient to the class; > 0 reads tanh(logit / T), so the debug
+    # loss also steers which class the logit (and an outline term) takes
+    # (nodule_edge.train.head.HeadObjective.sign_temperature). Ablation:
+    # configs/ablations/outline_statistics_sign.toml.
+    debug_sign_temperature: float = 0.0
+    # Scale each nodule's debug loss in the "debugged" refit by 2|p - 0.5| as the training does
+    # (loss.adaptive); false weighs every labelled nodule alike, so those near p = 0.5, whose class
+    # an outline term can change, count too. Ignored when loss.adaptive is false.
+    debug_adaptive: bool = True
 
 
 @dataclass(frozen=True)
@@ -206,6 +216,8 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("head", "classifier_target"): "labels",
     ("head", "outline_statistics"): False,
     ("head", "debug_weight"): 1.0,
+    ("head", "debug_sign_temperature"): 0.0,
+    ("head", "debug_adaptive"): True,
 }
 
 
@@ -384,6 +396,10 @@ def _validate(cfg: TrainConfig) -> None:
             "head.outline_statistics needs head.refit = debugged and train.nodule_box = true (the outline is the first pass's)",
         ),
         (cfg.head.debug_weight >= 0, f"head.debug_weight must be >= 0, got {cfg.head.debug_weight}"),
+        (
+            cfg.head.debug_sign_temperature >= 0,
+            f"head.debug_sign_temperature must be >= 0, got {cfg.head.debug_sign_temperature}",
+        ),
         (
             cfg.head.attribute_weight >= 0,
             f"head.attribute_weight must be >= 0, got {cfg.head.attribute_weight}",

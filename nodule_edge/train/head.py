@@ -242,6 +242,11 @@ class HeadObjective:
             ``ATTRIBUTE_SKIP_L2``).
         parity_weight: Weight of the path-parity penalty, the mean |p(runtime path) − p(training
             path)| over the nodules (needs ``HeadInputs.reference_head_in``); 0 = off.
+        sign_temperature: 0: the debug loss reads the class as the map has it, sign(p − 0.5), and
+            so passes no gradient to which class the logit takes; τ > 0: ``tanh(z / τ)`` in its
+            place (equal to the sign for |z| ≫ τ), so the debug loss also steers the logit's
+            class, and with it an outline term, towards the side whose map lies on the nodule
+            (:func:`_cam_margin`).
         rating_targets: Fit the classifier's cross-entropy (and the debug loss) to the readers'
             mean malignancy rating on the unit scale, (r − 1) / 4, of every rated nodule, those
             rated 3 on average included, instead of the 0/1 labels of the labelled ones (a
@@ -260,6 +265,7 @@ class HeadObjective:
     attribute_skip: bool = False
     parity_weight: float = 0.0
     rating_targets: bool = False
+    sign_temperature: float = 0.0
 
 
 class _Heads:
@@ -372,6 +378,23 @@ def _cam_region_means(
     return inside, outside
 
 
+def _cam_margin(
+    logit: torch.Tensor, omega: torch.Tensor, data: _Data, temperature: float = 0.0
+) -> torch.Tensor:
+    """Mean normalised Grad-CAM inside minus outside the nodule, the debug loss's margin.
+
+    The normalised map of the predicted class is the malignant class's map (``p > 0.5``) or its
+    complement, so the margin is exactly ``sign(z)·D`` with ``D`` the malignant map's margin; with
+    ``temperature`` τ > 0 it is ``tanh(z / τ)·D``, which passes a gradient to the class (to ``z``)
+    as well as to the map (``HeadObjective.sign_temperature``).
+    """
+    if temperature <= 0:
+        inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
+        return inside - outside
+    inside, outside = _cam_region_means(torch.ones_like(logit), omega, data.features, data.f_in, data.f_out)
+    return torch.tanh(logit / temperature) * (inside - outside)
+
+
 class _Data:
     def __init__(
         self,
@@ -422,8 +445,7 @@ def _fit(heads: _Heads, data: _Data, l2: float, objective: HeadObjective, attrib
         logit, attrs, omega = heads.forward(p, data.x, data.outline)
         loss = F.binary_cross_entropy_with_logits(logit[lab], target[lab])
         if objective.alpha:
-            inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
-            csl = F.relu(outside - inside + objective.delta)
+            csl = F.relu(objective.delta - _cam_margin(logit, omega, data, objective.sign_temperature))
             if objective.adaptive:
                 csl = csl * 2 * (torch.sigmoid(logit).detach() - 0.5).abs()
             loss = loss + objective.alpha * csl[lab].mean()

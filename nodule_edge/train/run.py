@@ -429,7 +429,8 @@ def _first_pass(
 def head_objective(cfg: TrainConfig) -> HeadObjective:
     """The training objective restricted to the heads, as the "debugged" refit optimises it.
 
-    The loss section's weights, with the debug loss weighted ``head.debug_weight`` times and the
+    The loss section's weights, with the debug loss weighted ``head.debug_weight`` times (adaptive
+    only when ``head.debug_adaptive`` too, its class read at ``head.debug_sign_temperature``) and the
     attribute MSE ``head.attribute_weight`` times more,
     the attribute readout step (with the skip) when ``head.attribute_readout`` (``head.attribute_skip``),
     the path-parity penalty at ``head.parity_weight``, and the classifier fitted to the readers'
@@ -439,11 +440,12 @@ def head_objective(cfg: TrainConfig) -> HeadObjective:
         alpha=cfg.loss.alpha * cfg.head.debug_weight if cfg.loss.debug else 0.0,
         gamma=cfg.loss.gamma * cfg.head.attribute_weight,
         delta=cfg.loss.delta,
-        adaptive=cfg.loss.adaptive,
+        adaptive=cfg.loss.adaptive and cfg.head.debug_adaptive,
         attribute_readout=cfg.head.attribute_readout,
         attribute_skip=cfg.head.attribute_skip,
         parity_weight=cfg.head.parity_weight,
         rating_targets=cfg.head.classifier_target == "ratings",
+        sign_temperature=cfg.head.debug_sign_temperature,
     )
 
 

@@ -52,6 +52,7 @@ EXPECTED = {
     "network_seed1": (True, True, False, True),
     "outline_statistics": (True, True, False, True),
     "outline_statistics_debug2": (True, True, False, True),
+    "outline_statistics_sign": (True, True, False, True),
 }
 
 

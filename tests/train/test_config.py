@@ -235,6 +235,7 @@ HEAD_STEP_ABLATIONS = (
     "no_parity_penalty",
     "outline_statistics",
     "outline_statistics_debug2",
+    "outline_statistics_sign",
 )
 
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).

@@ -16,6 +16,7 @@ from nodule_edge.train.head import (
     L2_GRID,
     HeadInputs,
     HeadObjective,
+    _cam_margin,
     _cam_region_means,
     _classifier_targets,
     _fit,
@@ -120,6 +121,31 @@ def test_head_replica_reproduces_the_models_logit_and_gradcam_region_means() -> 
     # The min-max normalised CAM's region means, from two arg voxels and two precomputed means.
     np.testing.assert_allclose(inside.numpy(), out.nodule_attention.numpy(), atol=1e-4)
     np.testing.assert_allclose(outside.numpy(), out.background_attention.numpy(), atol=1e-4)
+
+
+def test_the_debug_margin_is_the_maps_margin_and_its_smooth_class_passes_a_gradient() -> None:
+    """sign_temperature 0: inside − outside of the predicted class's normalised map, no gradient to
+    the class; τ > 0: tanh(z/τ) times the malignant map's margin, equal to it for |z| ≫ τ, with a
+    gradient to z."""
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model)
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    with torch.no_grad():
+        _, _, omega = heads.forward(heads.params, data.x)
+    logit = torch.linspace(-3, 3, len(inputs), dtype=torch.float64).requires_grad_(True)
+    inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
+    exact = _cam_margin(logit, omega, data)
+    np.testing.assert_allclose(exact.detach().numpy(), (inside - outside).detach().numpy())
+    # The class enters the normalised map only through its sign: no gradient reaches z.
+    assert torch.autograd.grad(exact.sum(), logit)[0].abs().max() < 1e-9
+    sharp = _cam_margin(logit, omega, data, temperature=1e-3)
+    np.testing.assert_allclose(sharp.detach().numpy(), exact.detach().numpy(), atol=1e-9)
+    smooth = _cam_margin(logit, omega, data, temperature=1.0)
+    assert torch.autograd.grad(smooth.sum(), logit)[0].abs().min() > 0
+    # The smooth margin is never larger in size and keeps the exact one's sign.
+    assert (smooth.detach().abs() <= exact.detach().abs() + 1e-12).all()
+    assert (torch.sign(smooth.detach()) == torch.sign(exact.detach())).all()
 
 
 def test_debugged_refit_is_written_into_the_model_and_learns_the_labels() -> None:
