@@ -378,9 +378,7 @@ def _cam_region_means(
     return inside, outside
 
 
-def _cam_margin(
-    logit: torch.Tensor, omega: torch.Tensor, data: _Data, temperature: float = 0.0
-) -> torch.Tensor:
+def _cam_margin(logit: torch.Tensor, omega: torch.Tensor, data: _Data, temperature: float = 0.0) -> torch.Tensor:
     """Mean normalised Grad-CAM inside minus outside the nodule, the debug loss's margin.
 
     The normalised map of the predicted class is the malignant class's map (``p > 0.5``) or its
