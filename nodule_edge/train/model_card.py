@@ -181,8 +181,9 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             attribute += f" + {parity:g} × the mean |p(runtime path) − p(readers' box)| over the training fold (path-parity penalty)"
         return [
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
-            f"under the training objective (BCE + adaptive debug loss + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
+            f"under the training objective (BCE + {_debug_loss_words(cfg)} + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
+            + _outline_sentence(cfg)
             + _readout_sentence(cfg.get("head", {}))
             + (
                 " Then the classifier's logit is rescaled by Platt scaling fitted on the inner CV's out-of-fold logits (same ranking; probabilities calibrated on held-out nodules of the training fold)."
@@ -195,6 +196,31 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             '- Classifier refit (after training, `[head] refit = "full"`): L2 logistic regression on the training fold\'s classifier inputs, L2 by inner patient-grouped CV.'
         ]
     return []
+
+
+def _debug_loss_words(cfg: dict[str, Any]) -> str:
+    """The refit's debug loss (absent keys: before they existed, the adaptive loss on the sign)."""
+    head, loss = cfg.get("head", {}), cfg.get("loss", {})
+    adaptive = loss.get("adaptive", True) and head.get("debug_adaptive", True)
+    temperature = float(head.get("debug_sign_temperature", 0.0))
+    words = "adaptive debug loss" if adaptive else "debug loss, every labelled nodule weighted alike"
+    if temperature > 0:
+        words += f", the class read as tanh(logit / {temperature:g}) so that the loss also steers which class the logit takes"
+    return words
+
+
+def _outline_sentence(cfg: dict[str, Any]) -> str:
+    """The outline term of the head step, when the run had one (it needs the nodule-bounded input)."""
+    if not (cfg.get("head", {}).get("outline_statistics") and cfg.get("train", {}).get("nodule_box")):
+        return ""
+    return (
+        " Beside the classifier, an outline term (`[head] outline_statistics = true`, `nodule_edge/outline.py`) is fitted with it:"
+        " the logit is the network's plus a linear function of seven statistics of the first pass's outline of the whole cube"
+        " (in-plane Feret diameter, log volume, HU mean, sd and 90th percentile, solid fraction, compactness; L2 1e-3 on their"
+        " standardised weights), the same on the runtime and the training path. The term has no map of its own: Grad-CAM shows"
+        " the network's evidence for the final class, the complement of the network's own map where the term changes the class;"
+        " the statistics are in each prediction (`outline_statistics`) and the weights in the ONNX metadata (`outline_head`)."
+    )
 
 
 def _parameters(summary: dict[str, Any]) -> str:

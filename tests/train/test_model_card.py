@@ -209,6 +209,17 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     summary["config"]["head"] = {"refit": "debugged", "attribute_readout": True, "attribute_skip": True}
     assert "and a linear skip from the pooled features and statistics" in render_model_card(summary, "c")
     assert "path-parity penalty" not in render_model_card(summary, "c")
+    assert "outline term" not in render_model_card(summary, "c")
+    summary["config"]["head"] = {"refit": "debugged", "outline_statistics": True, "debug_sign_temperature": 1.0}
+    summary["config"]["train"]["nodule_box"] = True
+    summary["config"].setdefault("loss", {})["adaptive"] = True
+    card = render_model_card(summary, "c")
+    assert "an outline term (`[head] outline_statistics = true`" in card
+    assert "BCE + adaptive debug loss, the class read as tanh(logit / 1)" in card
+    summary["config"]["head"]["debug_adaptive"] = False
+    assert "BCE + debug loss, every labelled nodule weighted alike, the class read as" in render_model_card(
+        summary, "c"
+    )
     summary["config"]["head"] = {"refit": "debugged", "parity_weight": 1.0}
     assert "+ 1 × the mean |p(runtime path) − p(readers' box)| over the training fold" in render_model_card(
         summary, "c"
