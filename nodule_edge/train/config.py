@@ -155,6 +155,7 @@ class HeadSection:
     # outline beside the classifier (nodule_edge.outline: z = z_network + w . statistics + b),
     # under the same objective (debug loss, parity penalty; the term is the same on both paths).
     # Probe: docs/cv/README.md, item 15; ablation: configs/ablations/outline_statistics.toml.
+    # Ignored by the other refits and without train.nodule_box (no first pass draws an outline).
     outline_statistics: bool = False
     # Weight of the debug loss in the "debugged" refit, as a multiple of loss.alpha (the training's
     # weight). Ablation: configs/ablations/outline_statistics_debug2.toml.
@@ -390,10 +391,6 @@ def _validate(cfg: TrainConfig) -> None:
         (
             cfg.head.classifier_target in ("labels", "ratings"),
             f"head.classifier_target must be labels or ratings, got {cfg.head.classifier_target!r}",
-        ),
-        (
-            not cfg.head.outline_statistics or (cfg.head.refit == "debugged" and cfg.train.nodule_box),
-            "head.outline_statistics needs head.refit = debugged and train.nodule_box = true (the outline is the first pass's)",
         ),
         (cfg.head.debug_weight >= 0, f"head.debug_weight must be >= 0, got {cfg.head.debug_weight}"),
         (

@@ -333,7 +333,7 @@ def _refit_head(
             spec,
             segment,
             with_reference=cfg.head.parity_weight > 0,
-            with_outline=cfg.head.outline_statistics,
+            with_outline=cfg.head.outline_statistics and cfg.train.nodule_box,
         )
         info = refit_heads(
             model,

@@ -269,10 +269,17 @@ WIDE_WIDTHS = (24, 48, 96, 128)
 #: What turns today's shipped config into the one shipped until narrow_widths.
 WIDE_OVERRIDES = {"model.widths": list(WIDE_WIDTHS), "train.contiguous_groupnorm": False}
 
+#: The shipped head step before the outline term (outline_statistics_sign).
+HEAD_BEFORE_OUTLINE = {
+    "head.outline_statistics": False,
+    "head.debug_sign_temperature": 0.0,
+    "head.debug_adaptive": True,
+}
+
 
 def _wide_shipped_config() -> TrainConfig:
-    """The shipped config with the wider network it had until narrow_widths."""
-    return load_config(SHIPPED, WIDE_OVERRIDES)
+    """The shipped config with the wider network it had until narrow_widths (and its head step)."""
+    return load_config(SHIPPED, {**WIDE_OVERRIDES, **HEAD_BEFORE_OUTLINE})
 
 
 def test_there_are_the_table_1_ablations_and_the_two_design_ablations() -> None:
@@ -381,7 +388,10 @@ MOVED_RESULTS = {
 #: command in each folder's README): config and overrides.
 REPRODUCED_WITH_OVERRIDES = {
     # docs/cv until 2026-12-05: the shipped config with the wide network.
-    "wide_widths": (SHIPPED, {**WIDE_OVERRIDES, "cv.export_dir": "../docs/ablations/wide_widths"}),
+    "wide_widths": (
+        SHIPPED,
+        {**WIDE_OVERRIDES, **HEAD_BEFORE_OUTLINE, "cv.export_dir": "../docs/ablations/wide_widths"},
+    ),
 }
 
 
