@@ -156,7 +156,7 @@ class HeadSection:
     # under the same objective (debug loss, parity penalty; the term is the same on both paths).
     # Probe: docs/cv/README.md, item 15; ablation: configs/ablations/outline_statistics.toml.
     # Ignored by the other refits and without train.nodule_box (no first pass draws an outline).
-    outline_statistics: bool = False
+    outline_statistics: bool = True
     # Weight of the debug loss in the "debugged" refit, as a multiple of loss.alpha (the training's
     # weight). Ablation: configs/ablations/outline_statistics_debug2.toml.
     debug_weight: float = 1.0
@@ -165,11 +165,11 @@ class HeadSection:
     # loss also steers which class the logit (and an outline term) takes
     # (nodule_edge.train.head.HeadObjective.sign_temperature). Ablation:
     # configs/ablations/outline_statistics_sign.toml.
-    debug_sign_temperature: float = 0.0
+    debug_sign_temperature: float = 1.0
     # Scale each nodule's debug loss in the "debugged" refit by 2|p - 0.5| as the training does
     # (loss.adaptive); false weighs every labelled nodule alike, so those near p = 0.5, whose class
     # an outline term can change, count too. Ignored when loss.adaptive is false.
-    debug_adaptive: bool = True
+    debug_adaptive: bool = False
 
 
 @dataclass(frozen=True)

@@ -392,6 +392,8 @@ REPRODUCED_WITH_OVERRIDES = {
         SHIPPED,
         {**WIDE_OVERRIDES, **HEAD_BEFORE_OUTLINE, "cv.export_dir": "../docs/ablations/wide_widths"},
     ),
+    # docs/cv from narrow_widths until outline_statistics_sign shipped.
+    "no_outline_term": (SHIPPED, {**HEAD_BEFORE_OUTLINE, "cv.export_dir": "../docs/ablations/no_outline_term"}),
 }
 
 

@@ -486,7 +486,10 @@ def test_a_tiny_run_with_the_outline_term(tiny_config: Callable[..., Path], tmp_
     assert 0 <= fold0["cam_on_nodule_fraction_gt_mask"] <= 1
 
 
-def test_outline_statistics_need_the_debugged_refit_and_a_nodule_box(tiny_config: Callable[..., Path]) -> None:
-    for overrides in ({"head.refit": "full"}, {"train.nodule_box": False}):
-        with pytest.raises(ConfigError, match="outline_statistics"):
-            load_config(tiny_config(), {"head.outline_statistics": True, **overrides})
+def test_outline_statistics_are_ignored_without_a_nodule_box(tiny_config: Callable[..., Path]) -> None:
+    """The term is on by default (the shipped head step); a whole-cube model has no first pass to
+    outline the nodule, so its head step fits none instead of refusing the config."""
+    cfg = load_config(tiny_config(), {"head.outline_statistics": True, "train.nodule_box": False})
+    assert load_config(tiny_config(), {"head.outline_statistics": True, "head.refit": "full"}).head.refit == "full"
+    refit = run_training(cfg, folds_only=True)["folds"]["0"]["classifier_refit"]
+    assert refit["method"] == "debugged" and "outline_head" not in refit

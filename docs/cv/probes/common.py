@@ -1,9 +1,12 @@
 """Shared loading for the issue-11 probes (reuses the repo's dataset, splits and checkpoints).
 
-fold_model and fold_json read the same run: today's shipped folds (runs/shipped/foldK, docs/cv).
-Outputs recorded before 2026-12-05 were measured on the networks shipped then (the wider ones of
-docs/ablations/wide_widths, or earlier: docs/cv/README.md says which per item); runs/ no longer
-holds those checkpoints, so rerunning such a probe now measures the narrow network."""
+fold_model and fold_json read the same run: the shipped narrow network's folds with the head step
+from before the outline term (docs/ablations/no_outline_term, which was docs/cv until the term
+shipped; its refits were copied aside as runs/shipped/foldK/refit.no_outline_term.safetensors then,
+and the command in that folder's README writes them again). Outputs recorded before 2026-12-05 were
+measured on the networks shipped then (the wider ones of docs/ablations/wide_widths, or earlier:
+docs/cv/README.md says which per item); runs/ no longer holds those checkpoints, so rerunning such
+a probe now measures the narrow network."""
 from __future__ import annotations
 
 import os
@@ -36,10 +39,10 @@ def fold_split(ds, cfg, fold):
 
 
 def fold_model(fold):
-    model, meta = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.safetensors")
+    model, meta = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.no_outline_term.safetensors")
     model.eval()
     return model, meta
 
 
 def fold_json(fold):
-    return json.loads((ROOT / f"docs/cv/fold{fold}.json").read_text())
+    return json.loads((ROOT / f"docs/ablations/no_outline_term/fold{fold}.json").read_text())

@@ -2,7 +2,7 @@
 probe_predicted_outline.py: per shipped fold, everything is fitted on the training fold alone
 (its training and validation patients, as the head step), never on other folds' held-out nodules.
 
-For each fold: the shipped network after its head step (runs/shipped/foldK/refit.safetensors) gives
+For each fold: the shipped network after its head step (runs/shipped/foldK/refit.no_outline_term.safetensors, before the outline term) gives
 the runtime-path logit of every training-fold and test nodule (box net first pass, as shipped); the
 fold's box net outlines the whole cube (p >= 0.5, component at the centre) and radiomics_features
 measures that outline on HU resampled onto the cube grid. An L2 logistic regression of the label
@@ -43,7 +43,7 @@ for fold in range(5):
         continue
     train, val, test = fold_split(ds, cfg, fold)
     fit_idx = np.concatenate([train, val])
-    model, _ = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.safetensors")
+    model, _ = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.no_outline_term.safetensors")
     model.eval()
     segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
     out = {}

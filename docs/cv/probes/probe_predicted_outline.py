@@ -3,8 +3,8 @@ outline instead: the same 7 radiomics features (radiomics_features.features) of 
 path's segmentation (box net first pass, second pass's 64³ map at p >= 0.5, the 26-connected
 component nearest the centre) on HU resampled onto the cube grid, and of the box net's outline of
 the whole cube (the runtime's first pass, same rule), for the held-out nodules of
-each shipped fold (runs/shipped/foldK/refit.safetensors with its box_net.safetensors; the
-probabilities must reproduce docs/cv/foldK.json). Then the same out-of-fold L2 logistic stacks
+each shipped fold (runs/shipped/foldK/refit.no_outline_term.safetensors with its box_net.safetensors; the
+probabilities must reproduce docs/ablations/no_outline_term/foldK.json, docs/cv until the outline term shipped). Then the same out-of-fold L2 logistic stacks
 (logit + features), side by side with the readers'-mask features of the same nodules.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_predicted_outline.py
@@ -27,13 +27,13 @@ for fold in range(5):
     if path.exists():
         continue
     _, _, test = fold_split(ds, cfg, fold)
-    model, _ = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.safetensors")
+    model, _ = load_checkpoint(ROOT / f"runs/shipped/fold{fold}/refit.no_outline_term.safetensors")
     model.eval()
     segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
     pred, _ = predict_runtime_path(model, ds, test, DEVICE, spec, segment=segment)
-    recorded = json.loads((ROOT / f"docs/cv/fold{fold}.json").read_text())["predictions"]
+    recorded = json.loads((ROOT / f"docs/ablations/no_outline_term/fold{fold}.json").read_text())["predictions"]
     if list(recorded["index"]) != [int(i) for i in test]:
-        sys.exit(f"fold {fold}: test nodules differ from docs/cv/fold{fold}.json")
+        sys.exit(f"fold {fold}: test nodules differ from docs/ablations/no_outline_term/fold{fold}.json")
     deviation = float(np.abs(pred["malignancy_probability"] - np.asarray(recorded["probability"])).max())
     f_pred, f_reader = [], []
     for j, i in enumerate(test):
@@ -43,7 +43,7 @@ for fold in range(5):
         f_reader.append(features(mr, hu) if ds.cache.has_mask[i] else np.full(7, np.nan))
     np.savez(path, index=test, probability=pred["malignancy_probability"], pred=np.array(f_pred),
              reader=np.array(f_reader), max_deviation_from_fold_file=deviation)
-    print(f"fold {fold}: {len(test)} nodules, probabilities within {deviation:.1e} of docs/cv/fold{fold}.json", flush=True)
+    print(f"fold {fold}: {len(test)} nodules, probabilities within {deviation:.1e} of docs/ablations/no_outline_term/fold{fold}.json", flush=True)
 
 # The third outline: the box net's (the runtime's first pass) on the whole cube, which only draws
 # the box at run time; its Dice against the readers' mask is higher than the network's own.

@@ -1,5 +1,5 @@
 """How far would the shipped model get if it knew what the readers' outline knows? From the
-fold files of docs/cv (the shipped model) and docs/ablations/network_seed1 (a second training
+fold files of docs/ablations/no_outline_term (the shipped model then, docs/cv) and docs/ablations/network_seed1 (a second training
 of the same recipe) and the 7 radiomics features of the readers' masks
 (runs/probes/reader_radiomics.npz, written by probe_soft_labels_radiomics.py), no network run.
 
@@ -37,7 +37,7 @@ def run_logits(folder):
     return out
 
 
-shipped, seed1 = run_logits("docs/cv"), run_logits("docs/ablations/network_seed1")
+shipped, seed1 = run_logits("docs/ablations/no_outline_term"), run_logits("docs/ablations/network_seed1")
 idx = np.array([i for i in sorted(shipped) if float(rows[i]["malignancy_mean"]) != 3])
 y = np.array([float(rows[i]["malignancy_mean"]) > 3 for i in idx], dtype=float)
 fold = np.array([shipped[i][0] for i in idx])
