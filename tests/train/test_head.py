@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,11 +109,17 @@ def _head_inputs(model: CollaborativeNet, n: int = 24, seed: int = 0) -> tuple[H
     return inputs, out
 
 
-def test_head_replica_reproduces_the_models_logit_and_gradcam_region_means() -> None:
+def _seeded_heads() -> tuple[Any, Any, Any]:
+    """A seeded small model's heads on its own head inputs: (model output, heads, data)."""
     torch.manual_seed(0)
     model = CollaborativeNet(SMALL)
     inputs, out = _head_inputs(model)
     heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    return out, heads, data
+
+
+def test_head_replica_reproduces_the_models_logit_and_gradcam_region_means() -> None:
+    out, heads, data = _seeded_heads()
     with torch.no_grad():
         logit, attributes, omega = heads.forward(heads.params, data.x)
         inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
@@ -127,13 +134,10 @@ def test_the_debug_margin_is_the_maps_margin_and_its_smooth_class_passes_a_gradi
     """sign_temperature 0: inside − outside of the predicted class's normalised map, no gradient to
     the class; τ > 0: tanh(z/τ) times the malignant map's margin, equal to it for |z| ≫ τ, with a
     gradient to z."""
-    torch.manual_seed(0)
-    model = CollaborativeNet(SMALL)
-    inputs, _ = _head_inputs(model)
-    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    _, heads, data = _seeded_heads()
     with torch.no_grad():
         _, _, omega = heads.forward(heads.params, data.x)
-    logit = torch.linspace(-3, 3, len(inputs), dtype=torch.float64).requires_grad_(True)
+    logit = torch.linspace(-3, 3, len(omega), dtype=torch.float64).requires_grad_(True)
     inside, outside = _cam_region_means(logit, omega, data.features, data.f_in, data.f_out)
     exact = _cam_margin(logit, omega, data)
     np.testing.assert_allclose(exact.detach().numpy(), (inside - outside).detach().numpy())
