@@ -142,7 +142,7 @@ def test_top_level_help_and_version(runner):
 
 def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
     """The report.json schema documented in nodule_edge.runtime.outputs."""
-    assert report["schema_version"] == "1.2"
+    assert report["schema_version"] == "1.3"
     assert report["nodule_edge_version"] == __version__
     quality = report["quality"]
     assert set(quality) == {"training_data", "flags"}
@@ -171,6 +171,8 @@ def check_report(report: dict, out_dir: Path, n_nodules: int = 1) -> None:
         assert isinstance(n["model_input"]["nodule_bounded"], bool) and isinstance(
             n["model_input"]["first_pass_found_nodule"], bool
         )
+        # This bundle's model has no outline term (tests/runtime/test_outline_term.py has one).
+        assert n["outline_term"] is None
         assert list(n["attributes"]) == list(ATTRIBUTE_NAMES)
         assert all(1.0 <= v <= 5.0 for v in n["attributes"].values())
         seg = n["segmentation"]

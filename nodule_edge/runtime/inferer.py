@@ -59,6 +59,11 @@ class NodulePrediction:
     #: The first pass's outline statistics (:data:`nodule_edge.outline.OUTLINE_FEATURE_NAMES`) for a
     #: model with an outline term, else None.
     outline_statistics: np.ndarray | None = None
+    #: What the outline term added to the malignancy logit, for a model with one, else None.
+    outline_logit: float | None = None
+    #: Whether the outline term changed the class (p > 0.5 or not): the saliency then maps the
+    #: network's evidence for the final class, the complement of its own map. None without a term.
+    outline_changes_class: bool | None = None
 
     @property
     def saliency_sign_uncertain(self) -> bool:
@@ -266,6 +271,19 @@ class NoduleInferer:
         )
         return self._predictions(outputs, exclude_ids, found)
 
+    def _outline_fields(self, outputs: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        """The outline term of nodule ``i`` (its statistics, its logit, whether it changed the class)."""
+        if self.outline_head is None or "outline_statistics" not in outputs:
+            return {}
+        statistics = outputs["outline_statistics"][i]
+        term = float(self.outline_head.logit(statistics[None])[0])
+        z = float(outputs["malignancy_logit"][i])
+        return {
+            "outline_statistics": statistics,
+            "outline_logit": term,
+            "outline_changes_class": (z > 0) != (z - term > 0),
+        }
+
     def model_run(self, prediction: NodulePrediction | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         """The second pass as explanations perturb it: the engine, plus the outline term of
         ``prediction``'s first pass (fixed: a perturbation of the second pass's cube does not
@@ -412,7 +430,7 @@ class NoduleInferer:
                     saliency=outputs["saliency"][i],
                     nodule_bounded=bounded,
                     first_pass_found_nodule=True if found is None else bool(found[i]),
-                    outline_statistics=outputs["outline_statistics"][i] if "outline_statistics" in outputs else None,
+                    **self._outline_fields(outputs, i),
                 )
             )
         if self.index is not None and len(self.index) and n:

@@ -21,8 +21,9 @@ import numpy as np
 from nodule_edge import __version__
 from nodule_edge._files import staged_folder
 from nodule_edge.errors import OutputError
+from nodule_edge.outline import OUTLINE_FEATURE_NAMES
 from nodule_edge.patch import PatchSpec, patch_grid
-from nodule_edge.runtime.inferer import NoduleResult, StudyResult
+from nodule_edge.runtime.inferer import NodulePrediction, NoduleResult, StudyResult
 from nodule_edge.runtime.nifti import write_nifti
 from nodule_edge.runtime.overlays import render_overlay, render_similar_strip
 from nodule_edge.volume import Interpolation, Volume, resample
@@ -30,7 +31,7 @@ from nodule_edge.volume import Interpolation, Volume, resample
 __all__ = ["REPORT_SCHEMA_VERSION", "build_report", "write_outputs", "patch_to_study_grid", "check_output_dir"]
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA_VERSION = "1.2"
+REPORT_SCHEMA_VERSION = "1.3"
 # zlib level 1: PNG encoding at the default level 6 was half of all output writing (measured
 # ~23 ms of ~39 ms per nodule); level 1 files are somewhat larger and decode the same.
 _PNG_COMPRESS_LEVEL = 1
@@ -103,6 +104,7 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
             "nodule_bounded": p.nodule_bounded,
             "first_pass_found_nodule": p.first_pass_found_nodule,
         },
+        "outline_term": _outline_report(p),
         "segmentation": {
             "volume_mm3": round(n.volume_mm3, 2),
             "longest_axial_diameter_mm": round(n.longest_axial_diameter_mm, 2),
@@ -130,6 +132,17 @@ def _nodule_report(i: int, n: NoduleResult) -> dict[str, Any]:
         "retrieval_score": None if p.retrieval_score is None else round(p.retrieval_score, 6),
         "overlay_png": f"nodule{i}_overlay.png",
         "similar_png": f"nodule{i}_similar.png" if p.similar else None,
+    }
+
+
+def _outline_report(p: NodulePrediction) -> dict[str, Any] | None:
+    """The outline term's measurements and what they added to the logit (README, Outputs)."""
+    if p.outline_statistics is None or p.outline_logit is None:
+        return None
+    return {
+        "statistics": {k: round(float(v), 4) for k, v in zip(OUTLINE_FEATURE_NAMES, p.outline_statistics)},
+        "logit": round(p.outline_logit, 4),
+        "changes_class": bool(p.outline_changes_class),
     }
 
 

@@ -12,6 +12,7 @@ from nodule_edge.errors import BundleError
 from nodule_edge.outline import OUTLINE_FEATURE_NAMES, outline_statistics
 from nodule_edge.patch import bound_to_nodule
 from nodule_edge.runtime.engines.base import metadata_from_props
+from nodule_edge.runtime.outputs import build_report
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,14 @@ def test_the_term_is_read_from_the_artifact_and_added_to_the_second_pass(inferer
     z = float(network["malignancy_logit"][0]) + float(head.logit(pred.outline_statistics[None])[0])
     assert pred.malignancy_probability == pytest.approx(1 / (1 + np.exp(-z)), abs=1e-5)
     assert pred.malignancy_probability != pytest.approx(float(network["malignancy_probability"][0]), abs=1e-4)
+    # The report says what the term added and whether it changed the class.
+    term = float(head.logit(pred.outline_statistics[None])[0])
+    assert pred.outline_logit == pytest.approx(term)
+    assert pred.outline_changes_class == ((z > 0) != (float(network["malignancy_logit"][0]) > 0))
+    report = build_report(result)["nodules"][0]["outline_term"]
+    assert list(report["statistics"]) == list(OUTLINE_FEATURE_NAMES)
+    assert report["statistics"]["log_volume_mm3"] == pytest.approx(float(pred.outline_statistics[1]), abs=1e-4)
+    assert report["logit"] == pytest.approx(term, abs=1e-4) and report["changes_class"] == pred.outline_changes_class
 
 
 def test_explanations_see_the_final_probability(inferer, demo_study) -> None:
