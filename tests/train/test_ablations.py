@@ -53,6 +53,7 @@ EXPECTED = {
     "outline_statistics": (True, True, False, True),
     "outline_statistics_debug2": (True, True, False, True),
     "outline_statistics_sign": (True, True, False, True),
+    "outline_statistics_even": (True, True, False, True),
 }
 
 

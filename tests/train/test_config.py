@@ -236,6 +236,7 @@ HEAD_STEP_ABLATIONS = (
     "outline_statistics",
     "outline_statistics_debug2",
     "outline_statistics_sign",
+    "outline_statistics_even",
 )
 
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).
