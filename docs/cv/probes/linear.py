@@ -78,3 +78,29 @@ def paired_interval(y, score, reference, fold, draws=2000, seed=0):
     folds: nodule-edge cv-compare's own interval."""
     from nodule_edge.train.evaluation import _paired_interval
     return np.array(_paired_interval(roc_auc, y, score, reference, fold, draws, seed))
+
+
+def logit(p):
+    """Log-odds of probabilities, clipped away from 0 and 1."""
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def nested_fit_score(x_fit, y_fit, groups, x_test, grid):
+    """An L2 logistic regression (fit_logistic, inputs standardised on the fit rows) with the L2 of
+    ``grid`` chosen by 3-fold patient-grouped inner CV on the fit rows, refitted on all of them;
+    returns the test rows' logits and the chosen L2."""
+    from nodule_edge.train.head import fit_logistic
+    best = None
+    for l2 in grid:
+        s = np.zeros(len(y_fit))
+        for tr, va in GroupKFold(3).split(x_fit, y_fit, groups):
+            mu, sd = x_fit[tr].mean(0), x_fit[tr].std(0) + 1e-9
+            w, b = fit_logistic((x_fit[tr] - mu) / sd, y_fit[tr], l2)
+            s[va] = ((x_fit[va] - mu) / sd) @ w + b
+        auc = roc_auc(y_fit, s)
+        if best is None or auc > best[0]:
+            best = (auc, l2)
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-9
+    w, b = fit_logistic((x_fit - mu) / sd, y_fit, best[1])
+    return ((x_test - mu) / sd) @ w + b, best[1]

@@ -25,11 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import *  # noqa
 from radiomics_features import outline_features  # noqa
 import linear  # noqa
-from linear import GroupKFold  # noqa
 import dataclasses
 from nodule_edge.metrics import roc_auc
 from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
-from nodule_edge.train.head import fit_logistic
 from nodule_edge.train.trainer import predict_runtime_path
 
 cfg, ds, spec = setup()
@@ -117,26 +115,11 @@ def prepare(F):
     return np.nan_to_num(F, nan=0.0)  # an empty outline: volume 0, statistics 0 (none on these folds)
 
 
-def logit(p):
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+logit = linear.logit
 
 
 def fit_score(x_fit, y_fit, groups, x_test):
-    """L2 chosen by inner patient-grouped CV on the training fold, then refitted on all of it."""
-    best = None
-    for l2 in L2_GRID:
-        s = np.zeros(len(y_fit))
-        for tr, va in GroupKFold(3).split(x_fit, y_fit, groups):
-            mu, sd = x_fit[tr].mean(0), x_fit[tr].std(0) + 1e-9
-            w, b = fit_logistic((x_fit[tr] - mu) / sd, y_fit[tr], l2)
-            s[va] = ((x_fit[va] - mu) / sd) @ w + b
-        auc = roc_auc(y_fit, s)
-        if best is None or auc > best[0]:
-            best = (auc, l2)
-    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-9
-    w, b = fit_logistic((x_fit - mu) / sd, y_fit, best[1])
-    return ((x_test - mu) / sd) @ w + b, best[1]
+    return linear.nested_fit_score(x_fit, y_fit, groups, x_test, L2_GRID)
 
 
 variants = {"shipped logit": None, "logit + box net's 7 features": list(range(7)),

@@ -21,11 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import *  # noqa
 import linear  # noqa
-from linear import GroupKFold  # noqa
 from nodule_edge.metrics import roc_auc
 from nodule_edge.patch import nodule_extent
 from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
-from nodule_edge.train.head import fit_logistic
 
 cfg, ds, spec = setup()
 VOXEL = spec.spacing_mm
@@ -120,25 +118,11 @@ for fold in range(5):
 L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
 
 
-def logit(p):
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+logit = linear.logit
 
 
 def fit_score(x_fit, y_fit, groups, x_test):
-    best = None
-    for l2 in L2_GRID:
-        s = np.zeros(len(y_fit))
-        for tr, va in GroupKFold(3).split(x_fit, y_fit, groups):
-            mu, sd = x_fit[tr].mean(0), x_fit[tr].std(0) + 1e-9
-            w, b = fit_logistic((x_fit[tr] - mu) / sd, y_fit[tr], l2)
-            s[va] = ((x_fit[va] - mu) / sd) @ w + b
-        auc = roc_auc(y_fit, s)
-        if best is None or auc > best[0]:
-            best = (auc, l2)
-    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-9
-    w, b = fit_logistic((x_fit - mu) / sd, y_fit, best[1])
-    return ((x_test - mu) / sd) @ w + b
+    return linear.nested_fit_score(x_fit, y_fit, groups, x_test, L2_GRID)[0]
 
 
 variants = {"logit + package 7 (the term's inputs)": [],
