@@ -170,15 +170,18 @@ class OutlineHead:
 
         Reads ``malignancy_logit``; rewrites it and ``malignancy_probability``, and where the
         class changes, the Grad-CAM maps (``saliency``, ``cam16``) and the attention inside and
-        outside the nodule.
+        outside the nodule. Adds ``outline_logit`` (the term, float64 ``[N]``) and
+        ``outline_changes_class`` (bool ``[N]``: where it changed the class).
         """
         out = dict(outputs)
         z_network = np.asarray(outputs["malignancy_logit"], np.float64)
-        z = z_network + self.logit(statistics)
+        term = self.logit(statistics)
+        z = z_network + term
         dtype = np.asarray(outputs["malignancy_probability"]).dtype
         out["malignancy_logit"] = z.astype(np.asarray(outputs["malignancy_logit"]).dtype)
         out["malignancy_probability"] = (1.0 / (1.0 + np.exp(-z))).astype(dtype)
         flipped = (z > 0) != (z_network > 0)
+        out["outline_logit"], out["outline_changes_class"] = term, flipped
         if flipped.any():
             for key in ("saliency", "cam16", "nodule_attention", "background_attention"):
                 if key in out:

@@ -271,17 +271,16 @@ class NoduleInferer:
         )
         return self._predictions(outputs, exclude_ids, found)
 
-    def _outline_fields(self, outputs: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        """The outline term of nodule ``i`` (its statistics, its logit, whether it changed the class)."""
-        if self.outline_head is None or "outline_statistics" not in outputs:
+    @staticmethod
+    def _outline_fields(outputs: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        """The outline term of nodule ``i`` as :meth:`OutlineHead.apply` recorded it (its
+        statistics, its logit, whether it changed the class); nothing for a model without one."""
+        if "outline_logit" not in outputs:
             return {}
-        statistics = outputs["outline_statistics"][i]
-        term = float(self.outline_head.logit(statistics[None])[0])
-        z = float(outputs["malignancy_logit"][i])
         return {
-            "outline_statistics": statistics,
-            "outline_logit": term,
-            "outline_changes_class": (z > 0) != (z - term > 0),
+            "outline_statistics": outputs["outline_statistics"][i],
+            "outline_logit": float(outputs["outline_logit"][i]),
+            "outline_changes_class": bool(outputs["outline_changes_class"][i]),
         }
 
     def model_run(self, prediction: NodulePrediction | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
