@@ -46,3 +46,28 @@ def fold_model(fold):
 
 def fold_json(fold):
     return json.loads((ROOT / f"docs/ablations/no_outline_term/fold{fold}.json").read_text())
+
+
+def box_net_fold_arrays(ds, name, measure, note):
+    """For each shipped fold: ``measure(segmentation [n, S, S, S], cubes [n, C, S, S, S]) -> [n, k]``
+    of the fold's box net on the whole cubes of the training-fold (``fit``) and test nodules that
+    probe_box_outline_head.py cached, in batches of 32; stored as runs/probes/NAME_foldK.npz
+    (``fit``, ``test``) and not computed again once there."""
+    from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
+
+    for fold in range(5):
+        path = OUT / f"{name}_fold{fold}.npz"
+        if path.exists():
+            continue
+        cached = np.load(OUT / f"box_outline_head_fold{fold}.npz")
+        segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
+        out = {}
+        for part in ("fit", "test"):
+            idx = cached[f"{part}_index"]
+            rows = []
+            for s in range(0, len(idx), 32):
+                cubes = np.asarray(ds.cache.images[idx[s:s + 32]], np.float32)
+                rows.append(measure(segment(cubes), cubes))
+            out[part] = np.concatenate(rows)
+        np.savez(path, **out)
+        print(f"fold {fold}: {note}", flush=True)

@@ -90,22 +90,8 @@ for fold in range(5):
 # component at the centre, HU from the lung window channel.
 from nodule_edge.outline import outline_statistics_batch  # noqa: E402
 
-for fold in range(5):
-    path = OUT / f"box_outline_package_fold{fold}.npz"
-    if path.exists():
-        continue
-    cached = np.load(OUT / f"box_outline_head_fold{fold}.npz")
-    segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
-    out = {}
-    for part in ("fit", "test"):
-        idx = cached[f"{part}_index"]
-        rows = []
-        for s in range(0, len(idx), 32):
-            cubes = np.asarray(ds.cache.images[idx[s:s + 32]], np.float32)
-            rows.append(outline_statistics_batch(segment(cubes), cubes, spec))
-        out[part] = np.concatenate(rows)
-    np.savez(path, **out)
-    print(f"fold {fold}: package outline statistics", flush=True)
+box_net_fold_arrays(ds, "box_outline_package", lambda seg, cubes: outline_statistics_batch(seg, cubes, spec),
+                    "package outline statistics")
 
 
 def prepare(F):

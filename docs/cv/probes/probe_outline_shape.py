@@ -23,7 +23,6 @@ from common import *  # noqa
 import linear  # noqa
 from nodule_edge.metrics import roc_auc
 from nodule_edge.patch import nodule_extent
-from nodule_edge.train.first_pass import box_net_segmenter, load_box_net
 
 cfg, ds, spec = setup()
 VOXEL = spec.spacing_mm
@@ -98,22 +97,8 @@ def extras(seg, cube):
                      hu[shell].mean(), float((hu[shell] > -500).mean())])
 
 
-for fold in range(5):
-    path = OUT / f"outline_shape_fold{fold}.npz"
-    if path.exists():
-        continue
-    cached = np.load(OUT / f"box_outline_head_fold{fold}.npz")
-    segment = box_net_segmenter(load_box_net(ROOT / f"runs/shipped/fold{fold}/box_net.safetensors")[0])
-    out = {}
-    for part in ("fit", "test"):
-        idx = cached[f"{part}_index"]
-        rows = []
-        for s in range(0, len(idx), 32):
-            cubes = np.asarray(ds.cache.images[idx[s:s + 32]], np.float32)
-            rows += [extras(g, c) for g, c in zip(segment(cubes), cubes)]
-        out[part] = np.stack(rows)
-    np.savez(path, **out)
-    print(f"fold {fold}: outline shape measurements", flush=True)
+box_net_fold_arrays(ds, "outline_shape", lambda seg, cubes: np.stack([extras(g, c) for g, c in zip(seg, cubes)]),
+                    "outline shape measurements")
 
 L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
 
