@@ -33,7 +33,9 @@ from nodule_edge.patch import DEFAULT_PATCH_SPEC, Extent, FinishStep, PatchSpec,
 
 __all__ = [
     "OUTLINE_FEATURE_NAMES",
+    "OUTLINE_MEASUREMENTS",
     "OutlineHead",
+    "outline_measurements",
     "outline_statistics",
     "outline_statistics_batch",
     "outline_step",
@@ -49,6 +51,19 @@ OUTLINE_FEATURE_NAMES: tuple[str, ...] = (
     "hu_p90",
     "solid_fraction",  # share of the outline above -300 HU
     "compactness",  # 36 pi V^2 / A^3, A counted in exposed voxel faces (1 for a ball, less when rough)
+)
+
+#: The statistics as a reader reads them, in :data:`OUTLINE_FEATURE_NAMES` order: name, meaning,
+#: UCUM unit, and whether the statistic is the natural log of the value (Feret and volume are fitted
+#: as logs). :func:`outline_measurements` converts; the DICOM SR reports these.
+OUTLINE_MEASUREMENTS: tuple[tuple[str, str, str, bool], ...] = (
+    ("feret_mm", "Feret diameter", "mm", True),
+    ("volume_mm3", "Volume", "mm3", True),
+    ("hu_mean", "Mean attenuation", "[hnsf'U]", False),
+    ("hu_sd", "Attenuation standard deviation", "[hnsf'U]", False),
+    ("hu_p90", "Attenuation 90th percentile", "[hnsf'U]", False),
+    ("solid_fraction", "Solid fraction", "1", False),
+    ("compactness", "Compactness", "1", False),
 )
 
 #: Solid tissue begins here (HU); ground glass lies below it.
@@ -75,6 +90,21 @@ def outline_statistics(segmentation: np.ndarray, patch: np.ndarray, spec: PatchS
     """
     seg = np.asarray(segmentation)
     return _statistics_in_extent(seg, patch, nodule_extent(seg, _threshold(spec)), spec)
+
+
+def outline_measurements(statistics: np.ndarray) -> dict[str, float]:
+    """One nodule's :func:`outline_statistics` in natural units, keyed by :data:`OUTLINE_MEASUREMENTS` names.
+
+    Raises:
+        ValueError: ``statistics`` is not one value per :data:`OUTLINE_FEATURE_NAMES` entry.
+    """
+    values = np.asarray(statistics, np.float64)
+    if values.shape != (len(OUTLINE_MEASUREMENTS),):
+        raise ValueError(f"outline statistics must be {len(OUTLINE_MEASUREMENTS)} values, got shape {values.shape}")
+    return {
+        name: float(np.exp(v) if is_log else v)
+        for (name, _, _, is_log), v in zip(OUTLINE_MEASUREMENTS, values, strict=True)
+    }
 
 
 def _threshold(spec: PatchSpec) -> float:

@@ -7,7 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead, outline_statistics, outline_step
+from nodule_edge.outline import (
+    OUTLINE_FEATURE_NAMES,
+    OUTLINE_MEASUREMENTS,
+    OutlineHead,
+    outline_measurements,
+    outline_statistics,
+    outline_step,
+)
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, run_nodule_bounded
 
 SPEC = dataclasses.replace(DEFAULT_PATCH_SPEC, nodule_box=NoduleBox())
@@ -38,6 +45,17 @@ def test_a_ball_measures_its_diameter_volume_and_density() -> None:
     assert stats[NAMES["hu_p90"]] == pytest.approx(-160, abs=1) and stats[NAMES["solid_fraction"]] == 1.0
     ground_glass = outline_statistics(ball.astype(np.float32), _cube(ball, -600.0), SPEC)
     assert ground_glass[NAMES["solid_fraction"]] == 0.0
+
+
+def test_the_measurements_read_a_ball_in_millimetres_and_hounsfield_units() -> None:
+    ball = _ball(8)
+    measured = outline_measurements(outline_statistics(ball.astype(np.float32), _cube(ball), SPEC))
+    assert list(measured) == [name for name, *_ in OUTLINE_MEASUREMENTS]
+    assert measured["feret_mm"] == pytest.approx(17 * 0.5)
+    assert measured["volume_mm3"] == pytest.approx(ball.sum() * 0.125)
+    assert measured["hu_mean"] == pytest.approx(-160, abs=1) and measured["solid_fraction"] == 1.0
+    with pytest.raises(ValueError, match="7 values, got shape \\(6,\\)"):
+        outline_measurements(np.zeros(6))
 
 
 def test_a_ball_is_more_compact_than_a_rod_of_the_same_volume() -> None:

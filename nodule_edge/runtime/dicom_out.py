@@ -29,7 +29,16 @@ explanation metrics (``--explain``)       (``<method>.<metric>``, 99NODULEEDGE) 
 Grad-CAM vs occlusion agreement           (EXPL_AGREEMENT, 99NODULEEDGE), Spearman          1
 quality flag (one per flag)               (QUALITY_FLAG, 99NODULEEDGE) = (``<flag code>``,   —
                                           99NODULEEDGE)
+first-pass outline measurements (a        (FERET_MM, VOLUME_MM3, HU_MEAN, HU_SD, HU_P90,     mm,
+model with an outline term)               SOLID_FRACTION, COMPACTNESS; 99NODULEEDGE)         mm3,
+                                                                                             [hnsf'U],
+                                                                                             1
+outline term of the malignancy logit      (OUTLINE_LOGIT, 99NODULEEDGE)                      1
+the term changed the class                (OUTLINE_CLASS, 99NODULEEDGE) = SCT Yes / No       —
 ========================================  =================================================  ======
+
+The outline measurements are :data:`nodule_edge.outline.OUTLINE_MEASUREMENTS` of the first pass's
+outline, the malignancy head's inputs; the volume and diameter above are the SEG's segmentation's.
 
 A nodule's group carries the series' quality flags and its own (README, "Quality flags"); the
 flag codes are :data:`nodule_edge.runtime.quality.FLAG_CODES`.
@@ -53,6 +62,7 @@ import numpy as np
 
 from nodule_edge import __version__
 from nodule_edge.errors import OutputError, require
+from nodule_edge.outline import OUTLINE_MEASUREMENTS, outline_measurements
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, PatchSpec, patch_grid
 from nodule_edge.runtime.measure import largest_central_component
 from nodule_edge.volume import Volume, resample
@@ -347,6 +357,23 @@ def _nodule_group(
             _local(hd, "BACKGROUND_ATTN", "Mean saliency outside nodule"), p.background_attention, codes.UCUM.NoUnits
         ),
     ]
+    if p.outline_statistics is not None and p.outline_logit is not None:
+        # The outline term's inputs (the first pass's outline, not the SEG's segmentation) and what
+        # they added to the malignancy logit (README, Outputs; nodule_edge.outline).
+        values = outline_measurements(p.outline_statistics)
+        for name, meaning, unit, _ in OUTLINE_MEASUREMENTS:
+            measurements.append(
+                measure(
+                    _local(hd, name.upper(), f"First-pass outline {meaning.lower()}"),
+                    values[name],
+                    hd.sr.CodedConcept(value=unit, scheme_designator="UCUM", meaning=unit),
+                )
+            )
+        measurements.append(
+            measure(
+                _local(hd, "OUTLINE_LOGIT", "Outline term of the malignancy logit"), p.outline_logit, codes.UCUM.NoUnits
+            )
+        )
     explained = nodule.explanations
     if explained is not None:
         for method, exp in explained.maps.items():
@@ -368,6 +395,13 @@ def _nodule_group(
             value=codes.SCT.Yes if nodule.trustworthy else codes.SCT.No,
         )
     ]
+    if p.outline_changes_class is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=_local(hd, "OUTLINE_CLASS", "Outline term changed the class"),
+                value=codes.SCT.Yes if p.outline_changes_class else codes.SCT.No,
+            )
+        )
     evaluations += [
         hd.sr.QualitativeEvaluation(
             name=_local(hd, "QUALITY_FLAG", "Quality flag"),

@@ -245,6 +245,39 @@ def test_sr_carries_the_series_and_nodule_quality_flags(tmp_path: Path, series: 
 
 
 @needs_highdicom
+@pytest.mark.parametrize("changes_class", [False, True])
+def test_sr_carries_the_outline_term_in_natural_units(
+    tmp_path: Path, series: SyntheticSeries, changes_class: bool
+) -> None:
+    study = open_study(series.folder)
+    n = nodule(study, (32.0, 30.0, 20.0), ellipsoid((5.0, 5.0, 5.0)))
+    statistics = np.array([np.log(9.5), np.log(420.0), -85.0, 120.0, 40.0, 0.75, 0.6])
+    n.prediction.outline_statistics, n.prediction.outline_logit = statistics, -0.375
+    n.prediction.outline_changes_class = changes_class
+    _, sr = write(tmp_path, result_for(study, [n]))
+    (group,) = measurement_groups(sr)
+    values = numbers(group)
+    assert values[("99NODULEEDGE", "FERET_MM")] == (pytest.approx(9.5), "mm")
+    assert values[("99NODULEEDGE", "VOLUME_MM3")] == (pytest.approx(420.0), "mm3")
+    assert values[("99NODULEEDGE", "HU_MEAN")] == (pytest.approx(-85.0), "[hnsf'U]")
+    assert values[("99NODULEEDGE", "SOLID_FRACTION")] == (pytest.approx(0.75), "1")
+    assert values[("99NODULEEDGE", "OUTLINE_LOGIT")] == (pytest.approx(-0.375), "1")
+    # The SEG's own volume stays the second pass's segmentation's, beside the outline's.
+    assert values[("SCT", "118565006")][0] == pytest.approx(n.volume_mm3, rel=1e-6)
+    (changed,) = [i for i in group.ContentSequence if code(i) == ("99NODULEEDGE", "OUTLINE_CLASS")]
+    assert changed.ConceptCodeSequence[0].CodeValue == ("373066001" if changes_class else "373067005")
+
+
+@needs_highdicom
+def test_a_model_without_an_outline_term_writes_none_of_its_items(tmp_path: Path, series: SyntheticSeries) -> None:
+    study = open_study(series.folder)
+    _, sr = write(tmp_path, result_for(study, [nodule(study, (32.0, 30.0, 20.0), ellipsoid((5.0, 5.0, 5.0)))]))
+    (group,) = measurement_groups(sr)
+    names = {code(i)[1] for i in group.ContentSequence}
+    assert not names & {"FERET_MM", "VOLUME_MM3", "OUTLINE_LOGIT", "OUTLINE_CLASS"}
+
+
+@needs_highdicom
 def test_patient_and_study_come_from_the_source(
     tmp_path: Path, series: SyntheticSeries, caplog: pytest.LogCaptureFixture
 ) -> None:
