@@ -3,8 +3,8 @@
 The runtime's path is two passes (:func:`nodule_edge.patch.run_nodule_bounded`): the first only
 draws the nodule's box, the second diagnoses the bounded cube. With ``first_pass.network =
 "box_net"`` the first pass is a :class:`~nodule_edge.train.model.BoxNet`, trained after the
-collaborative network on the same nodules, on segmentation alone (soft Dice + BCE against the
-readers' consensus mask), on whole cubes as the runtime's first pass reads them, with the
+collaborative network on the same nodules, on segmentation alone (soft Dice, or soft Tversky with
+``fn_weight`` != 0.5, + BCE against the readers' consensus mask), on whole cubes as the runtime's first pass reads them, with the
 training's flips and in-plane rotations. Evaluation, the head refit and the runtime all draw the
 box from it (docs/measurements/runtime_path_latency.md says why).
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from nodule_edge._files import atomic_file, sha256_bytes, write_text_atomic
 from nodule_edge.errors import DataError
-from nodule_edge.train.config import FirstPassSection
-from nodule_edge.train.losses import dice_loss
+from nodule_edge.train.config import FirstPassSection, section_dict
+from nodule_edge.train.losses import dice_loss, tversky_loss
 from nodule_edge.train.model import BoxNet, BoxNetConfig
 
 __all__ = ["box_net_segmenter", "load_box_net", "save_box_net", "train_box_net"]
@@ -42,7 +42,11 @@ _FORMAT = "nodule-edge-box-net-v1"
 
 def _key(section: FirstPassSection, idx: np.ndarray, seed: int) -> str:
     """What a finished box net was trained under: the section, the nodules and the seed."""
-    data = {"first_pass": dataclasses.asdict(section), "nodules": [int(i) for i in np.sort(idx)], "seed": seed}
+    data = {
+        "first_pass": section_dict("first_pass", dataclasses.asdict(section)),
+        "nodules": [int(i) for i in np.sort(idx)],
+        "seed": seed,
+    }
     return sha256_bytes(json.dumps(data, sort_keys=True).encode())
 
 
@@ -129,7 +133,8 @@ def train_box_net(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 seg = net(x)
             seg = seg.float()[:, 0]
-            loss = dice_loss(seg, m).mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), m)
+            overlap = dice_loss(seg, m) if section.fn_weight == 0.5 else tversky_loss(seg, m, section.fn_weight)
+            loss = overlap.mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

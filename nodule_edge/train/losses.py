@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nodule_edge.train.model import ModelOutput, soft_region_means
 
-__all__ = ["LossWeights", "dice_loss", "csl_loss", "total_loss"]
+__all__ = ["LossWeights", "dice_loss", "csl_loss", "total_loss", "tversky_loss"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,19 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
     dims = tuple(range(1, pred.dim()))
     inter = (pred * target).sum(dims)
     return 1 - (2 * inter + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+
+
+def tversky_loss(pred: torch.Tensor, target: torch.Tensor, fn_weight: float, eps: float = 1.0) -> torch.Tensor:
+    """Soft Tversky loss per sample, ``[N, ...]`` → ``[N]``: 1 − (I + ε/2) / (I + (1 − w)·FP + w·FN + ε/2).
+
+    ``fn_weight`` w weighs the missed voxels against the false ones; at 0.5 it is the soft Dice
+    loss (:func:`dice_loss`, the same value up to rounding), above 0.5 a miss costs more.
+    """
+    dims = tuple(range(1, pred.dim()))
+    inter = (pred * target).sum(dims)
+    false_pos = pred.sum(dims) - inter
+    false_neg = target.sum(dims) - inter
+    return 1 - (inter + eps / 2) / (inter + (1 - fn_weight) * false_pos + fn_weight * false_neg + eps / 2)
 
 
 def csl_loss(out: ModelOutput, delta: float = 0.5, adaptive: bool = True) -> torch.Tensor:

@@ -151,6 +151,13 @@ def test_contiguous_groupnorm_is_on_by_default_and_off_hashes_as_before_the_key_
     assert training_config_sha256(off) != training_config_sha256(shipped)
 
 
+def test_the_box_nets_miss_weight_hashes_only_when_set(tmp_path: Path) -> None:
+    shipped = load_config(_write(tmp_path, ""))
+    heavier = load_config(_write(tmp_path, "[first_pass]\nfn_weight = 0.7\n"))
+    assert "fn_weight" not in shipped.to_dict()["first_pass"]
+    assert heavier.to_dict()["first_pass"]["fn_weight"] == 0.7 and shipped.sha256() != heavier.sha256()
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
@@ -158,6 +165,7 @@ def test_contiguous_groupnorm_is_on_by_default_and_off_hashes_as_before_the_key_
         ("[train]\nwarmup_epochs = 12\n", "warmup_epochs must be"),
         ("[train]\nbalance_sure = true\nbatch_sure = 1\n", "balance_sure needs"),
         ("[train]\nnetwork_seed = -2\n", "network_seed must be >= 0"),
+        ("[first_pass]\nfn_weight = 1.0\n", r"first_pass.fn_weight must lie in \(0, 1\), got 1.0"),
     ],
 )
 def test_bad_recipe_switches_are_refused_with_the_key_named(tmp_path: Path, content: str, needle: str) -> None:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from nodule_edge.cli import main
 from nodule_edge.errors import DataError
 from nodule_edge.train.config import FirstPassSection
-from nodule_edge.train.first_pass import box_net_segmenter, load_box_net, save_box_net, train_box_net
+from nodule_edge.train.first_pass import _key, box_net_segmenter, load_box_net, save_box_net, train_box_net
 from nodule_edge.train.model import BoxNet, BoxNetConfig, CollaborativeNet, ModelConfig
 from nodule_edge.train.trainer import save_checkpoint
 
@@ -138,3 +138,25 @@ def test_a_box_net_of_the_same_key_elsewhere_is_reused_and_left_alone(tmp_path: 
     # Another key (other nodules): trained into its own file, the owner's untouched.
     _, meta = train_box_net(section, images, masks, np.ones(6, bool), idx[:4], own, reuse=(owner,))
     assert meta["checkpoint"] == str(own) and own.is_file() and owner.read_bytes() == before
+
+
+def test_the_miss_weight_at_its_default_keeps_the_key_box_nets_were_recorded_under() -> None:
+    """Box nets trained before ``fn_weight`` existed are found again; another weight is another net."""
+    section, idx = FirstPassSection(), np.arange(5)
+    recorded = {"first_pass": {"network": "box_net", "widths": [8, 16, 32, 32], "epochs": 20, "lr": 2e-3, "batch": 8}}
+    from nodule_edge._files import sha256_bytes
+
+    old = sha256_bytes(json.dumps({**recorded, "nodules": [0, 1, 2, 3, 4], "seed": 0}, sort_keys=True).encode())
+    assert _key(section, idx, 0) == old
+    assert _key(FirstPassSection(fn_weight=0.7), idx, 0) != old
+
+
+def test_a_heavier_miss_weight_trains_a_box_net_that_outlines_more(tmp_path: Path) -> None:
+    images, masks = _cubes(6)
+    idx = np.arange(6)
+    volumes = []
+    for weight in (0.5, 0.9):
+        section = FirstPassSection(widths=(4, 8, 8, 8), epochs=2, lr=3e-3, batch=3, fn_weight=weight)
+        net, _ = train_box_net(section, images, masks, np.ones(6, bool), idx, tmp_path / f"{weight}.safetensors")
+        volumes.append(float((box_net_segmenter(net)(np.asarray(images, np.float32)) >= 0.5).sum()))
+    assert volumes[1] > volumes[0]

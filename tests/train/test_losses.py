@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nodule_edge.train.losses import LossWeights, csl_loss, dice_loss, total_loss
+from nodule_edge.train.losses import LossWeights, csl_loss, dice_loss, total_loss, tversky_loss
 from nodule_edge.train.model import ModelOutput
 
 
@@ -63,6 +63,21 @@ def test_dice_loss_half_overlap() -> None:
     # 2·2 / (4 + 4) = 0.5, shifted slightly by the smoothing term.
     assert float(dice_loss(pred, target, eps=0.0)) == pytest.approx(0.5)
     assert float(dice_loss(pred, target)) == pytest.approx(1 - 5 / 9)
+
+
+def test_tversky_loss_is_dice_at_one_half_and_charges_misses_above_it() -> None:
+    torch.manual_seed(0)
+    pred, target = torch.rand(3, 8, 8, 8), (torch.rand(3, 8, 8, 8) > 0.6).float()
+    torch.testing.assert_close(tversky_loss(pred, target, 0.5), dice_loss(pred, target))
+    target = torch.zeros(1, 4, 4, 4)
+    target[0, :2] = 1  # 32 voxels
+    missed = target.clone()
+    missed[0, 0] = 0  # predicts half of them, no false voxel
+    extra = target.clone()
+    extra[0, 2] = 1  # predicts all of them and 16 false ones
+    assert tversky_loss(missed, target, 0.5) > tversky_loss(extra, target, 0.5)  # Dice: 0.667 vs 0.8
+    assert tversky_loss(missed, target, 0.9) > tversky_loss(missed, target, 0.5)
+    assert tversky_loss(extra, target, 0.9) < tversky_loss(extra, target, 0.5)
 
 
 def test_csl_loss_is_zero_when_nodule_attention_exceeds_background_by_delta() -> None:
