@@ -21,8 +21,8 @@ networks) and reads the folds that every DIR has. The first DIR is measured unde
 further DIR (a box-net variant) under the shipped rule t0.5, paired against the first's t0.5.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python docs/cv/probes/probe_outline_threshold.py DIR [DIR ...]
-(per-fold arrays in runs/probes/outline_threshold_DIRNAME_foldK.npz; output:
-outline_threshold.txt beside this file)"""
+(per-fold arrays in runs/probes/outline_threshold_DIRNAME_foldK.npz; output beside this file:
+outline_threshold.txt for one DIR, outline_threshold_NAME2[_NAME3...].txt with variants)"""
 import dataclasses
 import sys
 from pathlib import Path
@@ -175,4 +175,5 @@ for n in names:
     lines.append(f"{n:{width}s} {dice_text} {a:8.3f}  {a - roc_auc(y, reference):+8.3f} [{lo:+.3f}, {hi:+.3f}]  "
                  + " " * 21 + " ".join(f"{x:7.3f}" for x in r))
 print("\n".join(lines))
-Path(__file__).with_name("outline_threshold.txt").write_text("\n".join(lines) + "\n")
+OUTPUT = "outline_threshold.txt" if len(DIRS) == 1 else f"outline_threshold_{'_'.join(d.name for d in DIRS[1:])}.txt"
+Path(__file__).with_name(OUTPUT).write_text("\n".join(lines) + "\n")
