@@ -184,8 +184,9 @@ class FirstPassSection:
     lr: float = 2e-3
     batch: int = 8
     # The weight of missed voxels in the soft-overlap part of its loss (soft Tversky; 0.5: soft
-    # Dice, as shipped). Above 0.5 a miss costs more than a false voxel: the readers' outline holds
-    # thin and faint margins the box net tends to leave out (docs/cv/README.md, item 18).
+    # Dice, as shipped). Above 0.5 a miss costs more than a false voxel. Tried because the box
+    # net's outlines are shorter than the readers'; at 0.7 they grew larger, not closer to the
+    # readers' (fold 0; docs/cv/README.md, item 18).
     fn_weight: float = 0.5
 
 

@@ -3,9 +3,9 @@
 The runtime's path is two passes (:func:`nodule_edge.patch.run_nodule_bounded`): the first only
 draws the nodule's box, the second diagnoses the bounded cube. With ``first_pass.network =
 "box_net"`` the first pass is a :class:`~nodule_edge.train.model.BoxNet`, trained after the
-collaborative network on the same nodules, on segmentation alone (soft Dice, or soft Tversky with
-``fn_weight`` != 0.5, + BCE against the readers' consensus mask), on whole cubes as the runtime's first pass reads them, with the
-training's flips and in-plane rotations. Evaluation, the head refit and the runtime all draw the
+collaborative network on the same nodules, on segmentation alone (soft Dice + BCE against the
+readers' consensus mask; soft Tversky with ``fn_weight`` other than 0.5), on whole cubes as the
+runtime's first pass reads them, with the training's flips and in-plane rotations. Evaluation, the head refit and the runtime all draw the
 box from it (docs/measurements/runtime_path_latency.md says why).
 
 Checkpoints are safetensors with a JSON sidecar, like the collaborative network's; a finished
@@ -133,6 +133,7 @@ def train_box_net(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 seg = net(x)
             seg = seg.float()[:, 0]
+            # At 0.5 the Dice function itself, so that the shipped box nets train to the same bits.
             overlap = dice_loss(seg, m) if section.fn_weight == 0.5 else tversky_loss(seg, m, section.fn_weight)
             loss = overlap.mean() + F.binary_cross_entropy(seg.clamp(1e-6, 1 - 1e-6), m)
             opt.zero_grad(set_to_none=True)
