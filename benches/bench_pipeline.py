@@ -162,6 +162,9 @@ def test_engine(benchmark, bundle_dir, patches, backend, batch):
     # Batch 1 is gated (benches/ratios.py) and takes 40-120 ms a round: three rounds let one
     # stalled round of a noisy machine fail the gate (ratio 0.69 against 0.34 on a rerun, 2026-12-03).
     rounds = max(ROUNDS, 15) if batch == 1 else ROUNDS
+    # cpu-fast runs bf16 only where the CPU has it natively (else f32): the ratio gate keeps a
+    # baseline per precision (benches/ratios.py).
+    benchmark.extra_info["precision"] = getattr(engine, "precision", "f32")
     benchmark.pedantic(engine.run, args=(x,), rounds=rounds, warmup_rounds=2)
 
 

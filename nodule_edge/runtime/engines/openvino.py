@@ -257,6 +257,12 @@ class CpuFastEngine(Engine):
         # One OpenVINO infer request is not re-entrant; ONNX Runtime sessions are.
         self._lock = threading.Lock() if self._engine.backend == "openvino" else contextlib.nullcontext()
 
+    @property
+    def precision(self) -> str:
+        """What the model's non-quantised layers run in: ``"bf16"``, or ``"f32"`` where the CPU has
+        no native bf16 (no avx512_bf16 or AMX; OpenVINO then runs ``cpu-fast`` in f32)."""
+        return self._engine.precision
+
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: str, threads: int | None = None) -> CpuFastEngine:
         """``cpu-fast`` on the bundle's fp32 model, ``cpu-int8`` on its INT8 artifact; either
