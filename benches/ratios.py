@@ -178,7 +178,9 @@ def gate(ratios: dict[str, dict[str, float]], baseline: dict[str, float], tolera
     failures = []
     for label, base in baseline.items():
         if label not in ratios:
-            print(f"note: '{label}' was not measured in this run (skipped benchmark)", file=sys.stderr)
+            print(
+                f"note: '{label}' was not measured in this run (skipped, or run in another precision)", file=sys.stderr
+            )
             continue
         if ratios[label]["reference_ms"] < MIN_GATED_REFERENCE_MS:
             print(f"note: '{label}' not gated (reference under {MIN_GATED_REFERENCE_MS} ms)", file=sys.stderr)
