@@ -218,3 +218,15 @@ def test_cli_backend_choices_are_the_backend_table():
     from nodule_edge.runtime.engines import ALL_BACKENDS
 
     assert tuple(_BACKEND_CHOICE.choices) == ("auto", *ALL_BACKENDS)
+
+
+def test_cpu_fast_says_it_runs_bf16_exactly_where_the_cpu_has_native_bf16(tiny_bundle):
+    """The CI gate keys the fast engine's ratio by this (benches/ratios.py)."""
+    if not openvino_available():
+        pytest.skip("needs the openvino extra (cpu-fast)")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    engine = create_engine(load_bundle(tiny_bundle), "cpu-fast", threads=1)
+    assert engine.precision == ("bf16" if native else "f32")
