@@ -44,10 +44,10 @@ def at_threshold(t):
     return dataclasses.replace(spec, nodule_box=dataclasses.replace(spec.nodule_box, threshold=t))
 
 
-def maps_under_flips(segment, cubes):
-    """[flips, n, S, S, S]: the box net's map of each flipped cube, flipped back."""
+def maps_under_flips(segment, cubes, n_flips):
+    """[n_flips, n, S, S, S]: the box net's map of each of the first ``n_flips`` flipped cubes, flipped back."""
     out = []
-    for axes in FLIPS:
+    for axes in FLIPS[:n_flips]:
         x = np.flip(cubes, axis=tuple(a for a in axes)).copy() if axes else cubes
         m = segment(x)
         out.append(np.flip(m, axis=axes).copy() if axes else m)
@@ -82,8 +82,9 @@ def opened(maps, radius):
 DIRS = [Path(a) for a in sys.argv[1:]] or [ROOT / "runs/box_nets_epyc"]
 
 
-def measure_fold(box_dir, fold):
-    """The fold's cached arrays for the box nets of ``box_dir``, computed once; None without a box net."""
+def measure_fold(box_dir, fold, variants):
+    """The fold's cached arrays of ``variants`` for the box nets of ``box_dir``, computed once; None
+    without a box net."""
     path = OUT / f"outline_threshold_{box_dir.name}_fold{fold}.npz"
     box_net = box_dir / f"fold{fold}/box_net.safetensors"
     if not path.exists():
@@ -94,14 +95,15 @@ def measure_fold(box_dir, fold):
         segment = box_net_segmenter(load_box_net(box_net)[0])
         out = {"fit_index": fit_idx, "test_index": test_idx}
         for part, idx in (("fit", fit_idx), ("test", test_idx)):
-            stats = {v: [] for v in VARIANTS}
-            dices = {v: [] for v in VARIANTS[:-1]}
+            stats = {v: [] for v in variants}
+            dices = {v: [] for v in variants if v != "readers'"}
+            n_flips = 4 if "flips4" in variants else 2 if "flips2" in variants else 1
             for s in range(0, len(idx), 32):
                 rows = idx[s:s + 32]
                 cubes = np.asarray(ds.cache.images[rows], np.float32)
                 ref = np.asarray(ds.cache.masks[rows], np.float32)
-                maps = maps_under_flips(segment, cubes)
-                for v in VARIANTS:
+                maps = maps_under_flips(segment, cubes, n_flips)
+                for v in variants:
                     if v == "readers'":
                         seg, t = ref, 0.5
                     elif v.startswith("t"):
@@ -113,7 +115,7 @@ def measure_fold(box_dir, fold):
                     stats[v].append(outline_statistics_batch(seg, cubes, at_threshold(t)))
                     if v != "readers'":
                         dices[v].append(dice(seg >= t, ref >= 0.5))
-            for v in VARIANTS:
+            for v in variants:
                 out[f"{part}_stats_{v}"] = np.concatenate(stats[v])
             for v in dices:
                 out[f"{part}_dice_{v}"] = np.concatenate(dices[v])
@@ -125,7 +127,8 @@ def measure_fold(box_dir, fold):
 
 folds_done, cached = [], {}
 for fold in range(5):
-    arrays = [measure_fold(d, fold) for d in DIRS]
+    # A variant's box nets are read under the shipped rule only: one pass, no flips.
+    arrays = [measure_fold(d, fold, VARIANTS if k == 0 else ["t0.5"]) for k, d in enumerate(DIRS)]
     if all(a is not None for a in arrays):
         folds_done.append(fold)
         cached[fold] = arrays
