@@ -603,6 +603,7 @@ def refit_heads(
     outline_head = heads.write_back(model, params)
     if outline_head is not None:
         info["outline_head"] = json.loads(outline_head.to_json())
+        info["outline_l2"] = OUTLINE_L2
     info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     if readout:
         info["attribute_readout"] = {

@@ -165,7 +165,7 @@ def _other_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
+def _head_refit_lines(cfg: dict[str, Any], refit_info: dict[str, Any]) -> list[str]:
     refit = cfg.get("head", {}).get("refit", "none")
     if refit == "debugged":
         # A summary without the key was written before it existed, when the weight was 1.
@@ -183,7 +183,7 @@ def _head_refit_lines(cfg: dict[str, Any]) -> list[str]:
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             f"under the training objective (BCE + {_debug_loss_words(cfg)} + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
             "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
-            + _outline_sentence(cfg)
+            + _outline_sentence(cfg, refit_info)
             + _readout_sentence(cfg.get("head", {}))
             + (
                 " Then the classifier's logit is rescaled by Platt scaling fitted on the inner CV's out-of-fold logits (same ranking; probabilities calibrated on held-out nodules of the training fold)."
@@ -209,14 +209,17 @@ def _debug_loss_words(cfg: dict[str, Any]) -> str:
     return words
 
 
-def _outline_sentence(cfg: dict[str, Any]) -> str:
-    """The outline term of the head step, when the run had one (it needs the nodule-bounded input)."""
+def _outline_sentence(cfg: dict[str, Any], refit_info: dict[str, Any]) -> str:
+    """The outline term of the head step, when the run had one (it needs the nodule-bounded input);
+    ``refit_info`` is the final model's head-step record."""
     if not (cfg.get("head", {}).get("outline_statistics") and cfg.get("train", {}).get("nodule_box")):
         return ""
+    # A record without the key was written before it existed, when the L2 was 1e-3.
+    l2 = float(refit_info.get("outline_l2", 1e-3))
     return (
         " Beside the classifier, an outline term (`[head] outline_statistics = true`, `nodule_edge/outline.py`) is fitted with it:"
         " the logit is the network's plus a linear function of seven statistics of the first pass's outline of the whole cube"
-        " (in-plane Feret diameter, log volume, HU mean, sd and 90th percentile, solid fraction, compactness; L2 1e-3 on their"
+        f" (in-plane Feret diameter, log volume, HU mean, sd and 90th percentile, solid fraction, compactness; L2 {l2:g} on their"
         " standardised weights), the same on the runtime and the training path. The term has no map of its own: Grad-CAM shows"
         " the network's evidence for the final class, the complement of the network's own map where the term changes the class;"
         " the statistics are in each prediction (`outline_statistics`) and the weights in the ONNX metadata (`outline_head`)."
@@ -323,7 +326,7 @@ def render_model_card(
         f"- Reproduce: `{command}` (config `configs/shipped.toml`, sha256 {summary['config_sha256'][:16]}…); resumable fold by fold, each finished fold in `docs/cv/foldK.json`.",
         f"- Hardware: {hw['device']} ({hw['cpu']}), {hw['threads']} threads, torch {hw['torch']}.",
         f"- Bundle: `{export_command}`.",
-        *_head_refit_lines(cfg),
+        *_head_refit_lines(cfg, summary.get("final", {}).get("classifier_refit") or {}),
         f"- Schedule: {train['epochs']} epochs, batch {train['batch_sure']} sure + {train['batch_unsure']} unsure, AdamW lr {train['lr']} with cosine decay, bf16 autocast on CPU; augmentation: flips of every axis, in-plane 90° rotations and transposes (z never swapped, nothing cut).",
         "- Training time (sum of epoch times): "
         + "; ".join(

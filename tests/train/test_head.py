@@ -389,6 +389,7 @@ def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_i
     """Labels carried by the outline statistics alone: the refit gives the term the weight, and the
     returned OutlineHead plus the rewritten network reproduce the refit's logits."""
     from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+    from nodule_edge.train.head import OUTLINE_L2
 
     torch.manual_seed(0)
     model = CollaborativeNet(SMALL)
@@ -399,6 +400,7 @@ def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_i
     patients = [f"p{i // 2}" for i in range(len(inputs))]
     info = refit_heads(model, inputs, patients, HeadObjective(steps=200), l2_grid=(0.01,), inner_folds=2)
     head = OutlineHead.from_dict(info["outline_head"])
+    assert info["outline_l2"] == OUTLINE_L2  # the model card reads it from the final model's record
     assert abs(head.weights[1]) == max(abs(w) for w in head.weights) and head.weights[1] > 0
     assert info["training_after"]["auc"] > 0.95
     width = model.feature_channels + model.n_seg_features

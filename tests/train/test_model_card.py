@@ -215,6 +215,11 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     summary["config"].setdefault("loss", {})["adaptive"] = True
     card = render_model_card(summary, "c")
     assert "an outline term (`[head] outline_statistics = true`" in card
+    # The final model's head-step record says which L2 the term had; one written before the record
+    # had the key was fitted at 1e-3.
+    assert "compactness; L2 0.001 on their standardised weights" in card
+    summary.setdefault("final", {})["classifier_refit"] = {"outline_l2": 0.004}
+    assert "compactness; L2 0.004 on their standardised weights" in render_model_card(summary, "c")
     assert "BCE + adaptive debug loss, the class read as tanh(logit / 1)" in card
     summary["config"]["head"]["debug_adaptive"] = False
     assert "BCE + debug loss, every labelled nodule weighted alike, the class read as" in render_model_card(
