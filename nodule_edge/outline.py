@@ -220,12 +220,16 @@ class OutlineHead:
                     out[key] = values
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics' names, the weights and the bias (what :meth:`from_dict` reads)."""
+        return {"names": list(OUTLINE_FEATURE_NAMES), "weights": list(self.weights), "bias": self.bias}
+
     def to_json(self) -> str:
-        return json.dumps({"names": list(OUTLINE_FEATURE_NAMES), "weights": list(self.weights), "bias": self.bias})
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OutlineHead:
-        """From :meth:`to_json`'s fields; the names must be this version's statistics."""
+        """From :meth:`to_dict`'s fields; the names must be this version's statistics."""
         names = tuple(data.get("names", ()))
         if names != OUTLINE_FEATURE_NAMES:
             raise ValueError(

@@ -74,11 +74,17 @@ def save_resume_state(
     best: dict,
     meta: dict,
     generators: RandomState | None = None,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> None:
+    """Write the network, the optimiser state, the random generators and ``modules`` (trained
+    beside the network but not part of it, e.g. the outline offset) for :func:`resume_state`."""
     from safetensors.torch import save_file
 
     save_checkpoint(path, model, {**meta, "epoch": epoch, "history": history, "best": best})
     tensors: dict[str, torch.Tensor] = {}
+    for module_name, module in (modules or {}).items():
+        for key, value in module.state_dict().items():
+            tensors[f"module.{module_name}.{key}"] = value.detach().contiguous()
     scalars: dict[str, Any] = {}
     numpy_states: dict[str, Any] = {}
     for name, generator in (generators or {}).items():
@@ -109,10 +115,16 @@ def resume_state(
     opt: torch.optim.Optimizer,
     training_sha: str,
     generators: RandomState | None = None,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> tuple[int, list, dict]:
-    """Load the resume state written by :func:`save_resume_state` into ``model``, ``opt`` and
+    """Load the resume state written by :func:`save_resume_state` into ``model``, ``opt``,
     ``generators`` (those the state holds; a state written before generators were saved leaves
-    them as they are, and the resumed run draws other augmentations than an uninterrupted one).
+    them as they are, and the resumed run draws other augmentations than an uninterrupted one)
+    and ``modules``.
+
+    Raises:
+        ConfigError: The checkpoint was trained under another training configuration, or it lacks
+            one of ``modules``.
 
     Returns:
         The epoch to continue at, the history and the best epoch so far.
@@ -137,7 +149,15 @@ def resume_state(
     tensors = load_file(str(path.with_name("last_optim.safetensors")))
     extra = json.loads(path.with_name("last_optim.json").read_text())
     state: dict[int, dict[str, Any]] = {}
+    for module_name, module in (modules or {}).items():
+        prefix = f"module.{module_name}."
+        saved = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if set(saved) != set(module.state_dict()):
+            raise ConfigError(f"{path.parent}: the resume state holds no {module_name!r} to continue training")
+        module.load_state_dict(saved)
     for key, v in tensors.items():
+        if key.startswith("module."):
+            continue
         pid, name = key.split(".", 1)
         if pid == "generator":
             if name == "torch_global":

@@ -106,6 +106,14 @@ class TrainSection:
     # contiguous copy (nodule_edge.train.model._ConvNorm): the same function, a shorter step, other
     # rounding, so pinned off where a run must reproduce networks recorded without it (ablations).
     contiguous_groupnorm: bool = True
+    # Train the network beside the outline term it will ship with: the fold's box net is trained
+    # first, its outline statistics of every nodule (nodule_edge.outline) are standardised on the
+    # labelled training nodules, and a linear term on them, trained with the network, is added to
+    # the classifier's logit in the loss and in validation. The network then learns what the
+    # outline does not say instead of the size the term reads better (docs/ablations/README.md,
+    # outline_offset); the head step starts its term from the trained one. Needs the "debugged"
+    # head step with outline_statistics and the box net as the first pass.
+    outline_offset: bool = False
     # Seed of the network alone (initialisation, batch order, augmentation) at the same split, box
     # nets and head-step folds: reruns of one recipe measure training-to-training spread
     # (docs/ablations/README.md, network_seed1); -1 = train.seed.
@@ -177,7 +185,8 @@ class FirstPassSection:
     """The runtime's first pass, which only draws the nodule's box (:mod:`nodule_edge.train.first_pass`)."""
 
     # model: the network's own segmentation | box_net: a small segmentation-only network
-    # (nodule_edge.train.model.BoxNet), trained after the network on the same nodules.
+    # (nodule_edge.train.model.BoxNet), trained after the network on the same nodules
+    # (before it with [train] outline_offset, whose term reads its outline).
     network: str = "box_net"
     widths: tuple[int, ...] = (8, 16, 32, 32)  # box_net: stem and residual blocks 1-3
     epochs: int = 20
@@ -213,6 +222,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "balance_sure"): False,
     ("train", "contiguous_groupnorm"): False,
     ("train", "network_seed"): -1,
+    ("train", "outline_offset"): False,
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
@@ -295,6 +305,9 @@ def training_config_sha256(cfg: TrainConfig | dict[str, Any]) -> str:
     keep["data"]["voi_dir"] = "/".join(Path(str(keep["data"].get("voi_dir", ""))).parts[-2:])
     # A longer budget (epochs, patience) continues a run; threads do not change what is learned.
     keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("threads", "epochs", "patience")}
+    if keep["train"].get("outline_offset"):
+        # The network then trains beside the box net's outline statistics: its recipe shapes it too.
+        keep["first_pass"] = data.get("first_pass", {})
     return sha256_bytes(json.dumps(keep, sort_keys=True).encode())
 
 
@@ -441,6 +454,19 @@ def _validate(cfg: TrainConfig) -> None:
         (
             0 < cfg.first_pass.fn_weight < 1,
             f"first_pass.fn_weight must lie in (0, 1), got {cfg.first_pass.fn_weight}",
+        ),
+        (
+            not cfg.train.outline_offset
+            or (
+                cfg.train.nodule_box
+                and cfg.first_pass.network == "box_net"
+                and cfg.head.refit == "debugged"
+                and cfg.head.outline_statistics
+            ),
+            "train.outline_offset trains the network beside the box net's outline term: it needs train.nodule_box, "
+            'first_pass.network = "box_net", head.refit = "debugged" and head.outline_statistics = true, got '
+            f"nodule_box={cfg.train.nodule_box}, network={cfg.first_pass.network!r}, refit={cfg.head.refit!r}, "
+            f"outline_statistics={cfg.head.outline_statistics}",
         ),
     ]
     for ok, message in checks:

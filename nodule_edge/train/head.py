@@ -277,6 +277,7 @@ class _Heads:
         mean: torch.Tensor,
         sd: torch.Tensor,
         outline: tuple[torch.Tensor, torch.Tensor] | None = None,
+        outline_init: OutlineHead | None = None,
     ) -> None:
         self.c = model.feature_channels
         self.h = self.c + model.n_seg_features
@@ -300,10 +301,16 @@ class _Heads:
             self.params["Ws"] = ws * sd
             self.params["bo"] = self.params["bo"] + ws @ mean
         # The outline term starts at zero (the network's function unchanged) on standardised
-        # statistics; write_back returns it as an OutlineHead in raw units.
+        # statistics, or at ``outline_init`` (the term the network was trained beside,
+        # [train] outline_offset); write_back returns it as an OutlineHead in raw units.
         self.outline = outline
         if outline is not None:
             self.params["wo"] = torch.zeros(len(outline[0]), dtype=torch.float64)
+            if outline_init is not None:
+                # w · s + b = (w · sd) · (s − mean) / sd + (w · mean + b), on this fit's standardisation.
+                w = torch.tensor(outline_init.weights, dtype=torch.float64)
+                self.params["wo"] = w * outline[1]
+                self.params["bc"] = self.params["bc"] + float(w @ outline[0]) + outline_init.bias
 
     def forward(
         self, p: dict[str, torch.Tensor], x: torch.Tensor, outline: torch.Tensor | None = None
@@ -521,6 +528,7 @@ def refit_heads(
     seed: int = 0,
     min_cam_fraction: float = 0.9,
     calibrate: bool = False,
+    outline_init: OutlineHead | None = None,
 ) -> dict[str, Any]:
     """Refit attribute embedding, attribute output and classifier under the training objective.
 
@@ -534,6 +542,9 @@ def refit_heads(
     the classifier's weights and bias): the ranking within a model, and so its AUC and where its
     Grad-CAM points, stay the same; its probabilities are those the inner folds say are
     calibrated. Skipped (and said so) when the fitted scale is not positive.
+
+    With ``inputs.outline``, the outline term starts at ``outline_init`` (raw units: the term the
+    network was trained beside, ``[train] outline_offset``) instead of zero, in every fit.
 
     Returns:
         What was chosen and measured (JSON-serialisable), for the fold summary.
@@ -558,6 +569,8 @@ def refit_heads(
         "n_nodules": int(len(inputs)),
         "n_labelled": int((inputs.labels >= 0).sum()),
     }
+    if outline_init is not None and inputs.outline is not None:
+        info["outline_init"] = outline_init.to_dict()
     folds = np.asarray(patient_folds(patients, inner_folds, seed))
     logits = {value: np.zeros(len(inputs)) for value in l2_grid}
     on_nodule = {value: np.zeros(len(inputs), bool) for value in l2_grid}
@@ -566,7 +579,7 @@ def refit_heads(
         if len(test_rows) == 0 or len(fit_rows) == 0:
             continue
         # One standardisation and one copy of the features per inner fold, shared by every strength.
-        heads, fit_data = _prepare(model, inputs, fit_rows)
+        heads, fit_data = _prepare(model, inputs, fit_rows, outline_init)
         test_data = _Data(inputs, test_rows, heads.mean, heads.sd, heads.outline)
         for value in l2_grid:
             params = _fit(heads, fit_data, value, objective, attributes)
@@ -586,7 +599,7 @@ def refit_heads(
     allowed = [v for v in l2_grid if scores[f"{v:g}"]["cam_on_nodule_fraction"] >= min_cam_fraction]
     l2 = max(allowed, key=lambda v: (scores[f"{v:g}"]["auc"], v)) if allowed else max(l2_grid)
     info["inner_cv_by_l2"] = scores
-    heads, data = _prepare(model, inputs, np.arange(len(inputs)))
+    heads, data = _prepare(model, inputs, np.arange(len(inputs)), outline_init)
     before = _head_metrics(heads, heads.params, data)
     params = _fit(heads, data, l2, objective, attributes)
     readout = objective.attribute_readout and attributes and bool(data.has_attributes.any())
@@ -647,12 +660,14 @@ def platt_calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _prepare(model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray) -> tuple[_Heads, _Data]:
+def _prepare(
+    model: CollaborativeNet, inputs: HeadInputs, rows: np.ndarray, outline_init: OutlineHead | None = None
+) -> tuple[_Heads, _Data]:
     head_in = torch.from_numpy(np.asarray(inputs.head_in[rows], np.float64))
     mean, sd = head_in.mean(0), head_in.std(0).clamp_min(1e-6)
     outline = None
     if inputs.outline is not None:
         statistics = torch.from_numpy(np.asarray(inputs.outline[rows], np.float64))
         outline = (statistics.mean(0), statistics.std(0).clamp_min(1e-6))
-    heads = _Heads(model, mean, sd, outline)
+    heads = _Heads(model, mean, sd, outline, outline_init)
     return heads, _Data(inputs, rows, mean, sd, outline)

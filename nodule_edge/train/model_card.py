@@ -216,6 +216,13 @@ def _outline_sentence(cfg: dict[str, Any], refit_info: dict[str, Any]) -> str:
         return ""
     # A record without the key was written before it existed, when the L2 was 1e-3.
     l2 = float(refit_info.get("outline_l2", 1e-3))
+    trained_beside = (
+        " The network was trained beside the term (`[train] outline_offset`: a linear term on the same statistics,"
+        " trained with it, added to the classifier's logit in its loss and validation), and the head step starts the"
+        " term from the trained one."
+        if cfg.get("train", {}).get("outline_offset")
+        else ""
+    )
     return (
         " Beside the classifier, an outline term (`[head] outline_statistics = true`, `nodule_edge/outline.py`) is fitted with it:"
         " the logit is the network's plus a linear function of seven statistics of the first pass's outline of the whole cube"
@@ -223,6 +230,7 @@ def _outline_sentence(cfg: dict[str, Any], refit_info: dict[str, Any]) -> str:
         " standardised weights), the same on the runtime and the training path. The term has no map of its own: Grad-CAM shows"
         " the network's evidence for the final class, the complement of the network's own map where the term changes the class;"
         " the statistics are in each prediction (`outline_statistics`) and the weights in the ONNX metadata (`outline_head`)."
+        + trained_beside
     )
 
 
@@ -300,7 +308,7 @@ def render_model_card(
         # in training (the recorded recipe), so the card says what they are rather than why.
         whole_why = "kept from the recipe of the network's own first pass; at run time the box net, not the network, sees the whole cube"
         first_pass = (
-            f"the runtime's first pass is a box net (a segmentation-only network at widths {first.get('widths')}, trained after the network on the same nodules' whole cubes, {first.get('epochs')} epochs, Dice + BCE against the readers' mask; `first_pass.onnx` in the bundle): "
+            f"the runtime's first pass is a box net (a segmentation-only network at widths {first.get('widths')}, trained {'before' if train.get('outline_offset') else 'after'} the network on the same nodules' whole cubes, {first.get('epochs')} epochs, Dice + BCE against the readers' mask; `first_pass.onnx` in the bundle): "
             "its segmentation (the component at the centre) gives the box, at the middle of the training margins, and the model's one pass on the bounded cube gives the answer. "
         )
     else:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from nodule_edge._files import sha256_bytes, write_text_atomic
-from nodule_edge.outline import OutlineHead
+from nodule_edge.errors import ConfigError
+from nodule_edge.outline import OutlineHead, outline_statistics_batch
 from nodule_edge.train.config import TrainConfig
 from nodule_edge.train.evaluation import context_statistics, evaluate_model, pooled_metrics, retrieval_comparison
 from nodule_edge.train.head import HeadInputs, HeadObjective, refit_classifier, refit_heads
@@ -187,6 +188,11 @@ def run_training(
         say(
             f"fold {fold}: train {len(train_idx)} / val {len(val_idx)} / test {len(test_idx)} nodules, up to {max_epochs} epochs"
         )
+        # The box net, the refit and the evaluation see the whole training fold (its validation
+        # patients too), never the test fold. The box net does not read the network; with
+        # [train] outline_offset it is trained first, to give the network's offset its statistics.
+        fit_idx = np.concatenate([train_idx, val_idx])
+        first = _first_pass(cfg, ds, fit_idx, files.box_nets(fold), device, say) if cfg.train.outline_offset else None
         fit = train_model(
             cfg,
             ds,
@@ -196,12 +202,10 @@ def run_training(
             max_epochs,
             progress=say,
             early_stopping=cfg.cv.evaluate == "best",
+            outline=_outline_of_every_nodule(cfg, ds, first[0] if first else None, spec, say),
         )
         model, meta = load_checkpoint(files.folder(fold) / evaluated_checkpoint(cfg, cfg.cv.evaluate))
-        # The box net, the refit and the evaluation see the whole training fold (its validation
-        # patients too), never the test fold.
-        fit_idx = np.concatenate([train_idx, val_idx])
-        segment, box_net = _first_pass(cfg, ds, fit_idx, files.box_nets(fold), device, say)
+        segment, box_net = first or _first_pass(cfg, ds, fit_idx, files.box_nets(fold), device, say)
         t_eval = time.perf_counter()
         head = (
             _refit_head(cfg, model, ds, fit_idx, device, spec, files.refit(fold), meta, say, segment)
@@ -267,6 +271,7 @@ def run_training(
     if cfg.cv.final and not folds_only:
         all_idx = np.arange(len(ds))
         say(f"final model: all {len(ds)} nodules for {cfg.train.epochs} epochs")
+        first = _first_pass(cfg, ds, all_idx, files.box_nets(None), device, say) if cfg.train.outline_offset else None
         fit = train_model(
             cfg,
             ds,
@@ -276,10 +281,11 @@ def run_training(
             cfg.train.epochs,
             progress=say,
             early_stopping=False,
+            outline=_outline_of_every_nodule(cfg, ds, first[0] if first else None, spec, say),
         )
         final = files.folder(None) / evaluated_checkpoint(cfg, "last")
         summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
-        segment, box_net = _first_pass(cfg, ds, all_idx, files.box_nets(None), device, say)
+        segment, box_net = first or _first_pass(cfg, ds, all_idx, files.box_nets(None), device, say)
         if box_net is not None:
             summary["final"]["box_net"] = box_net
         if cfg.head.refit != "none":
@@ -343,6 +349,8 @@ def _refit_head(
             l2_grid=cfg.head.l2_grid,
             seed=cfg.train.seed,
             calibrate=cfg.head.calibrate,
+            # The term the network was trained beside, where it was ([train] outline_offset).
+            outline_init=OutlineHead.from_dict(meta["outline_offset"]) if "outline_offset" in meta else None,
         )
         say(
             f"heads refitted on {info['n_nodules']} nodules: L2 {info['l2']:g}, training AUC {info['training_before']['auc']:.3f} -> {info['training_after']['auc']:.3f}"
@@ -388,6 +396,29 @@ def head_inputs(
         reference_head_in=reference,
         outline=pred["outline_statistics"] if with_outline else None,
     )
+
+
+def _outline_of_every_nodule(
+    cfg: TrainConfig,
+    ds: Dataset,
+    segment: Callable[[np.ndarray], np.ndarray] | None,
+    spec: Any,
+    say: Callable[[str], None],
+) -> np.ndarray | None:
+    """``[len(ds), 7]`` the box net's outline statistics of every nodule's whole cube, as the
+    runtime's first pass draws them (:func:`nodule_edge.outline.outline_statistics_batch`), for
+    ``[train] outline_offset``; None without it. The test fold's rows are computed too and never
+    read: the network's loss sees only its training nodules."""
+    if not cfg.train.outline_offset:
+        return None
+    if segment is None:
+        raise ConfigError("train.outline_offset needs the box net as the first pass")
+    rows = []
+    for start in range(0, len(ds), 32):
+        cubes = np.asarray(ds.cache.images[start : start + 32], np.float32)
+        rows.append(outline_statistics_batch(segment(cubes), cubes, spec))
+    say(f"outline statistics of {len(ds)} nodules from the box net, for the network's outline offset")
+    return np.concatenate(rows)
 
 
 def _first_pass(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
-from nodule_edge.outline import OutlineHead, outline_step
+from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead, outline_step
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
 from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
 from nodule_edge.train.config import TrainConfig, TrainSection, training_config_sha256
@@ -34,7 +34,13 @@ from nodule_edge.train.data import (
     targets,
 )
 from nodule_edge.train.losses import LossWeights, total_loss
-from nodule_edge.train.model import CollaborativeNet, ModelConfig, count_parameters, use_contiguous_groupnorm
+from nodule_edge.train.model import (
+    CollaborativeNet,
+    ModelConfig,
+    ModelOutput,
+    count_parameters,
+    use_contiguous_groupnorm,
+)
 
 __all__ = [
     "evaluated_checkpoint",
@@ -381,11 +387,21 @@ def train_model(
     max_epochs: int,
     progress: Callable[[str], None] | None = None,
     early_stopping: bool = True,
+    outline: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Train one model; resumes from ``out_dir/last.safetensors`` when present.
 
+    Args:
+        outline: ``[len(ds), 7]`` the first pass's outline statistics of every nodule
+            (``[train] outline_offset``): a linear term on them, standardised on the labelled
+            training nodules and trained with the network, is added to the malignancy logit in the
+            loss and in validation; it is saved with the resume state and, in raw units
+            (:class:`nodule_edge.outline.OutlineHead`), as ``outline_offset`` in each checkpoint's
+            sidecar. None trains the network alone.
+
     Returns:
-        History and the best epoch (by validation AUC when validation has both classes, else loss).
+        History and the best epoch (by validation AUC when validation has both classes, else loss),
+        and with ``outline`` the trained term as ``outline_offset``.
     """
     rank, world = _distributed()
     device = (
@@ -415,7 +431,12 @@ def train_model(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    offset = (
+        _OutlineOffset(outline, train_idx[ds.labels[train_idx] >= 0], len(ds), device) if outline is not None else None
+    )
+    trained = [*model.parameters(), *(offset.term.parameters() if offset is not None else ())]
+    opt = torch.optim.AdamW(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    modules: dict[str, torch.nn.Module] | None = {"outline_offset": offset.term} if offset is not None else None
     weights = LossWeights(cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.delta, cfg.loss.adaptive)
     attr_cols: slice | list[int] = [MALIGNANCY_COLUMN] if cfg.model.malignancy_only else slice(None)
 
@@ -439,7 +460,7 @@ def train_model(
     if order_rng is not rng:
         generators["order"] = order_rng
     if last.is_file():
-        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg), generators)
+        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg), generators, modules)
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     ema = _ema_model(model, cfg.train.ema_decay, out_dir / "ema.safetensors", resumed=start_epoch > 1)
@@ -522,6 +543,8 @@ def train_model(
                 images = images.contiguous(memory_format=torch.channels_last_3d)
             with _autocast(device, bf16):
                 out = net(images)
+            if offset is not None:
+                out = offset.add_to(out, idx)
             loss, parts = total_loss(
                 out,
                 labels=b["labels"].to(device),
@@ -537,13 +560,19 @@ def train_model(
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if offset is not None and world > 1:
+                offset.all_reduce_gradients(world)
             opt.step()
             if ema is not None:
                 ema.update_parameters(model)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_parts = {k: v / steps for k, v in sums.items()}
-        val = _validate(evaluated, ds, val_idx, device, bf16, val_images) if len(val_idx) else {}
+        val = (
+            _validate(evaluated, ds, val_idx, device, bf16, val_images, offset.logits(val_idx) if offset else None)
+            if len(val_idx)
+            else {}
+        )
         score = val.get("auc", float("nan"))
         if not score == score:  # NaN: fall back to negative classification loss
             score = -val.get("bce", 0.0)
@@ -562,12 +591,13 @@ def train_model(
         }
         history.append(record)
         if rank == 0:
+            meta = {**meta_base, "outline_offset": offset.head().to_dict()} if offset is not None else meta_base
             if improved:
-                save_checkpoint(out_dir / "best.safetensors", evaluated, {**meta_base, "epoch": epoch, "val": val})
+                save_checkpoint(out_dir / "best.safetensors", evaluated, {**meta, "epoch": epoch, "val": val})
             if ema is not None:
                 # Before the resume state: a run stopped between the two repeats this epoch.
-                save_checkpoint(out_dir / "ema.safetensors", evaluated, {**meta_base, "epoch": epoch})
-            save_resume_state(last, model, opt, epoch, history, best, meta_base, generators)
+                save_checkpoint(out_dir / "ema.safetensors", evaluated, {**meta, "epoch": epoch})
+            save_resume_state(last, model, opt, epoch, history, best, meta, generators, modules)
             msg = f"epoch {epoch}/{max_epochs} {record['seconds']}s loss " + " ".join(
                 f"{k}={v:.3f}" for k, v in train_parts.items()
             )
@@ -587,7 +617,56 @@ def train_model(
         "steps_per_epoch": steps,
         "bf16": bf16,
         "parameters": count_parameters(model),
+        **({"outline_offset": offset.head().to_dict()} if offset is not None else {}),
     }
+
+
+class _OutlineOffset:
+    """The linear term on the first pass's outline statistics that ``[train] outline_offset``
+    trains beside the network: zero at the start (the network's loss unchanged at step 0),
+    standardised on the labelled training nodules, returned in raw units as the head step's
+    :class:`~nodule_edge.outline.OutlineHead`."""
+
+    def __init__(self, outline: np.ndarray, labelled: np.ndarray, n_nodules: int, device: torch.device) -> None:
+        width = len(OUTLINE_FEATURE_NAMES)
+        if outline.shape != (n_nodules, width) or not np.isfinite(outline[labelled]).all():
+            raise DataError(
+                f"outline statistics of shape {outline.shape} for {n_nodules} nodules (expected [N, {width}], "
+                "finite on every labelled training nodule)"
+            )
+        self.mean = outline[labelled].mean(0)
+        sd = outline[labelled].std(0)
+        self.sd = np.where(sd > 0, sd, 1.0)
+        self.standardised = torch.from_numpy((outline - self.mean) / self.sd).float()
+        self.device = device
+        self.term = torch.nn.Linear(width, 1).to(device)
+        torch.nn.init.zeros_(self.term.weight)
+        torch.nn.init.zeros_(self.term.bias)
+
+    def add_to(self, out: ModelOutput, idx: np.ndarray) -> ModelOutput:
+        """``out`` with the term of the nodules ``idx`` added to its malignancy logit and probability."""
+        logit = out.malignancy_logit.float() + self.term(self.standardised[idx].to(self.device)).squeeze(1)
+        return dataclasses.replace(out, malignancy_logit=logit, malignancy_probability=torch.sigmoid(logit))
+
+    def logits(self, idx: np.ndarray) -> np.ndarray:
+        """The term of the nodules ``idx`` (no gradient)."""
+        with torch.no_grad():
+            return self.term(self.standardised[idx].to(self.device)).squeeze(1).double().cpu().numpy()
+
+    def all_reduce_gradients(self, world: int) -> None:
+        """Average the term's gradients over the DDP ranks (the term is not inside the DDP module)."""
+        import torch.distributed as dist
+
+        for param in self.term.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= world
+
+    def head(self) -> OutlineHead:
+        """The term in raw units: ``w · (s − mean) / sd + b = (w / sd) · s + (b − w · mean / sd)``."""
+        w = self.term.weight.detach().double().cpu().numpy()[0] / self.sd
+        b = float(self.term.bias.detach().double().cpu()[0]) - float(w @ self.mean)
+        return OutlineHead(tuple(float(v) for v in w), b)
 
 
 def learning_rate(train: TrainSection, epoch: int, step: int, steps: int, max_epochs: int) -> float:
@@ -641,13 +720,19 @@ def _validate(
     device: torch.device,
     bf16: bool,
     images: np.ndarray | None = None,
+    offset: np.ndarray | None = None,
 ) -> dict[str, float]:
+    """Validation AUC, BCE and attribute MAE of ``model`` on the nodules ``idx``; ``offset`` is a
+    logit added to each nodule's (the outline offset's, ``[train] outline_offset``)."""
     from nodule_edge.metrics import roc_auc
 
     pred = predict(model, ds, idx, device, bf16, images=images)
     labels = ds.labels[idx]
     sel = labels >= 0
-    p = np.clip(pred["malignancy_probability"][sel], 1e-6, 1 - 1e-6)
+    probability = pred["malignancy_probability"]
+    if offset is not None:
+        probability = 1 / (1 + np.exp(-(np.asarray(pred["malignancy_logit"], np.float64) + offset)))
+    p = np.clip(probability[sel], 1e-6, 1 - 1e-6)
     y = labels[sel]
     has_a = ds.has_attributes[idx]
     out = {

@@ -54,6 +54,7 @@ EXPECTED = {
     "outline_statistics_debug2": (True, True, False, True),
     "outline_statistics_sign": (True, True, False, True),
     "outline_statistics_even": (True, True, False, True),
+    "outline_offset": (True, True, False, True),
 }
 
 

@@ -128,6 +128,7 @@ def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp
         ("warmup_epochs", "0", "1"),
         ("balance_sure", "false", "true"),
         ("network_seed", "-1", "1"),
+        ("outline_offset", "false", "true"),
     ],
 )
 def test_the_recipe_switches_hash_only_when_set(tmp_path: Path, key: str, default: str, value: str) -> None:
@@ -166,6 +167,7 @@ def test_the_box_nets_miss_weight_hashes_only_when_set(tmp_path: Path) -> None:
         ("[train]\nbalance_sure = true\nbatch_sure = 1\n", "balance_sure needs"),
         ("[train]\nnetwork_seed = -2\n", "network_seed must be >= 0"),
         ("[first_pass]\nfn_weight = 1.0\n", r"first_pass.fn_weight must lie in \(0, 1\), got 1.0"),
+        ("[train]\noutline_offset = true\n[head]\noutline_statistics = false\n", "outline_statistics=False"),
     ],
 )
 def test_bad_recipe_switches_are_refused_with_the_key_named(tmp_path: Path, content: str, needle: str) -> None:
@@ -271,6 +273,7 @@ RECIPE_ABLATION_KEYS = {
     "contiguous_groupnorm": ("contiguous_groupnorm",),
     "narrow_widths": (),
     "network_seed1": ("network_seed",),
+    "outline_offset": ("outline_offset",),
 }
 
 #: The stem and block widths shipped until narrow_widths (docs/ablations/wide_widths, the former docs/cv).

@@ -220,6 +220,9 @@ def test_the_head_refit_line_names_the_attribute_weight() -> None:
     assert "compactness; L2 0.001 on their standardised weights" in card
     summary.setdefault("final", {})["classifier_refit"] = {"outline_l2": 0.004}
     assert "compactness; L2 0.004 on their standardised weights" in render_model_card(summary, "c")
+    assert "outline_offset" not in card
+    summary["config"]["train"]["outline_offset"] = True
+    assert "The network was trained beside the term (`[train] outline_offset`" in render_model_card(summary, "c")
     assert "BCE + adaptive debug loss, the class read as tanh(logit / 1)" in card
     summary["config"]["head"]["debug_adaptive"] = False
     assert "BCE + debug loss, every labelled nodule weighted alike, the class read as" in render_model_card(

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from nodule_edge.cli import main
 from nodule_edge.errors import ConfigError, DataError
-from nodule_edge.train.config import TrainConfig, TrainSection, load_config
+from nodule_edge.train.config import TrainConfig, TrainSection, load_config, training_config_sha256
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 from nodule_edge.train.run import run_training
 from nodule_edge.train.trainer import (
@@ -493,3 +493,59 @@ def test_outline_statistics_are_ignored_without_a_nodule_box(tiny_config: Callab
     assert load_config(tiny_config(), {"head.outline_statistics": True, "head.refit": "full"}).head.refit == "full"
     refit = run_training(cfg, folds_only=True)["folds"]["0"]["classifier_refit"]
     assert refit["method"] == "debugged" and "outline_head" not in refit
+
+
+def test_the_outline_offset_trains_beside_the_network_and_resumes(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """[train] outline_offset: a term on statistics that carry the label takes their weight, it is
+    in every checkpoint's sidecar in raw units, and a resumed run continues it."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+
+    cfg = _tiny(tiny_config, **{"train.outline_offset": True, "train.max_steps_per_epoch": 3, "train.lr": 0.03})
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    rng = np.random.default_rng(0)
+    outline = rng.normal(size=(len(ds), len(OUTLINE_FEATURE_NAMES))) + 10.0
+    outline[:, 2] += 3.0 * np.where(ds.labels == 1, 1.0, -1.0)  # the third statistic says the class
+    fit = train_model(cfg, ds, labelled, labelled, tmp_path / "straight", 2, outline=outline)
+    head = OutlineHead.from_dict(fit["outline_offset"])
+    standardised = np.asarray(head.weights) * outline[labelled].std(0)  # raw units back to the trained scale
+    assert standardised[2] > 0 and abs(standardised[2]) == np.abs(standardised).max(), standardised
+    _, meta = load_checkpoint(tmp_path / "straight" / "last.safetensors")
+    assert meta["outline_offset"] == fit["outline_offset"]
+    train_model(cfg, ds, labelled, labelled, tmp_path / "resumed", 1, outline=outline)
+    resumed = train_model(cfg, ds, labelled, labelled, tmp_path / "resumed", 2, outline=outline)
+    assert resumed["outline_offset"] == fit["outline_offset"]
+    assert torch.equal(
+        _weights(tmp_path / "resumed" / "last.safetensors"), _weights(tmp_path / "straight" / "last.safetensors")
+    )
+    with pytest.raises(DataError, match=r"outline statistics of shape \(3, 7\)"):
+        train_model(cfg, ds, labelled, labelled, tmp_path / "bad", 1, outline=outline[:3])
+
+
+def test_a_tiny_run_with_the_outline_offset(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
+    """The box net is trained before the network, the network beside its outline offset, and the head
+    step starts its term from the trained one."""
+    cfg = load_config(
+        tiny_config(),
+        {
+            "first_pass.network": "box_net",
+            "first_pass.widths": [4, 8, 8, 8],
+            "head.outline_statistics": True,
+            "train.outline_offset": True,
+        },
+    )
+    messages: list[str] = []
+    summary = run_training(cfg, progress=messages.append, folds_only=True)
+    first_box_net = next(i for i, m in enumerate(messages) if "box net" in m)
+    first_epoch = next(i for i, m in enumerate(messages) if m.startswith("epoch 1/"))
+    assert first_box_net < first_epoch
+    refit = summary["folds"]["0"]["classifier_refit"]
+    _, meta = load_checkpoint(tmp_path / "out" / "fold0" / "last.safetensors")
+    assert refit["outline_init"] == meta["outline_offset"]
+    assert "outline_head" in refit
+    shipped_like = load_config(tiny_config(), {"first_pass.network": "box_net", "head.outline_statistics": True})
+    assert training_config_sha256(cfg) != training_config_sha256(shipped_like)
+    with pytest.raises(ConfigError, match="train.outline_offset .* needs .*box_net"):
+        load_config(tiny_config(), {"first_pass.network": "model", "train.outline_offset": True})
