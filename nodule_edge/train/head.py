@@ -49,7 +49,6 @@ item 15).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -615,7 +614,7 @@ def refit_heads(
                 params["wo"] = params["wo"] * scale
     outline_head = heads.write_back(model, params)
     if outline_head is not None:
-        info["outline_head"] = json.loads(outline_head.to_json())
+        info["outline_head"] = outline_head.to_dict()
         info["outline_l2"] = OUTLINE_L2
     info.update(l2=l2, training_before=before, training_after=_head_metrics(heads, params, data))
     if readout:

@@ -423,6 +423,41 @@ def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_i
     assert "outline_head" not in plain and held_out["plain"] < held_out["outline"] - 0.1
 
 
+def test_the_outline_term_starts_from_the_term_the_network_was_trained_beside() -> None:
+    """[train] outline_offset: the head step's term starts at the trained one (raw units), so with no
+    step taken it returns that term, and the starting logit is the network's plus it."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+
+    torch.manual_seed(0)
+    model = CollaborativeNet(SMALL)
+    inputs, _ = _head_inputs(model, n=40)
+    rng = np.random.default_rng(5)
+    inputs.outline = rng.normal(loc=3.0, scale=1.5, size=(len(inputs), len(OUTLINE_FEATURE_NAMES)))
+    inputs.labels = (inputs.outline[:, 0] > np.median(inputs.outline[:, 0])).astype(np.int64)
+    patients = [f"p{i // 2}" for i in range(len(inputs))]
+    trained = OutlineHead((2.0, -0.5, 0.25, 0.0, 0.0, 1.0, -1.0), -4.0)
+    width = model.feature_channels + model.n_seg_features
+    x = torch.from_numpy(inputs.head_in).float()
+
+    def network_logit() -> np.ndarray:
+        with torch.no_grad():
+            return (
+                model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0].double().numpy()
+            )
+
+    before = network_logit() + trained.logit(inputs.outline)
+    info = refit_heads(
+        model, inputs, patients, HeadObjective(steps=0), l2_grid=(0.01,), inner_folds=2, outline_init=trained
+    )
+    assert info["outline_init"] == trained.to_dict()
+    assert info["training_before"]["auc"] == pytest.approx(roc_auc(inputs.labels, before), abs=1e-6)
+    # No step taken: the same weights, and network plus term the same function (the constant may
+    # move between the classifier's bias and the term's).
+    head = OutlineHead.from_dict(info["outline_head"])
+    np.testing.assert_allclose(head.weights, trained.weights, atol=1e-9)
+    np.testing.assert_allclose(network_logit() + head.logit(inputs.outline), before, atol=1e-4)
+
+
 def test_outline_statistics_of_the_wrong_shape_are_refused() -> None:
     model = CollaborativeNet(SMALL)
     inputs, _ = _head_inputs(model)
