@@ -114,6 +114,12 @@ class TrainSection:
     # outline_offset); the head step starts its term from the trained one. Needs the "debugged"
     # head step with outline_statistics and the box net as the first pass.
     outline_offset: bool = False
+    # Where that term starts: "zero" (the network's loss unchanged at step 0; at lr 1e-3 the term
+    # then stays far below the head step's weights, so the network still learns the size:
+    # docs/ablations/README.md, outline_offset) or "fitted" (the L2 logistic regression of the
+    # labelled training nodules' labels on the standardised statistics, so that the network learns
+    # what the outline leaves unexplained from the first step).
+    outline_offset_start: str = "zero"
     # Seed of the network alone (initialisation, batch order, augmentation) at the same split, box
     # nets and head-step folds: reruns of one recipe measure training-to-training spread
     # (docs/ablations/README.md, network_seed1); -1 = train.seed.
@@ -223,6 +229,7 @@ _ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("train", "contiguous_groupnorm"): False,
     ("train", "network_seed"): -1,
     ("train", "outline_offset"): False,
+    ("train", "outline_offset_start"): "zero",
     ("head", "attribute_weight"): 1.0,
     ("head", "attribute_readout"): False,
     ("head", "attribute_skip"): False,
@@ -467,6 +474,14 @@ def _validate(cfg: TrainConfig) -> None:
             'first_pass.network = "box_net", head.refit = "debugged" and head.outline_statistics = true, got '
             f"nodule_box={cfg.train.nodule_box}, network={cfg.first_pass.network!r}, refit={cfg.head.refit!r}, "
             f"outline_statistics={cfg.head.outline_statistics}",
+        ),
+        (
+            cfg.train.outline_offset_start in ("zero", "fitted"),
+            f"train.outline_offset_start must be zero or fitted, got {cfg.train.outline_offset_start!r}",
+        ),
+        (
+            cfg.train.outline_offset_start == "zero" or cfg.train.outline_offset,
+            "train.outline_offset_start says where the outline offset starts: it needs train.outline_offset = true",
         ),
     ]
     for ok, message in checks:

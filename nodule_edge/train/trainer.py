@@ -432,7 +432,9 @@ def train_model(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     offset = (
-        _OutlineOffset(outline, train_idx[ds.labels[train_idx] >= 0], len(ds), device) if outline is not None else None
+        _OutlineOffset(outline, ds.labels, train_idx[ds.labels[train_idx] >= 0], device, cfg.train.outline_offset_start)
+        if outline is not None
+        else None
     )
     trained = [*model.parameters(), *(offset.term.parameters() if offset is not None else ())]
     opt = torch.optim.AdamW(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -623,15 +625,20 @@ def train_model(
 
 class _OutlineOffset:
     """The linear term on the first pass's outline statistics that ``[train] outline_offset``
-    trains beside the network: zero at the start (the network's loss unchanged at step 0),
-    standardised on the labelled training nodules, returned in raw units as the head step's
-    :class:`~nodule_edge.outline.OutlineHead`."""
+    trains beside the network, on statistics standardised on the labelled training nodules,
+    returned in raw units as the head step's :class:`~nodule_edge.outline.OutlineHead`. It starts
+    at zero (``start = "zero"``: the network's loss unchanged at step 0) or at the L2 logistic
+    regression of those nodules' labels on the statistics (``"fitted"``, the head step's L2)."""
 
-    def __init__(self, outline: np.ndarray, labelled: np.ndarray, n_nodules: int, device: torch.device) -> None:
+    def __init__(
+        self, outline: np.ndarray, labels: np.ndarray, labelled: np.ndarray, device: torch.device, start: str = "zero"
+    ) -> None:
+        from nodule_edge.train.head import OUTLINE_L2, fit_logistic
+
         width = len(OUTLINE_FEATURE_NAMES)
-        if outline.shape != (n_nodules, width) or not np.isfinite(outline[labelled]).all():
+        if outline.shape != (len(labels), width) or not np.isfinite(outline[labelled]).all():
             raise DataError(
-                f"outline statistics of shape {outline.shape} for {n_nodules} nodules (expected [N, {width}], "
+                f"outline statistics of shape {outline.shape} for {len(labels)} nodules (expected [N, {width}], "
                 "finite on every labelled training nodule)"
             )
         self.mean = outline[labelled].mean(0)
@@ -642,6 +649,16 @@ class _OutlineOffset:
         self.term = torch.nn.Linear(width, 1).to(device)
         torch.nn.init.zeros_(self.term.weight)
         torch.nn.init.zeros_(self.term.bias)
+        if start == "fitted":
+            # The head step's L2 is on the mean loss; fit_logistic's on the summed one.
+            w, b = fit_logistic(
+                np.asarray(self.standardised[labelled], np.float64),
+                labels[labelled].astype(np.float64),
+                2 * OUTLINE_L2 * len(labelled),
+            )
+            with torch.no_grad():
+                self.term.weight.copy_(torch.from_numpy(w).float().unsqueeze(0))
+                self.term.bias.fill_(b)
 
     def add_to(self, out: ModelOutput, idx: np.ndarray) -> ModelOutput:
         """``out`` with the term of the nodules ``idx`` added to its malignancy logit and probability."""

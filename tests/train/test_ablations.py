@@ -55,6 +55,7 @@ EXPECTED = {
     "outline_statistics_sign": (True, True, False, True),
     "outline_statistics_even": (True, True, False, True),
     "outline_offset": (True, True, False, True),
+    "outline_offset_fitted": (True, True, False, True),
 }
 
 

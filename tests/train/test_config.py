@@ -168,6 +168,8 @@ def test_the_box_nets_miss_weight_hashes_only_when_set(tmp_path: Path) -> None:
         ("[train]\nnetwork_seed = -2\n", "network_seed must be >= 0"),
         ("[first_pass]\nfn_weight = 1.0\n", r"first_pass.fn_weight must lie in \(0, 1\), got 1.0"),
         ("[train]\noutline_offset = true\n[head]\noutline_statistics = false\n", "outline_statistics=False"),
+        ('[train]\noutline_offset = true\noutline_offset_start = "fit"\n', "must be zero or fitted, got 'fit'"),
+        ('[train]\noutline_offset_start = "fitted"\n', "needs train.outline_offset = true"),
     ],
 )
 def test_bad_recipe_switches_are_refused_with_the_key_named(tmp_path: Path, content: str, needle: str) -> None:
@@ -274,6 +276,7 @@ RECIPE_ABLATION_KEYS = {
     "narrow_widths": (),
     "network_seed1": ("network_seed",),
     "outline_offset": ("outline_offset",),
+    "outline_offset_fitted": ("outline_offset", "outline_offset_start"),
 }
 
 #: The stem and block widths shipped until narrow_widths (docs/ablations/wide_widths, the former docs/cv).

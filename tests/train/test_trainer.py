@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from nodule_edge.cli import main
 from nodule_edge.errors import ConfigError, DataError
+from nodule_edge.metrics import roc_auc
 from nodule_edge.train.config import TrainConfig, TrainSection, load_config, training_config_sha256
 from nodule_edge.train.model import CollaborativeNet, ModelConfig
 from nodule_edge.train.run import run_training
@@ -549,3 +550,24 @@ def test_a_tiny_run_with_the_outline_offset(tiny_config: Callable[..., Path], tm
     assert training_config_sha256(cfg) != training_config_sha256(shipped_like)
     with pytest.raises(ConfigError, match="train.outline_offset .* needs .*box_net"):
         load_config(tiny_config(), {"first_pass.network": "model", "train.outline_offset": True})
+
+
+def test_a_fitted_outline_offset_starts_at_the_logistic_fit_of_the_statistics() -> None:
+    """outline_offset_start = "fitted": the term starts at the L2 logistic regression of the labelled
+    training nodules' labels on their statistics, and its raw-unit head gives the same logits."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+    from nodule_edge.train.trainer import _OutlineOffset
+
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30), np.ones(30), -np.ones(10)].astype(np.int64)
+    outline = rng.normal(size=(len(labels), len(OUTLINE_FEATURE_NAMES))) * 2.0 + 5.0
+    outline[:, 0] += 2.0 * labels  # the first statistic carries the class
+    labelled = np.flatnonzero(labels >= 0)
+    zero = _OutlineOffset(outline, labels, labelled, torch.device("cpu"))
+    assert not zero.logits(labelled).any()
+    fitted = _OutlineOffset(outline, labels, labelled, torch.device("cpu"), "fitted")
+    logits = fitted.logits(labelled)
+    assert roc_auc(labels[labelled], logits) > 0.85
+    head = fitted.head()
+    assert head.weights[0] > 0 and abs(head.weights[0]) == max(abs(w) for w in head.weights)
+    np.testing.assert_allclose(OutlineHead.from_dict(head.to_dict()).logit(outline[labelled]), logits, atol=1e-4)
