@@ -385,29 +385,43 @@ def test_the_calibrated_refit_rescales_only_the_classifier_and_keeps_its_ranking
         assert torch.equal(a, b) == (not name.startswith("cls")), name
 
 
-def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_in_raw_units() -> None:
-    """Labels carried by the outline statistics alone: the refit gives the term the weight, and the
-    returned OutlineHead plus the rewritten network reproduce the refit's logits."""
-    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
-    from nodule_edge.train.head import OUTLINE_L2
+def _outline_labelled(
+    n: int, seed: int, loc: float, scale: float, column: int
+) -> tuple[CollaborativeNet, HeadInputs, list[str]]:
+    """A seeded small network and head inputs whose outline statistics alone carry the labels (the
+    ``column``-th statistic above its median is malignant), two nodules per patient."""
+    from nodule_edge.outline import OUTLINE_FEATURE_NAMES
 
     torch.manual_seed(0)
     model = CollaborativeNet(SMALL)
-    inputs, _ = _head_inputs(model, n=60)
-    rng = np.random.default_rng(3)
-    inputs.outline = rng.normal(loc=5.0, scale=2.0, size=(len(inputs), len(OUTLINE_FEATURE_NAMES)))
-    inputs.labels = (inputs.outline[:, 1] > np.median(inputs.outline[:, 1])).astype(np.int64)
-    patients = [f"p{i // 2}" for i in range(len(inputs))]
+    inputs, _ = _head_inputs(model, n=n)
+    rng = np.random.default_rng(seed)
+    inputs.outline = rng.normal(loc=loc, scale=scale, size=(len(inputs), len(OUTLINE_FEATURE_NAMES)))
+    inputs.labels = (inputs.outline[:, column] > np.median(inputs.outline[:, column])).astype(np.int64)
+    return model, inputs, [f"p{i // 2}" for i in range(len(inputs))]
+
+
+def _network_logit(model: CollaborativeNet, inputs: HeadInputs) -> np.ndarray:
+    """The network's own malignancy logit on the head inputs (its classifier as it stands now)."""
+    x = torch.from_numpy(inputs.head_in).float()
+    width = model.feature_channels + model.n_seg_features
+    with torch.no_grad():
+        return model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0].double().numpy()
+
+
+def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_in_raw_units() -> None:
+    """Labels carried by the outline statistics alone: the refit gives the term the weight, and the
+    returned OutlineHead plus the rewritten network reproduce the refit's logits."""
+    from nodule_edge.outline import OutlineHead
+    from nodule_edge.train.head import OUTLINE_L2
+
+    model, inputs, patients = _outline_labelled(n=60, seed=3, loc=5.0, scale=2.0, column=1)
     info = refit_heads(model, inputs, patients, HeadObjective(steps=200), l2_grid=(0.01,), inner_folds=2)
     head = OutlineHead.from_dict(info["outline_head"])
     assert info["outline_l2"] == OUTLINE_L2  # the model card reads it from the final model's record
     assert abs(head.weights[1]) == max(abs(w) for w in head.weights) and head.weights[1] > 0
     assert info["training_after"]["auc"] > 0.95
-    width = model.feature_channels + model.n_seg_features
-    x = torch.from_numpy(inputs.head_in).float()
-    with torch.no_grad():
-        network = model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0].double().numpy()
-    logit = network + head.logit(inputs.outline)
+    logit = _network_logit(model, inputs) + head.logit(inputs.outline)
     assert roc_auc(inputs.labels, logit) == pytest.approx(info["training_after"]["auc"], abs=1e-6)
     # Without the statistics the same refit cannot find these labels on held-out nodules.
     torch.manual_seed(0)
@@ -426,26 +440,11 @@ def test_the_outline_term_learns_what_the_network_does_not_see_and_is_returned_i
 def test_the_outline_term_starts_from_the_term_the_network_was_trained_beside() -> None:
     """[train] outline_offset: the head step's term starts at the trained one (raw units), so with no
     step taken it returns that term, and the starting logit is the network's plus it."""
-    from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
+    from nodule_edge.outline import OutlineHead
 
-    torch.manual_seed(0)
-    model = CollaborativeNet(SMALL)
-    inputs, _ = _head_inputs(model, n=40)
-    rng = np.random.default_rng(5)
-    inputs.outline = rng.normal(loc=3.0, scale=1.5, size=(len(inputs), len(OUTLINE_FEATURE_NAMES)))
-    inputs.labels = (inputs.outline[:, 0] > np.median(inputs.outline[:, 0])).astype(np.int64)
-    patients = [f"p{i // 2}" for i in range(len(inputs))]
+    model, inputs, patients = _outline_labelled(n=40, seed=5, loc=3.0, scale=1.5, column=0)
     trained = OutlineHead((2.0, -0.5, 0.25, 0.0, 0.0, 1.0, -1.0), -4.0)
-    width = model.feature_channels + model.n_seg_features
-    x = torch.from_numpy(inputs.head_in).float()
-
-    def network_logit() -> np.ndarray:
-        with torch.no_grad():
-            return (
-                model._heads(x[:, : model.feature_channels], x[:, model.feature_channels : width])[0].double().numpy()
-            )
-
-    before = network_logit() + trained.logit(inputs.outline)
+    before = _network_logit(model, inputs) + trained.logit(inputs.outline)
     info = refit_heads(
         model, inputs, patients, HeadObjective(steps=0), l2_grid=(0.01,), inner_folds=2, outline_init=trained
     )
@@ -455,7 +454,7 @@ def test_the_outline_term_starts_from_the_term_the_network_was_trained_beside() 
     # move between the classifier's bias and the term's).
     head = OutlineHead.from_dict(info["outline_head"])
     np.testing.assert_allclose(head.weights, trained.weights, atol=1e-9)
-    np.testing.assert_allclose(network_logit() + head.logit(inputs.outline), before, atol=1e-4)
+    np.testing.assert_allclose(_network_logit(model, inputs) + head.logit(inputs.outline), before, atol=1e-4)
 
 
 def test_outline_statistics_of_the_wrong_shape_are_refused() -> None:
