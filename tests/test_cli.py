@@ -41,6 +41,7 @@ CSV_HEADER = [
     "background_attention",
     "retrieval_score",
     "quality_flags",
+    "outline_logit",
 ]
 
 

@@ -47,6 +47,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "background_attention",
     "retrieval_score",
     "quality_flags",
+    "outline_logit",
 )
 #: File name of the failed rows, written beside the predictions CSV on every run.
 ERRORS_CSV_NAME = "errors.csv"
@@ -66,6 +67,8 @@ class EvaluatedNodule:
         trustworthy: The runtime's saliency trust check.
         retrieval_score: Fraction of the retrieved similar nodules rated malignant (None: no index).
         quality_flags: Codes of the quality flags raised (README, Quality flags).
+        outline_logit: What the model's outline term added to the malignancy logit (None: the
+            model has no outline term).
     """
 
     record: NoduleRecord
@@ -77,6 +80,15 @@ class EvaluatedNodule:
     trustworthy: bool
     retrieval_score: float | None
     quality_flags: tuple[str, ...] = ()
+    outline_logit: float | None = None
+
+    @property
+    def network_probability(self) -> float | None:
+        """The probability without the outline term (the network's own), None without a term."""
+        if self.outline_logit is None:
+            return None
+        p = min(max(self.malignancy_probability, 1e-12), 1 - 1e-12)
+        return float(1.0 / (1.0 + np.exp(-(np.log(p / (1 - p)) - self.outline_logit))))
 
     def csv_row(self) -> list[str]:
         """The nodule's row of the predictions CSV (:data:`CSV_COLUMNS`)."""
@@ -89,6 +101,7 @@ class EvaluatedNodule:
             f"{self.background_attention:.6f}",
             "" if self.retrieval_score is None else f"{self.retrieval_score:.4f}",
             ";".join(self.quality_flags),
+            "" if self.outline_logit is None else f"{self.outline_logit:.6f}",
         ]
 
 
@@ -146,6 +159,7 @@ def _evaluate_one(inferer: Any, rec: NoduleRecord) -> EvaluatedNodule:
         trustworthy=bool(p.trustworthy),
         retrieval_score=None if p.retrieval_score is None else float(p.retrieval_score),
         quality_flags=tuple(f.code for _, f in getattr(result, "all_quality_flags", [])),
+        outline_logit=None if p.outline_logit is None else float(p.outline_logit),
     )
 
 
@@ -161,6 +175,11 @@ def _summary(nodules: list[EvaluatedNodule], total: int, failed: int) -> dict[st
         m = binary_metrics(np.asarray(labels), np.asarray([n.malignancy_probability for n in labelled]))
         summary["auc (LIDC proxy labels)"] = round(m["auc"], 4)
         summary["accuracy (LIDC proxy labels)"] = round(m["accuracy"], 4)
+        network = [n.network_probability for n in labelled]
+        if all(q is not None for q in network):
+            # A model with an outline term: what the network alone reaches (README, Outputs).
+            alone = binary_metrics(np.asarray(labels), np.asarray(network, dtype=np.float64))
+            summary["auc without the outline term (LIDC proxy labels)"] = round(alone["auc"], 4)
     dices = [n.dice for n in nodules if n.dice is not None]
     if dices:
         summary["mean dice"] = round(float(np.mean(dices)), 4)

@@ -165,6 +165,10 @@ def _roc_figure(nodules: Sequence[EvaluatedNodule]) -> tuple[str, dict[str, tupl
     labelled = [x for x in nodules if x.record.label is not None]
     scores = {
         "model probability": [(x.record.label, x.malignancy_probability) for x in labelled],
+        "network without the outline term": [
+            (x.record.label, x.network_probability) for x in labelled if x.network_probability is not None
+        ],
+        "outline term alone": [(x.record.label, x.outline_logit) for x in labelled if x.outline_logit is not None],
         "retrieval score": [(x.record.label, x.retrieval_score) for x in labelled if x.retrieval_score is not None],
         "diameter only (manifest diameter_mm)": [
             (x.record.label, x.record.diameter_mm) for x in labelled if x.record.diameter_mm is not None

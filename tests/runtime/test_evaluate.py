@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 
+import numpy as np
 import pytest
 
 from nodule_edge.errors import CoordinateError, DataError, OutputError
@@ -13,7 +14,7 @@ from nodule_edge.runtime.evaluate import CSV_COLUMNS, evaluate_voi_dir
 
 EXPECTED_COLUMNS = (
     "voi_id, malignancy_probability, subtlety, sphericity, margin, lobulation, spiculation, "
-    "malignancy, dice, nodule_attention, background_attention, retrieval_score, quality_flags"
+    "malignancy, dice, nodule_attention, background_attention, retrieval_score, quality_flags, outline_logit"
 ).split(", ")
 
 
@@ -189,3 +190,33 @@ def test_predictions_may_not_be_named_errors_csv(inferer, synthetic_voi_dir, tmp
     with pytest.raises(OutputError, match="errors.csv"):
         evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "errors.csv")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_an_outline_term_records_it_and_what_the_network_alone_reaches(
+    tiny_bundle_with_outline_term, synthetic_voi_dir, tmp_path
+):
+    inferer = NoduleInferer(tiny_bundle_with_outline_term, backend="cpu", top_k=3)
+    evaluation = evaluate_voi_dir(inferer, synthetic_voi_dir, tmp_path / "predictions.csv", limit=4)
+    with (tmp_path / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    column = EXPECTED_COLUMNS.index("outline_logit")
+    for nodule, row in zip(evaluation.nodules, rows[1:]):
+        rec = nodule.record
+        p = inferer.infer(rec.image_path, worlds=[rec.center_lps_mm], exclude_ids={rec.id}).nodules[0].prediction
+        assert p.outline_logit is not None
+        assert nodule.outline_logit == pytest.approx(p.outline_logit) and float(row[column]) == pytest.approx(
+            p.outline_logit, abs=1e-5
+        )
+        # Taking the term back out of the final logit gives the network's own probability.
+        network = 1 / (
+            1 + np.exp(-(np.log(p.malignancy_probability / (1 - p.malignancy_probability)) - p.outline_logit))
+        )
+        assert nodule.network_probability == pytest.approx(network, abs=1e-6)
+        assert nodule.network_probability != pytest.approx(nodule.malignancy_probability, abs=1e-4)
+    assert "auc without the outline term (LIDC proxy labels)" in evaluation.summary
+
+
+def test_without_an_outline_term_the_column_is_empty_and_the_network_is_the_model(evaluated):
+    _, summary, rows, _ = evaluated
+    assert all(r[EXPECTED_COLUMNS.index("outline_logit")] == "" for r in rows[1:])
+    assert not any("outline" in key for key in summary)

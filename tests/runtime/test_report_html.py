@@ -7,6 +7,7 @@ the ``playwright`` package (dev extra), takes a screenshot and records every req
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html.parser
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from nodule_edge.manifest import NoduleRecord
+from nodule_edge.metrics import roc_auc
 from nodule_edge.runtime import NoduleInferer
 from nodule_edge.runtime.evaluate import EvaluatedNodule, evaluate_voi_dir
 
@@ -169,6 +171,28 @@ def test_report_without_inferer_has_captions_only(report, tmp_path):
     parser = _Sources()
     parser.feed(path.read_text(encoding="utf-8"))
     assert len(parser.urls) == 4
+
+
+def test_a_model_with_an_outline_term_shows_the_network_and_the_term_apart(report, tmp_path):
+    ev, _ = report
+    assert "network without the outline term" not in write_evaluation_report(ev, tmp_path / "plain.html").read_text(
+        encoding="utf-8"
+    )
+    # A term that ranks the labelled nodules perfectly on its own (+2 malignant, -2 benign).
+    nodules = [
+        dataclasses.replace(n, outline_logit=0.0 if n.record.label is None else 4.0 * n.record.label - 2.0)
+        for n in ev.nodules
+    ]
+    labelled = [n for n in nodules if n.record.label is not None]
+    text = write_evaluation_report(dataclasses.replace(ev, nodules=nodules), tmp_path / "r.html").read_text(
+        encoding="utf-8"
+    )
+    network_auc = roc_auc(
+        np.asarray([n.record.label for n in labelled]), np.asarray([n.network_probability for n in labelled])
+    )
+    n = len(labelled)
+    assert f"<td>outline term alone</td><td>1.000</td><td>{n}</td>" in text
+    assert f"<td>network without the outline term</td><td>{network_auc:.3f}</td><td>{n}</td>" in text
 
 
 def test_report_into_a_missing_folder_is_an_output_error(report, tmp_path):
