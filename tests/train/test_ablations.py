@@ -56,6 +56,7 @@ EXPECTED = {
     "outline_statistics_even": (True, True, False, True),
     "outline_offset": (True, True, False, True),
     "outline_offset_fitted": (True, True, False, True),
+    "head_l2_wide_outline": (True, True, False, True),
 }
 
 

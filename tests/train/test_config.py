@@ -249,6 +249,7 @@ HEAD_STEP_ABLATIONS = (
     "outline_statistics_debug2",
     "outline_statistics_sign",
     "outline_statistics_even",
+    "head_l2_wide_outline",
 )
 
 #: First-pass ablations: the shipped networks, another first pass (its own network, trained per fold).
