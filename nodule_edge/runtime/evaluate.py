@@ -177,7 +177,7 @@ def _summary(nodules: list[EvaluatedNodule], total: int, failed: int) -> dict[st
         summary["accuracy (LIDC proxy labels)"] = round(m["accuracy"], 4)
         network = [n.network_probability for n in labelled]
         if all(q is not None for q in network):
-            # A model with an outline term: what the network alone reaches (README, Outputs).
+            # A model with an outline term: what the network alone reaches (README, Usage: evaluate).
             alone = binary_metrics(np.asarray(labels), np.asarray(network, dtype=np.float64))
             summary["auc without the outline term (LIDC proxy labels)"] = round(alone["auc"], 4)
     dices = [n.dice for n in nodules if n.dice is not None]
