@@ -109,6 +109,15 @@ def save_resume_state(
     )
 
 
+def training_complete(path: Path, max_epochs: int, patience: int | None) -> bool:
+    """Whether the run whose resume state is ``path`` has nothing left to train: it reached
+    ``max_epochs``, or (``patience`` given) it stopped early, as recorded in the sidecar."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    history = meta.get("history") or []
+    stopped = patience is not None and bool(history) and history[-1].get("bad_epochs", 0) >= patience
+    return int(meta.get("epoch", 0)) >= max_epochs or stopped
+
+
 def resume_state(
     path: Path,
     model: CollaborativeNet,
@@ -116,15 +125,22 @@ def resume_state(
     training_sha: str,
     generators: RandomState | None = None,
     modules: dict[str, torch.nn.Module] | None = None,
+    *,
+    network_only: bool = False,
 ) -> tuple[int, list, dict]:
     """Load the resume state written by :func:`save_resume_state` into ``model``, ``opt``,
     ``generators`` (those the state holds; a state written before generators were saved leaves
     them as they are, and the resumed run draws other augmentations than an uninterrupted one)
     and ``modules``.
 
+    Args:
+        network_only: Load the network, its history and best epoch and nothing else: for a run
+            whose training is complete, which needs no optimiser state to go on (a fold restored
+            from committed checkpoints, which do not keep it).
+
     Raises:
         ConfigError: The checkpoint was trained under another training configuration, or it lacks
-            one of ``modules``.
+            one of ``modules``, or (unless ``network_only``) its optimiser state is missing.
 
     Returns:
         The epoch to continue at, the history and the best epoch so far.
@@ -146,8 +162,17 @@ def resume_state(
             "section differ): move that folder away or restore the config it was trained with"
         )
     model.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(path.with_name("last_optim.safetensors")))
-    extra = json.loads(path.with_name("last_optim.json").read_text())
+    if network_only:
+        return int(meta["epoch"]) + 1, meta["history"], meta["best"]
+    optimiser_files = [path.with_name(name) for name in ("last_optim.safetensors", "last_optim.json")]
+    missing = [p.name for p in optimiser_files if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{path.parent} holds a network trained to epoch {meta['epoch']} but not the state to go on training it "
+            f"({', '.join(missing)} missing): restore those files, or move the folder away to train from scratch"
+        )
+    tensors = load_file(str(optimiser_files[0]))
+    extra = json.loads(optimiser_files[1].read_text())
     state: dict[int, dict[str, Any]] = {}
     for module_name, module in (modules or {}).items():
         prefix = f"module.{module_name}."

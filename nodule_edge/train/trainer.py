@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -21,7 +22,13 @@ from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead, outline_step
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
-from nodule_edge.train.checkpoints import load_checkpoint, resume_state, save_checkpoint, save_resume_state
+from nodule_edge.train.checkpoints import (
+    load_checkpoint,
+    resume_state,
+    save_checkpoint,
+    save_resume_state,
+    training_complete,
+)
 from nodule_edge.train.config import TrainConfig, TrainSection, training_config_sha256
 from nodule_edge.train.data import (
     NoduleRecord,
@@ -461,8 +468,15 @@ def train_model(
     generators: dict[str, np.random.Generator | torch.Generator] = {"batches": rng, "augment": gen}
     if order_rng is not rng:
         generators["order"] = order_rng
+    # A run with nothing left to train (e.g. a fold restored from committed checkpoints, which keep
+    # no optimiser state) reads its network and history alone.
+    trained_earlier = last.is_file() and training_complete(
+        last, max_epochs, cfg.train.patience if early_stopping and len(val_idx) else None
+    )
     if last.is_file():
-        start_epoch, history, best = resume_state(last, model, opt, training_config_sha256(cfg), generators, modules)
+        start_epoch, history, best = resume_state(
+            last, model, opt, training_config_sha256(cfg), generators, modules, network_only=trained_earlier
+        )
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
     ema = _ema_model(model, cfg.train.ema_decay, out_dir / "ema.safetensors", resumed=start_epoch > 1)
@@ -619,8 +633,17 @@ def train_model(
         "steps_per_epoch": steps,
         "bf16": bf16,
         "parameters": count_parameters(model),
-        **({"outline_offset": offset.head().to_dict()} if offset is not None else {}),
+        **({"outline_offset": _trained_offset(offset, last, trained_earlier)} if offset is not None else {}),
     }
+
+
+def _trained_offset(offset: _OutlineOffset, last: Path, trained_earlier: bool) -> dict[str, Any]:
+    """The outline offset in raw units: the trained term, or for a run trained earlier (whose
+    term is not restored without the resume state) the one its checkpoint's sidecar records."""
+    if trained_earlier:
+        recorded: dict[str, Any] = json.loads(last.with_suffix(".json").read_text())["outline_offset"]
+        return recorded
+    return offset.head().to_dict()
 
 
 class _OutlineOffset:

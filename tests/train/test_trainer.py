@@ -396,6 +396,46 @@ def test_a_resumed_run_trains_the_network_an_uninterrupted_run_trains(
     )
 
 
+def test_a_finished_run_restores_without_its_optimiser_state_and_an_unfinished_one_says_what_is_missing(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Committed checkpoints keep the network, not the optimiser state (docs/ablations/rerun_epyc):
+    a run with nothing left to train needs none, one that would go on training is refused."""
+    cfg = _tiny(tiny_config)
+    ds = load_dataset(cfg)
+    labelled = np.flatnonzero(ds.labels >= 0)
+    run = tmp_path / "run"
+    first = train_model(cfg, ds, labelled, np.zeros(0, np.int64), run, 2)
+    trained = _weights(run / "last.safetensors")
+    for name in ("last_optim.safetensors", "last_optim.json"):
+        (run / name).unlink()
+    again = train_model(cfg, ds, labelled, np.zeros(0, np.int64), run, 2)
+    assert again["history"] == json.loads((run / "last.json").read_text())["history"]
+    assert [h["train"] for h in again["history"]] == [h["train"] for h in first["history"]]
+    assert torch.equal(_weights(run / "last.safetensors"), trained), "nothing was trained again"
+    with pytest.raises(ConfigError, match=r"run holds a network trained to epoch 2 .*last_optim\.safetensors"):
+        train_model(cfg, ds, labelled, np.zeros(0, np.int64), run, 3)
+
+
+def test_a_fold_restored_from_its_network_and_box_net_alone_reproduces_its_result(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """What docs/ablations/rerun_epyc/checkpoints keeps per fold is enough to evaluate the fold again."""
+    overrides = {"first_pass.network": "box_net", "first_pass.widths": [4, 8, 8, 8], "train.epochs": 1}
+    original = run_training(load_config(tiny_config(), overrides), folds_only=True)["folds"]["0"]
+    restored = tmp_path / "restored" / "fold0"
+    restored.mkdir(parents=True)
+    for name in ("last.safetensors", "last.json", "box_net.safetensors", "box_net.json"):
+        (restored / name).write_bytes((tmp_path / "out" / "fold0" / name).read_bytes())
+    again = run_training(
+        load_config(tiny_config(), {**overrides, "output_dir": str(tmp_path / "restored")}), folds_only=True
+    )["folds"]["0"]
+    assert again["epochs_run"] == original["epochs_run"] == 1
+    assert again["malignancy"] == original["malignancy"]
+    assert again["classifier_refit"] == original["classifier_refit"]
+    assert not (restored / "last_optim.safetensors").exists(), "nothing was trained"
+
+
 def test_run_files_belong_to_the_config_named_in_the_folders_summary(tmp_path: Path) -> None:
     """Head-step ablations re-evaluate the shipped networks in runs/shipped: the shipped files stay."""
     from nodule_edge.train.run import RunFiles
