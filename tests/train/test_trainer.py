@@ -558,6 +558,11 @@ def test_the_outline_offset_trains_beside_the_network_and_resumes(
     train_model(cfg, ds, labelled, labelled, tmp_path / "resumed", 1, outline=outline)
     resumed = train_model(cfg, ds, labelled, labelled, tmp_path / "resumed", 2, outline=outline)
     assert resumed["outline_offset"] == fit["outline_offset"]
+    # A finished run restored without its resume state reports the term its sidecar records.
+    for name in ("last_optim.safetensors", "last_optim.json"):
+        (tmp_path / "straight" / name).unlink()
+    restored = train_model(cfg, ds, labelled, labelled, tmp_path / "straight", 2, outline=outline)
+    assert restored["outline_offset"] == fit["outline_offset"]
     assert torch.equal(
         _weights(tmp_path / "resumed" / "last.safetensors"), _weights(tmp_path / "straight" / "last.safetensors")
     )
