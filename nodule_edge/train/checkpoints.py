@@ -60,6 +60,9 @@ def load_checkpoint(path: str | Path) -> tuple[CollaborativeNet, dict[str, Any]]
     return model, meta
 
 
+#: The files beside ``last.safetensors`` that hold what only a run that goes on training needs.
+OPTIMISER_STATE_FILES = ("last_optim.safetensors", "last_optim.json")
+
 #: Random generators of a training run, saved with its resume state so that a resumed run draws
 #: what an uninterrupted one would (numpy generators as JSON, torch generators as byte tensors).
 RandomState = dict[str, "np.random.Generator | torch.Generator"]
@@ -99,23 +102,14 @@ def save_resume_state(
                 tensors[f"{pid}.{k}"] = v.contiguous()
             else:
                 scalars[f"{pid}.{k}"] = float(v)
-    with atomic_file(path.with_name("last_optim.safetensors")) as tmp:
+    with atomic_file(path.with_name(OPTIMISER_STATE_FILES[0])) as tmp:
         save_file(tensors, str(tmp))
     write_text_atomic(
-        path.with_name("last_optim.json"),
+        path.with_name(OPTIMISER_STATE_FILES[1]),
         json.dumps(
             {"scalars": scalars, "param_groups": opt.state_dict()["param_groups"], "numpy_generators": numpy_states}
         ),
     )
-
-
-def training_complete(path: Path, max_epochs: int, patience: int | None) -> bool:
-    """Whether the run whose resume state is ``path`` has nothing left to train: it reached
-    ``max_epochs``, or (``patience`` given) it stopped early, as recorded in the sidecar."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    history = meta.get("history") or []
-    stopped = patience is not None and bool(history) and history[-1].get("bad_epochs", 0) >= patience
-    return int(meta.get("epoch", 0)) >= max_epochs or stopped
 
 
 def resume_state(
@@ -125,25 +119,20 @@ def resume_state(
     training_sha: str,
     generators: RandomState | None = None,
     modules: dict[str, torch.nn.Module] | None = None,
-    *,
-    network_only: bool = False,
-) -> tuple[int, list, dict]:
+) -> tuple[int, list, dict, bool]:
     """Load the resume state written by :func:`save_resume_state` into ``model``, ``opt``,
     ``generators`` (those the state holds; a state written before generators were saved leaves
     them as they are, and the resumed run draws other augmentations than an uninterrupted one)
-    and ``modules``.
-
-    Args:
-        network_only: Load the network, its history and best epoch and nothing else: for a run
-            whose training is complete, which needs no optimiser state to go on (a fold restored
-            from committed checkpoints, which do not keep it).
+    and ``modules``. Without its optimiser state (``last_optim.*``: committed checkpoints do not
+    keep it) only the network is loaded; the caller decides whether it can go on without it.
 
     Raises:
         ConfigError: The checkpoint was trained under another training configuration, or it lacks
-            one of ``modules``, or (unless ``network_only``) its optimiser state is missing.
+            one of ``modules``, or one of the two optimiser-state files is missing.
 
     Returns:
-        The epoch to continue at, the history and the best epoch so far.
+        The epoch to continue at, the history, the best epoch so far and whether the optimiser
+        state (with the generators and ``modules``) was loaded.
     """
     from safetensors.torch import load_file
 
@@ -162,15 +151,12 @@ def resume_state(
             "section differ): move that folder away or restore the config it was trained with"
         )
     model.load_state_dict(loaded.state_dict())
-    if network_only:
-        return int(meta["epoch"]) + 1, meta["history"], meta["best"]
-    optimiser_files = [path.with_name(name) for name in ("last_optim.safetensors", "last_optim.json")]
+    optimiser_files = [path.with_name(name) for name in OPTIMISER_STATE_FILES]
     missing = [p.name for p in optimiser_files if not p.is_file()]
+    if len(missing) == len(optimiser_files):
+        return int(meta["epoch"]) + 1, meta["history"], meta["best"], False
     if missing:
-        raise ConfigError(
-            f"{path.parent} holds a network trained to epoch {meta['epoch']} but not the state to go on training it "
-            f"({', '.join(missing)} missing): restore those files, or move the folder away to train from scratch"
-        )
+        raise ConfigError(f"{path.parent}: the optimiser state is incomplete ({missing[0]} missing)")
     tensors = load_file(str(optimiser_files[0]))
     extra = json.loads(optimiser_files[1].read_text())
     state: dict[int, dict[str, Any]] = {}
@@ -199,4 +185,4 @@ def resume_state(
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = torch.tensor(v)
     opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
-    return int(meta["epoch"]) + 1, meta["history"], meta["best"]
+    return int(meta["epoch"]) + 1, meta["history"], meta["best"], True

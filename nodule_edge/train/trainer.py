@@ -23,11 +23,11 @@ from nodule_edge.errors import ConfigError, DataError
 from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead, outline_step
 from nodule_edge.patch import DEFAULT_PATCH_SPEC, NoduleBox, PatchSpec, bound_to_nodule, run_nodule_bounded
 from nodule_edge.train.checkpoints import (
+    OPTIMISER_STATE_FILES,
     load_checkpoint,
     resume_state,
     save_checkpoint,
     save_resume_state,
-    training_complete,
 )
 from nodule_edge.train.config import TrainConfig, TrainSection, training_config_sha256
 from nodule_edge.train.data import (
@@ -468,14 +468,10 @@ def train_model(
     generators: dict[str, np.random.Generator | torch.Generator] = {"batches": rng, "augment": gen}
     if order_rng is not rng:
         generators["order"] = order_rng
-    # A run with nothing left to train (e.g. a fold restored from committed checkpoints, which keep
-    # no optimiser state) reads its network and history alone.
-    trained_earlier = last.is_file() and training_complete(
-        last, max_epochs, cfg.train.patience if early_stopping and len(val_idx) else None
-    )
+    optimiser_restored = True
     if last.is_file():
-        start_epoch, history, best = resume_state(
-            last, model, opt, training_config_sha256(cfg), generators, modules, network_only=trained_earlier
+        start_epoch, history, best, optimiser_restored = resume_state(
+            last, model, opt, training_config_sha256(cfg), generators, modules
         )
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
     bad_epochs = 0 if not history else history[-1].get("bad_epochs", 0)
@@ -484,6 +480,14 @@ def train_model(
     evaluated: CollaborativeNet = ema.module if ema is not None else model  # type: ignore[assignment]
     if early_stopping and len(val_idx) and bad_epochs >= cfg.train.patience:
         start_epoch = max_epochs + 1  # a resumed run that had already stopped early stays stopped
+    # A finished network needs no optimiser state (a fold restored from committed checkpoints,
+    # which do not keep it); one that goes on training does.
+    if not optimiser_restored and start_epoch <= max_epochs:
+        raise ConfigError(
+            f"{out_dir} holds a network trained to epoch {start_epoch - 1} but not the state to go on training it "
+            f"({' and '.join(OPTIMISER_STATE_FILES)} missing): restore those files, or move the folder away to "
+            "train from scratch"
+        )
     meta_base = {
         "config": cfg.to_dict(),
         "config_sha256": cfg.sha256(),
@@ -633,14 +637,14 @@ def train_model(
         "steps_per_epoch": steps,
         "bf16": bf16,
         "parameters": count_parameters(model),
-        **({"outline_offset": _trained_offset(offset, last, trained_earlier)} if offset is not None else {}),
+        **({"outline_offset": _trained_offset(offset, last, optimiser_restored)} if offset is not None else {}),
     }
 
 
-def _trained_offset(offset: _OutlineOffset, last: Path, trained_earlier: bool) -> dict[str, Any]:
-    """The outline offset in raw units: the trained term, or for a run trained earlier (whose
-    term is not restored without the resume state) the one its checkpoint's sidecar records."""
-    if trained_earlier:
+def _trained_offset(offset: _OutlineOffset, last: Path, optimiser_restored: bool) -> dict[str, Any]:
+    """The outline offset in raw units: the trained term, or for a finished run restored without
+    its optimiser state (which holds the term) the one its checkpoint's sidecar records."""
+    if not optimiser_restored:
         recorded: dict[str, Any] = json.loads(last.with_suffix(".json").read_text())["outline_offset"]
         return recorded
     return offset.head().to_dict()
