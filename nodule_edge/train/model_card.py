@@ -165,6 +165,21 @@ def _other_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _precision_text(summary: dict[str, Any]) -> str:
+    """What the networks were trained in, as the fold results and the final model record it."""
+    by_run = {f"fold {k}": v.get("training_precision") for k, v in sorted(summary.get("folds", {}).items())}
+    if "final" in summary:
+        by_run["the final model"] = summary["final"].get("training_precision")
+    known = {name: value for name, value in by_run.items() if value}
+    if not known:
+        return 'bf16 autocast where the CPU runs bf16 natively, else fp32 (`bf16 = "auto"`)'
+    text = {"bf16": "bf16 autocast", "fp32": "fp32", "bf16 and fp32": "partly bf16 autocast, partly fp32"}
+    values = set(known.values())
+    if len(values) == 1 and len(known) == len(by_run):
+        return f"{text.get(values.pop(), '?')} (every fold and the final model)"
+    return "; ".join(f"{name}: {text.get(value, value)}" for name, value in known.items())
+
+
 def _head_refit_lines(cfg: dict[str, Any], refit_info: dict[str, Any]) -> list[str]:
     refit = cfg.get("head", {}).get("refit", "none")
     if refit == "debugged":
@@ -335,7 +350,7 @@ def render_model_card(
         f"- Hardware: {hw['device']} ({hw['cpu']}), {hw['threads']} threads, torch {hw['torch']}.",
         f"- Bundle: `{export_command}`.",
         *_head_refit_lines(cfg, summary.get("final", {}).get("classifier_refit") or {}),
-        f"- Schedule: {train['epochs']} epochs, batch {train['batch_sure']} sure + {train['batch_unsure']} unsure, AdamW lr {train['lr']} with cosine decay, bf16 autocast on CPU; augmentation: flips of every axis, in-plane 90° rotations and transposes (z never swapped, nothing cut).",
+        f"- Schedule: {train['epochs']} epochs, batch {train['batch_sure']} sure + {train['batch_unsure']} unsure, AdamW lr {train['lr']} with cosine decay, {_precision_text(summary)}; augmentation: flips of every axis, in-plane 90° rotations and transposes (z never swapped, nothing cut).",
         "- Training time (sum of epoch times): "
         + "; ".join(
             [

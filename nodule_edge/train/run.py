@@ -236,6 +236,7 @@ def run_training(
             seconds_per_epoch=round(_epoch_seconds(fit) / max(1, len(fit["history"])), 1),
             evaluation_seconds=round(time.perf_counter() - t_eval, 1),
             steps_per_epoch=fit["steps_per_epoch"],
+            training_precision=_training_precision(fit),
             parameters=fit["parameters"],
             hardware=_hardware(device),
             history=[{k: h[k] for k in ("epoch", "seconds", "train", "val")} for h in fit["history"]],
@@ -284,7 +285,12 @@ def run_training(
             outline=_outline_of_every_nodule(cfg, ds, first[0] if first else None, spec, say),
         )
         final = files.folder(None) / evaluated_checkpoint(cfg, "last")
-        summary["final"] = {"checkpoint": str(final), "epochs": cfg.train.epochs, "train_seconds": _epoch_seconds(fit)}
+        summary["final"] = {
+            "checkpoint": str(final),
+            "epochs": cfg.train.epochs,
+            "train_seconds": _epoch_seconds(fit),
+            "training_precision": _training_precision(fit),
+        }
         segment, box_net = first or _first_pass(cfg, ds, all_idx, files.box_nets(None), device, say)
         if box_net is not None:
             summary["final"]["box_net"] = box_net
@@ -494,6 +500,19 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return {"device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _training_precision(fit: dict[str, Any]) -> str:
+    """ "bf16" (autocast), "fp32" or "bf16 and fp32": what the network's epochs ran in.
+
+    Read from the epochs' history where each records it; a history from before that (a network
+    restored from an older checkpoint) falls back to what this machine runs, which is where such
+    a network was trained when it was not moved.
+    """
+    recorded = {bool(h["bf16"]) for h in fit["history"] if "bf16" in h}
+    if not recorded or any("bf16" not in h for h in fit["history"]):
+        recorded.add(bool(fit["bf16"]))
+    return " and ".join(name for flag, name in ((True, "bf16"), (False, "fp32")) if flag in recorded)
 
 
 def _epoch_seconds(fit: dict[str, Any]) -> float:

@@ -608,6 +608,8 @@ def train_model(
             "train": train_parts,
             "val": val,
             "bad_epochs": bad_epochs,
+            # Per epoch, since a resumed run may continue on another CPU kind (model card).
+            "bf16": bf16,
         }
         history.append(record)
         if rank == 0:

@@ -304,3 +304,21 @@ def test_cv_report_lists_the_calcification_split() -> None:
         "- non-calcified (readers' majority rating): 32 labelled, 12 malignant; AUC 0.810, diameter alone 0.840."
         in report
     )
+
+
+def test_the_card_says_what_precision_the_networks_trained_in() -> None:
+    summary = _summary()
+    # Summaries from before the precision was recorded claim neither.
+    assert 'bf16 autocast where the CPU runs bf16 natively, else fp32 (`bf16 = "auto"`)' in render_model_card(
+        summary, "c"
+    )
+    for result in summary["folds"].values():
+        result["training_precision"] = "fp32"
+    summary["final"]["training_precision"] = "fp32"
+    card = render_model_card(summary, "c")
+    assert "cosine decay, fp32 (every fold and the final model);" in card and "bf16 autocast" not in card
+    summary["folds"]["2"]["training_precision"] = "bf16"
+    summary["final"]["training_precision"] = "bf16 and fp32"
+    mixed = render_model_card(summary, "c")
+    assert "fold 1: fp32; fold 2: bf16 autocast; fold 3: fp32" in mixed
+    assert "the final model: partly bf16 autocast, partly fp32" in mixed

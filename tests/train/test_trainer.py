@@ -69,7 +69,11 @@ def test_tiny_run_through_the_cli_then_resume(tiny_config: Callable[..., Path], 
     assert _safetensors_header(fold / "best.safetensors")["__metadata__"]["format"] == "nodule-edge-checkpoint-v1"
     first = json.loads((fold / "last.json").read_text())
     assert [h["epoch"] for h in first["history"]] == [1]
+    # Each epoch records whether it ran under bf16 autocast, and the fold's result says so.
+    ran_bf16 = bf16_enabled(best["config"]["train"]["bf16"], torch.device("cpu"))
+    assert first["history"][0]["bf16"] is ran_bf16
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["folds"]["0"]["training_precision"] == ("bf16" if ran_bf16 else "fp32")
     assert "0" in summary["folds"] and "final" not in summary
     assert summary["folds"]["0"]["malignancy"]["n"] >= 1
     fold0 = summary["folds"]["0"]
