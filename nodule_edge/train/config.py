@@ -126,8 +126,13 @@ class TrainSection:
     network_seed: int = -1
 
 
-#: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (the default).
+#: The "debugged" head refit's classifier L2 strengths until ``head.l2_grid`` existed (absent from
+#: the hash at this value, so folds recorded before the key still match).
 DEBUGGED_L2_GRID: tuple[float, ...] = (0.01, 0.03, 0.1)
+
+#: The shipped grid since 2026-12-06: widened below 0.01, where the inner CV kept choosing the old
+#: grid's edge (docs/ablations/README.md, head_l2_wide_outline).
+SHIPPED_L2_GRID: tuple[float, ...] = (0.001, 0.003, *DEBUGGED_L2_GRID)
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ class HeadSection:
     parity_weight: float = 2.0
     # Classifier L2 strengths the "debugged" refit scores by inner patient-grouped CV (mean loss,
     # standardised inputs; nodule_edge.train.head.refit_heads), smallest first.
-    l2_grid: tuple[float, ...] = DEBUGGED_L2_GRID
+    l2_grid: tuple[float, ...] = SHIPPED_L2_GRID
     # After the "debugged" refit, rescale the classifier's logit by Platt scaling fitted on the
     # inner CV's out-of-fold logits (nodule_edge.train.head.platt_calibration): same ranking,
     # calibrated probabilities. Ignored by the other refits.

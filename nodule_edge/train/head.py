@@ -60,13 +60,14 @@ import torch.nn.functional as F
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import roc_auc
 from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
-from nodule_edge.train.config import DEBUGGED_L2_GRID
+from nodule_edge.train.config import DEBUGGED_L2_GRID, SHIPPED_L2_GRID
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
 __all__ = [
     "L2_GRID",
     "DEBUGGED_L2_GRID",
+    "SHIPPED_L2_GRID",
     "platt_calibration",
     "HeadInputs",
     "HeadObjective",
@@ -522,7 +523,7 @@ def refit_heads(
     inputs: HeadInputs,
     patients: list[str],
     objective: HeadObjective = HeadObjective(),
-    l2_grid: tuple[float, ...] = DEBUGGED_L2_GRID,
+    l2_grid: tuple[float, ...] = SHIPPED_L2_GRID,
     inner_folds: int = 3,
     seed: int = 0,
     min_cam_fraction: float = 0.9,

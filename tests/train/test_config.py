@@ -101,22 +101,26 @@ def test_integer_is_accepted_for_a_float(tmp_path: Path) -> None:
 def test_the_head_l2_grid_is_read_as_numbers_and_hashes_only_when_it_differs(tmp_path: Path) -> None:
     default = load_config(_write(tmp_path, "[head]\nl2_grid = [0.01, 0.03, 0.1]\n"))
     assert default.head.l2_grid == (0.01, 0.03, 0.1)
-    # At its default the key is absent from the hash, so folds recorded before it existed still match.
-    assert default.sha256() == load_config(_write(tmp_path, "")).sha256()
+    # At the grid it had before the key existed it is absent from the hash, so folds recorded
+    # before it still match; the shipped grid, the default since 2026-12-06, is hashed.
+    assert "l2_grid" not in default.to_dict()["head"]
+    shipped = load_config(_write(tmp_path, ""))
+    assert shipped.head.l2_grid == (0.001, 0.003, 0.01, 0.03, 0.1)
+    assert shipped.to_dict()["head"]["l2_grid"] and shipped.sha256() != default.sha256()
     wide = load_config(_write(tmp_path, "[head]\nl2_grid = [0.001, 1, 0.1]\n"))
     assert wide.head.l2_grid == (0.001, 1.0, 0.1) and wide.sha256() != default.sha256()
     # The grid changes the refit only: the network's checkpoints are reused.
     assert training_config_sha256(wide) == training_config_sha256(default)
     # So does Platt scaling after the refit; off, it is absent from the hash too.
-    assert load_config(_write(tmp_path, "[head]\ncalibrate = false\n")).sha256() == default.sha256()
+    assert load_config(_write(tmp_path, "[head]\ncalibrate = false\n")).sha256() == shipped.sha256()
     calibrated = load_config(_write(tmp_path, "[head]\ncalibrate = true\n"))
-    assert calibrated.head.calibrate and calibrated.sha256() != default.sha256()
-    assert training_config_sha256(calibrated) == training_config_sha256(default)
+    assert calibrated.head.calibrate and calibrated.sha256() != shipped.sha256()
+    assert training_config_sha256(calibrated) == training_config_sha256(shipped)
     # And the classifier's targets: at "labels" absent from the hash; "ratings" a head step only.
-    assert load_config(_write(tmp_path, '[head]\nclassifier_target = "labels"\n')).sha256() == default.sha256()
+    assert load_config(_write(tmp_path, '[head]\nclassifier_target = "labels"\n')).sha256() == shipped.sha256()
     rated = load_config(_write(tmp_path, '[head]\nclassifier_target = "ratings"\n'))
-    assert rated.sha256() != default.sha256()
-    assert training_config_sha256(rated) == training_config_sha256(default)
+    assert rated.sha256() != shipped.sha256()
+    assert training_config_sha256(rated) == training_config_sha256(shipped)
     with pytest.raises(ConfigError, match="head.classifier_target must be labels or ratings, got 'rating'"):
         load_config(_write(tmp_path, '[head]\nclassifier_target = "rating"\n'))
 
@@ -285,11 +289,15 @@ WIDE_WIDTHS = (24, 48, 96, 128)
 #: What turns today's shipped config into the one shipped until narrow_widths.
 WIDE_OVERRIDES = {"model.widths": list(WIDE_WIDTHS), "train.contiguous_groupnorm": False}
 
+#: The shipped head step's classifier L2 grid before it widened (head_l2_wide_outline).
+NARROW_L2 = {"head.l2_grid": [0.01, 0.03, 0.1]}
+
 #: The shipped head step before the outline term (outline_statistics_sign).
 HEAD_BEFORE_OUTLINE = {
     "head.outline_statistics": False,
     "head.debug_sign_temperature": 0.0,
     "head.debug_adaptive": True,
+    **NARROW_L2,
 }
 
 
@@ -410,14 +418,18 @@ REPRODUCED_WITH_OVERRIDES = {
     ),
     # docs/cv from narrow_widths until outline_statistics_sign shipped.
     "no_outline_term": (SHIPPED, {**HEAD_BEFORE_OUTLINE, "cv.export_dir": "../docs/ablations/no_outline_term"}),
+    # docs/cv from outline_statistics_sign until head_l2_wide_outline shipped (its networks were
+    # trained on the AMX Xeon and are gone; the hash still says which config made the folds).
+    "narrow_l2_xeon": (SHIPPED, {**NARROW_L2, "cv.export_dir": "../docs/ablations/narrow_l2_xeon"}),
+    # The same head step on networks trained again in fp32 on the AVX2 EPYC (2026-12-05): the
+    # networks and box nets of docs/cv since head_l2_wide_outline shipped.
+    "rerun_epyc": (SHIPPED, {**NARROW_L2, "cv.export_dir": "../docs/ablations/rerun_epyc"}),
 }
 
 
 #: Recorded folders of the shipped config itself, its networks trained again elsewhere (the export
 #: folder, set on the command line, is outside the fold hash).
-SHIPPED_RERUNS = {
-    "rerun_epyc": "the shipped recipe's networks trained again in fp32 on the AVX2 EPYC (2026-12-05)",
-}
+SHIPPED_RERUNS: dict[str, str] = {}
 
 
 RECORDED = [REPO_ROOT / "docs" / "cv"] + sorted(
