@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nodule_edge._files import write_text_atomic
+from nodule_edge.train.config import DEBUGGED_L2_GRID
 
 __all__ = [
     "mean_of",
@@ -180,6 +181,13 @@ def _precision_text(summary: dict[str, Any]) -> str:
     return "; ".join(f"{name}: {text.get(value, value)}" for name, value in known.items())
 
 
+def _l2_words(cfg: dict[str, Any], refit_info: dict[str, Any]) -> str:
+    # A summary's config omits the grid at the value it had before the key existed.
+    grid = cfg.get("head", {}).get("l2_grid", DEBUGGED_L2_GRID)
+    chosen = f"; the final model's: {refit_info['l2']:g}" if "l2" in refit_info else ""
+    return "(" + ", ".join(f"{float(v):g}" for v in grid) + chosen + ")"
+
+
 def _head_refit_lines(cfg: dict[str, Any], refit_info: dict[str, Any]) -> list[str]:
     refit = cfg.get("head", {}).get("refit", "none")
     if refit == "debugged":
@@ -197,7 +205,7 @@ def _head_refit_lines(cfg: dict[str, Any], refit_info: dict[str, Any]) -> list[s
         return [
             '- Head refit (after training, `[head] refit = "debugged"`): the attribute embedding, attribute output and classifier are refitted on the training fold\'s runtime-path features '
             f"under the training objective (BCE + {_debug_loss_words(cfg)} + {attribute}, full batch, warm start, L2 on standardised inputs); the classifier's L2 is chosen by 3-fold patient-grouped inner CV "
-            "among the strengths that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
+            f"among the strengths {_l2_words(cfg, refit_info)} that keep Grad-CAM on the nodule for ≥ 90 % of nodules. Backbone and segmentation unchanged (`nodule_edge/train/head.py`, docs/cv/README.md)."
             + _outline_sentence(cfg, refit_info)
             + _readout_sentence(cfg.get("head", {}))
             + (

@@ -322,3 +322,14 @@ def test_the_card_says_what_precision_the_networks_trained_in() -> None:
     mixed = render_model_card(summary, "c")
     assert "fold 1: fp32; fold 2: bf16 autocast; fold 3: fp32" in mixed
     assert "the final model: partly bf16 autocast, partly fp32" in mixed
+
+
+def test_the_card_names_the_l2_grid_and_the_final_models_choice() -> None:
+    summary = _summary()
+    summary["config"]["head"] = {"refit": "debugged"}
+    # Before the key existed the grid was 0.01, 0.03, 0.1, and the config omits it at that value.
+    assert "among the strengths (0.01, 0.03, 0.1) that keep Grad-CAM" in render_model_card(summary, "c")
+    summary["config"]["head"]["l2_grid"] = [0.001, 0.003, 0.01, 0.03, 0.1]
+    summary["final"]["classifier_refit"] = {"l2": 0.003}
+    card = render_model_card(summary, "c")
+    assert "among the strengths (0.001, 0.003, 0.01, 0.03, 0.1; the final model's: 0.003) that keep" in card
