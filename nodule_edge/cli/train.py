@@ -124,7 +124,9 @@ def export(
         if summary_json:
             from nodule_edge.train.model_card import write_model_card
 
-            card = write_model_card(summary_json, Path(tmp) / "MODEL_CARD.md", other_runs=list(other_runs))
+            card = write_model_card(
+                summary_json, Path(tmp) / "MODEL_CARD.md", other_runs=list(other_runs), explain_summary=explain_summary
+            )
         explanations = _explanation_threshold(explain_summary) if explain_summary else None
         bundle = build_bundle(
             checkpoint,

@@ -476,11 +476,18 @@ def write_model_card(
     command: str = "nodule-edge train configs/shipped.toml",
     extra: dict[str, Any] | None = None,
     other_runs: Sequence[str | Path] = (),
+    explain_summary: str | Path | None = None,
 ) -> Path:
-    """Render the model card of ``summary.json`` (plus other runs' summaries) to ``out_path``."""
+    """Render the model card of ``summary.json`` (plus other runs' summaries) to ``out_path``.
+
+    ``other_runs`` and ``explain_summary`` are the export's options, named in the card's bundle
+    command as they were given.
+    """
     summary = json.loads(Path(summary_path).read_text())
     others = {Path(p).stem: json.loads(Path(p).read_text()) for p in other_runs}
     export_command = EXPORT_COMMAND + "".join(f" --other-run {p}" for p in other_runs)
+    if explain_summary is not None:
+        export_command += f" --explain-summary {explain_summary}"
     out = Path(out_path)
     write_text_atomic(out, render_model_card(summary, command, extra, others, export_command))
     return out

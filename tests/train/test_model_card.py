@@ -333,3 +333,13 @@ def test_the_card_names_the_l2_grid_and_the_final_models_choice() -> None:
     summary["final"]["classifier_refit"] = {"l2": 0.003}
     card = render_model_card(summary, "c")
     assert "among the strengths (0.001, 0.003, 0.01, 0.03, 0.1; the final model's: 0.003) that keep" in card
+
+
+def test_the_cards_bundle_command_names_the_explain_summary_it_was_given(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    summary_path.write_text(json.dumps(_summary()))
+    written = write_model_card(
+        summary_path, tmp_path / "card.md", explain_summary="docs/explain/fold0_agreement.json"
+    ).read_text()
+    assert "--summary runs/shipped/summary.json --explain-summary docs/explain/fold0_agreement.json`" in written
+    assert "--explain-summary" not in write_model_card(summary_path, tmp_path / "plain.md").read_text()
