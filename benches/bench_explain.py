@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from benches.conftest import FULL, SHARED_DATA
+from benches.conftest import FULL, SHARED_DATA, engine_precision
 
 ROUNDS = 5 if FULL else 3
 
@@ -62,7 +62,7 @@ def test_occlusion(benchmark, inferer, size):
             # native, else f32): its ratio to the one-pass Grad-CAM path differs by precision
             # (about 12-17 bf16 on the AMX Xeon, 18-29 f32 on the AVX2 EPYC), so the gate keeps
             # a baseline per precision (benches/ratios.py).
-            "precision": getattr(inferer.engine, "precision", "f32"),
+            "precision": engine_precision(inferer.engine),
             "diameter_mm": rec.diameter_mm,
             "block": result.block,
             "stride": result.stride,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benches.conftest import FULL
+from benches.conftest import FULL, engine_precision
 
 POINT = (256, 300, 128)  # a voxel inside the lungs of the chest study
 ROUNDS = 10 if FULL else 3
@@ -164,7 +164,7 @@ def test_engine(benchmark, bundle_dir, patches, backend, batch):
     rounds = max(ROUNDS, 15) if batch == 1 else ROUNDS
     # cpu-fast runs bf16 only where the CPU has it natively (else f32): the ratio gate keeps a
     # baseline per precision (benches/ratios.py).
-    benchmark.extra_info["precision"] = getattr(engine, "precision", "f32")
+    benchmark.extra_info["precision"] = engine_precision(engine)
     benchmark.pedantic(engine.run, args=(x,), rounds=rounds, warmup_rounds=2)
 
 

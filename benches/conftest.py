@@ -15,6 +15,12 @@ SHARED_DATA = data_dir(REPO_ROOT)
 FULL = os.environ.get("NODULE_EDGE_BENCH_FULL") == "1"
 
 
+def engine_precision(engine: object) -> str:
+    """The precision an engine ran in, for a ratio whose baseline depends on it (benches/ratios.py):
+    ``cpu-fast`` reports bf16 or f32 (what the CPU runs natively); the ONNX Runtime engines run f32."""
+    return str(getattr(engine, "precision", "f32"))
+
+
 @pytest.fixture(scope="session")
 def chest_study() -> Path:
     path = SHARED_DATA / "dicom" / "chest_ricord_jpeg_lossless"

@@ -60,14 +60,12 @@ import torch.nn.functional as F
 from nodule_edge.attributes import ATTRIBUTE_NAMES
 from nodule_edge.metrics import roc_auc
 from nodule_edge.outline import OUTLINE_FEATURE_NAMES, OutlineHead
-from nodule_edge.train.config import DEBUGGED_L2_GRID, SHIPPED_L2_GRID
+from nodule_edge.train.config import SHIPPED_L2_GRID
 from nodule_edge.train.data import patient_folds
 from nodule_edge.train.model import CollaborativeNet
 
 __all__ = [
     "L2_GRID",
-    "DEBUGGED_L2_GRID",
-    "SHIPPED_L2_GRID",
     "platt_calibration",
     "HeadInputs",
     "HeadObjective",
